@@ -1,0 +1,441 @@
+"""Audio: decide a file's format from its bytes, check it is whole and readable, and measure it.
+
+The format comes from the bytes only, never from a URL or a server's Content-Type. A signature
+picks one mutagen class (mutagen's own guessing leans on file names, and ``MP3()`` accepts
+random bytes), and structural checks of our own catch what mutagen lets through: truncated WAV
+and MP4 files, MP3 data without two consecutive valid frames, video-only MP4s.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+from mutagen import MutagenError
+from mutagen.flac import FLAC
+from mutagen.mp4 import MP4
+from mutagen.wave import WAVE
+
+from .errors import AudioCorrupt, AudioTooLong, AudioTooShort, NotAudio, UnsupportedAudioFormat
+
+# Content types useapi.net accepts, by the format that carries them; the first is canonical.
+CONTENT_TYPES = {
+    "wav": ("audio/wav", "audio/wave"),
+    "mp3": ("audio/mpeg",),
+    "flac": ("audio/flac", "audio/x-flac"),
+    "m4a": ("audio/mp4", "audio/x-m4a"),
+}
+ACCEPTED_CONTENT_TYPES = tuple(ct for types in CONTENT_TYPES.values() for ct in types)
+ACCEPTED = "WAV, MP3, FLAC or M4A/MP4 (AAC or ALAC)"
+_HEAD = 4096
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the relay learned about an accepted file."""
+
+    format: str
+    content_type: str
+    duration_seconds: float
+    sample_rate: int | None
+    channels: int | None
+    bitrate: int | None
+    size: int
+
+    def as_fields(self) -> dict:
+        """The answer's ``audio_*`` fields."""
+        return {
+            "audio_format": self.format,
+            "audio_content_type": self.content_type,
+            "audio_bytes": self.size,
+            "audio_duration_seconds": round(self.duration_seconds, 3),
+            "audio_sample_rate": self.sample_rate,
+            "audio_channels": self.channels,
+        }
+
+
+def format_for_content_type(content_type: str) -> str | None:
+    """The format a content type names (``audio/x-m4a`` → ``m4a``), or ``None``."""
+    for fmt, types in CONTENT_TYPES.items():
+        if content_type.lower() in types:
+            return fmt
+    return None
+
+
+def probe(path: str, min_seconds: float = 0.0, max_seconds: float = 0.0) -> AudioInfo:
+    """Identify, check and measure the file at ``path``.
+
+    Raises :class:`NotAudio`, :class:`UnsupportedAudioFormat`, :class:`AudioCorrupt`,
+    :class:`AudioTooShort` or :class:`AudioTooLong` (these carry the fields known so far).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise NotAudio("The file is empty (0 bytes). Check that the link points at the recording itself.")
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD)
+        handle.seek(_id3v2_end(handle))
+        body = handle.read(_HEAD)
+    kind = sniff(head, body)
+    readers = {"wav": _read_wav, "mp3": _read_mp3, "flac": _read_flac, "m4a": _read_mp4}
+    if kind not in readers:
+        _refuse(kind, head, size)
+    info = readers[kind](path, size)
+    fields = info.as_fields()
+    if info.duration_seconds <= 0:
+        raise AudioTooShort("The audio has no duration (no samples).", **fields)
+    if info.duration_seconds < min_seconds:
+        raise AudioTooShort(
+            f"The audio is {info.duration_seconds:.2f} s long; at least {min_seconds:g} s is needed "
+            "(RELAY_MIN_SECONDS). Use a longer recording.",
+            **fields,
+        )
+    if max_seconds and info.duration_seconds > max_seconds:
+        raise AudioTooLong(
+            f"The audio is {info.duration_seconds:.1f} s long; at most {max_seconds:g} s is allowed "
+            "(RELAY_MAX_SECONDS). Trim the recording.",
+            **fields,
+        )
+    return info
+
+
+def sniff(head: bytes, body: bytes | None = None) -> str:
+    """Name the format of a file from its first bytes (``body``: the bytes after any ID3v2 tags).
+
+    Accepted: ``wav``, ``mp3``, ``flac``, ``m4a``. Others name what was found (``ogg-opus``,
+    ``adts``, ``aiff``, ``html``, ``unknown``, …) so the refusal can say so.
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] in (b"AVI ", b"WEBP"):
+        return "video" if head[8:12] == b"AVI " else "image"
+    if head[:4] == b"RF64" or head[:4] == b"RIFX":
+        return "wav-rf64"
+    if body is None:
+        body = head
+    if body[:4] == b"fLaC":
+        return "flac"
+    if head[4:8] == b"ftyp":
+        return "image" if head[8:12] in (b"heic", b"heix", b"mif1", b"avif") else "m4a"
+    if head[:4] == b"OggS":
+        if b"OpusHead" in head:
+            return "ogg-opus"
+        if b"\x01vorbis" in head:
+            return "ogg-vorbis"
+        return "ogg-flac" if b"FLAC" in head else "ogg"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    if head[:6] == b"#!AMR\n" or head[:9] == b"#!AMR-WB\n":
+        return "amr"
+    if head[:4] == b"caff":
+        return "caf"
+    if head[:4] == b".snd":
+        return "au"
+    if head[:4] == b"wvpk":
+        return "wavpack"
+    if head[:4] == b"MAC ":
+        return "ape"
+    if head[:4] == b"MThd":
+        return "midi"
+    if len(body) >= 2 and body[0] == 0xFF and (body[1] & 0xF6) == 0xF0:
+        return "adts"
+    frame = _mpeg_frame(body, 0)
+    if frame is not None:
+        return "mp3" if frame.layer == 3 else f"mp{frame.layer}"
+    return _not_audio_kind(head)
+
+
+_UNSUPPORTED_NAMES = {
+    "ogg-opus": "Ogg Opus",
+    "ogg-vorbis": "Ogg Vorbis",
+    "ogg-flac": "Ogg FLAC",
+    "ogg": "Ogg",
+    "aiff": "AIFF",
+    "webm": "WebM/Matroska",
+    "amr": "AMR",
+    "caf": "Apple CAF",
+    "au": "Sun AU",
+    "wavpack": "WavPack",
+    "ape": "Monkey's Audio",
+    "midi": "MIDI (notes, not a recording)",
+    "adts": "raw AAC (ADTS stream)",
+    "mp1": "MPEG layer I",
+    "mp2": "MPEG layer II (MP2)",
+    "wav-rf64": "RF64/RIFX WAV",
+}
+_NOT_AUDIO_NAMES = {
+    "html": "an HTML web page",
+    "xml": "an XML document",
+    "json": "a JSON document",
+    "pdf": "a PDF document",
+    "png": "a PNG image",
+    "jpeg": "a JPEG image",
+    "gif": "a GIF image",
+    "image": "an image",
+    "video": "an AVI video",
+    "zip": "a ZIP archive (or an Office document)",
+    "text": "plain text",
+    "unknown": "data in no audio format the relay knows",
+}
+
+
+def _refuse(kind: str, head: bytes, size: int):
+    if kind in _UNSUPPORTED_NAMES:
+        raise UnsupportedAudioFormat(
+            f"The file is {_UNSUPPORTED_NAMES[kind]}, which useapi.net does not accept. "
+            f"Convert it to {ACCEPTED} first.",
+            audio_bytes=size,
+        )
+    message = f"Expected audio but received {_NOT_AUDIO_NAMES.get(kind, kind)} ({size} bytes)"
+    if kind == "html":
+        title = re.search(rb"<title[^>]*>(.*?)</title>", head, re.I | re.S)
+        if title:
+            message += f" titled {title.group(1).decode('utf-8', 'replace').strip()[:80]!r}"
+        message += (
+            ". The link opens a web page (a login, preview or virus-scan page), not the file: "
+            "share it publicly and use a direct download link"
+        )
+    elif kind == "xml" and b"<Error>" in head:
+        code = re.search(rb"<Code>([^<]{1,60})</Code>", head)
+        message += f": a storage error ({code.group(1).decode('ascii', 'replace') if code else 'unknown'})"
+        message += ". The signed URL may have expired or the object is private"
+    raise NotAudio(message + ".", audio_bytes=size)
+
+
+def _not_audio_kind(head: bytes) -> str:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:512]:
+        return "html"
+    if text.startswith(b"<?xml") or text.startswith(b"<error"):
+        return "xml"
+    if text[:1] in (b"{", b"["):
+        return "json"
+    signatures = {
+        b"%PDF": "pdf",
+        b"\x89PNG": "png",
+        b"\xff\xd8\xff": "jpeg",
+        b"GIF8": "gif",
+        b"PK\x03\x04": "zip",
+    }
+    for magic, kind in signatures.items():
+        if head.startswith(magic):
+            return kind
+    try:
+        sample = head[:512].decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    return "text" if sample and all(ch.isprintable() or ch in "\r\n\t" for ch in sample) else "unknown"
+
+
+# --- WAV -----------------------------------------------------------------------------------
+
+
+def _read_wav(path: str, size: int) -> AudioInfo:
+    with open(path, "rb") as handle:
+        handle.seek(12)
+        data_declared = data_offset = None
+        has_fmt = False
+        while True:
+            header = handle.read(8)
+            if len(header) < 8:
+                break
+            chunk_id, chunk_size = header[:4], struct.unpack("<I", header[4:])[0]
+            if chunk_id == b"fmt ":
+                has_fmt = True
+            if chunk_id == b"data":
+                data_declared, data_offset = chunk_size, handle.tell()
+                break
+            handle.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
+    if not has_fmt or data_offset is None:
+        raise AudioCorrupt("The WAV file has no 'fmt ' or 'data' chunk: it is truncated or damaged.", audio_bytes=size)
+    available = size - data_offset
+    # Streamed WAVs declare 0 or 0xFFFFFFFF as the data size: "until the end of the file".
+    if data_declared not in (0, 0xFFFFFFFF) and data_declared > available:
+        raise AudioCorrupt(
+            f"The WAV file is truncated: its header promises {data_declared} bytes of audio, "
+            f"only {available} arrived. Upload the complete file.",
+            audio_bytes=size,
+        )
+    try:
+        info = WAVE(path).info
+    except (MutagenError, struct.error, ValueError) as err:
+        raise AudioCorrupt(f"The WAV file cannot be read: {err}.", audio_bytes=size) from None
+    length = info.length
+    if data_declared in (0, 0xFFFFFFFF) and info.sample_rate and info.channels and info.bits_per_sample:
+        length = available / (info.sample_rate * info.channels * info.bits_per_sample / 8)
+    return AudioInfo("wav", "audio/wav", length, info.sample_rate, info.channels, info.bitrate, size)
+
+
+# --- FLAC ----------------------------------------------------------------------------------
+
+
+def _read_flac(path: str, size: int) -> AudioInfo:
+    try:
+        info = FLAC(path).info
+    except (MutagenError, struct.error, ValueError) as err:
+        raise AudioCorrupt(f"The FLAC file cannot be read (truncated or damaged): {err}.", audio_bytes=size) from None
+    return AudioInfo("flac", "audio/flac", info.length, info.sample_rate, info.channels, info.bitrate, size)
+
+
+# --- MP4 / M4A -----------------------------------------------------------------------------
+
+_AUDIO_CODECS = ("mp4a", "alac")
+
+
+def _read_mp4(path: str, size: int) -> AudioInfo:
+    boxes = _top_level_boxes(path, size)
+    if b"moov" not in boxes:
+        raise AudioCorrupt(
+            "The MP4/M4A file has no 'moov' index: it is truncated or still being written. Upload the complete file.",
+            audio_bytes=size,
+        )
+    try:
+        info = MP4(path).info
+    except (MutagenError, struct.error, ValueError) as err:
+        raise AudioCorrupt(f"The MP4/M4A file cannot be read: {err}.", audio_bytes=size) from None
+    if not info.sample_rate:
+        raise NotAudio("The MP4 file has no audio track (video only). Send the audio itself.", audio_bytes=size)
+    codec = (info.codec or "").lower()
+    if not codec.startswith(_AUDIO_CODECS):
+        raise UnsupportedAudioFormat(
+            f"The MP4 file's audio is {info.codec_description or info.codec}, which useapi.net does not accept. "
+            f"Convert it to {ACCEPTED} first.",
+            audio_bytes=size,
+        )
+    return AudioInfo("m4a", "audio/mp4", info.length, info.sample_rate, info.channels, info.bitrate, size)
+
+
+def _top_level_boxes(path: str, size: int) -> list[bytes]:
+    names: list[bytes] = []
+    offset = 0
+    with open(path, "rb") as handle:
+        while offset < size:
+            handle.seek(offset)
+            header = handle.read(16)
+            if len(header) < 8:
+                raise AudioCorrupt("The MP4/M4A file ends in the middle of a box: it is truncated.", audio_bytes=size)
+            box_size, name = struct.unpack(">I4s", header[:8])
+            if box_size == 1:
+                if len(header) < 16:
+                    raise AudioCorrupt("The MP4/M4A file is truncated.", audio_bytes=size)
+                box_size = struct.unpack(">Q", header[8:16])[0]
+            elif box_size == 0:
+                box_size = size - offset
+            if box_size < 8 or offset + box_size > size:
+                raise AudioCorrupt(
+                    f"The MP4/M4A file is truncated: its '{name.decode('latin-1')}' box runs past the end of "
+                    "the file. Upload the complete file.",
+                    audio_bytes=size,
+                )
+            names.append(name)
+            offset += box_size
+    return names
+
+
+# --- MP3 -----------------------------------------------------------------------------------
+
+_MP3_BITRATES = {
+    1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_L2_BITRATES = (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384)
+_L1_BITRATES = (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448)
+_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MP3_SYNC_SEARCH = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _Frame:
+    layer: int
+    length: int
+    samples: int
+    sample_rate: int
+    channels: int
+    bitrate: int
+
+
+def _mpeg_frame(data, offset: int) -> _Frame | None:
+    """Parse the MPEG audio frame header at ``offset``, or ``None`` when there is none."""
+    if offset + 4 > len(data):
+        return None
+    b0, b1, b2, b3 = data[offset], data[offset + 1], data[offset + 2], data[offset + 3]
+    if b0 != 0xFF or (b1 & 0xE0) != 0xE0:
+        return None
+    version, layer_bits = (b1 >> 3) & 3, (b1 >> 1) & 3
+    bitrate_index, rate_index, padding = b2 >> 4, (b2 >> 2) & 3, (b2 >> 1) & 1
+    if version == 1 or layer_bits == 0 or bitrate_index in (0, 15) or rate_index == 3:
+        return None
+    layer = 4 - layer_bits
+    mpeg1 = version == 3
+    sample_rate = _SAMPLE_RATES[version][rate_index]
+    if layer == 3:
+        kbps = _MP3_BITRATES[1 if mpeg1 else 2][bitrate_index]
+        samples = 1152 if mpeg1 else 576
+        length = (144000 if mpeg1 else 72000) * kbps // sample_rate + padding
+    elif layer == 2:
+        kbps = _L2_BITRATES[bitrate_index] if mpeg1 else _MP3_BITRATES[2][bitrate_index]
+        samples, length = 1152, 144000 * kbps // sample_rate + padding
+    else:
+        kbps = _L1_BITRATES[bitrate_index] if mpeg1 else _MP3_BITRATES[2][bitrate_index]
+        samples, length = 384, (12000 * kbps // sample_rate + padding) * 4
+    channels = 1 if (b3 >> 6) == 3 else 2
+    return _Frame(layer, length, samples, sample_rate, channels, kbps * 1000)
+
+
+def _id3v2_end(handle) -> int:
+    """Offset of the first byte after the ID3v2 tag(s) at the start of the file (0 if none)."""
+    offset = 0
+    while True:  # some taggers write more than one tag
+        handle.seek(offset)
+        header = handle.read(10)
+        if len(header) < 10 or header[:3] != b"ID3":
+            return offset
+        b = header[6:10]
+        offset += 10 + ((b[0] << 21) | (b[1] << 14) | (b[2] << 7) | b[3]) + (10 if header[5] & 0x10 else 0)
+
+
+def _read_mp3(path: str, size: int) -> AudioInfo:
+    """Walk every frame: exact duration (VBR files without a Xing header included) and a real check."""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = _id3v2_end(handle)
+        first = _find_mp3_sync(data, start, size)
+        if first is None:
+            raise AudioCorrupt(
+                "The file looks like MP3 but no two consecutive MPEG audio frames were found: it is damaged "
+                "or not MP3.",
+                audio_bytes=size,
+            )
+        offset, frames, samples, bits = first, 0, 0, 0
+        frame = _mpeg_frame(data, offset)
+        rate, channels = frame.sample_rate, frame.channels
+        # A last frame cut short is not counted: only audio that arrived has a duration.
+        while frame is not None and frame.layer == 3 and frame.sample_rate == rate and offset + frame.length <= size:
+            frames += 1
+            samples += frame.samples
+            bits += frame.length * 8
+            offset += frame.length
+            frame = _mpeg_frame(data, offset)
+    duration = samples / rate if frames > 0 else 0.0
+    bitrate = int(bits / duration) if duration else None
+    return AudioInfo("mp3", "audio/mpeg", duration, rate, channels, bitrate, size)
+
+
+def _find_mp3_sync(data, start: int, size: int) -> int | None:
+    """The first offset (within 64 KiB of ``start``) where two consecutive layer III frames agree."""
+    end = min(size, start + _MP3_SYNC_SEARCH)
+    offset = data.find(b"\xff", start, end)
+    while offset != -1:
+        frame = _mpeg_frame(data, offset)
+        if frame is not None and frame.layer == 3:
+            following = _mpeg_frame(data, offset + frame.length)
+            if offset + frame.length >= size or (
+                following is not None and following.layer == 3 and following.sample_rate == frame.sample_rate
+            ):
+                if offset + frame.length <= size:
+                    return offset
+        offset = data.find(b"\xff", offset + 1, end)
+    return None

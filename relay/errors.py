@@ -1,0 +1,135 @@
+"""The one exception hierarchy: each subclass is a documented ``error_code`` with its HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RelayError(Exception):
+    """Root of every failure the relay reports.
+
+    ``fields`` carries answer fields already known when the failure happened (for example the
+    detected audio format when the audio turned out too short), so the answer loses nothing.
+    """
+
+    error_code = "internal_error"
+    http_status = 500
+    default_message = "The relay hit an unexpected error. Retry later; if it persists, check the relay's logs."
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None, **fields: Any):
+        self.message = message or self.default_message
+        self.retry_after = retry_after
+        self.fields = fields
+        super().__init__(self.message)
+
+
+# The caller's request
+class InvalidRequest(RelayError):
+    error_code, http_status = "invalid_request", 400
+    default_message = "The request body is not valid JSON for this endpoint."
+
+
+class Unauthorized(RelayError):
+    error_code, http_status = "unauthorized", 401
+    default_message = (
+        "Missing or wrong relay key. Send 'Authorization: Bearer <RELAY_API_KEY>' or 'X-Relay-Key: <RELAY_API_KEY>'."
+    )
+
+
+class MissingUpstreamToken(RelayError):
+    error_code, http_status = "missing_upstream_token", 400
+    default_message = (
+        "No useapi.net token: send it in the 'X-Useapi-Token' header, or set USEAPI_TOKEN on the relay."
+    )
+
+
+class NotFound(RelayError):
+    error_code, http_status = "not_found", 404
+    default_message = "No such endpoint. The relay serves POST /v1/voice-clones and GET /healthz."
+
+
+class MethodNotAllowed(RelayError):
+    error_code, http_status = "method_not_allowed", 405
+    default_message = "This endpoint does not accept that HTTP method."
+
+
+class RequestTooLarge(RelayError):
+    error_code, http_status = "request_too_large", 413
+    default_message = "The JSON body is too large. Send the audio as a URL in audio_url, not inline."
+
+
+# The audio URL and what it serves
+class UrlNotAllowed(RelayError):
+    error_code, http_status = "url_not_allowed", 422
+
+
+class DownloadFailed(RelayError):
+    error_code, http_status = "download_failed", 422
+
+
+class DownloadTooLarge(RelayError):
+    error_code, http_status = "download_too_large", 422
+
+
+class NotAudio(RelayError):
+    error_code, http_status = "not_audio", 422
+
+
+class UnsupportedAudioFormat(RelayError):
+    error_code, http_status = "unsupported_audio_format", 422
+
+
+class AudioCorrupt(RelayError):
+    error_code, http_status = "audio_corrupt", 422
+
+
+class AudioTooShort(RelayError):
+    error_code, http_status = "audio_too_short", 422
+
+
+class AudioTooLong(RelayError):
+    error_code, http_status = "audio_too_long", 422
+
+
+# useapi.net
+class UpstreamError(RelayError):
+    """useapi.net answered with an error, or did not answer."""
+
+    def __init__(self, message: str | None = None, *, upstream_status: int | None = None, **kwargs: Any):
+        super().__init__(message, upstream_status=upstream_status, **kwargs)
+
+
+class UpstreamUnauthorized(UpstreamError):
+    error_code, http_status = "upstream_unauthorized", 401
+
+
+class UpstreamPaymentRequired(UpstreamError):
+    error_code, http_status = "upstream_payment_required", 402
+
+
+class UpstreamRejected(UpstreamError):
+    error_code, http_status = "upstream_rejected", 422
+
+
+class UpstreamRateLimited(UpstreamError):
+    error_code, http_status = "upstream_rate_limited", 429
+
+
+class UpstreamUnavailable(UpstreamError):
+    error_code, http_status = "upstream_unavailable", 502
+
+
+class UpstreamTimeout(UpstreamError):
+    error_code, http_status = "upstream_timeout", 504
+
+
+def all_error_classes() -> list[type[RelayError]]:
+    """Every concrete error class, root included, for docs and tests."""
+    found: list[type[RelayError]] = []
+    pending: list[type[RelayError]] = [RelayError]
+    while pending:
+        cls = pending.pop(0)
+        if cls is not UpstreamError:
+            found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

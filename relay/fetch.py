@@ -1,0 +1,214 @@
+"""Fetch: download a user-supplied URL safely into a temporary spool file.
+
+Every hop goes through :mod:`relay.urlguard`, and the TCP connection is made to the address the
+guard checked (an adapter pins it), so a second DNS answer cannot point the relay elsewhere.
+Redirects are followed by hand, each one checked again. Size and time are bounded while the
+body streams to disk; memory use does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urljoin
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+from . import __version__, urlguard
+from .errors import DownloadFailed, DownloadTooLarge, UrlNotAllowed
+from .settings import Settings
+
+CHUNK = 64 * 1024
+USER_AGENT = f"voice-clone-relay/{__version__}"
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+@dataclass
+class Spool:
+    """A downloaded file on disk. ``close()`` removes it; use :func:`download` as a context."""
+
+    path: str
+    size: int
+    url: str  # the final URL, redacted (no query string)
+    server_content_type: str | None
+    redirects: int
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@contextlib.contextmanager
+def download(url: str, settings: Settings, resolve: urlguard.Resolver | None = None) -> Iterator[Spool]:
+    """Download ``url`` into a spool file, yield it, and remove the file afterwards.
+
+    Raises :class:`UrlNotAllowed`, :class:`DownloadFailed` or :class:`DownloadTooLarge`.
+    """
+    fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio")
+    spool = None
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            spool = _download_into(sink, path, url, settings, resolve)
+        yield spool
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _download_into(sink, path: str, url: str, settings: Settings, resolve) -> Spool:
+    deadline = time.monotonic() + settings.download_timeout
+    for hop in range(settings.max_redirects + 1):
+        target = urlguard.check(url, settings.allowed_networks, resolve)
+        with _pinned_session(target) as session:
+            response = _get(session, target, settings, deadline)
+            with response:
+                if response.status_code in _REDIRECTS and response.headers.get("Location"):
+                    url = urljoin(url, response.headers["Location"])
+                    continue
+                _raise_for_status(response, target)
+                size = _stream(response, sink, settings, deadline, target)
+                return Spool(
+                    path=path,
+                    size=size,
+                    url=urlguard.redact(url),
+                    server_content_type=response.headers.get("Content-Type"),
+                    redirects=hop,
+                )
+    raise DownloadFailed(
+        f"The audio link redirected more than {settings.max_redirects} times; use the file's direct download link."
+    )
+
+
+def _get(session: requests.Session, target: urlguard.Target, settings: Settings, deadline: float):
+    remaining = max(deadline - time.monotonic(), 0.001)
+    try:
+        return session.get(
+            target.url,
+            stream=True,
+            allow_redirects=False,
+            timeout=(min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining)),
+            headers={"User-Agent": USER_AGENT, "Accept": "audio/*, */*;q=0.5", "Accept-Encoding": "identity"},
+        )
+    except requests.Timeout:
+        raise DownloadFailed(f"The audio host {target.host} did not answer in time.") from None
+    except requests.RequestException as err:
+        raise DownloadFailed(f"Could not connect to the audio host {target.host}: {_reason(err)}.") from None
+
+
+def _raise_for_status(response: requests.Response, target: urlguard.Target) -> None:
+    status = response.status_code
+    if status == 200:
+        return
+    where = urlguard.redact(target.url)
+    if status in (401, 403):
+        hint = "The file is not public: share it as 'anyone with the link' or use a signed URL."
+    elif status == 404:
+        hint = "The file was not found: check the link."
+    elif status == 429 or status >= 500:
+        hint = "The audio host is busy or failing: try again later."
+    else:
+        hint = "Use a link that downloads the file directly."
+    raise DownloadFailed(f"The audio host answered HTTP {status} for {where}. {hint}")
+
+
+def _stream(response: requests.Response, sink, settings: Settings, deadline: float, target) -> int:
+    limit = settings.max_bytes
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise DownloadTooLarge(_too_large(int(declared), limit))
+    size = 0
+    try:
+        for chunk in response.iter_content(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise DownloadTooLarge(_too_large(None, limit))
+            sink.write(chunk)
+            if time.monotonic() > deadline:
+                raise DownloadFailed(
+                    f"The download took longer than {settings.download_timeout:g} s; "
+                    "host the file somewhere faster or make it smaller."
+                )
+    except requests.RequestException as err:
+        raise DownloadFailed(
+            f"The download from {target.host} broke off after {size} bytes: {_reason(err)}."
+        ) from None
+    return size
+
+
+def _too_large(declared: int | None, limit: int) -> str:
+    size = f"{declared / 1048576:.1f} MiB" if declared else f"more than {limit / 1048576:.1f} MiB"
+    return f"The file is {size}; the limit is {limit / 1048576:.1f} MiB (RELAY_MAX_BYTES)."
+
+
+def _reason(err: Exception) -> str:
+    text = str(err.__context__ or err) if not str(err) else str(err)
+    # urllib3's messages carry pool reprs and URLs (with query strings): name the cause only.
+    if "timed out" in text.lower():
+        return "it timed out"
+    if "refused" in text.lower():
+        return "connection refused"
+    if "reset" in text.lower() or "aborted" in text.lower():
+        return "connection reset"
+    if "IncompleteRead" in text or "ended prematurely" in text or "Connection broken" in text:
+        return "the connection closed before the whole file arrived"
+    if "SSL" in text or "certificate" in text.lower():
+        return "TLS handshake or certificate check failed"
+    return "network error"
+
+
+@contextlib.contextmanager
+def _pinned_session(target: urlguard.Target) -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.trust_env = False  # no proxies or .netrc from the environment: they would bypass pinning
+    adapter = _PinnedAdapter(target.address, target.port)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """An adapter whose connections go to one checked ``(address, port)``, whatever the URL says.
+
+    TLS still verifies the certificate and sends SNI for the URL's host name.
+    """
+
+    def __init__(self, address: str, port: int):
+        self._address, self._port = address, port
+        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=1)
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        address, port = self._address, self._port
+
+        def new_conn(conn):
+            try:
+                sock = socket.create_connection((address, port), conn.timeout, conn.source_address)
+            except TimeoutError as err:
+                raise ConnectTimeoutError(conn, f"Connection to {conn.host} timed out") from err
+            except OSError as err:
+                raise NewConnectionError(conn, f"Failed to establish a new connection: {err}") from err
+            for option in conn.socket_options or ():
+                sock.setsockopt(*option)
+            return sock
+
+        http_conn = type("PinnedHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn})
+        https_conn = type("PinnedHTTPSConnection", (HTTPSConnection,), {"_new_conn": new_conn})
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("PinnedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("PinnedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):  # pragma: no cover - proxies are never used
+        raise UrlNotAllowed("Proxies are not used for audio downloads.")

@@ -1,0 +1,127 @@
+"""Schemas: the request bodies the relay takes and the one answer shape it gives."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from .audio import ACCEPTED_CONTENT_TYPES
+
+METADATA_MAX_BYTES = 4096
+
+
+class Text(fields.String):
+    """A string that is trimmed; numbers are taken as their text (no-code tools send ids as numbers)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        value = super()._deserialize(value, attr, data, **kwargs)
+        return value.strip()
+
+
+def _metadata_size(value: dict) -> None:
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if size > METADATA_MAX_BYTES:
+        raise ValidationError(f"Must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size}).")
+
+
+class CloneRequestSchema(Schema):
+    """Body of ``POST /v1/voice-clones``. Unknown fields are ignored and named in ``warnings``."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    audio_url = Text(
+        required=True,
+        validate=validate.Length(min=1, max=4096),
+        metadata={"description": "Public http(s) link to the recording (Drive and Dropbox share links work)."},
+    )
+    name = Text(
+        required=True,
+        validate=validate.Length(min=1, max=100),
+        metadata={"description": "Name for the cloned voice, 1-100 characters after trimming."},
+    )
+    user_id = Text(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "useapi.net TemPolor account; omit to use the token's default account."},
+    )
+    content_type = Text(
+        load_default=None,
+        allow_none=True,
+        validate=validate.OneOf(ACCEPTED_CONTENT_TYPES),
+        metadata={"description": "Optional hint; the format detected from the bytes always decides."},
+    )
+    dry_run = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Download and validate, but do not upload; answers what would be sent."},
+    )
+    metadata = fields.Dict(
+        load_default=None,
+        allow_none=True,
+        validate=_metadata_size,
+        metadata={"description": "Any JSON object up to 4 KB, echoed back untouched in the answer."},
+    )
+
+    def load_with_warnings(self, data: Any) -> tuple[dict, list[str]]:
+        """Load ``data``; return the clean request and warnings naming ignored fields."""
+        if not isinstance(data, dict):
+            raise ValidationError({"_schema": ["The body must be a JSON object."]})
+        if isinstance(data.get("content_type"), str):
+            data = {**data, "content_type": data["content_type"].strip().lower() or None}
+        loaded = self.load(data)
+        unknown = sorted(key for key in data if key not in self.fields)
+        warnings = [f"Unknown field '{key}' was ignored." for key in unknown]
+        return loaded, warnings
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One readable sentence from marshmallow's nested messages."""
+    parts = []
+    messages = err.messages if isinstance(err.messages, dict) else {"_schema": err.messages}
+    for field_name, problems in sorted(messages.items()):
+        text = " ".join(str(p) for p in problems) if isinstance(problems, list) else str(problems)
+        parts.append(text if field_name == "_schema" else f"{field_name}: {text}")
+    return "Invalid request. " + "; ".join(parts)
+
+
+STATUSES = ("ready", "processing", "validated", "failed")
+
+
+class AnswerSchema(Schema):
+    """The one answer shape: success, failure and dry run all carry every field (null when unknown)."""
+
+    ok = fields.Boolean(required=True, metadata={"description": "True when the call did what was asked."})
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(STATUSES),
+        metadata={
+            "description": "ready: the voice can be used; processing: useapi is still cloning (HTTP 202); "
+            "validated: a dry run passed; failed: see error_code."
+        },
+    )
+    cloned_voice_item_id = fields.String(allow_none=True, metadata={"description": "Pass to POST music/song."})
+    item_id = fields.String(allow_none=True, metadata={"description": "useapi.net's itemId."})
+    name = fields.String(allow_none=True, metadata={"description": "The voice name as sent upstream."})
+    user_id = fields.String(allow_none=True, metadata={"description": "The useapi account, when given."})
+    message = fields.String(allow_none=True, metadata={"description": "Human summary of the outcome."})
+    error_code = fields.String(allow_none=True, metadata={"description": "Stable code to branch on; null on success."})
+    error_message = fields.String(allow_none=True, metadata={"description": "What went wrong and what to do."})
+    upstream_status = fields.Integer(allow_none=True, metadata={"description": "HTTP status useapi.net answered."})
+    audio_format = fields.String(allow_none=True, metadata={"description": "wav, mp3, flac or m4a (from the bytes)."})
+    audio_content_type = fields.String(allow_none=True, metadata={"description": "Content-Type sent upstream."})
+    audio_bytes = fields.Integer(allow_none=True, metadata={"description": "Size of the downloaded file."})
+    audio_duration_seconds = fields.Float(allow_none=True, metadata={"description": "Duration in seconds."})
+    audio_sample_rate = fields.Integer(allow_none=True, metadata={"description": "Samples per second."})
+    audio_channels = fields.Integer(allow_none=True, metadata={"description": "1 mono, 2 stereo."})
+    dry_run = fields.Boolean(required=True, metadata={"description": "True when nothing was uploaded on purpose."})
+    request_id = fields.String(required=True, metadata={"description": "Echo of X-Request-Id, or a generated id."})
+    warnings = fields.List(fields.String(), required=True, metadata={"description": "Non-fatal notes."})
+    metadata = fields.Dict(allow_none=True, metadata={"description": "The request's metadata, untouched."})
+
+
+ANSWER_FIELDS = tuple(AnswerSchema().fields)

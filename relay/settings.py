@@ -1,0 +1,141 @@
+"""Settings: read once from the environment into a frozen, typed, validated object."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or out of range; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the relay is configured with. Secrets are excluded from ``repr``."""
+
+    relay_api_key: str | None = field(default=None, repr=False)
+    useapi_token: str | None = field(default=None, repr=False)
+    useapi_base_url: str = "https://api.useapi.net/v1"
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_bytes: int = 50 * MiB
+    min_seconds: float = 1.0
+    max_seconds: float = 0.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    download_timeout: float = 120.0
+    upload_timeout: float = 180.0
+    max_redirects: int = 5
+    max_json_bytes: int = 64 * 1024
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); raise :class:`SettingsError`."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in _SPECS:
+            raw = env.get(spec.env)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[spec.attr] = spec.parse(raw.strip())
+            except (ValueError, TypeError) as err:
+                raise SettingsError(f"{spec.env}={_shown(spec, raw)!r} is invalid: {err}") from None
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """Check ranges and cross-setting rules; return self or raise :class:`SettingsError`."""
+        for spec in _SPECS:
+            value = getattr(self, spec.attr)
+            if spec.minimum is not None and value < spec.minimum:
+                raise SettingsError(f"{spec.env} must be at least {spec.minimum} (got {value})")
+            if spec.maximum is not None and value > spec.maximum:
+                raise SettingsError(f"{spec.env} must be at most {spec.maximum} (got {value})")
+        if self.useapi_token and not self.relay_api_key:
+            raise SettingsError(
+                "USEAPI_TOKEN is set but RELAY_API_KEY is not: anyone could spend your useapi "
+                "credits through this relay. Set RELAY_API_KEY to a long random secret."
+            )
+        if self.max_seconds and self.max_seconds < self.min_seconds:
+            raise SettingsError("RELAY_MAX_SECONDS must be 0 (off) or at least RELAY_MIN_SECONDS")
+        base = urlsplit(self.useapi_base_url)
+        if base.scheme not in ("http", "https") or not base.hostname:
+            raise SettingsError("USEAPI_BASE_URL must be an http(s) URL such as https://api.useapi.net/v1")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied and validated (settings themselves never change)."""
+        return dataclasses.replace(self, **changes).validated()
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings by environment name, secrets masked, for ``relay config``."""
+        shown = {}
+        for spec in _SPECS:
+            value = getattr(self, spec.attr)
+            if spec.secret:
+                value = mask(value)
+            elif isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            shown[spec.env] = value
+        return shown
+
+
+def mask(secret: str | None) -> str | None:
+    """``None`` stays ``None``; anything else shows only its last 4 characters."""
+    if not secret:
+        return None
+    return "****" + secret[-4:] if len(secret) >= 12 else "****"
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+
+
+def _base_url(raw: str) -> str:
+    return raw.rstrip("/")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    env: str
+    attr: str
+    parse: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    secret: bool = False
+
+
+def _shown(spec: _Spec, raw: str) -> str:
+    return "****" if spec.secret else raw
+
+
+_SPECS = (
+    _Spec("RELAY_API_KEY", "relay_api_key", str, secret=True),
+    _Spec("USEAPI_TOKEN", "useapi_token", str, secret=True),
+    _Spec("USEAPI_BASE_URL", "useapi_base_url", _base_url),
+    _Spec("RELAY_ALLOWED_NETWORKS", "allowed_networks", _networks),
+    _Spec("RELAY_MAX_BYTES", "max_bytes", int, 1, 1024 * MiB),
+    _Spec("RELAY_MIN_SECONDS", "min_seconds", float, 0, 3600),
+    _Spec("RELAY_MAX_SECONDS", "max_seconds", float, 0, 24 * 3600),
+    _Spec("RELAY_CONNECT_TIMEOUT", "connect_timeout", float, 0.1, 120),
+    _Spec("RELAY_READ_TIMEOUT", "read_timeout", float, 0.1, 600),
+    _Spec("RELAY_DOWNLOAD_TIMEOUT", "download_timeout", float, 0.1, 3600),
+    _Spec("RELAY_UPLOAD_TIMEOUT", "upload_timeout", float, 0.1, 3600),
+    _Spec("RELAY_MAX_REDIRECTS", "max_redirects", int, 0, 20),
+    _Spec("RELAY_MAX_JSON_BYTES", "max_json_bytes", int, 1024, 16 * MiB),
+    _Spec("RELAY_HOST", "host", str),
+    _Spec("PORT", "port", int, 0, 65535),
+    _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
+)

@@ -1,0 +1,195 @@
+"""URL guard: decide whether a user-supplied URL may be fetched, and to which address exactly.
+
+The relay fetches URLs that strangers type, so every hop is checked twice: the literal URL
+(scheme, credentials, odd characters) and every address its host resolves to. The caller then
+connects to the address that was checked (see :mod:`relay.fetch`), which closes the DNS-rebinding
+gap between "resolve to check" and "resolve to connect".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import idna
+
+from .errors import DownloadFailed, UrlNotAllowed
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], list[str]]
+
+MAX_URL_LENGTH = 4096
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL: where to connect (``address``, ``port``) and what to ask for (``url``)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    address: str
+
+
+def check_literal(url: str, allowed: Iterable[Network] = ()) -> tuple[str, str, int]:
+    """Check what can be checked without DNS; return ``(scheme, ascii_host, port)``.
+
+    Raises :class:`UrlNotAllowed` for non-http(s) schemes, embedded credentials, control
+    characters, a missing host, and literal addresses that are not globally routable.
+    """
+    if not isinstance(url, str) or not url:
+        raise UrlNotAllowed("The URL is empty.")
+    if len(url) > MAX_URL_LENGTH:
+        raise UrlNotAllowed(f"The URL is longer than {MAX_URL_LENGTH} characters.")
+    if any(ord(ch) < 0x21 or ch in "\\\x7f" for ch in url):
+        raise UrlNotAllowed("The URL contains spaces, backslashes or control characters; encode them first.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        raise UrlNotAllowed(f"The URL cannot be parsed ({err}).") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise UrlNotAllowed(
+            f"Only http:// and https:// URLs can be fetched, not {scheme or 'a URL without a scheme'}:. "
+            "Use the file's public download link."
+        )
+    if "@" in parts.netloc:
+        raise UrlNotAllowed("URLs with a user name or password in them are not fetched; use a share link instead.")
+    host = parts.hostname
+    if not host:
+        raise UrlNotAllowed("The URL has no host name.")
+    if port == 0:
+        raise UrlNotAllowed("The URL's port 0 is not a valid port.")
+    ascii_host = _ascii_host(host)
+    literal = _literal_address(ascii_host)
+    if literal is not None and not is_allowed(literal, allowed):
+        raise UrlNotAllowed(_private_message(ascii_host, literal))
+    return scheme, ascii_host, port or _DEFAULT_PORTS[scheme]
+
+
+def check(url: str, allowed: Iterable[Network] = (), resolve: Resolver | None = None) -> Target:
+    """Check ``url`` fully: literal rules, then every address its host resolves to.
+
+    Every resolved address must be allowed (globally routable, or inside ``allowed``); the first
+    one is returned to connect to. Raises :class:`UrlNotAllowed` or, when the name does not
+    resolve, :class:`DownloadFailed`.
+    """
+    allowed = tuple(allowed)
+    scheme, host, port = check_literal(url, allowed)
+    literal = _literal_address(host)
+    if literal is not None:
+        addresses = [str(literal)]
+    else:
+        try:
+            addresses = (resolve or resolve_host)(host, port)
+        except OSError as err:
+            raise DownloadFailed(f"The host {host} could not be found (DNS: {err}). Check the link.") from None
+    if not addresses:
+        raise DownloadFailed(f"The host {host} has no addresses.")
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if not is_allowed(address, allowed):
+            raise UrlNotAllowed(_private_message(host, address))
+    return Target(url=url, scheme=scheme, host=host, port=port, address=addresses[0].split("%", 1)[0])
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """All addresses ``host`` resolves to (TCP), in the resolver's order, without duplicates."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: list[str] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        if sockaddr[0] not in seen:
+            seen.append(sockaddr[0])
+    return seen
+
+
+def is_allowed(address: IPAddress, allowed: Iterable[Network] = ()) -> bool:
+    """True when ``address`` is globally routable or inside one of the ``allowed`` networks.
+
+    IPv6 forms that embed an IPv4 address (IPv4-mapped, 6to4, NAT64) are judged by the embedded
+    address as well, so ``::ffff:127.0.0.1`` is as forbidden as ``127.0.0.1``.
+    """
+    candidates = [address, *_embedded(address)]
+    allowed = tuple(allowed)
+    if any(_in(candidate, allowed) for candidate in candidates):
+        # An operator-allowed network wins only if no embedded form escapes it.
+        return all(_in(candidate, allowed) or _is_public(candidate) for candidate in candidates)
+    return all(_is_public(candidate) for candidate in candidates)
+
+
+def redact(url: str) -> str:
+    """``url`` without credentials, query string or fragment: safe for logs and answers."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def _private_message(host: str, address: IPAddress) -> str:
+    where = f"{address}" if host == str(address) else f"{host} points to {address}, which"
+    return f"{where} is not a public internet address; the relay only fetches public URLs."
+
+
+def _is_public(address: IPAddress) -> bool:
+    return address.is_global and not (
+        address.is_multicast
+        or address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+def _in(address: IPAddress, networks: tuple[Network, ...]) -> bool:
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def _embedded(address: IPAddress) -> list[IPAddress]:
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found: list[IPAddress] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    if address in _NAT64 or address in _NAT64_LOCAL:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    # IPv4-compatible (deprecated ::a.b.c.d) forms.
+    if int(address) >> 32 == 0 and int(address) > 0xFFFF:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return address
+
+
+def _ascii_host(host: str) -> str:
+    host = host.rstrip(".") if host.endswith(".") and not host.endswith("..") else host
+    if host.isascii():
+        return host.lower()
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except idna.IDNAError as err:
+        raise UrlNotAllowed(f"The host name {host!r} is not a valid international domain name ({err}).") from None

@@ -1,0 +1,159 @@
+"""useapi.net: the one client for every TemPolor cloned-voice call the relay makes.
+
+Foreign errors (requests' exceptions, useapi's ``{error, code}`` bodies) are translated here, once,
+into :mod:`relay.errors`. The upload is never retried: a lost answer may still have created a voice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from . import __version__
+from .errors import (
+    UpstreamError,
+    UpstreamPaymentRequired,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+from .settings import Settings
+
+VOICES_PATH = "/tempolor/music/cloned-voices/"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """useapi's answer to an upload: ``status`` is ``ready`` (HTTP 200) or ``processing`` (202)."""
+
+    status: str
+    upstream_status: int
+    cloned_voice_item_id: str | None
+    item_id: str | None
+    message: str | None
+
+
+class Useapi:
+    """A client bound to one token. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, settings: Settings, token: str):
+        self.settings = settings
+        self.base = settings.useapi_base_url
+        self.session = requests.Session()
+        self.session.trust_env = False  # the operator's base URL is used as configured
+        self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"})
+
+    def __enter__(self) -> Useapi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def upload_voice(self, path: str, size: int, content_type: str, name: str, user_id: str | None) -> UploadResult:
+        """Stream the file at ``path`` as the raw body of ``POST …/cloned-voices/``."""
+        params = {"name": name}
+        if user_id:
+            params["user_id"] = user_id
+        with open(path, "rb") as body:
+            response = self._call(
+                "POST",
+                VOICES_PATH,
+                params=params,
+                data=body,
+                headers={"Content-Type": content_type, "Content-Length": str(size)},
+                timeout=(self.settings.connect_timeout, self.settings.upload_timeout),
+                what="the upload",
+            )
+        payload = _json(response)
+        return UploadResult(
+            status="ready" if response.status_code == 200 else "processing",
+            upstream_status=response.status_code,
+            cloned_voice_item_id=_text(payload.get("clonedVoiceItemId")),
+            item_id=_text(payload.get("itemId")),
+            message=_text(payload.get("message")) or _text(payload.get("result")),
+        )
+
+    def _call(self, method: str, path: str, *, what: str, timeout=None, **kwargs: Any) -> requests.Response:
+        timeout = timeout or (self.settings.connect_timeout, self.settings.read_timeout)
+        try:
+            response = self.session.request(method, self.base + path, timeout=timeout, **kwargs)
+        except requests.ConnectTimeout:
+            raise UpstreamUnavailable("useapi.net could not be reached (connect timed out). Try again later.") from None
+        except requests.ReadTimeout:
+            raise UpstreamTimeout(
+                f"useapi.net did not answer {what} within {timeout[1]:g} s. "
+                + (
+                    "The voice may still have been created: list your voices before trying again."
+                    if method == "POST"
+                    else "Try again later."
+                )
+            ) from None
+        except requests.RequestException as err:
+            sent = "The voice may still have been created: list your voices before trying again. "
+            raise UpstreamUnavailable(
+                f"The connection to useapi.net failed during {what} ({type(err).__name__}). "
+                + (sent if method == "POST" else "")
+                + "Try again later."
+            ) from None
+        if response.status_code not in (200, 201, 202, 204):
+            raise _error_for(response, what)
+        return response
+
+
+def _error_for(response: requests.Response, what: str) -> UpstreamError:
+    status = response.status_code
+    payload = _json(response)
+    said = _text(payload.get("error")) or _text(payload.get("message")) or response.reason or "no details"
+    said = said[:300]
+    if status == 401:
+        return UpstreamUnauthorized(
+            f"useapi.net refused the token ({said}). Check the useapi token (X-Useapi-Token or USEAPI_TOKEN).",
+            upstream_status=status,
+        )
+    if status == 402:
+        return UpstreamPaymentRequired(
+            f"useapi.net needs an active subscription ({said}). Renew it at useapi.net.", upstream_status=status
+        )
+    if status == 429:
+        return UpstreamRateLimited(
+            f"useapi.net is rate limiting this account ({said}). Wait and try again.",
+            upstream_status=status,
+            retry_after=_retry_after(response),
+        )
+    if 400 <= status < 500:
+        return UpstreamRejected(f"useapi.net rejected {what}: {said} (HTTP {status}).", upstream_status=status)
+    return UpstreamUnavailable(
+        f"useapi.net failed with HTTP {status} ({said}). Try again later.", upstream_status=status
+    )
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    try:
+        payload = response.json()
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value)
+
+
+def _retry_after(response: requests.Response) -> int | None:
+    value = response.headers.get("Retry-After", "")
+    return int(value) if value.isdigit() else None
+
+
+def quote_id(cloned_voice_item_id: str) -> str:
+    """The id as a path segment (``:`` kept, anything else unusual percent-encoded)."""
+    return quote(cloned_voice_item_id, safe=":-_.")
