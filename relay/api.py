@@ -79,7 +79,7 @@ def create_voice_clone():
     outcome = pipeline.clone(clone_request, upstream_token(), settings(), g.request_id)
     g.answer = outcome.answer
     g.log.update(outcome.timings)
-    return _answer(outcome.http_status, outcome.answer)
+    return _answer(outcome.http_status, outcome.answer, outcome.retry_after)
 
 
 def authenticate() -> None:
@@ -103,7 +103,7 @@ def upstream_token() -> str | None:
 def _load(schema: CloneRequestSchema) -> tuple[dict, list[str]]:
     raw = request.get_data(cache=False)
     if not raw.strip():
-        raise InvalidRequest("The request body is empty: send a JSON object such as {\"audio_url\": …, \"name\": …}.")
+        raise InvalidRequest('The request body is empty: send a JSON object such as {"audio_url": …, "name": …}.')
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP relay (gunicorn)")
     serve.add_argument("--host", help="address to bind (default RELAY_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default PORT or 8000)")
-    serve.add_argument("--workers", type=int, default=None, help="gunicorn worker processes (default WEB_CONCURRENCY or 2)")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="gunicorn worker processes (default WEB_CONCURRENCY or 2)"
+    )
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     commands.add_parser("config", help="print the effective settings, secrets masked")
     args = parser.parse_args(argv)

@@ -38,9 +38,7 @@ class Unauthorized(RelayError):
 
 class MissingUpstreamToken(RelayError):
     error_code, http_status = "missing_upstream_token", 400
-    default_message = (
-        "No useapi.net token: send it in the 'X-Useapi-Token' header, or set USEAPI_TOKEN on the relay."
-    )
+    default_message = "No useapi.net token: send it in the 'X-Useapi-Token' header, or set USEAPI_TOKEN on the relay."
 
 
 class NotFound(RelayError):

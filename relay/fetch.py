@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -126,8 +127,11 @@ def _stream(response: requests.Response, sink, settings: Settings, deadline: flo
     if declared and declared.isdigit() and int(declared) > limit:
         raise DownloadTooLarge(_too_large(int(declared), limit))
     size = 0
+    raw = response.raw
     try:
-        for chunk in response.iter_content(CHUNK):
+        # read1 returns what has arrived (up to CHUNK), so the deadline is checked even against a
+        # server that drips one byte at a time; each read still waits at most the read timeout.
+        while chunk := raw.read1(CHUNK):
             size += len(chunk)
             if size > limit:
                 raise DownloadTooLarge(_too_large(None, limit))
@@ -137,10 +141,8 @@ def _stream(response: requests.Response, sink, settings: Settings, deadline: flo
                     f"The download took longer than {settings.download_timeout:g} s; "
                     "host the file somewhere faster or make it smaller."
                 )
-    except requests.RequestException as err:
-        raise DownloadFailed(
-            f"The download from {target.host} broke off after {size} bytes: {_reason(err)}."
-        ) from None
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
+        raise DownloadFailed(f"The download from {target.host} broke off after {size} bytes: {_reason(err)}.") from None
     return size
 
 

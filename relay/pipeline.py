@@ -38,6 +38,7 @@ class Outcome:
     http_status: int
     answer: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    retry_after: int | None = None
 
 
 def check_before_work(request: CloneRequest, token: str | None, settings: Settings) -> None:
@@ -78,7 +79,7 @@ def clone(request: CloneRequest, token: str | None, settings: Settings, request_
             timings["upload_ms"] = _ms_since(started)
     except RelayError as err:
         status, answer = answers.failure(err, answer)
-        return Outcome(status, answer, timings)
+        return Outcome(status, answer, timings, err.retry_after)
     answer.update(
         ok=True,
         status=result.status,
@@ -93,8 +94,7 @@ def clone(request: CloneRequest, token: str | None, settings: Settings, request_
 def _check_hint(hint: str | None, info: audio.AudioInfo, warnings: list[str]) -> None:
     if hint and audio.format_for_content_type(hint) != info.format:
         warnings.append(
-            f"content_type {hint} does not match the file, which is {info.format.upper()}; "
-            f"sent as {info.content_type}."
+            f"content_type {hint} does not match the file, which is {info.format.upper()}; sent as {info.content_type}."
         )
 
 

@@ -13,13 +13,19 @@ METADATA_MAX_BYTES = 4096
 
 
 class Text(fields.String):
-    """A string that is trimmed; numbers are taken as their text (no-code tools send ids as numbers)."""
+    """A string, trimmed."""
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return super()._deserialize(value, attr, data, **kwargs).strip()
+
+
+class Identifier(Text):
+    """A trimmed string; a number is taken as its text (no-code tools send ids as numbers)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        value = super()._deserialize(value, attr, data, **kwargs)
-        return value.strip()
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 def _metadata_size(value: dict) -> None:
@@ -44,7 +50,7 @@ class CloneRequestSchema(Schema):
         validate=validate.Length(min=1, max=100),
         metadata={"description": "Name for the cloned voice, 1-100 characters after trimming."},
     )
-    user_id = Text(
+    user_id = Identifier(
         load_default=None,
         allow_none=True,
         validate=validate.Length(min=1, max=200),

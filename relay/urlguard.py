@@ -115,15 +115,16 @@ def resolve_host(host: str, port: int) -> list[str]:
 def is_allowed(address: IPAddress, allowed: Iterable[Network] = ()) -> bool:
     """True when ``address`` is globally routable or inside one of the ``allowed`` networks.
 
-    IPv6 forms that embed an IPv4 address (IPv4-mapped, 6to4, NAT64) are judged by the embedded
-    address as well, so ``::ffff:127.0.0.1`` is as forbidden as ``127.0.0.1``.
+    IPv6 forms that embed an IPv4 address (IPv4-mapped, 6to4, NAT64, IPv4-compatible) are judged
+    by the embedded address, so ``::ffff:127.0.0.1`` is as forbidden as ``127.0.0.1``. Teredo
+    (``2001::/32``) is never global, so it is refused outright.
     """
-    candidates = [address, *_embedded(address)]
     allowed = tuple(allowed)
-    if any(_in(candidate, allowed) for candidate in candidates):
-        # An operator-allowed network wins only if no embedded form escapes it.
-        return all(_in(candidate, allowed) or _is_public(candidate) for candidate in candidates)
-    return all(_is_public(candidate) for candidate in candidates)
+    embedded = _embedded(address)
+    if _in(address, allowed):
+        return all(_in(inner, allowed) or _is_public(inner) for inner in embedded)
+    # A translation form (IPv4-mapped, 6to4, NAT64) is only as public as the IPv4 address inside.
+    return all(_in(inner, allowed) or _is_public(inner) for inner in embedded) if embedded else _is_public(address)
 
 
 def redact(url: str) -> str:
@@ -167,8 +168,6 @@ def _embedded(address: IPAddress) -> list[IPAddress]:
         found.append(address.ipv4_mapped)
     if address.sixtofour is not None:
         found.append(address.sixtofour)
-    if address.teredo is not None:
-        found.extend(address.teredo)
     if address in _NAT64 or address in _NAT64_LOCAL:
         found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     # IPv4-compatible (deprecated ::a.b.c.d) forms.

@@ -44,9 +44,12 @@ class Useapi:
     def __init__(self, settings: Settings, token: str):
         self.settings = settings
         self.base = settings.useapi_base_url
+        self._token = token
         self.session = requests.Session()
         self.session.trust_env = False  # the operator's base URL is used as configured
-        self.session.headers.update({"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"})
+        self.session.headers.update(
+            {"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"}
+        )
 
     def __enter__(self) -> Useapi:
         return self
@@ -104,15 +107,17 @@ class Useapi:
                 + "Try again later."
             ) from None
         if response.status_code not in (200, 201, 202, 204):
-            raise _error_for(response, what)
+            raise _error_for(response, what, self._token)
         return response
 
 
-def _error_for(response: requests.Response, what: str) -> UpstreamError:
+def _error_for(response: requests.Response, what: str, token: str) -> UpstreamError:
     status = response.status_code
     payload = _json(response)
     said = _text(payload.get("error")) or _text(payload.get("message")) or response.reason or "no details"
     said = said[:300]
+    if token:  # never pass a token back, even if the upstream echoes it
+        said = said.replace(token, "****")
     if status == 401:
         return UpstreamUnauthorized(
             f"useapi.net refused the token ({said}). Check the useapi token (X-Useapi-Token or USEAPI_TOKEN).",

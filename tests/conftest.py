@@ -1,0 +1,85 @@
+"""Shared fixtures: a real audio host on 127.0.0.2, a useapi stand-in on 127.0.0.1, the app."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from relay import create_app
+from relay.settings import Settings
+
+AUDIO = Path(__file__).parent / "fixtures" / "audio"
+RELAY_KEY = "relay-key-for-tests-0123456789abcdef"
+TOKEN = "useapi-token-for-tests-9876543210"
+AUDIO_HOST = "127.0.0.2"
+
+
+def audio_bytes(name: str) -> bytes:
+    return (AUDIO / name).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def audio_server():
+    server = HTTPServer(host=AUDIO_HOST, port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+@pytest.fixture
+def audio_host(audio_server):
+    """Serves files to the relay from 127.0.0.2, the one address the test settings allow."""
+    audio_server.clear()
+    yield audio_server
+    audio_server.clear()
+
+
+@pytest.fixture
+def useapi(httpserver):
+    """The useapi.net stand-in (127.0.0.1, which the URL guard forbids for audio URLs)."""
+    return httpserver
+
+
+@pytest.fixture
+def settings(useapi):
+    return Settings(
+        relay_api_key=RELAY_KEY,
+        useapi_base_url=useapi.url_for("/v1"),
+        allowed_networks=(ipaddress.ip_network(f"{AUDIO_HOST}/32"),),
+        connect_timeout=2,
+        read_timeout=2,
+        download_timeout=5,
+        upload_timeout=3,
+    )
+
+
+@pytest.fixture
+def app(settings):
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def serve_file(server: HTTPServer, name: str, path: str | None = None, content_type="application/octet-stream") -> str:
+    """Serve fixture ``name`` at ``path`` (default ``/<name>``); return its URL."""
+    path = path or f"/{name}"
+    server.expect_request(path).respond_with_data(audio_bytes(name), content_type=content_type)
+    return server.url_for(path)
+
+
+def clone(client, body: dict, *, key: str | None = RELAY_KEY, token: str | None = TOKEN, headers=None):
+    """POST /v1/voice-clones the way a no-code tool does."""
+    sent = dict(headers or {})
+    if key is not None:
+        sent["Authorization"] = f"Bearer {key}"
+    if token is not None:
+        sent["X-Useapi-Token"] = token
+    return client.post("/v1/voice-clones", json=body, headers=sent)

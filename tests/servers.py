@@ -1,0 +1,124 @@
+"""A raw TCP server for the misbehaving peers pytest-httpserver cannot imitate.
+
+Each connection is handed to ``behave(sock)`` in a thread; the server listens on loopback only
+and stops when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+
+
+class RawServer:
+    def __init__(self, behave, host: str = "127.0.0.2"):
+        self.behave = behave
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(5)
+            conn.recv(65536)  # the request; its content does not matter here
+            self.behave(conn, self._stop)
+
+
+def headers(status: str = "200 OK", **fields: str) -> bytes:
+    lines = [f"HTTP/1.1 {status}"] + [f"{k.replace('_', '-')}: {v}" for k, v in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def lies_about_length(declared: int, actual: int):
+    """Declares a small Content-Length but keeps sending (or sends less than declared)."""
+
+    def behave(conn, stop):
+        conn.sendall(headers(Content_Length=str(declared), Connection="close"))
+        sent = 0
+        while sent < actual and not stop.is_set():
+            chunk = b"\0" * min(65536, actual - sent)
+            conn.sendall(chunk)
+            sent += len(chunk)
+
+    return behave
+
+
+def chunked_forever(chunk: bytes = b"\0" * 65536, limit: int = 200 * 1024 * 1024):
+    """A chunked body with no Content-Length that goes on (bounded) past any sane limit."""
+
+    def behave(conn, stop):
+        conn.sendall(headers(Transfer_Encoding="chunked"))
+        sent = 0
+        while sent < limit and not stop.is_set():
+            conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+
+    return behave
+
+
+def drips(interval: float, total: int = 1000):
+    """Sends one byte every ``interval`` seconds: each read succeeds, the whole never arrives."""
+
+    def behave(conn, stop):
+        conn.sendall(headers(Content_Length=str(total)))
+        for _ in range(total):
+            if stop.wait(interval):
+                return
+            conn.sendall(b"\0")
+
+    return behave
+
+
+def resets_mid_body(sent: int = 10000, declared: int = 100000):
+    """Sends part of the body, then resets the connection (RST, not a clean close)."""
+
+    def behave(conn, stop):
+        conn.sendall(headers(Content_Length=str(declared)))
+        conn.sendall(b"\0" * sent)
+        time.sleep(0.05)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    return behave
+
+
+def redirects_to(location_for):
+    """Answers every request with a 302 to ``location_for(n)`` (n = connection count)."""
+    counter = {"n": 0}
+
+    def behave(conn, stop):
+        counter["n"] += 1
+        conn.sendall(headers("302 Found", Location=location_for(counter["n"]), Content_Length="0", Connection="close"))
+
+    return behave

@@ -1,0 +1,125 @@
+"""The HTTP surface: auth, request parsing, and every error in the one JSON shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay import __version__, create_app
+from relay.schemas import ANSWER_FIELDS
+
+from .conftest import RELAY_KEY, clone
+
+
+def assert_error_shape(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.json
+    assert set(body) == set(ANSWER_FIELDS)
+    assert (body["ok"], body["status"], body["error_code"]) == (False, "failed", code)
+    assert body["error_message"] and body["request_id"]
+    return body
+
+
+def test_healthz_needs_no_key(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json == {"ok": True, "version": __version__}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer nope"}, 401),
+        ({"Authorization": f"Basic {RELAY_KEY}"}, 401),
+        ({"Authorization": f"Bearer {RELAY_KEY}x"}, 401),
+        ({"X-Relay-Key": RELAY_KEY[:-1]}, 401),
+        ({"Authorization": f"Bearer {RELAY_KEY}"}, 400),
+        ({"Authorization": f"bearer  {RELAY_KEY}"}, 400),
+        ({"X-Relay-Key": RELAY_KEY}, 400),
+    ],
+)
+def test_relay_key_by_bearer_or_header(client, headers, status):
+    # 400 = past the key check, stopped by the empty body.
+    response = client.post("/v1/voice-clones", data="", headers=headers)
+    assert response.status_code == status
+    assert response.json["error_code"] == ("unauthorized" if status == 401 else "invalid_request")
+
+
+def test_without_a_key_configured_the_relay_is_open(settings, audio_host):
+    client = create_app(settings.replace(relay_api_key=None)).test_client()
+    response = clone(client, {"audio_url": "http://127.0.0.1/x.wav", "name": "x"}, key=None)
+    assert response.json["error_code"] == "url_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({}, "audio_url: Missing data"),
+        ({"audio_url": "https://example.com/a.wav"}, "name: Missing data"),
+        ({"audio_url": "https://example.com/a.wav", "name": "   "}, "name: Length must be between 1 and 100"),
+        ({"audio_url": "https://example.com/a.wav", "name": "x" * 101}, "name: Length"),
+        ({"audio_url": 42, "name": "x"}, "audio_url"),
+        ({"audio_url": "https://example.com/a.wav", "name": "x", "dry_run": "maybe"}, "dry_run"),
+        ({"audio_url": "https://example.com/a.wav", "name": "x", "content_type": "audio/ogg"}, "content_type"),
+        ({"audio_url": "https://example.com/a.wav", "name": "x", "metadata": [1, 2]}, "metadata"),
+        ({"audio_url": "https://example.com/a.wav", "name": "x", "metadata": {"k": "v" * 5000}}, "4096 bytes"),
+        ([1, 2, 3], "must be a JSON object"),
+        ("just a string", "must be a JSON object"),
+    ],
+)
+def test_invalid_bodies_are_400_with_the_field_named(client, body, says):
+    body = assert_error_shape(clone(client, body), 400, "invalid_request")
+    assert says in body["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b"", "empty"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+        (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
+    ],
+)
+def test_unreadable_bodies_are_400(client, raw, says):
+    response = client.post(
+        "/v1/voice-clones",
+        data=raw,
+        headers={"Authorization": f"Bearer {RELAY_KEY}", "Content-Type": "application/json"},
+    )
+    body = assert_error_shape(response, 400, "invalid_request")
+    assert says in body["error_message"]
+
+
+def test_an_oversized_body_is_413(settings):
+    client = create_app(settings.replace(max_json_bytes=2048)).test_client()
+    payload = json.dumps({"audio_url": "https://example.com/a.wav", "name": "x", "pad": "y" * 5000})
+    response = client.post("/v1/voice-clones", data=payload, headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    assert_error_shape(response, 413, "request_too_large")
+
+
+def test_unknown_route_is_a_json_404(client):
+    assert_error_shape(client.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_wrong_method_is_a_json_405(client):
+    assert_error_shape(client.get("/v1/voice-clones"), 405, "method_not_allowed")
+
+
+def test_an_unexpected_exception_is_a_json_500(settings, monkeypatch):
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("kaboom")
+
+    assert_error_shape(app.test_client().get("/boom"), 500, "internal_error")
+
+
+def test_a_bogus_request_id_is_replaced(client):
+    response = client.get("/healthz", headers={"X-Request-Id": "bad id with spaces"})
+    assert response.headers["X-Request-Id"] != "bad id with spaces"
+    assert len(response.headers["X-Request-Id"]) == 32

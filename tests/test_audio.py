@@ -1,0 +1,139 @@
+"""Format detection, structural checks and measurements, on files made by real encoders."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import audio
+from relay.errors import RelayError
+
+from .conftest import AUDIO
+
+ACCEPTED = [
+    # file, format, content type, duration, sample rate, channels
+    ("wav_pcm16_mono.wav", "wav", "audio/wav", 2.0, 16000, 1),
+    ("wav_pcm24_stereo.wav", "wav", "audio/wav", 1.5, 16000, 2),
+    ("mp3_cbr_bare.mp3", "mp3", "audio/mpeg", 2.06, 22050, 1),
+    ("mp3_cbr_id3v1.mp3", "mp3", "audio/mpeg", 2.06, 22050, 1),
+    ("mp3_vbr_id3v2.mp3", "mp3", "audio/mpeg", 2.06, 22050, 1),
+    ("mp3_vbr_noxing.mp3", "mp3", "audio/mpeg", 2.06, 22050, 1),
+    ("flac_mono.flac", "flac", "audio/flac", 2.0, 16000, 1),
+    ("m4a_aac.m4a", "m4a", "audio/mp4", 2.05, 22050, 2),
+    ("m4a_alac.m4a", "m4a", "audio/mp4", 2.0, 16000, 1),
+    ("mp4_isom_aac.mp4", "m4a", "audio/mp4", 2.05, 22050, 2),
+    ("mp4_mp42_aac.mp4", "m4a", "audio/mp4", 2.05, 22050, 2),
+]
+
+REFUSED = [
+    ("empty.bin", "not_audio", "empty"),
+    ("random.bin", "not_audio", "no audio format"),
+    ("drive_interstitial.html", "not_audio", "Virus scan warning"),
+    ("mp4_video_only.mp4", "not_audio", "no audio track"),
+    ("ogg_vorbis.ogg", "unsupported_audio_format", "Ogg Vorbis"),
+    ("opus.opus", "unsupported_audio_format", "Ogg Opus"),
+    ("adts.aac", "unsupported_audio_format", "raw AAC"),
+    ("aiff.aiff", "unsupported_audio_format", "AIFF"),
+    ("wav_truncated.wav", "audio_corrupt", "truncated"),
+    ("m4a_truncated.m4a", "audio_corrupt", "truncated"),
+    ("flac_truncated.flac", "audio_corrupt", "FLAC"),
+    ("wav_short.wav", "audio_too_short", "0.30 s"),
+]
+
+
+@pytest.mark.parametrize(("name", "fmt", "content_type", "seconds", "rate", "channels"), ACCEPTED)
+def test_accepted_files_are_identified_and_measured(name, fmt, content_type, seconds, rate, channels):
+    info = audio.probe(str(AUDIO / name), min_seconds=1)
+    assert (info.format, info.content_type, info.sample_rate, info.channels) == (fmt, content_type, rate, channels)
+    assert info.duration_seconds == pytest.approx(seconds, abs=0.06)
+    assert info.size == (AUDIO / name).stat().st_size
+
+
+@pytest.mark.parametrize(("name", "code", "says"), REFUSED)
+def test_refused_files_name_what_was_found(name, code, says):
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(AUDIO / name), min_seconds=1)
+    assert caught.value.error_code == code
+    assert says in caught.value.message
+
+
+def test_vbr_mp3_without_xing_header_gets_its_real_duration():
+    # mutagen estimates this file at about 0.19 s from its first frame's bitrate.
+    info = audio.probe(str(AUDIO / "mp3_vbr_noxing.mp3"), min_seconds=1)
+    assert info.duration_seconds > 2.0
+
+
+def test_max_seconds_bounds_the_duration():
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(AUDIO / "wav_pcm16_mono.wav"), min_seconds=1, max_seconds=1.5)
+    assert caught.value.error_code == "audio_too_long"
+    assert caught.value.fields["audio_format"] == "wav"
+
+
+def test_a_refusal_after_measuring_keeps_the_measurements():
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(AUDIO / "wav_short.wav"), min_seconds=1)
+    assert caught.value.fields["audio_duration_seconds"] == pytest.approx(0.3)
+    assert caught.value.fields["audio_sample_rate"] == 16000
+
+
+def test_an_id3_tag_larger_than_the_sniffed_head_is_skipped(tmp_path):
+    frames = (AUDIO / "mp3_cbr_bare.mp3").read_bytes()
+    padding = 20000  # an ID3v2 tag padded like one carrying cover art
+    size = bytes([(padding >> 21) & 0x7F, (padding >> 14) & 0x7F, (padding >> 7) & 0x7F, padding & 0x7F])
+    tagged = tmp_path / "big-tag.mp3"
+    tagged.write_bytes(b"ID3\x03\x00\x00" + size + b"\0" * padding + frames)
+    info = audio.probe(str(tagged), min_seconds=1)
+    assert info.format == "mp3"
+    assert info.duration_seconds == pytest.approx(2.06, abs=0.06)
+
+
+def test_mp3_sync_bytes_followed_by_garbage_are_not_mp3(tmp_path):
+    fake = tmp_path / "fake.mp3"
+    fake.write_bytes(b"\xff\xfb\x90\x64" + bytes(range(256)) * 20)
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(fake))
+    assert caught.value.error_code == "audio_corrupt"
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>", "xml"),
+        (b'{"error": "not found"}', "json"),
+        (b"%PDF-1.7\n", "pdf"),
+        (b"\x89PNG\r\n\x1a\n", "png"),
+        (b"PK\x03\x04\x14\x00", "zip"),
+        (b"\x1a\x45\xdf\xa3\x9f", "webm"),
+        (b"#!AMR\n\x3c", "amr"),
+        (b"caff\x00\x01", "caf"),
+        (b"RIFF\x00\x00\x00\x00AVI LIST", "video"),
+        (b"just some words\n", "text"),
+    ],
+)
+def test_sniff_names_common_non_audio(head, kind):
+    assert audio.sniff(head) == kind
+
+
+def test_storage_error_page_says_the_link_expired(tmp_path):
+    page = tmp_path / "denied"
+    page.write_bytes(
+        b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+    )
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(page))
+    assert caught.value.error_code == "not_audio"
+    assert "AccessDenied" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("hint", "fmt"),
+    [
+        ("audio/x-m4a", "m4a"),
+        ("audio/mp4", "m4a"),
+        ("audio/wave", "wav"),
+        ("audio/x-flac", "flac"),
+        ("audio/ogg", None),
+    ],
+)
+def test_content_type_names_its_format(hint, fmt):
+    assert audio.format_for_content_type(hint) == fmt

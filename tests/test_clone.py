@@ -1,0 +1,237 @@
+"""POST /v1/voice-clones end to end: a real audio host, a real useapi stand-in, every outcome."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from werkzeug import Response
+
+from relay import create_app
+from relay.schemas import ANSWER_FIELDS
+
+from . import servers
+from .conftest import RELAY_KEY, TOKEN, audio_bytes, clone, serve_file
+from .test_audio import ACCEPTED
+
+VOICE_ID = "user:12345-tempolor:67890-voice:abc123"
+UPLOAD = "/v1/tempolor/music/cloned-voices/"
+
+
+def expect_upload(useapi, name: str, content_type: str, *, query=None, token=TOKEN):
+    return useapi.expect_request(
+        UPLOAD,
+        method="POST",
+        query_string=query or {"name": "My voice"},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
+        data=audio_bytes(name),
+    )
+
+
+@pytest.mark.parametrize(("name", "fmt", "content_type"), [row[:3] for row in ACCEPTED])
+def test_every_accepted_variant_arrives_upstream_byte_identical(client, audio_host, useapi, name, fmt, content_type):
+    url = serve_file(audio_host, name)
+    expect_upload(useapi, name, content_type, query={"name": "My voice", "user_id": "67890"}).respond_with_json(
+        {"result": True, "itemId": "abc123", "clonedVoiceItemId": VOICE_ID}
+    )
+    response = clone(client, {"audio_url": url, "name": "  My voice ", "user_id": 67890})
+    useapi.check_assertions()
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert set(body) == set(ANSWER_FIELDS)
+    assert body["ok"] is True and body["status"] == "ready" and body["error_code"] is None
+    assert body["cloned_voice_item_id"] == VOICE_ID and body["item_id"] == "abc123"
+    assert (body["audio_format"], body["audio_content_type"]) == (fmt, content_type)
+    assert body["audio_bytes"] == len(audio_bytes(name))
+    assert body["name"] == "My voice" and body["user_id"] == "67890"
+    assert body["upstream_status"] == 200
+    assert len(useapi.log) == 1
+
+
+def test_still_processing_upstream_answers_202(client, audio_host, useapi):
+    url = serve_file(audio_host, "mp3_cbr_bare.mp3")
+    expect_upload(useapi, "mp3_cbr_bare.mp3", "audio/mpeg").respond_with_json(
+        {"itemId": "abc123", "clonedVoiceItemId": VOICE_ID, "message": "still processing after 120 seconds"},
+        status=202,
+    )
+    response = clone(client, {"audio_url": url, "name": "My voice"})
+    assert response.status_code == 202
+    assert response.json["ok"] is True and response.json["status"] == "processing"
+    assert response.json["cloned_voice_item_id"] == VOICE_ID
+    assert "still processing after 120 seconds" in response.json["message"]
+
+
+UPSTREAM_FAILURES = [
+    # useapi status, useapi body, relay status, error_code, text in error_message
+    (400, {"error": "Empty file received", "code": 400}, 422, "upstream_rejected", "Empty file received"),
+    (401, {"error": "Unauthorized", "code": 401}, 401, "upstream_unauthorized", "token"),
+    (402, {"error": "Subscription required", "code": 402}, 402, "upstream_payment_required", "Subscription required"),
+    (404, {"error": "Account not found", "code": 404}, 422, "upstream_rejected", "Account not found"),
+    (429, {"error": "Too many requests", "code": 429}, 429, "upstream_rate_limited", "Wait"),
+    (500, {"error": "Internal error", "code": 500}, 502, "upstream_unavailable", "HTTP 500"),
+    (503, "<html>Service Unavailable</html>", 502, "upstream_unavailable", "HTTP 503"),
+]
+
+
+@pytest.mark.parametrize(("status", "payload", "relay_status", "code", "says"), UPSTREAM_FAILURES)
+def test_upstream_errors_map_to_the_documented_answer(
+    client, audio_host, useapi, status, payload, relay_status, code, says
+):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    handler = expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav")
+    if isinstance(payload, dict):
+        handler.respond_with_json(payload, status=status, headers={"Retry-After": "7"})
+    else:
+        handler.respond_with_data(payload, status=status, content_type="text/html")
+    response = clone(client, {"audio_url": url, "name": "My voice"})
+    assert response.status_code == relay_status
+    body = response.json
+    assert (body["ok"], body["status"], body["error_code"], body["upstream_status"]) == (False, "failed", code, status)
+    assert says in body["error_message"]
+    assert body["audio_format"] == "wav"  # what was learned before the failure is kept
+    assert len(useapi.log) == 1  # never retried
+    if status == 429:
+        assert response.headers["Retry-After"] == "7"
+
+
+def test_upstream_silence_past_the_upload_timeout_is_upstream_timeout(settings, audio_host, useapi):
+    client = create_app(settings.replace(upload_timeout=0.5)).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+
+    def slow(request):
+        time.sleep(1.5)
+        return Response("{}", status=200)
+
+    expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav").respond_with_handler(slow)
+    response = clone(client, {"audio_url": url, "name": "My voice"})
+    assert response.status_code == 504
+    assert response.json["error_code"] == "upstream_timeout"
+    assert "list your voices" in response.json["error_message"]
+    assert len(useapi.log) <= 1
+
+
+def test_upstream_connection_reset_is_upstream_unavailable(settings, audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    with servers.RawServer(servers.resets_mid_body(sent=0), host="127.0.0.1") as upstream:
+        client = create_app(settings.replace(useapi_base_url=upstream.url("/v1"))).test_client()
+        response = clone(client, {"audio_url": url, "name": "My voice"})
+    assert response.status_code == 502
+    assert response.json["error_code"] == "upstream_unavailable"
+
+
+def test_upstream_down_is_upstream_unavailable(settings, audio_host):
+    with servers.RawServer(lambda conn, stop: None, host="127.0.0.1") as gone:
+        base = gone.url("/v1")
+    client = create_app(settings.replace(useapi_base_url=base)).test_client()
+    response = clone(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "My voice"})
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_unavailable")
+
+
+def test_dry_run_validates_everything_and_uploads_nothing(client, audio_host, useapi):
+    url = serve_file(audio_host, "m4a_aac.m4a")
+    response = clone(client, {"audio_url": url, "name": "Test", "dry_run": True}, token=None)
+    assert response.status_code == 200
+    body = response.json
+    assert (body["ok"], body["status"], body["dry_run"]) == (True, "validated", True)
+    assert body["audio_content_type"] == "audio/mp4"
+    assert "Nothing was uploaded" in body["message"]
+    assert useapi.log == []
+
+
+def test_a_disagreeing_content_type_hint_only_warns(client, audio_host, useapi):
+    url = serve_file(audio_host, "flac_mono.flac", content_type="audio/mpeg")
+    expect_upload(useapi, "flac_mono.flac", "audio/flac").respond_with_json(
+        {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
+    )
+    response = clone(client, {"audio_url": url, "name": "My voice", "content_type": "audio/mpeg"})
+    assert response.status_code == 200
+    assert any("does not match" in w for w in response.json["warnings"])
+
+
+def test_unknown_fields_are_ignored_and_named(client, audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(client, {"audio_url": url, "name": "x", "dry_run": True, "voice_style": "warm", "lang": "en"})
+    assert response.status_code == 200
+    assert response.json["warnings"] == [
+        "Unknown field 'lang' was ignored.",
+        "Unknown field 'voice_style' was ignored.",
+    ]
+
+
+def test_metadata_is_echoed_untouched(client, audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    metadata = {"row": 7, "nested": {"list": [1, "two", None]}, "unicode": "héllo"}
+    response = clone(client, {"audio_url": url, "name": "x", "dry_run": True, "metadata": metadata})
+    assert response.json["metadata"] == metadata
+
+
+@pytest.mark.parametrize(
+    ("fixture", "code", "status"),
+    [
+        ("drive_interstitial.html", "not_audio", 422),
+        ("opus.opus", "unsupported_audio_format", 422),
+        ("wav_short.wav", "audio_too_short", 422),
+        ("m4a_truncated.m4a", "audio_corrupt", 422),
+        ("empty.bin", "not_audio", 422),
+    ],
+)
+def test_bad_audio_is_refused_without_an_upload(client, audio_host, useapi, fixture, code, status):
+    url = serve_file(audio_host, fixture, content_type="audio/wav")
+    response = clone(client, {"audio_url": url, "name": "My voice"})
+    assert (response.status_code, response.json["error_code"]) == (status, code)
+    assert response.json["ok"] is False and response.json["error_message"]
+    assert useapi.log == []
+
+
+def test_the_per_request_token_wins_over_the_server_token(settings, audio_host, useapi):
+    client = create_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav", token=TOKEN).respond_with_json(
+        {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
+    )
+    assert clone(client, {"audio_url": url, "name": "My voice"}).status_code == 200
+
+
+def test_the_server_token_is_used_when_none_is_sent(settings, audio_host, useapi):
+    client = create_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav", token="server-token-000000000000").respond_with_json(
+        {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
+    )
+    assert clone(client, {"audio_url": url, "name": "My voice"}, token=None).status_code == 200
+
+
+def test_no_token_anywhere_fails_before_downloading(client, audio_host, useapi):
+    response = clone(client, {"audio_url": audio_host.url_for("/never.wav"), "name": "x"}, token=None)
+    assert (response.status_code, response.json["error_code"]) == (400, "missing_upstream_token")
+    assert audio_host.log == [] and useapi.log == []
+
+
+def test_a_google_drive_link_is_rewritten_and_noted(client):
+    # Drive's host resolves to a public address the test network cannot reach; a dry run on the
+    # rewritten URL is refused for the missing token only after the literal URL is accepted.
+    response = clone(client, {"audio_url": "https://drive.google.com/file/d/ID/view", "name": "x"}, token=None)
+    assert response.json["error_code"] == "missing_upstream_token"
+
+
+def test_the_request_id_is_echoed(client, audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(client, {"audio_url": url, "name": "x", "dry_run": True}, headers={"X-Request-Id": "req-42"})
+    assert response.json["request_id"] == "req-42" == response.headers["X-Request-Id"]
+
+
+def test_key_checked_before_anything_else(client, audio_host):
+    response = clone(client, {"audio_url": audio_host.url_for("/a.wav"), "name": "x"}, key="wrong")
+    assert response.status_code == 401
+    assert audio_host.log == []
+    assert RELAY_KEY not in response.get_data(as_text=True)
+
+
+def test_an_upstream_message_echoing_the_server_token_is_scrubbed(settings, audio_host, useapi):
+    server_token = "server-token-000000000000"
+    client = create_app(settings.replace(useapi_token=server_token)).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    useapi.expect_request(UPLOAD).respond_with_json({"error": f"Bad token {server_token}", "code": 401}, status=401)
+    response = clone(client, {"audio_url": url, "name": "My voice"}, token=None)
+    assert response.json["error_code"] == "upstream_unauthorized"
+    assert server_token not in response.get_data(as_text=True)

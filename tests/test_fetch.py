@@ -1,0 +1,139 @@
+"""Downloads: pinned to checked addresses, redirects re-checked, size and time bounded, nothing left behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import time
+
+import pytest
+
+from relay import fetch
+from relay.errors import DownloadFailed, DownloadTooLarge, UrlNotAllowed
+
+from . import servers
+from .conftest import audio_bytes, serve_file
+
+
+def spool_files() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "relay-*.audio")))
+
+
+@pytest.fixture(autouse=True)
+def no_spool_left_behind():
+    before = spool_files()
+    yield
+    assert spool_files() - before == set()
+
+
+def test_download_streams_the_exact_bytes_to_a_spool_file(audio_host, settings):
+    url = serve_file(audio_host, "flac_mono.flac")
+    with fetch.download(url, settings) as spool:
+        with open(spool.path, "rb") as handle:
+            assert handle.read() == audio_bytes("flac_mono.flac")
+        assert spool.size == len(audio_bytes("flac_mono.flac"))
+        path = spool.path
+    assert not os.path.exists(path)
+
+
+def test_redirects_are_followed_and_rechecked(audio_host, settings):
+    target = serve_file(audio_host, "wav_pcm16_mono.wav")
+    audio_host.expect_request("/share").respond_with_data("", status=302, headers={"Location": "/hop"})
+    audio_host.expect_request("/hop").respond_with_data("", status=307, headers={"Location": target})
+    with fetch.download(audio_host.url_for("/share"), settings) as spool:
+        assert spool.redirects == 2
+        assert spool.size == len(audio_bytes("wav_pcm16_mono.wav"))
+
+
+def test_a_redirect_to_a_forbidden_address_is_refused_before_connecting(audio_host, useapi, settings):
+    audio_host.expect_request("/share").respond_with_data(
+        "", status=302, headers={"Location": useapi.url_for("/latest/meta-data")}
+    )
+    with pytest.raises(UrlNotAllowed):
+        with fetch.download(audio_host.url_for("/share"), settings):
+            pass
+    assert useapi.log == []
+
+
+def test_a_redirect_loop_stops_after_the_limit(settings):
+    with servers.RawServer(servers.redirects_to(lambda n: f"/loop/{n}")) as server:
+        with pytest.raises(DownloadFailed, match="redirected more than 5 times"):
+            with fetch.download(server.url("/loop/0"), settings):
+                pass
+        assert server.connections == 6
+
+
+def test_declared_size_over_the_limit_is_refused_before_the_body(audio_host, settings):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    with pytest.raises(DownloadTooLarge, match="limit is"):
+        with fetch.download(url, settings.replace(max_bytes=1000)):
+            pass
+
+
+def test_a_body_without_length_is_cut_at_the_limit(settings):
+    with servers.RawServer(servers.chunked_forever()) as server:
+        with pytest.raises(DownloadTooLarge):
+            with fetch.download(server.url(), settings.replace(max_bytes=1_000_000)):
+                pass
+
+
+def test_a_body_shorter_than_its_content_length_fails_cleanly(settings):
+    with servers.RawServer(servers.lies_about_length(declared=50_000, actual=10_000)) as server:
+        with pytest.raises(DownloadFailed, match="broke off"):
+            with fetch.download(server.url(), settings):
+                pass
+
+
+def test_a_body_longer_than_its_content_length_is_read_only_as_declared(settings):
+    with servers.RawServer(servers.lies_about_length(declared=1000, actual=500_000)) as server:
+        with fetch.download(server.url(), settings.replace(max_bytes=100_000)) as spool:
+            assert spool.size == 1000
+
+
+def test_a_drip_feed_is_stopped_by_the_total_deadline(settings):
+    with servers.RawServer(servers.drips(interval=0.05)) as server:
+        started = time.monotonic()
+        with pytest.raises(DownloadFailed, match="longer than 1 s"):
+            with fetch.download(server.url(), settings.replace(download_timeout=1)):
+                pass
+        assert time.monotonic() - started < 4
+
+
+def test_a_reset_mid_body_fails_cleanly(settings):
+    with servers.RawServer(servers.resets_mid_body()) as server:
+        with pytest.raises(DownloadFailed):
+            with fetch.download(server.url(), settings):
+                pass
+
+
+@pytest.mark.parametrize(("status", "says"), [(403, "not public"), (404, "not found"), (500, "busy or failing")])
+def test_http_errors_at_the_source_say_what_to_do(audio_host, settings, status, says):
+    audio_host.expect_request("/gone").respond_with_data("nope", status=status)
+    with pytest.raises(DownloadFailed, match=says):
+        with fetch.download(audio_host.url_for("/gone") + "?token=secret", settings):
+            pass
+
+
+def test_error_messages_never_carry_the_query_string(audio_host, settings):
+    audio_host.expect_request("/gone").respond_with_data("nope", status=404)
+    with pytest.raises(DownloadFailed) as caught:
+        with fetch.download(audio_host.url_for("/gone") + "?X-Amz-Signature=s3cr3t", settings):
+            pass
+    assert "s3cr3t" not in caught.value.message
+
+
+def test_connection_refused_is_a_download_failure(settings):
+    with servers.RawServer(lambda conn, stop: None) as server:
+        port = server.port
+    with pytest.raises(DownloadFailed, match="connection refused"):
+        with fetch.download(f"http://127.0.0.2:{port}/a.wav", settings):
+            pass
+
+
+def test_the_connection_goes_to_the_checked_address_whatever_dns_says_later(audio_host, settings):
+    # The resolver says "public"; the pinned adapter must then connect to exactly that address.
+    url = serve_file(audio_host, "wav_pcm16_mono.wav").replace("127.0.0.2", "voice.example")
+    with fetch.download(url, settings, resolve=lambda host, port: ["127.0.0.2"]) as spool:
+        assert spool.size == len(audio_bytes("wav_pcm16_mono.wav"))
+    assert audio_host.log[-1][0].headers["Host"].startswith("voice.example")

@@ -1,0 +1,83 @@
+"""`relay serve` as a real process: gunicorn on loopback, answering over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from .conftest import AUDIO_HOST, RELAY_KEY, serve_file
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def relay_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "relay.cli", *args]
+
+
+@pytest.fixture
+def served(useapi):
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "RELAY_API_KEY": RELAY_KEY,
+        "USEAPI_BASE_URL": useapi.url_for("/v1"),
+        "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+        "WEB_CONCURRENCY": "1",
+    }
+    process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            requests.get(base + "/healthz", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail("relay serve did not start: " + process.communicate()[0].decode())
+    yield base
+    process.terminate()
+    output = process.communicate(timeout=30)[0].decode()
+    assert RELAY_KEY not in output
+
+
+def test_relay_serve_answers_a_dry_run_over_http(served, audio_host):
+    assert requests.get(served + "/healthz", timeout=5).json()["ok"] is True
+    url = serve_file(audio_host, "mp3_vbr_id3v2.mp3")
+    response = requests.post(
+        served + "/v1/voice-clones",
+        json={"audio_url": url, "name": "Over HTTP", "dry_run": True},
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert response.json()["audio_format"] == "mp3"
+
+
+def test_relay_serve_refuses_to_start_open_with_a_server_token():
+    env = {**os.environ, "USEAPI_TOKEN": "server-token-0000000000", "PORT": str(free_port())}
+    env.pop("RELAY_API_KEY", None)
+    result = subprocess.run(relay_command("serve"), env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "RELAY_API_KEY" in result.stderr
+
+
+def test_relay_config_masks_secrets():
+    env = {**os.environ, "RELAY_API_KEY": RELAY_KEY, "USEAPI_TOKEN": "server-token-0000000000abcd"}
+    result = subprocess.run(relay_command("config"), env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert RELAY_KEY not in result.stdout and "server-token" not in result.stdout
+    assert '"USEAPI_TOKEN": "****abcd"' in result.stdout
