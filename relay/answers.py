@@ -11,7 +11,7 @@ from .schemas import ANSWER_FIELDS
 def blank(request_id: str, **known: Any) -> dict[str, Any]:
     """An answer with every field present (nulls, no warnings, not ok), then ``known`` applied."""
     answer: dict[str, Any] = dict.fromkeys(ANSWER_FIELDS)
-    answer.update(ok=False, status="failed", dry_run=False, request_id=request_id, warnings=[])
+    answer.update(ok=False, status="failed", dry_run=False, reused=False, request_id=request_id, warnings=[])
     answer.update(known)
     return answer
 

@@ -14,10 +14,20 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, answers, pipeline, urlguard
-from .errors import InvalidRequest, MethodNotAllowed, NotFound, RelayError, RequestTooLarge, Unauthorized
-from .schemas import CloneRequestSchema, describe_validation_error
+from . import __version__, answers, pipeline, urlguard, voices
+from .errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    MissingUpstreamToken,
+    NotFound,
+    RelayError,
+    RequestTooLarge,
+    Unauthorized,
+    VoiceNotFound,
+)
+from .schemas import CloneRequestSchema, VoiceQuerySchema, describe_validation_error
 from .settings import Settings
+from .useapi import Useapi
 
 access_log = logging.getLogger("relay.access")
 log = logging.getLogger("relay.api")
@@ -25,6 +35,7 @@ log = logging.getLogger("relay.api")
 bp = Blueprint("relay", __name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 _clone_schema = CloneRequestSchema()
+_voice_query_schema = VoiceQuerySchema()
 
 
 def settings() -> Settings:
@@ -82,6 +93,47 @@ def create_voice_clone():
     return _answer(outcome.http_status, outcome.answer, outcome.retry_after)
 
 
+@bp.get("/v1/voices")
+def list_voices():
+    authenticate()
+    query = _load_query(_voice_query_schema)
+    with _useapi() as client:
+        found, complete = voices.list_all(client, query["user_id"], settings().max_list_pages)
+    found = voices.filtered(found, query["name"], query["name_contains"], query["status"])
+    warnings = (
+        []
+        if complete
+        else [
+            f"The listing stopped after {settings().max_list_pages} pages (RELAY_MAX_LIST_PAGES); "
+            "more voices may exist."
+        ]
+    )
+    return jsonify(
+        ok=True, count=len(found), voices=found, complete=complete, warnings=warnings, request_id=g.request_id
+    )
+
+
+@bp.get("/v1/voices/<voice_id>")
+def get_voice(voice_id: str):
+    authenticate()
+    voices.check_id(voice_id)
+    with _useapi() as client:
+        record = client.get_voice(voice_id)
+    if record is None:
+        raise VoiceNotFound(cloned_voice_item_id=voice_id)
+    item = voices.flatten({"clonedVoiceItemId": voice_id, **record})
+    return jsonify(ok=True, **item, request_id=g.request_id)
+
+
+@bp.delete("/v1/voices/<voice_id>")
+def delete_voice(voice_id: str):
+    authenticate()
+    voices.check_id(voice_id)
+    with _useapi() as client:
+        deleted = client.delete_voice(voice_id)
+    return jsonify(ok=True, deleted=deleted, cloned_voice_item_id=voice_id, request_id=g.request_id)
+
+
 def authenticate() -> None:
     """Require the relay key when one is configured (constant-time comparison)."""
     key = settings().relay_api_key
@@ -98,6 +150,20 @@ def authenticate() -> None:
 def upstream_token() -> str | None:
     """The per-request ``X-Useapi-Token`` wins over the server's ``USEAPI_TOKEN``."""
     return request.headers.get("X-Useapi-Token", "").strip() or settings().useapi_token
+
+
+def _useapi() -> Useapi:
+    token = upstream_token()
+    if not token:
+        raise MissingUpstreamToken()
+    return Useapi(settings(), token)
+
+
+def _load_query(schema) -> dict:
+    try:
+        return schema.load(request.args.to_dict())
+    except ValidationError as err:
+        raise InvalidRequest(describe_validation_error(err)) from None
 
 
 def _load(schema: CloneRequestSchema) -> tuple[dict, list[str]]:

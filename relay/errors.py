@@ -43,7 +43,9 @@ class MissingUpstreamToken(RelayError):
 
 class NotFound(RelayError):
     error_code, http_status = "not_found", 404
-    default_message = "No such endpoint. The relay serves POST /v1/voice-clones and GET /healthz."
+    default_message = (
+        "No such endpoint. See the README for the relay's endpoints (POST /v1/voice-clones, GET /v1/voices, …)."
+    )
 
 
 class MethodNotAllowed(RelayError):
@@ -54,6 +56,23 @@ class MethodNotAllowed(RelayError):
 class RequestTooLarge(RelayError):
     error_code, http_status = "request_too_large", 413
     default_message = "The JSON body is too large. Send the audio as a URL in audio_url, not inline."
+
+
+class InvalidVoiceId(RelayError):
+    error_code, http_status = "invalid_voice_id", 400
+    default_message = (
+        "That is not a cloned_voice_item_id. It looks like user:12345-tempolor:<user_id>-voice:<itemId>; "
+        "copy it from a clone answer or the voice list."
+    )
+
+
+class VoiceNotFound(RelayError):
+    error_code, http_status = "voice_not_found", 404
+    default_message = "useapi.net has no cloned voice with that id on this account."
+
+
+class VoiceExists(RelayError):
+    error_code, http_status = "voice_exists", 409
 
 
 # The audio URL and what it serves

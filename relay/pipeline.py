@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import answers, audio, fetch, links, urlguard
-from .errors import MissingUpstreamToken, RelayError
+from . import answers, audio, fetch, links, urlguard, voices
+from .errors import MissingUpstreamToken, RelayError, VoiceExists
 from .settings import Settings
 from .useapi import Useapi
 
@@ -27,6 +27,7 @@ class CloneRequest:
     user_id: str | None = None
     content_type: str | None = None
     dry_run: bool = False
+    if_exists: str = "create"
     metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -61,6 +62,10 @@ def clone(request: CloneRequest, token: str | None, settings: Settings, request_
     timings: dict[str, float] = {}
     try:
         check_before_work(request, token, settings)
+        if request.if_exists != "create":
+            reused = _existing_voice(request, token, settings, answer)
+            if reused is not None:
+                return Outcome(200 if reused["status"] == "ready" else 202, answer, timings)
         url, note = links.direct_download(request.audio_url)
         if note:
             answer["warnings"].append(note)
@@ -89,6 +94,33 @@ def clone(request: CloneRequest, token: str | None, settings: Settings, request_
         message=_done_message(result.status, result.message),
     )
     return Outcome(200 if result.status == "ready" else 202, answer, timings)
+
+
+def _existing_voice(request: CloneRequest, token: str | None, settings: Settings, answer: dict) -> dict | None:
+    """Apply ``if_exists``: fill ``answer`` and return the voice to reuse, raise, or return None."""
+    if not token:  # only a dry run gets here without a token
+        answer["warnings"].append(f"if_exists={request.if_exists} was not checked: no useapi token was given.")
+        return None
+    with Useapi(settings, token) as client:
+        existing = voices.find_existing(client, request.user_id, request.name, settings.max_list_pages)
+    if existing is None:
+        return None
+    if request.if_exists == "fail":
+        raise VoiceExists(
+            f"A voice named {existing['name']!r} already exists on this account "
+            f"({existing['cloned_voice_item_id']}, {existing['status']}). Use if_exists=reuse to get it instead.",
+            cloned_voice_item_id=existing["cloned_voice_item_id"],
+            item_id=existing["item_id"],
+        )
+    answer.update(
+        ok=True,
+        status=existing["status"],
+        reused=True,
+        cloned_voice_item_id=existing["cloned_voice_item_id"],
+        item_id=existing["item_id"],
+        message=f"Reused the existing voice {existing['name']!r} ({existing['status']}); nothing was uploaded.",
+    )
+    return existing
 
 
 def _check_hint(hint: str | None, info: audio.AudioInfo, warnings: list[str]) -> None:

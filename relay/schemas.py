@@ -8,8 +8,10 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .audio import ACCEPTED_CONTENT_TYPES
+from .voices import VOICE_STATUSES
 
 METADATA_MAX_BYTES = 4096
+IF_EXISTS = ("create", "reuse", "fail")
 
 
 class Text(fields.String):
@@ -65,6 +67,14 @@ class CloneRequestSchema(Schema):
     dry_run = fields.Boolean(
         load_default=False,
         metadata={"description": "Download and validate, but do not upload; answers what would be sent."},
+    )
+    if_exists = fields.String(
+        load_default="create",
+        validate=validate.OneOf(IF_EXISTS),
+        metadata={
+            "description": "create: always clone; reuse: answer with the account's voice of the same name "
+            "instead of uploading (reused: true); fail: 409 voice_exists if such a voice exists."
+        },
     )
     metadata = fields.Dict(
         load_default=None,
@@ -125,9 +135,65 @@ class AnswerSchema(Schema):
     audio_sample_rate = fields.Integer(allow_none=True, metadata={"description": "Samples per second."})
     audio_channels = fields.Integer(allow_none=True, metadata={"description": "1 mono, 2 stereo."})
     dry_run = fields.Boolean(required=True, metadata={"description": "True when nothing was uploaded on purpose."})
+    reused = fields.Boolean(
+        required=True, metadata={"description": "True when if_exists=reuse answered with an existing voice."}
+    )
     request_id = fields.String(required=True, metadata={"description": "Echo of X-Request-Id, or a generated id."})
     warnings = fields.List(fields.String(), required=True, metadata={"description": "Non-fatal notes."})
     metadata = fields.Dict(allow_none=True, metadata={"description": "The request's metadata, untouched."})
 
 
 ANSWER_FIELDS = tuple(AnswerSchema().fields)
+
+
+class VoiceQuerySchema(Schema):
+    """Query of ``GET /v1/voices``."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    user_id = Identifier(load_default=None, validate=validate.Length(min=1, max=200))
+    name = Text(load_default=None, metadata={"description": "Exact name, case-insensitive."})
+    name_contains = Text(load_default=None, metadata={"description": "Part of the name, case-insensitive."})
+    status = fields.String(load_default=None, validate=validate.OneOf(VOICE_STATUSES))
+
+
+class VoiceSchema(Schema):
+    """One cloned voice, flat."""
+
+    cloned_voice_item_id = fields.String(metadata={"description": "Pass to POST music/song."})
+    item_id = fields.String(allow_none=True)
+    name = fields.String(allow_none=True)
+    status = fields.String(validate=validate.OneOf(VOICE_STATUSES))
+    upstream_status_code = fields.Integer(allow_none=True, metadata={"description": "useapi's number (30 = ready)."})
+    vocal_url = fields.String(allow_none=True)
+    created_at = fields.String(allow_none=True, metadata={"description": "ISO 8601 UTC."})
+    updated_at = fields.String(allow_none=True, metadata={"description": "ISO 8601 UTC."})
+    user_id = fields.String(allow_none=True)
+
+
+class VoiceAnswerSchema(VoiceSchema):
+    """``GET /v1/voices/<id>``: the voice plus ``ok`` and ``request_id``."""
+
+    ok = fields.Boolean()
+    request_id = fields.String()
+
+
+class VoiceListSchema(Schema):
+    """``GET /v1/voices``."""
+
+    ok = fields.Boolean()
+    count = fields.Integer()
+    voices = fields.List(fields.Nested(VoiceSchema))
+    complete = fields.Boolean(metadata={"description": "False when the page bound stopped the walk early."})
+    warnings = fields.List(fields.String())
+    request_id = fields.String()
+
+
+class DeleteAnswerSchema(Schema):
+    """``DELETE /v1/voices/<id>``."""
+
+    ok = fields.Boolean()
+    deleted = fields.Boolean(metadata={"description": "False when the voice was already gone (still ok)."})
+    cloned_voice_item_id = fields.String()
+    request_id = fields.String()

@@ -34,6 +34,7 @@ class Settings:
     upload_timeout: float = 180.0
     max_redirects: int = 5
     max_json_bytes: int = 64 * 1024
+    max_list_pages: int = 20
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
@@ -135,6 +136,7 @@ _SPECS = (
     _Spec("RELAY_UPLOAD_TIMEOUT", "upload_timeout", float, 0.1, 3600),
     _Spec("RELAY_MAX_REDIRECTS", "max_redirects", int, 0, 20),
     _Spec("RELAY_MAX_JSON_BYTES", "max_json_bytes", int, 1024, 16 * MiB),
+    _Spec("RELAY_MAX_LIST_PAGES", "max_list_pages", int, 1, 500),
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),

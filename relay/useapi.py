@@ -84,7 +84,34 @@ class Useapi:
             message=_text(payload.get("message")) or _text(payload.get("result")),
         )
 
-    def _call(self, method: str, path: str, *, what: str, timeout=None, **kwargs: Any) -> requests.Response:
+    def list_voices(self, user_id: str | None, cursor: str | None = None) -> dict[str, Any]:
+        """One page of ``GET …/cloned-voices/``: ``{records, hasNext, cursor}``."""
+        params = {key: value for key, value in (("user_id", user_id), ("cursor", cursor)) if value}
+        page = _json(self._call("GET", VOICES_PATH, params=params, what="the voice listing"))
+        records = page.get("records")
+        return {
+            "records": [r for r in records if isinstance(r, dict)] if isinstance(records, list) else [],
+            "hasNext": bool(page.get("hasNext")),
+            "cursor": _text(page.get("cursor")) or None,
+        }
+
+    def get_voice(self, cloned_voice_item_id: str) -> dict[str, Any] | None:
+        """``GET …/cloned-voices/<id>``; ``None`` when useapi has no such voice (404)."""
+        response = self._call(
+            "GET", VOICES_PATH + quote_id(cloned_voice_item_id), what="the voice lookup", missing_ok=True
+        )
+        return None if response.status_code == 404 else _json(response)
+
+    def delete_voice(self, cloned_voice_item_id: str) -> bool:
+        """``DELETE …/cloned-voices/<id>``; ``False`` when the voice no longer exists (404)."""
+        response = self._call(
+            "DELETE", VOICES_PATH + quote_id(cloned_voice_item_id), what="the voice deletion", missing_ok=True
+        )
+        return response.status_code != 404
+
+    def _call(
+        self, method: str, path: str, *, what: str, timeout=None, missing_ok: bool = False, **kwargs: Any
+    ) -> requests.Response:
         timeout = timeout or (self.settings.connect_timeout, self.settings.read_timeout)
         try:
             response = self.session.request(method, self.base + path, timeout=timeout, **kwargs)
@@ -106,6 +133,8 @@ class Useapi:
                 + (sent if method == "POST" else "")
                 + "Try again later."
             ) from None
+        if missing_ok and response.status_code == 404:
+            return response
         if response.status_code not in (200, 201, 202, 204):
             raise _error_for(response, what, self._token)
         return response

@@ -1,0 +1,110 @@
+"""Voices: useapi's cloned-voice records, flattened, listed across pages, found by name."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import InvalidVoiceId
+from .useapi import Useapi
+
+READY, PROCESSING = 30, 0
+VOICE_STATUSES = ("ready", "processing", "failed")
+# user:<id>-tempolor:<user_id>-voice:<itemId>; the account part may hold e-mail-like characters.
+_VOICE_ID = re.compile(r"^user:[A-Za-z0-9_]{1,64}-tempolor:[A-Za-z0-9._@+-]{1,128}-voice:[A-Za-z0-9_-]{1,128}$")
+_ACCOUNT = re.compile(r"-tempolor:(.+)-voice:[^:]*$")
+
+
+def check_id(cloned_voice_item_id: str) -> str:
+    """Return the id if it has the shape useapi gives; raise :class:`InvalidVoiceId` otherwise."""
+    if not _VOICE_ID.match(cloned_voice_item_id or ""):
+        raise InvalidVoiceId()
+    return cloned_voice_item_id
+
+
+def status_name(upstream_status: Any) -> str:
+    """useapi's numeric status as a word: 30 ready, 0 processing, any other number failed."""
+    if upstream_status is None or upstream_status == "":
+        return "processing"
+    try:
+        number = int(upstream_status)
+    except (TypeError, ValueError):
+        return "failed"
+    return {READY: "ready", PROCESSING: "processing"}.get(number, "failed")
+
+
+def flatten(record: dict[str, Any]) -> dict[str, Any]:
+    """One flat voice item from a useapi record (list entry or single lookup)."""
+    voice_id = _text(record.get("clonedVoiceItemId"))
+    account = _ACCOUNT.search(voice_id or "")
+    raw_status = record.get("status")
+    return {
+        "cloned_voice_item_id": voice_id,
+        "item_id": _text(record.get("itemId")),
+        "name": _text(record.get("name")),
+        "status": status_name(raw_status),
+        "upstream_status_code": raw_status if isinstance(raw_status, int) else None,
+        "vocal_url": _text(record.get("vocalUrl")) or None,
+        "created_at": iso_from_ms(record.get("createTime")),
+        "updated_at": iso_from_ms(record.get("updateTime")),
+        "user_id": account.group(1) if account else _text(record.get("ucid")),
+    }
+
+
+def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[dict[str, Any]], bool]:
+    """Every voice of the account, walking useapi's cursor pages; ``(voices, complete)``.
+
+    ``complete`` is False when ``max_pages`` was reached with more pages left, or a cursor repeated.
+    """
+    voices: list[dict[str, Any]] = []
+    cursor: str | None = None
+    seen: set[str] = set()
+    for _ in range(max_pages):
+        page = client.list_voices(user_id, cursor)
+        voices.extend(flatten(record) for record in page["records"])
+        cursor = page["cursor"]
+        if not page["hasNext"] or not cursor:
+            return voices, True
+        if cursor in seen:
+            return voices, False
+        seen.add(cursor)
+    return voices, False
+
+
+def filtered(
+    voices: list[dict[str, Any]], name: str | None = None, name_contains: str | None = None, status: str | None = None
+) -> list[dict[str, Any]]:
+    """Voices matching all given filters; names compare case-insensitively and trimmed."""
+    wanted = name.strip().casefold() if name else None
+    part = name_contains.strip().casefold() if name_contains else None
+    return [
+        voice
+        for voice in voices
+        if (wanted is None or (voice["name"] or "").strip().casefold() == wanted)
+        and (part is None or part in (voice["name"] or "").casefold())
+        and (status is None or voice["status"] == status)
+    ]
+
+
+def find_existing(client: Useapi, user_id: str | None, name: str, max_pages: int) -> dict[str, Any] | None:
+    """The newest voice named ``name`` that has not failed (ready first), or ``None``."""
+    voices, _complete = list_all(client, user_id, max_pages)
+    matches = [v for v in filtered(voices, name=name) if v["status"] != "failed"]
+    matches.sort(key=lambda v: (v["status"] == "ready", v["created_at"] or ""), reverse=True)
+    return matches[0] if matches else None
+
+
+def iso_from_ms(value: Any) -> str | None:
+    """Milliseconds since the epoch as ISO 8601 UTC (``2024-05-24T15:43:45Z``), or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    try:
+        moment = datetime.fromtimestamp(value / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or isinstance(value, (dict, list)) else str(value)

@@ -1,0 +1,238 @@
+"""Voices: list (all pages), find, read, delete, and if_exists on clones, against the useapi stand-in."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import create_app
+
+from .conftest import RELAY_KEY, TOKEN, clone, serve_file
+
+LIST = "/v1/tempolor/music/cloned-voices/"
+AUTH = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+ODD_IDS = [
+    "user:12345-tempolor:67890-voice:abcdef123456789",
+    "user:1-tempolor:jane.doe+music@example.com-voice:a_b-C",
+    "user:abc_9-tempolor:my-account-1-voice:0",
+]
+
+
+def record(item_id: str, name: str, status: int = 30, user_id: str = "67890", created: int = 1716565425000) -> dict:
+    return {
+        "isAddRel": False,
+        "ucid": user_id,
+        "itemId": item_id,
+        "name": name,
+        "status": status,
+        "vocalUrl": f"https://cdn.example/{item_id}.mp3",
+        "createTime": created,
+        "updateTime": created + 275000,
+        "labels": [],
+        "clonedVoiceItemId": f"user:12345-tempolor:{user_id}-voice:{item_id}",
+    }
+
+
+def serve_pages(useapi, pages: list[list[dict]], user_id: str = "67890") -> None:
+    for number, records in enumerate(pages):
+        query = {"user_id": user_id} if number == 0 else {"user_id": user_id, "cursor": f"c{number}"}
+        has_next = number + 1 < len(pages)
+        useapi.expect_request(
+            LIST, method="GET", query_string=query, headers={"Authorization": f"Bearer {TOKEN}"}
+        ).respond_with_json({"records": records, "hasNext": has_next, "cursor": f"c{number + 1}" if has_next else ""})
+
+
+def test_list_walks_every_page_and_flattens(client, useapi):
+    serve_pages(useapi, [[record("a1", "Alice")], [record("b2", "Bob", status=0)], [record("c3", "Carol", status=50)]])
+    response = client.get("/v1/voices?user_id=67890", headers=AUTH)
+    assert response.status_code == 200
+    body = response.json
+    assert (body["ok"], body["count"], body["complete"]) == (True, 3, True)
+    assert [v["status"] for v in body["voices"]] == ["ready", "processing", "failed"]
+    assert [v["upstream_status_code"] for v in body["voices"]] == [30, 0, 50]
+    assert body["voices"][0] == {
+        "cloned_voice_item_id": "user:12345-tempolor:67890-voice:a1",
+        "item_id": "a1",
+        "name": "Alice",
+        "status": "ready",
+        "upstream_status_code": 30,
+        "vocal_url": "https://cdn.example/a1.mp3",
+        "created_at": "2024-05-24T15:43:45Z",
+        "updated_at": "2024-05-24T15:48:20Z",
+        "user_id": "67890",
+    }
+    assert len(useapi.log) == 3
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [
+        ("name=alice", ["Alice"]),
+        ("name=%20ALICE%20", ["Alice"]),
+        ("name=Ali", []),
+        ("name_contains=li", ["Alice", "Alina"]),
+        ("status=processing", ["Alina"]),
+        ("name_contains=a&status=ready", ["Alice"]),
+    ],
+)
+def test_list_filters(client, useapi, query, names):
+    serve_pages(useapi, [[record("a1", "Alice"), record("a2", "Alina", status=0), record("b1", "Bob")]])
+    response = client.get(f"/v1/voices?user_id=67890&{query}", headers=AUTH)
+    assert [v["name"] for v in response.json["voices"]] == names
+    assert response.json["count"] == len(names)
+
+
+def test_listing_is_bounded_by_max_pages(settings, useapi):
+    client = create_app(settings.replace(max_list_pages=2)).test_client()
+    serve_pages(useapi, [[record("a", "A")], [record("b", "B")], [record("c", "C")]])
+    body = client.get("/v1/voices?user_id=67890", headers=AUTH).json
+    assert (body["count"], body["complete"]) == (2, False)
+    assert "RELAY_MAX_LIST_PAGES" in body["warnings"][0]
+    assert len(useapi.log) == 2
+
+
+def test_a_repeating_cursor_stops_the_walk(client, useapi):
+    useapi.expect_request(LIST, query_string={"user_id": "67890"}).respond_with_json(
+        {"records": [record("a", "A")], "hasNext": True, "cursor": "same"}
+    )
+    useapi.expect_request(LIST, query_string={"user_id": "67890", "cursor": "same"}).respond_with_json(
+        {"records": [record("b", "B")], "hasNext": True, "cursor": "same"}
+    )
+    body = client.get("/v1/voices?user_id=67890", headers=AUTH).json
+    assert body["complete"] is False and body["count"] == 2
+
+
+def test_a_bad_status_filter_is_400(client):
+    response = client.get("/v1/voices?status=done", headers=AUTH)
+    assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("status", "relay_status", "code"),
+    [(401, 401, "upstream_unauthorized"), (429, 429, "upstream_rate_limited"), (500, 502, "upstream_unavailable")],
+)
+def test_list_errors_map_like_clone_errors(client, useapi, status, relay_status, code):
+    useapi.expect_request(LIST).respond_with_json({"error": "nope", "code": status}, status=status)
+    response = client.get("/v1/voices", headers=AUTH)
+    assert (response.status_code, response.json["error_code"], response.json["ok"]) == (relay_status, code, False)
+
+
+@pytest.mark.parametrize("voice_id", ODD_IDS)
+def test_get_one_voice_round_trips_the_id(client, useapi, voice_id):
+    useapi.expect_request(f"{LIST}{voice_id}", method="GET").respond_with_json(
+        {
+            "status": 30,
+            "name": "",
+            "itemId": voice_id.rsplit(":", 1)[1],
+            "clonedVoiceItemId": voice_id,
+            "status_name": "COMPLETED",
+        }
+    )
+    response = client.get(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert response.status_code == 200, response.json
+    assert (response.json["ok"], response.json["cloned_voice_item_id"], response.json["status"]) == (
+        True,
+        voice_id,
+        "ready",
+    )
+    assert useapi.log[0][0].path == f"{LIST}{voice_id}"
+
+
+def test_an_unknown_voice_is_404(client, useapi):
+    voice_id = ODD_IDS[0]
+    useapi.expect_request(f"{LIST}{voice_id}").respond_with_json(
+        {"error": f"No record found for {voice_id}", "code": 404}, status=404
+    )
+    response = client.get(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert (response.status_code, response.json["error_code"]) == (404, "voice_not_found")
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "abc",
+        "user:1-tempolor:2-voice:",
+        "user:1-tempolor:2-voice:x;rm",
+        "user:1-tempolor:a b-voice:x",
+        "voice:1",
+        "%00",
+    ],
+)
+def test_malformed_ids_are_refused_before_calling_useapi(client, useapi, bad_id):
+    for method in ("get", "delete"):
+        response = getattr(client, method)(f"/v1/voices/{bad_id}", headers=AUTH)
+        assert (response.status_code, response.json["error_code"]) == (400, "invalid_voice_id")
+    assert useapi.log == []
+
+
+@pytest.mark.parametrize("voice_id", ODD_IDS)
+def test_delete_answers_deleted(client, useapi, voice_id):
+    useapi.expect_request(f"{LIST}{voice_id}", method="DELETE").respond_with_json({"result": True})
+    response = client.delete(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert response.json == {
+        "ok": True,
+        "deleted": True,
+        "cloned_voice_item_id": voice_id,
+        "request_id": response.json["request_id"],
+    }
+
+
+def test_deleting_a_voice_that_is_gone_is_still_ok(client, useapi):
+    voice_id = ODD_IDS[0]
+    useapi.expect_request(f"{LIST}{voice_id}", method="DELETE").respond_with_json(
+        {"error": "No record found", "code": 404}, status=404
+    )
+    response = client.delete(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert response.status_code == 200
+    assert (response.json["ok"], response.json["deleted"]) == (True, False)
+
+
+def test_voice_endpoints_need_the_relay_key_and_a_token(client, useapi):
+    assert client.get("/v1/voices", headers={"X-Useapi-Token": TOKEN}).status_code == 401
+    response = client.get("/v1/voices", headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    assert (response.status_code, response.json["error_code"]) == (400, "missing_upstream_token")
+    assert useapi.log == []
+
+
+def test_if_exists_reuse_answers_with_the_existing_voice_and_uploads_nothing(client, useapi, audio_host):
+    serve_pages(
+        useapi, [[record("old", "My Voice", created=1716565425000), record("new", "my voice", created=1716569025000)]]
+    )
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(client, {"audio_url": url, "name": "My voice", "user_id": "67890", "if_exists": "reuse"})
+    assert response.status_code == 200
+    body = response.json
+    assert (body["ok"], body["status"], body["reused"]) == (True, "ready", True)
+    assert body["cloned_voice_item_id"] == "user:12345-tempolor:67890-voice:new"
+    assert all(entry[0].method == "GET" for entry in useapi.log)
+    assert audio_host.log == []
+
+
+def test_if_exists_reuse_clones_when_no_voice_has_the_name(client, useapi, audio_host):
+    serve_pages(useapi, [[record("x", "Someone else")]])
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    useapi.expect_request(LIST, method="POST").respond_with_json(
+        {"result": True, "itemId": "n", "clonedVoiceItemId": "user:1-tempolor:67890-voice:n"}
+    )
+    response = clone(client, {"audio_url": url, "name": "My voice", "user_id": "67890", "if_exists": "reuse"})
+    assert (response.status_code, response.json["reused"]) == (200, False)
+    assert [entry[0].method for entry in useapi.log] == ["GET", "POST"]
+
+
+def test_if_exists_fail_is_409(client, useapi, audio_host):
+    serve_pages(useapi, [[record("a1", "My voice")]])
+    response = clone(
+        client,
+        {"audio_url": audio_host.url_for("/never.wav"), "name": "MY VOICE", "user_id": "67890", "if_exists": "fail"},
+    )
+    assert (response.status_code, response.json["error_code"]) == (409, "voice_exists")
+    assert response.json["cloned_voice_item_id"] == "user:12345-tempolor:67890-voice:a1"
+    assert audio_host.log == []
+
+
+def test_a_failed_voice_with_the_name_does_not_count(client, useapi, audio_host):
+    serve_pages(useapi, [[record("a1", "My voice", status=40)]])
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(
+        client, {"audio_url": url, "name": "My voice", "user_id": "67890", "if_exists": "fail", "dry_run": True}
+    )
+    assert (response.status_code, response.json["status"]) == (200, "validated")
