@@ -9,19 +9,28 @@ from flask import Flask  # noqa: E402
 from .settings import Settings  # noqa: E402
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, workers: int | None = None) -> Flask:
     """Build the WSGI app. ``settings`` defaults to :meth:`Settings.from_env`, read once, here.
 
+    The database is migrated and, unless ``RELAY_INPROCESS_WORKERS=0`` (or ``workers=0``), an
+    in-process worker pool starts. ``app.extensions["relay.runtime"].close()`` stops it.
     Gunicorn target: ``relay:create_app()``.
     """
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
     from . import api, logs
+    from .runtime import Runtime
 
     settings = Settings.from_env() if settings is None else settings.validated()
+    logs.configure(settings.log_level)
     app = Flask(__name__)
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # Heroku/Render terminate TLS in front
     app.config.update(MAX_CONTENT_LENGTH=settings.max_json_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.extensions["relay.settings"] = settings
-    logs.configure(settings.log_level)
+    app.extensions["relay.runtime"] = Runtime.build(
+        settings, settings.inprocess_workers if workers is None else workers
+    )
     api.register(app)
     return app
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from .errors import RelayError
 from .schemas import ANSWER_FIELDS
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 
 def blank(request_id: str, **known: Any) -> dict[str, Any]:
@@ -27,3 +31,43 @@ def failure(err: RelayError, answer: dict[str, Any]) -> tuple[int, dict[str, Any
         message=err.message,
     )
     return err.http_status, answer
+
+
+def for_job(job: Job, now: datetime) -> dict[str, Any]:
+    """The answer a job gives right now: its stored answer plus the job's own fields.
+
+    Until the job ends, ``status`` tells how far it got: ``queued`` (waiting for a worker, or for
+    a retry), ``running`` (a worker has it) or ``processing`` (useapi accepted it and is cloning).
+    """
+    stored = dict(job.answer or {})
+    answer = blank(stored.pop("request_id", ""), **stored)
+    if not job.terminal:
+        if job.phase == "uploaded":
+            status = "processing"
+        elif job.lease_expires_at is not None and job.lease_expires_at > now:
+            status = "running"
+        else:
+            status = "queued"
+        answer.update(ok=True, status=status, error_code=None, error_message=None)
+        if status != "processing":
+            answer["message"] = "The clone is " + (
+                "being worked on." if status == "running" else "waiting for a worker."
+            )
+    answer.update(
+        job_id=job.id,
+        status_url=job.status_url,
+        created_at=_iso(job.created_at),
+        updated_at=_iso(job.updated_at),
+        completed_at=_iso(job.completed_at),
+        callback_status=job.callback_status,
+    )
+    return answer
+
+
+def http_status_for_job(job: Job) -> int:
+    """The HTTP status a request that saw ``job`` in its current state answers with."""
+    return (job.http_status or 200) if job.terminal else 202
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds") + "Z"

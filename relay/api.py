@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -15,16 +16,22 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, answers, pipeline, urlguard, voices
+from .db import utcnow
 from .errors import (
+    IdempotencyKeyReused,
     InvalidRequest,
+    JobNotFound,
     MethodNotAllowed,
     MissingUpstreamToken,
     NotFound,
     RelayError,
     RequestTooLarge,
+    SecretKeyRequired,
     Unauthorized,
+    UrlNotAllowed,
     VoiceNotFound,
 )
+from .runtime import Runtime
 from .schemas import CloneRequestSchema, VoiceQuerySchema, describe_validation_error
 from .settings import Settings
 from .useapi import Useapi
@@ -33,6 +40,7 @@ access_log = logging.getLogger("relay.access")
 log = logging.getLogger("relay.api")
 
 bp = Blueprint("relay", __name__)
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 _clone_schema = CloneRequestSchema()
 _voice_query_schema = VoiceQuerySchema()
@@ -78,6 +86,8 @@ def healthz():
 def create_voice_clone():
     authenticate()
     body, warnings = _load(_clone_schema)
+    wait_seconds = body.pop("wait_seconds")
+    callback_url = body.pop("callback_url")
     clone_request = pipeline.CloneRequest(**body, warnings=warnings)
     g.answer.update(
         name=clone_request.name,
@@ -87,10 +97,105 @@ def create_voice_clone():
         warnings=list(warnings),
     )
     g.log["audio_url"] = urlguard.redact(clone_request.audio_url)
-    outcome = pipeline.clone(clone_request, upstream_token(), settings(), g.request_id)
-    g.answer = outcome.answer
-    g.log.update(outcome.timings)
-    return _answer(outcome.http_status, outcome.answer, outcome.retry_after)
+    given_token = request.headers.get("X-Useapi-Token", "").strip() or None
+    pipeline.check_before_work(clone_request, given_token or settings().useapi_token, settings())
+    if callback_url:
+        try:
+            urlguard.check_literal(callback_url, settings().allowed_networks)
+        except UrlNotAllowed as err:
+            raise UrlNotAllowed(f"callback_url: {err.message}") from None
+    wait = _wait_seconds(wait_seconds, callback_url)
+    runtime = _runtime()
+    if given_token and not runtime.vault.durable and runtime.pool is None:
+        raise SecretKeyRequired()
+    key = _idempotency_key()
+    request_hash = _hash({**clone_request.as_dict(), "callback_url": callback_url})
+    job_id = uuid.uuid4().hex
+    token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
+    job, created = runtime.store.create(
+        job_id,
+        request=clone_request.as_dict(),
+        status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
+        token_kind=token_kind,
+        token_sealed=sealed,
+        token_fingerprint=fingerprint,
+        idempotency_key=key,
+        request_hash=request_hash,
+        answer=g.answer,
+        callback_url=callback_url,
+        webhook_id=f"msg_{job_id}",
+        dry_run=clone_request.dry_run,
+    )
+    if not created:
+        runtime.vault.forget(job_id)
+        if job.request_hash != request_hash:
+            raise IdempotencyKeyReused()
+    else:
+        runtime.notifier.work_arrived()
+    g.log["job_id"] = job.id
+    return _job_answer(_wait_for(job.id, wait) or job)
+
+
+@bp.get("/v1/voice-clones/<job_id>")
+def get_voice_clone(job_id: str):
+    authenticate()
+    job = _runtime().store.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None:
+        raise JobNotFound()
+    g.log["job_id"] = job.id
+    answer = _job_answer(job)
+    answer.status_code = 200  # reading the job worked; the body says how the clone went
+    return answer
+
+
+def _runtime() -> Runtime:
+    return current_app.extensions["relay.runtime"]
+
+
+def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
+    limit = settings().max_wait_seconds
+    if asked is None:
+        return 0.0 if callback_url else settings().default_wait_seconds
+    if asked > limit:
+        raise InvalidRequest(f"Invalid request. wait_seconds: must be at most {limit:g} (RELAY_MAX_WAIT_SECONDS).")
+    return asked
+
+
+def _wait_for(job_id: str, seconds: float):
+    """The job once it has ended, or as it is when ``seconds`` have passed."""
+    runtime = _runtime()
+    deadline = time.monotonic() + seconds
+    while True:
+        job = runtime.store.get(job_id)
+        remaining = deadline - time.monotonic()
+        if job is None or job.terminal or remaining <= 0:
+            return job
+        runtime.notifier.wait_for_change(min(remaining, 0.25))
+
+
+def _job_answer(job):
+    answer = answers.for_job(job, utcnow())
+    answer["request_id"] = g.request_id
+    g.answer = answer
+    return _answer(answers.http_status_for_job(job), answer)
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable characters.")
+    return key
+
+
+def _hash(value: dict) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _public_base() -> str:
+    return settings().public_url or request.host_url.rstrip("/")
 
 
 @bp.get("/v1/voices")

@@ -75,6 +75,43 @@ class VoiceExists(RelayError):
     error_code, http_status = "voice_exists", 409
 
 
+class JobNotFound(RelayError):
+    error_code, http_status = "job_not_found", 404
+    default_message = "No clone job with that id (jobs are kept for RELAY_JOB_RETENTION_HOURS)."
+
+
+class IdempotencyKeyReused(RelayError):
+    error_code, http_status = "idempotency_key_reused", 422
+    default_message = (
+        "This Idempotency-Key was already used with a different request body. Use a new key for a new clone."
+    )
+
+
+class SecretKeyRequired(RelayError):
+    error_code, http_status = "secret_key_required", 400
+    default_message = (
+        "This relay runs its jobs in a separate worker process but has no RELAY_SECRET_KEY, so it cannot keep "
+        "a per-request X-Useapi-Token safely. The operator must set RELAY_SECRET_KEY (or USEAPI_TOKEN)."
+    )
+
+
+class TokenUnavailable(RelayError):
+    error_code, http_status = "token_unavailable", 503
+    default_message = (
+        "The relay restarted before this job finished and could not keep its useapi token "
+        "(set RELAY_SECRET_KEY so tokens survive restarts). Submit the clone again."
+    )
+
+
+class CloneFailed(RelayError):
+    error_code, http_status = "clone_failed", 422
+    default_message = "useapi.net reports that cloning this voice failed. Try another recording."
+
+
+class ReadyTimeout(RelayError):
+    error_code, http_status = "ready_timeout", 504
+
+
 # The audio URL and what it serves
 class UrlNotAllowed(RelayError):
     error_code, http_status = "url_not_allowed", 422
@@ -110,10 +147,17 @@ class AudioTooLong(RelayError):
 
 # useapi.net
 class UpstreamError(RelayError):
-    """useapi.net answered with an error, or did not answer."""
+    """useapi.net answered with an error, or did not answer.
 
-    def __init__(self, message: str | None = None, *, upstream_status: int | None = None, **kwargs: Any):
+    ``reached`` is False only when the request certainly never reached useapi (the connection
+    could not be made), which makes even an upload safe to send again.
+    """
+
+    def __init__(
+        self, message: str | None = None, *, upstream_status: int | None = None, reached: bool = True, **kwargs: Any
+    ):
         super().__init__(message, upstream_status=upstream_status, **kwargs)
+        self.reached = reached
 
 
 class UpstreamUnauthorized(UpstreamError):

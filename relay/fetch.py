@@ -69,7 +69,7 @@ def _download_into(sink, path: str, url: str, settings: Settings, resolve) -> Sp
     deadline = time.monotonic() + settings.download_timeout
     for hop in range(settings.max_redirects + 1):
         target = urlguard.check(url, settings.allowed_networks, resolve)
-        with _pinned_session(target) as session:
+        with pinned_session(target) as session:
             response = _get(session, target, settings, deadline)
             with response:
                 if response.status_code in _REDIRECTS and response.headers.get("Location"):
@@ -168,7 +168,7 @@ def _reason(err: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _pinned_session(target: urlguard.Target) -> Iterator[requests.Session]:
+def pinned_session(target: urlguard.Target) -> Iterator[requests.Session]:
     session = requests.Session()
     session.trust_env = False  # no proxies or .netrc from the environment: they would bypass pinning
     adapter = _PinnedAdapter(target.address, target.port)

@@ -1,26 +1,25 @@
-"""Pipeline: one clone from start to answer — download, validate, upload — with no Flask inside.
+"""Pipeline: the steps of one clone — check, find an existing voice, download and validate, upload.
 
-The same function serves the HTTP endpoint, the command line and the tests.
+No Flask and no database in here: the worker strings these steps together around the job's
+phases, and each step is usable on its own (tests, the command line).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import answers, audio, fetch, links, urlguard, voices
-from .errors import MissingUpstreamToken, RelayError, VoiceExists
+from . import audio, fetch, links, urlguard, voices
+from .errors import MissingUpstreamToken, VoiceExists
 from .settings import Settings
-from .useapi import Useapi
-
-log = logging.getLogger("relay.pipeline")
+from .useapi import UploadResult, Useapi
 
 
 @dataclass
 class CloneRequest:
-    """A validated clone request (see :class:`relay.schemas.CloneRequestSchema`)."""
+    """A validated clone request (see :class:`relay.schemas.CloneRequestSchema`). Holds no token."""
 
     audio_url: str
     name: str
@@ -31,15 +30,8 @@ class CloneRequest:
     metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
-
-@dataclass
-class Outcome:
-    """The HTTP status and normalized answer of one clone, plus what the access log wants."""
-
-    http_status: int
-    answer: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
-    retry_after: int | None = None
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def check_before_work(request: CloneRequest, token: str | None, settings: Settings) -> None:
@@ -49,55 +41,13 @@ def check_before_work(request: CloneRequest, token: str | None, settings: Settin
         raise MissingUpstreamToken()
 
 
-def clone(request: CloneRequest, token: str | None, settings: Settings, request_id: str) -> Outcome:
-    """Run one clone; every failure is returned as an answer, never raised."""
-    answer = answers.blank(
-        request_id,
-        name=request.name,
-        user_id=request.user_id,
-        dry_run=request.dry_run,
-        metadata=request.metadata,
-        warnings=list(request.warnings),
-    )
-    timings: dict[str, float] = {}
-    try:
-        check_before_work(request, token, settings)
-        if request.if_exists != "create":
-            reused = _existing_voice(request, token, settings, answer)
-            if reused is not None:
-                return Outcome(200 if reused["status"] == "ready" else 202, answer, timings)
-        url, note = links.direct_download(request.audio_url)
-        if note:
-            answer["warnings"].append(note)
-        started = time.monotonic()
-        with fetch.download(url, settings) as spool:
-            timings["download_ms"] = _ms_since(started)
-            info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
-            answer.update(info.as_fields())
-            _check_hint(request.content_type, info, answer["warnings"])
-            if request.dry_run:
-                answer.update(ok=True, status="validated", message=_dry_run_message(request, info))
-                return Outcome(200, answer, timings)
-            started = time.monotonic()
-            with Useapi(settings, token or "") as client:
-                result = client.upload_voice(spool.path, spool.size, info.content_type, request.name, request.user_id)
-            timings["upload_ms"] = _ms_since(started)
-    except RelayError as err:
-        status, answer = answers.failure(err, answer)
-        return Outcome(status, answer, timings, err.retry_after)
-    answer.update(
-        ok=True,
-        status=result.status,
-        cloned_voice_item_id=result.cloned_voice_item_id,
-        item_id=result.item_id,
-        upstream_status=result.upstream_status,
-        message=_done_message(result.status, result.message),
-    )
-    return Outcome(200 if result.status == "ready" else 202, answer, timings)
+def existing_voice(request: CloneRequest, token: str | None, settings: Settings, answer: dict) -> dict | None:
+    """Apply ``if_exists``: the voice to reuse (``answer`` filled in), or None to go on cloning.
 
-
-def _existing_voice(request: CloneRequest, token: str | None, settings: Settings, answer: dict) -> dict | None:
-    """Apply ``if_exists``: fill ``answer`` and return the voice to reuse, raise, or return None."""
+    Raises :class:`VoiceExists` for ``if_exists=fail``.
+    """
+    if request.if_exists == "create":
+        return None
     if not token:  # only a dry run gets here without a token
         answer["warnings"].append(f"if_exists={request.if_exists} was not checked: no useapi token was given.")
         return None
@@ -113,8 +63,6 @@ def _existing_voice(request: CloneRequest, token: str | None, settings: Settings
             item_id=existing["item_id"],
         )
     answer.update(
-        ok=True,
-        status=existing["status"],
         reused=True,
         cloned_voice_item_id=existing["cloned_voice_item_id"],
         item_id=existing["item_id"],
@@ -123,14 +71,34 @@ def _existing_voice(request: CloneRequest, token: str | None, settings: Settings
     return existing
 
 
-def _check_hint(hint: str | None, info: audio.AudioInfo, warnings: list[str]) -> None:
-    if hint and audio.format_for_content_type(hint) != info.format:
-        warnings.append(
-            f"content_type {hint} does not match the file, which is {info.format.upper()}; sent as {info.content_type}."
-        )
+@contextlib.contextmanager
+def prepared(request: CloneRequest, settings: Settings, answer: dict) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
+    """Download and validate the audio; fill ``answer``'s audio fields and warnings; yield the
+    spool file and what was learned. The file is removed when the block ends."""
+    url, note = links.direct_download(request.audio_url)
+    if note and note not in answer["warnings"]:
+        answer["warnings"].append(note)
+    with fetch.download(url, settings) as spool:
+        info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
+        answer.update(info.as_fields())
+        hint = request.content_type
+        if hint and audio.format_for_content_type(hint) != info.format:
+            answer["warnings"].append(
+                f"content_type {hint} does not match the file, which is {info.format.upper()}; "
+                f"sent as {info.content_type}."
+            )
+        yield spool, info
 
 
-def _dry_run_message(request: CloneRequest, info: audio.AudioInfo) -> str:
+def upload(
+    spool: fetch.Spool, info: audio.AudioInfo, request: CloneRequest, token: str, settings: Settings
+) -> UploadResult:
+    """Stream the validated file to useapi.net. Never retried here."""
+    with Useapi(settings, token) as client:
+        return client.upload_voice(spool.path, spool.size, info.content_type, request.name, request.user_id)
+
+
+def dry_run_message(request: CloneRequest, info: audio.AudioInfo) -> str:
     account = f" for user_id {request.user_id}" if request.user_id else ""
     return (
         f"Dry run: the file is valid {info.format.upper()} ({info.duration_seconds:.1f} s, {info.size} bytes) and "
@@ -138,15 +106,5 @@ def _dry_run_message(request: CloneRequest, info: audio.AudioInfo) -> str:
     )
 
 
-def _done_message(status: str, upstream_message: str | None) -> str:
-    if status == "ready":
-        return "The voice is cloned and ready: use cloned_voice_item_id with POST music/song."
-    return (
-        "useapi.net is still cloning the voice"
-        + (f" ({upstream_message})" if upstream_message else "")
-        + ". Check again later with the cloned_voice_item_id."
-    )
-
-
-def _ms_since(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 1)
+READY_MESSAGE = "The voice is cloned and ready: use cloned_voice_item_id with POST music/song."
+PROCESSING_MESSAGE = "useapi.net is still cloning the voice; the relay checks until it is ready."

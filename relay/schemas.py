@@ -68,6 +68,21 @@ class CloneRequestSchema(Schema):
         load_default=False,
         metadata={"description": "Download and validate, but do not upload; answers what would be sent."},
     )
+    wait_seconds = fields.Float(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Range(min=0),
+        metadata={
+            "description": "Seconds to wait for the final answer (0 to RELAY_MAX_WAIT_SECONDS; default "
+            "RELAY_DEFAULT_WAIT_SECONDS, or 0 with a callback_url). Past it: 202 with job_id and status_url."
+        },
+    )
+    callback_url = Text(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(min=1, max=4096),
+        metadata={"description": "Public http(s) URL that receives the final answer as a signed POST."},
+    )
     if_exists = fields.String(
         load_default="create",
         validate=validate.OneOf(IF_EXISTS),
@@ -105,7 +120,7 @@ def describe_validation_error(err: ValidationError) -> str:
     return "Invalid request. " + "; ".join(parts)
 
 
-STATUSES = ("ready", "processing", "validated", "failed")
+STATUSES = ("queued", "running", "processing", "ready", "validated", "failed")
 
 
 class AnswerSchema(Schema):
@@ -141,6 +156,15 @@ class AnswerSchema(Schema):
     request_id = fields.String(required=True, metadata={"description": "Echo of X-Request-Id, or a generated id."})
     warnings = fields.List(fields.String(), required=True, metadata={"description": "Non-fatal notes."})
     metadata = fields.Dict(allow_none=True, metadata={"description": "The request's metadata, untouched."})
+    job_id = fields.String(allow_none=True, metadata={"description": "The clone job; GET status_url to follow it."})
+    status_url = fields.String(allow_none=True, metadata={"description": "GET this URL for the job's answer."})
+    created_at = fields.String(allow_none=True, metadata={"description": "When the job was created (ISO 8601 UTC)."})
+    updated_at = fields.String(allow_none=True, metadata={"description": "Last change (ISO 8601 UTC)."})
+    completed_at = fields.String(allow_none=True, metadata={"description": "When it ended (ISO 8601 UTC)."})
+    callback_status = fields.String(
+        allow_none=True,
+        metadata={"description": "pending, delivered or given_up when a callback_url was given; else null."},
+    )
 
 
 ANSWER_FIELDS = tuple(AnswerSchema().fields)

@@ -35,6 +35,26 @@ class Settings:
     max_redirects: int = 5
     max_json_bytes: int = 64 * 1024
     max_list_pages: int = 20
+    database_url: str | None = field(default=None, repr=False)
+    data_dir: str = "./data"
+    default_wait_seconds: float = 25.0
+    max_wait_seconds: float = 280.0
+    inprocess_workers: int = 2
+    worker_concurrency: int = 4
+    lease_seconds: float = 30.0
+    ready_timeout_seconds: float = 1800.0
+    reconcile_grace_seconds: float = 150.0
+    max_attempts: int = 5
+    retry_base_seconds: float = 5.0
+    poll_interval_seconds: float = 10.0
+    idle_poll_seconds: float = 1.0
+    callback_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    callback_timeout: float = 15.0
+    webhook_secret: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    secret_key_old: str | None = field(default=None, repr=False)
+    job_retention_hours: float = 72.0
+    public_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
@@ -72,6 +92,10 @@ class Settings:
         base = urlsplit(self.useapi_base_url)
         if base.scheme not in ("http", "https") or not base.hostname:
             raise SettingsError("USEAPI_BASE_URL must be an http(s) URL such as https://api.useapi.net/v1")
+        if self.default_wait_seconds > self.max_wait_seconds:
+            raise SettingsError("RELAY_DEFAULT_WAIT_SECONDS must not exceed RELAY_MAX_WAIT_SECONDS")
+        if self.secret_key is not None and len(self.secret_key) < 16:
+            raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         return self
@@ -102,6 +126,13 @@ def mask(secret: str | None) -> str | None:
 
 def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+
+
+def _seconds_list(raw: str) -> tuple[float, ...]:
+    values = tuple(float(part) for part in raw.split(",") if part.strip())
+    if any(value < 0 for value in values):
+        raise ValueError("delays must not be negative")
+    return values
 
 
 def _base_url(raw: str) -> str:
@@ -137,6 +168,26 @@ _SPECS = (
     _Spec("RELAY_MAX_REDIRECTS", "max_redirects", int, 0, 20),
     _Spec("RELAY_MAX_JSON_BYTES", "max_json_bytes", int, 1024, 16 * MiB),
     _Spec("RELAY_MAX_LIST_PAGES", "max_list_pages", int, 1, 500),
+    _Spec("DATABASE_URL", "database_url", str, secret=True),
+    _Spec("RELAY_DATA_DIR", "data_dir", str),
+    _Spec("RELAY_DEFAULT_WAIT_SECONDS", "default_wait_seconds", float, 0, 3600),
+    _Spec("RELAY_MAX_WAIT_SECONDS", "max_wait_seconds", float, 0, 3600),
+    _Spec("RELAY_INPROCESS_WORKERS", "inprocess_workers", int, 0, 64),
+    _Spec("RELAY_WORKER_CONCURRENCY", "worker_concurrency", int, 1, 256),
+    _Spec("RELAY_LEASE_SECONDS", "lease_seconds", float, 1, 60),
+    _Spec("RELAY_READY_TIMEOUT_SECONDS", "ready_timeout_seconds", float, 1, 7 * 24 * 3600),
+    _Spec("RELAY_RECONCILE_GRACE_SECONDS", "reconcile_grace_seconds", float, 0, 3600),
+    _Spec("RELAY_MAX_ATTEMPTS", "max_attempts", int, 1, 50),
+    _Spec("RELAY_RETRY_BASE_SECONDS", "retry_base_seconds", float, 0.01, 3600),
+    _Spec("RELAY_POLL_INTERVAL_SECONDS", "poll_interval_seconds", float, 0.01, 3600),
+    _Spec("RELAY_IDLE_POLL_SECONDS", "idle_poll_seconds", float, 0.01, 60),
+    _Spec("RELAY_CALLBACK_SCHEDULE", "callback_schedule", _seconds_list),
+    _Spec("RELAY_CALLBACK_TIMEOUT", "callback_timeout", float, 0.1, 120),
+    _Spec("RELAY_WEBHOOK_SECRET", "webhook_secret", str, secret=True),
+    _Spec("RELAY_SECRET_KEY", "secret_key", str, secret=True),
+    _Spec("RELAY_SECRET_KEY_OLD", "secret_key_old", str, secret=True),
+    _Spec("RELAY_JOB_RETENTION_HOURS", "job_retention_hours", float, 24, 24 * 365),
+    _Spec("RELAY_PUBLIC_URL", "public_url", _base_url),
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from . import __version__
 from .errors import (
@@ -116,7 +117,9 @@ class Useapi:
         try:
             response = self.session.request(method, self.base + path, timeout=timeout, **kwargs)
         except requests.ConnectTimeout:
-            raise UpstreamUnavailable("useapi.net could not be reached (connect timed out). Try again later.") from None
+            raise UpstreamUnavailable(
+                "useapi.net could not be reached (connect timed out). Try again later.", reached=False
+            ) from None
         except requests.ReadTimeout:
             raise UpstreamTimeout(
                 f"useapi.net did not answer {what} within {timeout[1]:g} s. "
@@ -126,18 +129,28 @@ class Useapi:
                     else "Try again later."
                 )
             ) from None
+        except requests.ConnectionError as err:
+            if isinstance(getattr(err.args[0] if err.args else None, "reason", None), NewConnectionError):
+                raise UpstreamUnavailable(
+                    f"useapi.net could not be reached for {what} (connection failed). Try again later.", reached=False
+                ) from None
+            raise self._lost(err, method, what) from None
         except requests.RequestException as err:
-            sent = "The voice may still have been created: list your voices before trying again. "
-            raise UpstreamUnavailable(
-                f"The connection to useapi.net failed during {what} ({type(err).__name__}). "
-                + (sent if method == "POST" else "")
-                + "Try again later."
-            ) from None
+            raise self._lost(err, method, what) from None
         if missing_ok and response.status_code == 404:
             return response
         if response.status_code not in (200, 201, 202, 204):
             raise _error_for(response, what, self._token)
         return response
+
+    @staticmethod
+    def _lost(err: Exception, method: str, what: str) -> UpstreamUnavailable:
+        sent = "The voice may still have been created: list your voices before trying again. "
+        return UpstreamUnavailable(
+            f"The connection to useapi.net failed during {what} ({type(err).__name__}). "
+            + (sent if method == "POST" else "")
+            + "Try again later."
+        )
 
 
 def _error_for(response: requests.Response, what: str, token: str) -> UpstreamError:

@@ -45,22 +45,55 @@ def useapi(httpserver):
     return httpserver
 
 
-@pytest.fixture
-def settings(useapi):
-    return Settings(
+def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
+    """Settings for tests: loopback audio host allowed, short timeouts, quick retries and polls."""
+    values = dict(
         relay_api_key=RELAY_KEY,
-        useapi_base_url=useapi.url_for("/v1"),
+        useapi_base_url=useapi_base,
         allowed_networks=(ipaddress.ip_network(f"{AUDIO_HOST}/32"),),
         connect_timeout=2,
         read_timeout=2,
         download_timeout=5,
         upload_timeout=3,
+        data_dir=str(data_dir),
+        default_wait_seconds=10,
+        max_wait_seconds=20,
+        lease_seconds=3,
+        retry_base_seconds=0.05,
+        poll_interval_seconds=0.05,
+        idle_poll_seconds=0.05,
+        reconcile_grace_seconds=0.2,
+        max_attempts=3,
+        callback_schedule=(0.1, 0.2, 0.3),
+        callback_timeout=2,
     )
+    values.update(changes)
+    return Settings(**values)
 
 
 @pytest.fixture
-def app(settings):
-    return create_app(settings)
+def settings(useapi, tmp_path):
+    return fast_settings(useapi.url_for("/v1"), tmp_path / "data")
+
+
+@pytest.fixture
+def make_app():
+    """Build apps that are closed (worker pool stopped, database released) when the test ends."""
+    made = []
+
+    def build(settings: Settings, **kwargs):
+        app = create_app(settings, **kwargs)
+        made.append(app)
+        return app
+
+    yield build
+    for app in made:
+        app.extensions["relay.runtime"].close(timeout=5)
+
+
+@pytest.fixture
+def app(settings, make_app):
+    return make_app(settings)
 
 
 @pytest.fixture

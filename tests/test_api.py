@@ -48,8 +48,8 @@ def test_relay_key_by_bearer_or_header(client, headers, status):
     assert response.json["error_code"] == ("unauthorized" if status == 401 else "invalid_request")
 
 
-def test_without_a_key_configured_the_relay_is_open(settings, audio_host):
-    client = create_app(settings.replace(relay_api_key=None)).test_client()
+def test_without_a_key_configured_the_relay_is_open(make_app, settings, audio_host):
+    client = make_app(settings.replace(relay_api_key=None)).test_client()
     response = clone(client, {"audio_url": "http://127.0.0.1/x.wav", "name": "x"}, key=None)
     assert response.json["error_code"] == "url_not_allowed"
 
@@ -94,8 +94,8 @@ def test_unreadable_bodies_are_400(client, raw, says):
     assert says in body["error_message"]
 
 
-def test_an_oversized_body_is_413(settings):
-    client = create_app(settings.replace(max_json_bytes=2048)).test_client()
+def test_an_oversized_body_is_413(make_app, settings):
+    client = make_app(settings.replace(max_json_bytes=2048)).test_client()
     payload = json.dumps({"audio_url": "https://example.com/a.wav", "name": "x", "pad": "y" * 5000})
     response = client.post("/v1/voice-clones", data=payload, headers={"Authorization": f"Bearer {RELAY_KEY}"})
     assert_error_shape(response, 413, "request_too_large")
@@ -109,8 +109,8 @@ def test_wrong_method_is_a_json_405(client):
     assert_error_shape(client.get("/v1/voice-clones"), 405, "method_not_allowed")
 
 
-def test_an_unexpected_exception_is_a_json_500(settings, monkeypatch):
-    app = create_app(settings)
+def test_an_unexpected_exception_is_a_json_500(make_app, settings, monkeypatch):
+    app = make_app(settings)
 
     @app.get("/boom")
     def boom():

@@ -48,39 +48,45 @@ def test_every_accepted_variant_arrives_upstream_byte_identical(client, audio_ho
     assert len(useapi.log) == 1
 
 
-def test_still_processing_upstream_answers_202(client, audio_host, useapi):
+def test_still_processing_upstream_is_polled_until_ready(client, audio_host, useapi):
     url = serve_file(audio_host, "mp3_cbr_bare.mp3")
     expect_upload(useapi, "mp3_cbr_bare.mp3", "audio/mpeg").respond_with_json(
         {"itemId": "abc123", "clonedVoiceItemId": VOICE_ID, "message": "still processing after 120 seconds"},
         status=202,
     )
+    one_voice = f"{UPLOAD}{VOICE_ID}"
+    useapi.expect_oneshot_request(one_voice).respond_with_json({"status": 0, "clonedVoiceItemId": VOICE_ID})
+    useapi.expect_oneshot_request(one_voice).respond_with_json({"status": 0, "clonedVoiceItemId": VOICE_ID})
+    useapi.expect_oneshot_request(one_voice).respond_with_json({"status": 30, "clonedVoiceItemId": VOICE_ID})
     response = clone(client, {"audio_url": url, "name": "My voice"})
-    assert response.status_code == 202
-    assert response.json["ok"] is True and response.json["status"] == "processing"
+    assert response.status_code == 200, response.json
+    assert (response.json["ok"], response.json["status"]) == (True, "ready")
     assert response.json["cloned_voice_item_id"] == VOICE_ID
-    assert "still processing after 120 seconds" in response.json["message"]
+    assert response.json["upstream_status"] == 202
+    useapi.check_assertions()
 
 
 UPSTREAM_FAILURES = [
-    # useapi status, useapi body, relay status, error_code, text in error_message
-    (400, {"error": "Empty file received", "code": 400}, 422, "upstream_rejected", "Empty file received"),
-    (401, {"error": "Unauthorized", "code": 401}, 401, "upstream_unauthorized", "token"),
-    (402, {"error": "Subscription required", "code": 402}, 402, "upstream_payment_required", "Subscription required"),
-    (404, {"error": "Account not found", "code": 404}, 422, "upstream_rejected", "Account not found"),
-    (429, {"error": "Too many requests", "code": 429}, 429, "upstream_rate_limited", "Wait"),
-    (500, {"error": "Internal error", "code": 500}, 502, "upstream_unavailable", "HTTP 500"),
-    (503, "<html>Service Unavailable</html>", 502, "upstream_unavailable", "HTTP 503"),
+    # useapi status, useapi body, relay status, error_code, text in error_message, uploads made
+    (400, {"error": "Empty file received", "code": 400}, 422, "upstream_rejected", "Empty file received", 1),
+    (401, {"error": "Unauthorized", "code": 401}, 401, "upstream_unauthorized", "token", 1),
+    (402, {"error": "Subscription required", "code": 402}, 402, "upstream_payment_required", "Subscription", 1),
+    (404, {"error": "Account not found", "code": 404}, 422, "upstream_rejected", "Account not found", 1),
+    # useapi answered, so it did not take the voice: retried up to RELAY_MAX_ATTEMPTS (3 here)
+    (429, {"error": "Too many requests", "code": 429}, 429, "upstream_rate_limited", "Wait", 3),
+    (500, {"error": "Internal error", "code": 500}, 502, "upstream_unavailable", "HTTP 500", 3),
+    (503, "<html>Service Unavailable</html>", 502, "upstream_unavailable", "HTTP 503", 3),
 ]
 
 
-@pytest.mark.parametrize(("status", "payload", "relay_status", "code", "says"), UPSTREAM_FAILURES)
+@pytest.mark.parametrize(("status", "payload", "relay_status", "code", "says", "uploads"), UPSTREAM_FAILURES)
 def test_upstream_errors_map_to_the_documented_answer(
-    client, audio_host, useapi, status, payload, relay_status, code, says
+    client, audio_host, useapi, status, payload, relay_status, code, says, uploads
 ):
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     handler = expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav")
     if isinstance(payload, dict):
-        handler.respond_with_json(payload, status=status, headers={"Retry-After": "7"})
+        handler.respond_with_json(payload, status=status)
     else:
         handler.respond_with_data(payload, status=status, content_type="text/html")
     response = clone(client, {"audio_url": url, "name": "My voice"})
@@ -89,42 +95,44 @@ def test_upstream_errors_map_to_the_documented_answer(
     assert (body["ok"], body["status"], body["error_code"], body["upstream_status"]) == (False, "failed", code, status)
     assert says in body["error_message"]
     assert body["audio_format"] == "wav"  # what was learned before the failure is kept
-    assert len(useapi.log) == 1  # never retried
-    if status == 429:
-        assert response.headers["Retry-After"] == "7"
+    assert len(useapi.log) == uploads
 
 
-def test_upstream_silence_past_the_upload_timeout_is_upstream_timeout(settings, audio_host, useapi):
-    client = create_app(settings.replace(upload_timeout=0.5)).test_client()
+def test_upstream_silence_is_reconciled_then_retried_then_a_timeout(make_app, settings, audio_host, useapi):
+    client = make_app(settings.replace(upload_timeout=0.3)).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
 
     def slow(request):
-        time.sleep(1.5)
+        time.sleep(0.6)
         return Response("{}", status=200)
 
     expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav").respond_with_handler(slow)
+    useapi.expect_request(UPLOAD, method="GET").respond_with_json({"records": [], "hasNext": False, "cursor": ""})
     response = clone(client, {"audio_url": url, "name": "My voice"})
     assert response.status_code == 504
     assert response.json["error_code"] == "upstream_timeout"
-    assert "list your voices" in response.json["error_message"]
-    assert len(useapi.log) <= 1
+    methods = [entry[0].method for entry in useapi.log]
+    # each lost answer is followed by a look at the account before the next upload
+    assert methods == ["POST", "GET", "POST", "GET", "POST", "GET"]
 
 
-def test_upstream_connection_reset_is_upstream_unavailable(settings, audio_host):
+def test_upstream_connection_reset_is_upstream_unavailable(make_app, settings, audio_host):
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     with servers.RawServer(servers.resets_mid_body(sent=0), host="127.0.0.1") as upstream:
-        client = create_app(settings.replace(useapi_base_url=upstream.url("/v1"))).test_client()
-        response = clone(client, {"audio_url": url, "name": "My voice"})
+        app = make_app(settings.replace(useapi_base_url=upstream.url("/v1"), retry_base_seconds=0.01))
+        response = clone(app.test_client(), {"audio_url": url, "name": "My voice"})
     assert response.status_code == 502
     assert response.json["error_code"] == "upstream_unavailable"
 
 
-def test_upstream_down_is_upstream_unavailable(settings, audio_host):
+def test_upstream_down_is_retried_then_upstream_unavailable(make_app, settings, audio_host):
     with servers.RawServer(lambda conn, stop: None, host="127.0.0.1") as gone:
         base = gone.url("/v1")
-    client = create_app(settings.replace(useapi_base_url=base)).test_client()
+    client = make_app(settings.replace(useapi_base_url=base)).test_client()
     response = clone(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "My voice"})
     assert (response.status_code, response.json["error_code"]) == (502, "upstream_unavailable")
+    assert "unreachable; retrying" in " ".join(response.json["warnings"])
+    assert len(audio_host.log) == 3  # downloaded again for each of the 3 attempts
 
 
 def test_dry_run_validates_everything_and_uploads_nothing(client, audio_host, useapi):
@@ -183,8 +191,8 @@ def test_bad_audio_is_refused_without_an_upload(client, audio_host, useapi, fixt
     assert useapi.log == []
 
 
-def test_the_per_request_token_wins_over_the_server_token(settings, audio_host, useapi):
-    client = create_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
+def test_the_per_request_token_wins_over_the_server_token(make_app, settings, audio_host, useapi):
+    client = make_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav", token=TOKEN).respond_with_json(
         {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
@@ -192,8 +200,8 @@ def test_the_per_request_token_wins_over_the_server_token(settings, audio_host, 
     assert clone(client, {"audio_url": url, "name": "My voice"}).status_code == 200
 
 
-def test_the_server_token_is_used_when_none_is_sent(settings, audio_host, useapi):
-    client = create_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
+def test_the_server_token_is_used_when_none_is_sent(make_app, settings, audio_host, useapi):
+    client = make_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav", token="server-token-000000000000").respond_with_json(
         {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
@@ -227,9 +235,9 @@ def test_key_checked_before_anything_else(client, audio_host):
     assert RELAY_KEY not in response.get_data(as_text=True)
 
 
-def test_an_upstream_message_echoing_the_server_token_is_scrubbed(settings, audio_host, useapi):
+def test_an_upstream_message_echoing_the_server_token_is_scrubbed(make_app, settings, audio_host, useapi):
     server_token = "server-token-000000000000"
-    client = create_app(settings.replace(useapi_token=server_token)).test_client()
+    client = make_app(settings.replace(useapi_token=server_token)).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     useapi.expect_request(UPLOAD).respond_with_json({"error": f"Bad token {server_token}", "code": 401}, status=401)
     response = clone(client, {"audio_url": url, "name": "My voice"}, token=None)

@@ -11,9 +11,9 @@ from relay.logs import JsonFormatter
 from .conftest import RELAY_KEY, TOKEN, clone, serve_file
 
 
-def test_a_clone_logs_one_line_without_secrets(settings, audio_host, useapi, caplog):
+def test_a_clone_logs_one_line_without_secrets(make_app, settings, audio_host, useapi, caplog):
     caplog.set_level(logging.DEBUG)
-    app = create_app(settings.replace(useapi_token="server-token-zzzzzzzzzzzz"))
+    app = make_app(settings.replace(useapi_token="server-token-zzzzzzzzzzzz"))
     serve_file(audio_host, "wav_pcm16_mono.wav", path="/v.wav")
     useapi.expect_request("/v1/tempolor/music/cloned-voices/").respond_with_json(
         {"error": f"Unauthorized {TOKEN}", "code": 401}, status=401

@@ -81,8 +81,8 @@ def test_list_filters(client, useapi, query, names):
     assert response.json["count"] == len(names)
 
 
-def test_listing_is_bounded_by_max_pages(settings, useapi):
-    client = create_app(settings.replace(max_list_pages=2)).test_client()
+def test_listing_is_bounded_by_max_pages(make_app, settings, useapi):
+    client = make_app(settings.replace(max_list_pages=2)).test_client()
     serve_pages(useapi, [[record("a", "A")], [record("b", "B")], [record("c", "C")]])
     body = client.get("/v1/voices?user_id=67890", headers=AUTH).json
     assert (body["count"], body["complete"]) == (2, False)

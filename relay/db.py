@@ -1,0 +1,161 @@
+"""Database: the engine (embedded SQLite or PostgreSQL), the tables, and their migrations.
+
+The schema is versioned: each migration runs once, in order, inside one transaction, under a lock
+(PostgreSQL: an advisory lock; SQLite: ``BEGIN IMMEDIATE``), so web and worker processes starting
+together migrate exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("phase", String(16), nullable=False),
+    Column("request", Text, nullable=False),  # the clone request as JSON, never a token
+    Column("status_url", Text, nullable=True),
+    Column("token_kind", String(8), nullable=False),  # server | sealed | memory | none
+    Column("token_sealed", Text, nullable=True),  # Fernet ciphertext, erased when the job ends
+    Column("token_fingerprint", String(16), nullable=True),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("answer", Text, nullable=True),  # the latest normalized answer as JSON
+    Column("http_status", Integer, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("upload_attempts", Integer, nullable=False, default=0),
+    Column("upload_started_at", DateTime, nullable=True),
+    Column("accepted_at", DateTime, nullable=True),
+    Column("cloned_voice_item_id", String(300), nullable=True),
+    Column("item_id", String(200), nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", DateTime, nullable=True),
+    Column("next_run_at", DateTime, nullable=True),
+    Column("callback_url", Text, nullable=True),
+    Column("callback_status", String(12), nullable=True),  # pending | delivered | given_up
+    Column("callback_attempts", Integer, nullable=False, default=0),
+    Column("callback_next_at", DateTime, nullable=True),
+    Column("callback_last_error", Text, nullable=True),
+    Column("webhook_id", String(64), nullable=True),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("completed_at", DateTime, nullable=True),
+    Index("ix_jobs_next_run_at", "next_run_at"),
+    Index("ix_jobs_callback_next_at", "callback_next_at"),
+)
+
+heartbeats = Table(
+    "heartbeats",
+    metadata,
+    Column("worker_id", String(64), primary_key=True),
+    Column("seen_at", DateTime, nullable=False),
+)
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("applied_at", DateTime, nullable=False),
+)
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, without tzinfo (how every timestamp is stored)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[jobs, heartbeats])
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "jobs and worker heartbeats", _v1),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def database_url(url: str | None, data_dir: str) -> str:
+    """The SQLAlchemy URL: ``url`` normalized (Heroku's ``postgres://``), else SQLite in ``data_dir``."""
+    if not url:
+        return f"sqlite:///{os.path.abspath(os.path.join(data_dir, 'relay.db'))}"
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def connect(url: str) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, a busy timeout and single-writer transactions."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            os.makedirs(os.path.dirname(parsed.database) or ".", exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            # One writer at a time, decided when the transaction starts: no lock upgrades, no
+            # "database is locked" surprises halfway through a claim.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(engine: Engine) -> int:
+    """Apply every pending migration; return the schema version now in place."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(724390117)"))
+        metadata.create_all(conn, tables=[schema_migrations])
+        applied = set(conn.scalars(select(schema_migrations.c.version)))
+        for version, name, apply in MIGRATIONS:
+            if version not in applied:
+                apply(conn)
+                conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=utcnow()))
+    return current_version(engine)
+
+
+def current_version(engine: Engine) -> int:
+    """The highest applied migration (0 when none)."""
+    with engine.connect() as conn:
+        try:
+            version = conn.scalar(select(schema_migrations.c.version).order_by(schema_migrations.c.version.desc()))
+        except SQLAlchemyError:  # the table itself is missing
+            return 0
+    return version or 0

@@ -1,0 +1,222 @@
+"""Jobs: the durable record of every clone, and how workers claim, lease and update it.
+
+Phases: received → downloaded → uploading → uploaded → ready | failed. A phase is written *before*
+the step it names has side effects (``uploading`` is committed before the first byte goes to
+useapi), so whoever resumes a job after a crash knows what may already have happened.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .db import heartbeats, jobs, utcnow
+
+RECEIVED, DOWNLOADED, UPLOADING, UPLOADED, READY, FAILED = (
+    "received",
+    "downloaded",
+    "uploading",
+    "uploaded",
+    "ready",
+    "failed",
+)
+TERMINAL = (READY, FAILED)
+PENDING, DELIVERED, GIVEN_UP = "pending", "delivered", "given_up"
+
+
+@dataclass
+class Job:
+    """One row of ``jobs``, with ``request`` and ``answer`` decoded."""
+
+    id: str
+    phase: str
+    request: dict[str, Any]
+    status_url: str | None
+    token_kind: str
+    token_sealed: str | None
+    token_fingerprint: str | None
+    idempotency_key: str | None
+    request_hash: str | None
+    answer: dict[str, Any] | None
+    http_status: int | None
+    attempts: int
+    upload_attempts: int
+    upload_started_at: datetime | None
+    accepted_at: datetime | None
+    cloned_voice_item_id: str | None
+    item_id: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    next_run_at: datetime | None
+    callback_url: str | None
+    callback_status: str | None
+    callback_attempts: int
+    callback_next_at: datetime | None
+    callback_last_error: str | None
+    webhook_id: str | None
+    dry_run: bool
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        values = dict(row._mapping)
+        values["request"] = json.loads(values["request"])
+        values["answer"] = json.loads(values["answer"]) if values["answer"] else None
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+def _encode(values: dict[str, Any]) -> dict[str, Any]:
+    encoded = dict(values)
+    for key in ("request", "answer"):
+        if key in encoded and encoded[key] is not None and not isinstance(encoded[key], str):
+            encoded[key] = json.dumps(encoded[key], separators=(",", ":"), ensure_ascii=False)
+    return encoded
+
+
+class JobStore:
+    """All reads and writes of jobs. Writes by workers are guarded by their lease."""
+
+    def __init__(self, engine: Engine, clock=utcnow):
+        self.engine = engine
+        self.clock = clock
+
+    # --- creating and reading -------------------------------------------------------------
+
+    def create(self, job_id: str, **values: Any) -> tuple[Job, bool]:
+        """Insert a new job; ``(job, True)``. With an idempotency key already taken: ``(existing, False)``."""
+        now = self.clock()
+        row = _encode(
+            {
+                "id": job_id,
+                "phase": RECEIVED,
+                "attempts": 0,
+                "upload_attempts": 0,
+                "callback_attempts": 0,
+                "next_run_at": now,
+                "created_at": now,
+                "updated_at": now,
+                **values,
+            }
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(jobs).values(**row))
+        except IntegrityError:
+            key = values.get("idempotency_key")
+            existing = self.get_by_key(key) if key else None
+            if existing is None:
+                raise
+            return existing, False
+        job = self.get(job_id)
+        assert job is not None
+        return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return Job.from_row(row) if row else None
+
+    def get_by_key(self, key: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.idempotency_key == key)).first()
+        return Job.from_row(row) if row else None
+
+    # --- leases ---------------------------------------------------------------------------
+
+    def claim(self, owner: str, lease_seconds: float) -> Job | None:
+        """Lease the next due job to ``owner``: unfinished work whose time has come, or a finished
+        job whose callback is due. Safe with any number of workers (``SKIP LOCKED`` on PostgreSQL,
+        one writer at a time on SQLite)."""
+        now = self.clock()
+        free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
+        due = or_(
+            and_(jobs.c.phase.not_in(TERMINAL), jobs.c.next_run_at <= now),
+            and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING, jobs.c.callback_next_at <= now),
+        )
+        pick = (
+            select(jobs.c.id)
+            .where(due, free)
+            .order_by(jobs.c.next_run_at, jobs.c.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == pick, free)
+            .values(
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=jobs.c.attempts + 1,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).first()
+        return Job.from_row(row) if row else None
+
+    def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend ``owner``'s lease; False when the lease was lost to another worker."""
+        now = self.clock()
+        return self._guarded(job_id, owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+
+    def update(self, job_id: str, owner: str, **values: Any) -> bool:
+        """Write ``values`` if ``owner`` still holds the lease."""
+        return self._guarded(job_id, owner, **values)
+
+    def release(self, job_id: str, owner: str, **values: Any) -> bool:
+        """Write ``values`` and give the lease up."""
+        return self._guarded(job_id, owner, lease_owner=None, lease_expires_at=None, **values)
+
+    def _guarded(self, job_id: str, owner: str, **values: Any) -> bool:
+        values = _encode({"updated_at": self.clock(), **values})
+        with self.engine.begin() as conn:
+            result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(**values))
+        return result.rowcount == 1
+
+    def voice_taken(self, cloned_voice_item_id: str, job_id: str) -> bool:
+        """True when another job already holds this voice (so two lost uploads never adopt one voice)."""
+        with self.engine.connect() as conn:
+            found = conn.scalar(
+                select(jobs.c.id)
+                .where(jobs.c.cloned_voice_item_id == cloned_voice_item_id, jobs.c.id != job_id)
+                .limit(1)
+            )
+        return found is not None
+
+    # --- housekeeping ---------------------------------------------------------------------
+
+    def heartbeat(self, worker_id: str) -> None:
+        now = self.clock()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(heartbeats).where(heartbeats.c.worker_id == worker_id).values(seen_at=now)
+            ).rowcount
+            if not changed:
+                conn.execute(insert(heartbeats).values(worker_id=worker_id, seen_at=now))
+
+    def last_heartbeat(self) -> datetime | None:
+        with self.engine.connect() as conn:
+            return conn.scalar(select(heartbeats.c.seen_at).order_by(heartbeats.c.seen_at.desc()).limit(1))
+
+    def purge(self, older_than: datetime) -> int:
+        """Delete finished jobs (callbacks settled) completed before ``older_than``; the count."""
+        settled = or_(jobs.c.callback_status.is_(None), jobs.c.callback_status.in_((DELIVERED, GIVEN_UP)))
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                delete(jobs).where(jobs.c.phase.in_(TERMINAL), settled, jobs.c.completed_at < older_than)
+            ).rowcount
+            conn.execute(delete(heartbeats).where(heartbeats.c.seen_at < older_than))
+        return gone

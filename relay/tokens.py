@@ -1,0 +1,84 @@
+"""Tokens: keep a job's per-request useapi token until the job ends, never in clear text at rest.
+
+With ``RELAY_SECRET_KEY`` set, the token is sealed with Fernet (AES-128-CBC + HMAC-SHA256) under a
+key derived from it by HKDF, and stored with the job, so any worker process can finish the job.
+Without it, the token lives only in this process's memory: an in-process worker can finish the job,
+but after a restart the job fails with ``token_unavailable`` instead of the token touching disk.
+``RELAY_SECRET_KEY_OLD`` (comma-separated) keeps older keys readable while rotating.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import TokenUnavailable
+from .settings import Settings
+
+SERVER, SEALED, MEMORY = "server", "sealed", "memory"
+
+
+def fingerprint(token: str) -> str:
+    """Enough of a token to tell accounts apart (its last 4 characters), never enough to use it."""
+    return "…" + token[-4:] if len(token) >= 12 else "…"
+
+
+def _fernet(secret: str) -> Fernet:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"voice-clone-relay token v1").derive(
+        secret.encode("utf-8")
+    )
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+class TokenVault:
+    """Seals tokens for jobs and opens them for workers (one vault per process)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        keys = [settings.secret_key] if settings.secret_key else []
+        keys += [k.strip() for k in (settings.secret_key_old or "").split(",") if k.strip()]
+        self._fernet = MultiFernet([_fernet(k) for k in keys]) if keys else None
+        self._memory: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def durable(self) -> bool:
+        """True when sealed tokens survive restarts (a secret key is set)."""
+        return self._fernet is not None
+
+    def seal(self, job_id: str, token: str | None) -> tuple[str, str | None, str | None]:
+        """``(token_kind, sealed, fingerprint)`` for a job; ``token`` None means the server token."""
+        if token is None or token == self.settings.useapi_token:
+            return SERVER, None, fingerprint(self.settings.useapi_token) if self.settings.useapi_token else None
+        if self._fernet is not None:
+            return SEALED, self._fernet.encrypt(token.encode("utf-8")).decode("ascii"), fingerprint(token)
+        with self._lock:
+            self._memory[job_id] = token
+        return MEMORY, None, fingerprint(token)
+
+    def open(self, job_id: str, kind: str, sealed: str | None) -> str | None:
+        """The token a worker should use for the job, or raise :class:`TokenUnavailable`."""
+        if kind == SERVER:
+            return self.settings.useapi_token
+        if kind == SEALED and sealed and self._fernet is not None:
+            try:
+                return self._fernet.decrypt(sealed.encode("ascii")).decode("utf-8")
+            except InvalidToken:
+                raise TokenUnavailable(
+                    "This job's useapi token was sealed with a RELAY_SECRET_KEY the relay no longer has "
+                    "(add the old key to RELAY_SECRET_KEY_OLD). Submit the clone again."
+                ) from None
+        if kind == MEMORY:
+            with self._lock:
+                token = self._memory.get(job_id)
+            if token:
+                return token
+        raise TokenUnavailable()
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._memory.pop(job_id, None)
