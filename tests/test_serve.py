@@ -25,7 +25,7 @@ def relay_command(*args: str) -> list[str]:
 
 
 @pytest.fixture
-def served(useapi):
+def served(useapi, tmp_path):
     port = free_port()
     env = {
         **os.environ,
@@ -34,6 +34,7 @@ def served(useapi):
         "USEAPI_BASE_URL": useapi.url_for("/v1"),
         "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
         "WEB_CONCURRENCY": "1",
+        "RELAY_DATA_DIR": str(tmp_path / "data"),
     }
     process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

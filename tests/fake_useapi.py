@@ -1,0 +1,125 @@
+"""A stateful useapi.net stand-in: uploads create voices, voices become ready, lists page.
+
+It runs on a threaded pytest-httpserver on 127.0.0.1 and counts what it was sent, so tests can
+assert "exactly one upload" and "never more than N at once" across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+UPLOAD = "/v1/tempolor/music/cloned-voices/"
+
+
+class FakeUseapi:
+    def __init__(self, token: str, user_id: str = "67890"):
+        self.token = token
+        self.user_id = user_id
+        self.server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+        self.lock = threading.Lock()
+        self.voices: dict[str, dict] = {}
+        self.uploads: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        # knobs a test turns
+        self.upload_delay = 0.0  # seconds the upload is held before answering
+        self.ready_after_polls = 0  # 0: ready at once (200); n: 202, then ready after n polls
+        self.list_ready_only = True  # TemPolor lists a voice only once it is ready
+
+    def start(self) -> FakeUseapi:
+        self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
+        self.server.expect_request(UPLOAD, method="GET").respond_with_handler(self._list)
+        self.server.expect_request(re.compile(f"^{re.escape(UPLOAD)}.+$"), method="GET").respond_with_handler(self._get)
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.clear()
+        if self.server.is_running():
+            self.server.stop()
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url_for("/v1")
+
+    def upload_count(self) -> int:
+        with self.lock:
+            return len(self.uploads)
+
+    # --- handlers -------------------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.token}"
+
+    def _upload(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _json({"error": "Unauthorized", "code": 401}, 401)
+        body = request.get_data()
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            item_id = uuid.uuid4().hex[:15]
+            self.uploads.append({"name": request.args.get("name"), "bytes": len(body), "at": time.time()})
+        try:
+            if not body:
+                return _json({"error": "Empty file received", "code": 400}, 400)
+            voice_id = f"user:12345-tempolor:{self.user_id}-voice:{item_id}"
+            ready = self.ready_after_polls == 0
+            with self.lock:
+                self.voices[voice_id] = {
+                    "itemId": item_id,
+                    "name": request.args.get("name", ""),
+                    "status": 30 if ready else 0,
+                    "polls_left": self.ready_after_polls,
+                    "createTime": int(time.time() * 1000),
+                    "updateTime": int(time.time() * 1000),
+                    "clonedVoiceItemId": voice_id,
+                    "vocalUrl": f"https://cdn.example/{item_id}.mp3",
+                }
+            time.sleep(self.upload_delay)
+            if ready:
+                return _json({"result": True, "itemId": item_id, "clonedVoiceItemId": voice_id}, 200)
+            return _json(
+                {"itemId": item_id, "clonedVoiceItemId": voice_id, "message": "still processing after 120 seconds"},
+                202,
+            )
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _list(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _json({"error": "Unauthorized", "code": 401}, 401)
+        with self.lock:
+            records = [
+                {k: v for k, v in voice.items() if k != "polls_left"}
+                for voice in self.voices.values()
+                if voice["status"] == 30 or not self.list_ready_only
+            ]
+        return _json({"records": records, "hasNext": False, "cursor": ""}, 200)
+
+    def _get(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _json({"error": "Unauthorized", "code": 401}, 401)
+        voice_id = request.path[len(UPLOAD) :]
+        with self.lock:
+            voice = self.voices.get(voice_id)
+            if voice is None:
+                return _json({"error": f"No record found for {voice_id}", "code": 404}, 404)
+            if voice["status"] == 0:
+                voice["polls_left"] -= 1
+                if voice["polls_left"] <= 0:
+                    voice["status"] = 30
+            shown = {k: v for k, v in voice.items() if k != "polls_left"}
+        return _json({**shown, "status_name": "COMPLETED" if shown["status"] == 30 else "PROCESSING"}, 200)
+
+
+def _json(payload: dict, status: int) -> Response:
+    return Response(json.dumps(payload), status=status, content_type="application/json")

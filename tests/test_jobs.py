@@ -1,0 +1,437 @@
+"""Durable jobs on SQLite and PostgreSQL: waiting, callbacks, idempotency, leases, crashes.
+
+Every test here runs once per database. PostgreSQL runs where RELAY_TEST_DATABASE_URL names a
+server (`.ci/run` starts one); elsewhere those cases are skipped, visibly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pytest_httpserver import HTTPServer
+from sqlalchemy import text
+from standardwebhooks import Webhook
+from werkzeug import Request, Response
+
+from relay import db
+from relay.jobs import JobStore
+
+from . import servers
+from .conftest import AUDIO_HOST, RELAY_KEY, TOKEN, audio_bytes, fast_settings, serve_file
+from .fake_useapi import FakeUseapi
+
+PG_URL = os.environ.get("RELAY_TEST_DATABASE_URL")
+SECRET_KEY = "a-long-random-secret-key-for-tests-0123456789"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"webhook-secret-for-the-tests-0123").decode()
+HEADERS = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    if not PG_URL:
+        pytest.skip("RELAY_TEST_DATABASE_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    engine = db.connect(db.database_url(PG_URL, ""))
+    db.migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, heartbeats"))
+    engine.dispose()
+    return PG_URL
+
+
+@pytest.fixture
+def fake():
+    server = FakeUseapi(TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def receiver():
+    """A callback receiver on 127.0.0.2 (allowed), threaded so slow answers do not block others."""
+    server = HTTPServer(host=AUDIO_HOST, port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+@pytest.fixture
+def job_settings(fake, database_url, tmp_path):
+    return fast_settings(
+        fake.base_url,
+        tmp_path / "data",
+        database_url=database_url,
+        secret_key=SECRET_KEY,
+        webhook_secret=WEBHOOK_SECRET,
+    )
+
+
+def post(client, body: dict, headers=None):
+    return client.post("/v1/voice-clones", json=body, headers={**HEADERS, **(headers or {})})
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def store_for(settings) -> JobStore:
+    return JobStore(db.connect(db.database_url(settings.database_url, settings.data_dir)))
+
+
+# --- waiting --------------------------------------------------------------------------------
+
+
+def test_a_short_wait_answers_202_and_the_job_finishes_anyway(make_app, job_settings, fake, audio_host):
+    fake.ready_after_polls = 4
+    client = make_app(job_settings.replace(poll_interval_seconds=0.2)).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    started = time.monotonic()
+    response = post(client, {"audio_url": url, "name": "Slow", "wait_seconds": 0.3})
+    assert time.monotonic() - started < 3
+    assert response.status_code == 202
+    body = response.json
+    assert body["ok"] is True and body["status"] in ("queued", "running", "processing")
+    assert body["job_id"] and body["status_url"].endswith(f"/v1/voice-clones/{body['job_id']}")
+    path = "/v1/voice-clones/" + body["job_id"]
+    final = wait_until(lambda: (r := client.get(path, headers=HEADERS)).json["status"] == "ready" and r)
+    assert final.status_code == 200
+    assert final.json["cloned_voice_item_id"] and final.json["completed_at"]
+    assert fake.upload_count() == 1
+
+
+def test_a_wait_that_sees_the_end_answers_like_the_synchronous_relay(make_app, job_settings, fake, audio_host):
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "flac_mono.flac")
+    response = post(client, {"audio_url": url, "name": "Quick", "wait_seconds": 10})
+    assert response.status_code == 200
+    assert (response.json["status"], response.json["audio_format"]) == ("ready", "flac")
+    assert fake.uploads[0]["bytes"] == len(audio_bytes("flac_mono.flac"))
+
+
+def test_wait_seconds_above_the_maximum_is_400(make_app, job_settings):
+    client = make_app(job_settings).test_client()
+    response = post(client, {"audio_url": "https://example.com/a.wav", "name": "x", "wait_seconds": 9999})
+    assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+    assert "RELAY_MAX_WAIT_SECONDS" in response.json["error_message"]
+
+
+def test_checks_that_need_no_download_fail_before_a_job_exists(make_app, job_settings):
+    app = make_app(job_settings)
+    response = post(app.test_client(), {"audio_url": "http://169.254.169.254/x", "name": "x"})
+    assert response.json["error_code"] == "url_not_allowed" and response.json["job_id"] is None
+    bad_callback = {"audio_url": "https://example.com/a.wav", "name": "x", "callback_url": "http://127.0.0.1/hook"}
+    response = post(app.test_client(), bad_callback)
+    assert response.json["error_code"] == "url_not_allowed"
+    assert response.json["error_message"].startswith("callback_url:")
+    with app.extensions["relay.runtime"].engine.connect() as conn:
+        assert conn.scalar(text("SELECT COUNT(*) FROM jobs")) == 0
+
+
+def test_an_unknown_job_is_404(make_app, job_settings):
+    client = make_app(job_settings).test_client()
+    for job_id in ("0" * 32, "not-a-job"):
+        response = client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS)
+        assert (response.status_code, response.json["error_code"]) == (404, "job_not_found")
+
+
+# --- idempotency ----------------------------------------------------------------------------
+
+
+def test_twenty_concurrent_identical_requests_make_one_job_and_one_upload(make_app, job_settings, fake, audio_host):
+    fake.upload_delay = 0.3
+    app = make_app(job_settings)
+    url = serve_file(audio_host, "mp3_vbr_id3v2.mp3")
+    results: list = []
+
+    def send():
+        response = post(app.test_client(), {"audio_url": url, "name": "Once"}, {"Idempotency-Key": "order-42"})
+        results.append((response.status_code, response.json))
+
+    threads = [threading.Thread(target=send) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 20
+    assert {body["job_id"] for _, body in results} != {None}
+    assert len({body["job_id"] for _, body in results}) == 1
+    wait_until(lambda: app.extensions["relay.runtime"].store.get(results[0][1]["job_id"]).terminal)
+    assert fake.upload_count() == 1
+    assert len(audio_host.log) == 1
+
+
+def test_the_same_key_with_another_body_is_422(make_app, job_settings, audio_host):
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(client, {"audio_url": url, "name": "A", "dry_run": True}, {"Idempotency-Key": "k1"})
+    assert first.status_code == 200
+    again = post(client, {"audio_url": url, "name": "A", "dry_run": True}, {"Idempotency-Key": "k1"})
+    assert again.json["job_id"] == first.json["job_id"]
+    other = post(client, {"audio_url": url, "name": "B", "dry_run": True}, {"Idempotency-Key": "k1"})
+    assert (other.status_code, other.json["error_code"]) == (422, "idempotency_key_reused")
+
+
+def test_an_overlong_idempotency_key_is_400(make_app, job_settings):
+    client = make_app(job_settings).test_client()
+    response = post(client, {"audio_url": "https://example.com/a.wav", "name": "x"}, {"Idempotency-Key": "k" * 256})
+    assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+
+
+# --- callbacks ------------------------------------------------------------------------------
+
+
+def test_a_callback_is_retried_until_the_receiver_is_up_and_verifies(
+    make_app, job_settings, fake, audio_host, receiver
+):
+    seen: list[Request] = []
+    answers = iter([503, 500, 200])
+
+    def hook(request: Request) -> Response:
+        seen.append(request)
+        return Response("", status=next(answers, 200))
+
+    receiver.expect_request("/hook", method="POST").respond_with_handler(hook)
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = post(client, {"audio_url": url, "name": "Hooked", "callback_url": receiver.url_for("/hook")})
+    assert response.status_code == 202  # a callback_url means "do not wait" unless asked
+    job_id = response.json["job_id"]
+    path = f"/v1/voice-clones/{job_id}"
+    final = wait_until(lambda: (r := client.get(path, headers=HEADERS)).json["callback_status"] == "delivered" and r)
+    assert len(seen) == 3
+    assert len({r.headers["webhook-id"] for r in seen}) == 1
+    verifier = Webhook(WEBHOOK_SECRET)
+    for request in seen:
+        payload = verifier.verify(request.get_data(), dict(request.headers))
+        assert payload["job_id"] == job_id and payload["status"] == "ready"
+    assert json.loads(seen[-1].get_data())["cloned_voice_item_id"] == final.json["cloned_voice_item_id"]
+
+
+def test_a_410_stops_callback_retries(make_app, job_settings, fake, audio_host, receiver):
+    receiver.expect_request("/gone").respond_with_data("", status=410)
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    job_id = post(client, {"audio_url": url, "name": "x", "callback_url": receiver.url_for("/gone")}).json["job_id"]
+    wait_until(lambda: client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS).json["callback_status"] == "given_up")
+    assert len(receiver.log) == 1
+
+
+def test_callbacks_give_up_after_the_schedule(make_app, job_settings, fake, audio_host, receiver):
+    receiver.expect_request("/down").respond_with_data("", status=503)
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    job_id = post(client, {"audio_url": url, "name": "x", "callback_url": receiver.url_for("/down")}).json["job_id"]
+    wait_until(lambda: client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS).json["callback_status"] == "given_up")
+    assert len(receiver.log) == 4  # the first attempt and one per scheduled retry (3 in the tests)
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def dump_database(settings) -> bytes:
+    if settings.database_url.startswith("sqlite"):
+        path = settings.database_url.removeprefix("sqlite:///")
+        return b"".join(Path(p).read_bytes() for p in (path, path + "-wal") if os.path.exists(p))
+    engine = db.connect(db.database_url(settings.database_url, ""))
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM jobs")).all() + conn.execute(text("SELECT * FROM heartbeats")).all()
+    engine.dispose()
+    return repr(rows).encode()
+
+
+def test_a_per_request_token_is_sealed_at_rest_and_erased_at_the_end(make_app, job_settings, fake, audio_host):
+    fake.ready_after_polls = 3
+    app = make_app(job_settings.replace(poll_interval_seconds=0.3))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    job_id = post(client, {"audio_url": url, "name": "Sealed", "wait_seconds": 0}).json["job_id"]
+    store = app.extensions["relay.runtime"].store
+    running = wait_until(lambda: (job := store.get(job_id)).phase == "uploaded" and job)
+    assert running.token_kind == "sealed" and running.token_sealed and TOKEN not in running.token_sealed
+    assert running.token_fingerprint == "…" + TOKEN[-4:]
+    assert TOKEN.encode() not in dump_database(job_settings)
+    wait_until(lambda: store.get(job_id).terminal)
+    assert store.get(job_id).token_sealed is None
+    assert TOKEN.encode() not in dump_database(job_settings)
+
+
+def test_separate_workers_without_a_secret_key_refuse_per_request_tokens(make_app, job_settings):
+    client = make_app(job_settings.replace(secret_key=None), workers=0).test_client()
+    response = post(client, {"audio_url": "https://example.com/a.wav", "name": "x"})
+    assert (response.status_code, response.json["error_code"]) == (400, "secret_key_required")
+
+
+def test_a_job_whose_memory_token_was_lost_fails_clearly(make_app, job_settings, audio_host):
+    # Created by a process with an in-process pool and no secret key (token kept in memory only),
+    # then finished by another process, which never had the token.
+    first = make_app(job_settings.replace(secret_key=None), workers=1)
+    first.extensions["relay.runtime"].pool.stop(5)
+    job_id = post(
+        first.test_client(), {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "x", "wait_seconds": 0}
+    ).json["job_id"]
+    second = make_app(job_settings.replace(secret_key=None), workers=1)
+    store = second.extensions["relay.runtime"].store
+    job = wait_until(lambda: (j := store.get(job_id)).terminal and j)
+    assert job.answer["error_code"] == "token_unavailable"
+
+
+# --- leases and crashes ---------------------------------------------------------------------
+
+
+def test_a_job_whose_worker_vanished_is_picked_up_when_the_lease_expires(make_app, job_settings, fake, audio_host):
+    app = make_app(job_settings.replace(lease_seconds=1), workers=0)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    job_id = post(client, {"audio_url": url, "name": "Orphan", "wait_seconds": 0}).json["job_id"]
+    store = app.extensions["relay.runtime"].store
+    ghost = store.claim("ghost-worker", lease_seconds=1)  # a worker that claims, then dies silently
+    assert ghost is not None and ghost.id == job_id
+    status = client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS).json["status"]
+    assert status == "running"
+    started = time.monotonic()
+    rescuer = make_app(job_settings.replace(lease_seconds=1), workers=1)
+    job = wait_until(lambda: (j := rescuer.extensions["relay.runtime"].store.get(job_id)).terminal and j)
+    assert job.phase == "ready" and time.monotonic() - started >= 0.5
+    assert fake.upload_count() == 1
+
+
+def test_two_claims_never_get_the_same_job(job_settings, fake):
+    store = store_for(job_settings)
+    db.migrate(store.engine)
+    for n in range(30):
+        store.create(f"{n:032x}", request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def grab(owner: str):
+        while (job := store.claim(owner, 30)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=grab, args=(f"w{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    store.engine.dispose()
+    assert sorted(claimed) == [f"{n:032x}" for n in range(30)]
+
+
+class WorkerProcess:
+    """`relay worker` in its own process, so a test can kill -9 it mid-step."""
+
+    def __init__(self, settings, tmp_path, name: str):
+        env = {
+            **os.environ,
+            "DATABASE_URL": settings.database_url,
+            "USEAPI_BASE_URL": settings.useapi_base_url,
+            "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+            "RELAY_SECRET_KEY": SECRET_KEY,
+            "RELAY_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "RELAY_LEASE_SECONDS": "1.5",
+            "RELAY_RECONCILE_GRACE_SECONDS": "0.5",
+            "RELAY_POLL_INTERVAL_SECONDS": "0.1",
+            "RELAY_IDLE_POLL_SECONDS": "0.1",
+            "RELAY_RETRY_BASE_SECONDS": "0.1",
+            "RELAY_UPLOAD_TIMEOUT": "10",
+            "RELAY_CALLBACK_SCHEDULE": "0.2,0.4,0.8",
+            "RELAY_WORKER_CONCURRENCY": "2",
+        }
+        self.log = open(tmp_path / f"{name}.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self.log.close()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        self.log.close()
+        return self.process.returncode
+
+
+def drip_wav(conn, stop):
+    data = audio_bytes("wav_pcm16_mono.wav")
+    conn.sendall(servers.headers(Content_Length=str(len(data))))
+    conn.sendall(data[:1000])
+    if stop.wait(4):
+        return
+    conn.sendall(data[1000:])
+
+
+@pytest.mark.parametrize("phase", ["download", "upload", "polling", "callback"])
+def test_kill_9_in_each_phase_still_ends_with_one_upload(
+    make_app, job_settings, fake, audio_host, receiver, tmp_path, phase
+):
+    hooks: list[Request] = []
+    slow_hook = {"first": True}
+
+    def hook(request: Request) -> Response:
+        hooks.append(request)
+        if slow_hook.pop("first", False) and phase == "callback":
+            time.sleep(3)  # the worker is killed while it waits for this answer
+        return Response("", status=200)
+
+    receiver.expect_request("/hook").respond_with_handler(hook)
+    if phase == "upload":
+        fake.upload_delay = 3
+    if phase == "polling":
+        fake.ready_after_polls = 10_000
+    app = make_app(job_settings, workers=0)
+    client = app.test_client()
+    with servers.RawServer(drip_wav) as dripping:
+        url = dripping.url("/voice.wav") if phase == "download" else serve_file(audio_host, "wav_pcm16_mono.wav")
+        job_id = post(client, {"audio_url": url, "name": "Survivor", "callback_url": receiver.url_for("/hook")}).json[
+            "job_id"
+        ]
+        store = app.extensions["relay.runtime"].store
+        first = WorkerProcess(job_settings, tmp_path, "first")
+        try:
+            if phase == "download":
+                wait_until(lambda: dripping.connections >= 1)
+            elif phase == "upload":
+                wait_until(lambda: fake.upload_count() >= 1)
+            elif phase == "polling":
+                wait_until(lambda: store.get(job_id).phase == "uploaded" and store.get(job_id).attempts >= 3)
+            else:
+                wait_until(lambda: len(hooks) >= 1)
+            time.sleep(0.3)
+        finally:
+            first.kill()
+        if phase == "polling":
+            with fake.lock:
+                for voice in fake.voices.values():
+                    voice["polls_left"] = 1
+        second = WorkerProcess(job_settings, tmp_path, "second")
+        try:
+            job = wait_until(lambda: (j := store.get(job_id)).terminal and j.callback_status == "delivered" and j, 30)
+        finally:
+            assert second.stop() == 0  # SIGTERM: a clean stop
+    assert job.phase == "ready", job.answer
+    assert fake.upload_count() == 1
+    assert hooks and len({h.headers["webhook-id"] for h in hooks}) == 1
+    if phase == "download":
+        assert dripping.connections == 2
