@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from relay import __version__, create_app
+from relay import __version__
 from relay.schemas import ANSWER_FIELDS
 
 from .conftest import RELAY_KEY, clone

@@ -7,7 +7,6 @@ import time
 import pytest
 from werkzeug import Response
 
-from relay import create_app
 from relay.schemas import ANSWER_FIELDS
 
 from . import servers

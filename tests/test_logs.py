@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-from relay import create_app
 from relay.logs import JsonFormatter
 
 from .conftest import RELAY_KEY, TOKEN, clone, serve_file

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from relay import create_app
-
 from .conftest import RELAY_KEY, TOKEN, clone, serve_file
 
 LIST = "/v1/tempolor/music/cloned-voices/"
