@@ -32,6 +32,7 @@ class FakeUseapi:
         self.upload_delay = 0.0  # seconds the upload is held before answering
         self.ready_after_polls = 0  # 0: ready at once (200); n: 202, then ready after n polls
         self.list_ready_only = True  # TemPolor lists a voice only once it is ready
+        self.refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next uploads
 
     def start(self) -> FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
@@ -50,8 +51,9 @@ class FakeUseapi:
         return self.server.url_for("/v1")
 
     def upload_count(self) -> int:
+        """Uploads that useapi took (refusals with 429/5xx do not count)."""
         with self.lock:
-            return len(self.uploads)
+            return len(self.voices)
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -63,10 +65,19 @@ class FakeUseapi:
             return _json({"error": "Unauthorized", "code": 401}, 401)
         body = request.get_data()
         with self.lock:
+            refusal = self.refusals.pop(0) if self.refusals else None
+            self.uploads.append({"name": request.args.get("name"), "bytes": len(body), "at": time.time()})
+        if refusal is not None:
+            status, headers = refusal
+            response = _json(
+                {"error": "Too many requests" if status == 429 else "Server error", "code": status}, status
+            )
+            response.headers.update(headers)
+            return response
+        with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             item_id = uuid.uuid4().hex[:15]
-            self.uploads.append({"name": request.args.get("name"), "bytes": len(body), "at": time.time()})
         try:
             if not body:
                 return _json({"error": "Empty file received", "code": 400}, 400)

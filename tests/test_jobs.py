@@ -126,6 +126,18 @@ def test_a_wait_that_sees_the_end_answers_like_the_synchronous_relay(make_app, j
     assert fake.uploads[0]["bytes"] == len(audio_bytes("flac_mono.flac"))
 
 
+def test_429_before_acceptance_is_retried_honouring_retry_after(make_app, job_settings, fake, audio_host):
+    fake.refusals = [(429, {"Retry-After": "1"}), (503, {})]
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = post(client, {"audio_url": url, "name": "Patient", "wait_seconds": 15})
+    assert response.status_code == 200, response.json
+    times = [upload["at"] for upload in fake.uploads]
+    assert len(times) == 3 and fake.upload_count() == 1
+    assert times[1] - times[0] >= 1.0  # Retry-After: 1 was honoured
+    assert any("HTTP 429" in w for w in response.json["warnings"])
+
+
 def test_wait_seconds_above_the_maximum_is_400(make_app, job_settings):
     client = make_app(job_settings).test_client()
     response = post(client, {"audio_url": "https://example.com/a.wav", "name": "x", "wait_seconds": 9999})
