@@ -13,9 +13,10 @@ from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, answers, pipeline, urlguard, voices
+from . import __version__, answers, db, pipeline, urlguard, voices
 from .db import utcnow
 from .errors import (
     IdempotencyKeyReused,
@@ -40,6 +41,7 @@ access_log = logging.getLogger("relay.access")
 log = logging.getLogger("relay.api")
 
 bp = Blueprint("relay", __name__)
+HEARTBEAT_STALE_SECONDS = 30
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 _clone_schema = CloneRequestSchema()
@@ -80,6 +82,36 @@ def _finish(response):
 @bp.get("/healthz")
 def healthz():
     return jsonify(ok=True, version=__version__)
+
+
+@bp.get("/readyz")
+def readyz():
+    """Ready to serve: database reachable, schema current, a worker seen within 30 s."""
+    runtime = _runtime()
+    problems = []
+    try:
+        version = db.current_version(runtime.engine)
+        heartbeat = runtime.store.last_heartbeat()
+    except SQLAlchemyError as err:
+        log.warning("readiness: database unreachable (%s)", type(err).__name__)
+        version, heartbeat = None, None
+        problems.append("database unreachable")
+    if version is not None and version != db.LATEST:
+        problems.append(f"database schema at version {version}, expected {db.LATEST}: run `relay migrate`")
+    age = None if heartbeat is None else round((utcnow() - heartbeat).total_seconds(), 1)
+    if version is not None and (age is None or age > HEARTBEAT_STALE_SECONDS):
+        problems.append("no worker heartbeat in the last 30 s: start `relay worker` or set RELAY_INPROCESS_WORKERS")
+    response = jsonify(
+        ok=not problems,
+        version=__version__,
+        database=version is not None,
+        schema_version=version,
+        schema_latest=db.LATEST,
+        worker_heartbeat_age_seconds=age,
+        problems=problems,
+    )
+    response.status_code = 503 if problems else 200
+    return response
 
 
 @bp.post("/v1/voice-clones")

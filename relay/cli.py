@@ -1,4 +1,4 @@
-"""Command line: ``relay serve`` (gunicorn on the app) and ``relay config`` (effective settings)."""
+"""Command line: ``relay serve``, ``relay worker``, ``relay migrate``, ``relay config``, ``relay clone``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     commands.add_parser("config", help="print the effective settings, secrets masked")
     commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
+    clone = commands.add_parser("clone", help="clone one voice from a local file or a URL, with progress")
+    clone.add_argument("source", help="a local audio file, or an http(s) URL")
+    clone.add_argument("--name", required=True, help="name of the cloned voice")
+    clone.add_argument("--user-id", default=None, help="useapi.net TemPolor account")
+    clone.add_argument("--if-exists", choices=("create", "reuse", "fail"), default="create")
+    clone.add_argument("--dry-run", action="store_true", help="validate only; upload nothing")
+    clone.add_argument("--token", default=None, help="useapi.net token (default USEAPI_TOKEN)")
     worker = commands.add_parser("worker", help="run job workers only (the Procfile's worker process)")
     worker.add_argument(
         "--concurrency", type=int, default=None, help="worker threads (default RELAY_WORKER_CONCURRENCY)"
@@ -38,9 +45,95 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "clone":
+        return _clone(settings, args)
     if args.command == "worker":
         return _worker(settings, args.concurrency or settings.worker_concurrency)
     return _serve(settings, args)
+
+
+def _clone(settings: Settings, args: argparse.Namespace) -> int:
+    """One clone through the same pipeline steps the workers use, reported as the normalized answer."""
+    import os
+    import uuid
+
+    from . import answers, pipeline
+    from .errors import RelayError
+
+    request = pipeline.CloneRequest(
+        audio_url=args.source if not os.path.exists(args.source) else "file:local",
+        name=args.name.strip(),
+        user_id=args.user_id,
+        dry_run=args.dry_run,
+        if_exists=args.if_exists,
+    )
+    token = args.token or settings.useapi_token
+    answer = answers.blank(uuid.uuid4().hex, name=request.name, user_id=request.user_id, dry_run=request.dry_run)
+    try:
+        if not request.dry_run and not token:
+            raise RelayError("No useapi.net token: pass --token or set USEAPI_TOKEN.")
+        reused = pipeline.existing_voice(request, token, settings, answer)
+        if reused is None:
+            with _source(args.source, request, settings, answer) as (spool, info):
+                if request.dry_run:
+                    answer.update(ok=True, status="validated", message=pipeline.dry_run_message(request, info))
+                else:
+                    result = pipeline.upload(spool, info, request, token, settings, progress=_Bar("upload"))
+                    answer.update(
+                        ok=True,
+                        status=result.status,
+                        cloned_voice_item_id=result.cloned_voice_item_id,
+                        item_id=result.item_id,
+                        upstream_status=result.upstream_status,
+                        message=pipeline.READY_MESSAGE if result.status == "ready" else pipeline.PROCESSING_MESSAGE,
+                    )
+        else:
+            answer.update(ok=True, status=reused["status"])
+    except RelayError as err:
+        _status, answer = answers.failure(err, answer)
+    print(json.dumps(answer, indent=2))
+    return 0 if answer["ok"] else 1
+
+
+def _source(source: str, request, settings: Settings, answer: dict):
+    """The audio as a spool: a local file is probed where it lies, a URL is downloaded safely."""
+    import contextlib
+    import os
+
+    from . import audio, pipeline
+    from .fetch import Spool
+
+    if not os.path.exists(source):
+        return pipeline.prepared(request, settings, answer, progress=_Bar("download"))
+
+    @contextlib.contextmanager
+    def local():
+        info = audio.probe(source, settings.min_seconds, settings.max_seconds)
+        answer.update(info.as_fields())
+        yield Spool(path=source, size=info.size, url=source, server_content_type=None, redirects=0), info
+
+    return local()
+
+
+class _Bar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.shown = -1
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total:
+            percent = int(done * 100 / total)
+            if percent == self.shown:
+                return
+            self.shown = percent
+            filled = percent // 4
+            line = f"{self.label:8} [{'#' * filled}{'.' * (25 - filled)}] {percent:3d}% {done / 1048576:.1f} MiB"
+        else:
+            line = f"{self.label:8} {done / 1048576:.1f} MiB"
+        end = "\n" if total and done >= total else ""
+        print("\r" + line, end=end, file=sys.stderr, flush=True)
 
 
 def _migrate(settings: Settings) -> int:
@@ -83,6 +176,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from gunicorn.app.base import BaseApplication
 
+    from . import gunicorn_conf
+
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -91,12 +186,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         def load_config(self):
             self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "gthread")
             self.cfg.set("threads", args.threads)
-            # Long enough for useapi's 120 s hold plus the download; gthread keeps heartbeats going anyway.
-            self.cfg.set("timeout", int(settings.upload_timeout + settings.download_timeout + 30))
-            self.cfg.set("graceful_timeout", 25)
-            self.cfg.set("accesslog", None)
+            # The rest as in production (Procfile, Dockerfile): relay/gunicorn_conf.py.
+            for name in ("worker_class", "timeout", "graceful_timeout", "keepalive", "accesslog", "worker_exit"):
+                self.cfg.set(name, getattr(gunicorn_conf, name))
 
         def load(self):
             # Called in each worker process after the fork: the job pool's threads start there.

@@ -13,7 +13,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
@@ -31,6 +31,7 @@ from .settings import Settings
 CHUNK = 64 * 1024
 USER_AGENT = f"voice-clone-relay/{__version__}"
 _REDIRECTS = {301, 302, 303, 307, 308}
+Progress = Callable[[int, int | None], None]
 
 
 @dataclass
@@ -49,23 +50,26 @@ class Spool:
 
 
 @contextlib.contextmanager
-def download(url: str, settings: Settings, resolve: urlguard.Resolver | None = None) -> Iterator[Spool]:
+def download(
+    url: str, settings: Settings, resolve: urlguard.Resolver | None = None, progress: Progress | None = None
+) -> Iterator[Spool]:
     """Download ``url`` into a spool file, yield it, and remove the file afterwards.
 
+    ``progress(bytes_so_far, declared_total_or_None)`` is called as the body arrives.
     Raises :class:`UrlNotAllowed`, :class:`DownloadFailed` or :class:`DownloadTooLarge`.
     """
     fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio")
     spool = None
     try:
         with os.fdopen(fd, "wb") as sink:
-            spool = _download_into(sink, path, url, settings, resolve)
+            spool = _download_into(sink, path, url, settings, resolve, progress)
         yield spool
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
-def _download_into(sink, path: str, url: str, settings: Settings, resolve) -> Spool:
+def _download_into(sink, path: str, url: str, settings: Settings, resolve, progress) -> Spool:
     deadline = time.monotonic() + settings.download_timeout
     for hop in range(settings.max_redirects + 1):
         target = urlguard.check(url, settings.allowed_networks, resolve)
@@ -76,7 +80,7 @@ def _download_into(sink, path: str, url: str, settings: Settings, resolve) -> Sp
                     url = urljoin(url, response.headers["Location"])
                     continue
                 _raise_for_status(response, target)
-                size = _stream(response, sink, settings, deadline, target)
+                size = _stream(response, sink, settings, deadline, target, progress)
                 return Spool(
                     path=path,
                     size=size,
@@ -121,7 +125,7 @@ def _raise_for_status(response: requests.Response, target: urlguard.Target) -> N
     raise DownloadFailed(f"The audio host answered HTTP {status} for {where}. {hint}")
 
 
-def _stream(response: requests.Response, sink, settings: Settings, deadline: float, target) -> int:
+def _stream(response: requests.Response, sink, settings: Settings, deadline: float, target, progress=None) -> int:
     limit = settings.max_bytes
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -136,6 +140,8 @@ def _stream(response: requests.Response, sink, settings: Settings, deadline: flo
             if size > limit:
                 raise DownloadTooLarge(_too_large(None, limit))
             sink.write(chunk)
+            if progress is not None:
+                progress(size, int(declared) if declared and declared.isdigit() else None)
             if time.monotonic() > deadline:
                 raise DownloadFailed(
                     f"The download took longer than {settings.download_timeout:g} s; "

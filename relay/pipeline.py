@@ -72,13 +72,15 @@ def existing_voice(request: CloneRequest, token: str | None, settings: Settings,
 
 
 @contextlib.contextmanager
-def prepared(request: CloneRequest, settings: Settings, answer: dict) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
+def prepared(
+    request: CloneRequest, settings: Settings, answer: dict, progress=None
+) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
     """Download and validate the audio; fill ``answer``'s audio fields and warnings; yield the
     spool file and what was learned. The file is removed when the block ends."""
     url, note = links.direct_download(request.audio_url)
     if note and note not in answer["warnings"]:
         answer["warnings"].append(note)
-    with fetch.download(url, settings) as spool:
+    with fetch.download(url, settings, progress=progress) as spool:
         info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
         answer.update(info.as_fields())
         hint = request.content_type
@@ -91,11 +93,13 @@ def prepared(request: CloneRequest, settings: Settings, answer: dict) -> Iterato
 
 
 def upload(
-    spool: fetch.Spool, info: audio.AudioInfo, request: CloneRequest, token: str, settings: Settings
+    spool: fetch.Spool, info: audio.AudioInfo, request: CloneRequest, token: str, settings: Settings, progress=None
 ) -> UploadResult:
-    """Stream the validated file to useapi.net. Never retried here."""
+    """Stream the validated file to useapi.net. Never retried here. ``progress(sent, total)``."""
     with Useapi(settings, token) as client:
-        return client.upload_voice(spool.path, spool.size, info.content_type, request.name, request.user_id)
+        return client.upload_voice(
+            spool.path, spool.size, info.content_type, request.name, request.user_id, progress=progress
+        )
 
 
 def dry_run_message(request: CloneRequest, info: audio.AudioInfo) -> str:

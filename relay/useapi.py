@@ -61,12 +61,17 @@ class Useapi:
     def close(self) -> None:
         self.session.close()
 
-    def upload_voice(self, path: str, size: int, content_type: str, name: str, user_id: str | None) -> UploadResult:
-        """Stream the file at ``path`` as the raw body of ``POST …/cloned-voices/``."""
+    def upload_voice(
+        self, path: str, size: int, content_type: str, name: str, user_id: str | None, progress=None
+    ) -> UploadResult:
+        """Stream the file at ``path`` as the raw body of ``POST …/cloned-voices/``.
+
+        ``progress(bytes_sent, size)`` is called as the body goes out."""
         params = {"name": name}
         if user_id:
             params["user_id"] = user_id
-        with open(path, "rb") as body:
+        with open(path, "rb") as handle:
+            body = handle if progress is None else _ProgressReader(handle, size, progress)
             response = self._call(
                 "POST",
                 VOICES_PATH,
@@ -151,6 +156,26 @@ class Useapi:
             + (sent if method == "POST" else "")
             + "Try again later."
         )
+
+
+class _ProgressReader:
+    """A file wrapper that reports how much of it has been read (sent)."""
+
+    def __init__(self, handle, size: int, progress):
+        self.handle, self.size, self.progress, self.sent = handle, size, progress, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, amount: int = -1) -> bytes:
+        chunk = self.handle.read(amount)
+        self.sent += len(chunk)
+        self.progress(self.sent, self.size)
+        return chunk
+
+    def __iter__(self):
+        while chunk := self.read(64 * 1024):
+            yield chunk
 
 
 def _error_for(response: requests.Response, what: str, token: str) -> UpstreamError:

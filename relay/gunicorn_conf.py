@@ -1,0 +1,30 @@
+"""Gunicorn settings for the relay (``gunicorn -c python:relay.gunicorn_conf 'relay:create_app()'``).
+
+Threaded workers suit long upstream calls; the timeout stays above the longest wait a request may
+ask for; on exit each worker stops its job pool so running steps can end or are handed back.
+"""
+
+from __future__ import annotations
+
+import os
+
+from relay.settings import Settings
+
+_settings = Settings.from_env()
+
+bind = f"{os.environ.get('RELAY_BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("RELAY_THREADS", "8"))
+# gthread workers keep heartbeating while requests wait, but keep the hard limit above any wait.
+timeout = int(max(_settings.max_wait_seconds, _settings.upload_timeout) + 60)
+graceful_timeout = 25  # Heroku and Render send SIGKILL 30 s after SIGTERM
+keepalive = 5
+accesslog = None  # the relay writes its own JSON access line per request
+
+
+def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    app = getattr(worker, "wsgi", None)
+    runtime = getattr(app, "extensions", {}).get("relay.runtime") if app is not None else None
+    if runtime is not None:
+        runtime.close(timeout=20)

@@ -1,0 +1,321 @@
+"""Deployment: Procfile, app.json, render.yaml, Dockerfile, /readyz, `relay clone`, and the Procfile
+processes run for real (honcho) against PostgreSQL through a SIGTERM mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import requests
+import yaml
+
+from relay.settings import _SPECS
+
+from .conftest import AUDIO, AUDIO_HOST, RELAY_KEY, TOKEN, serve_file
+from .fake_useapi import FakeUseapi
+
+ROOT = Path(__file__).parent.parent
+PG_URL = os.environ.get("RELAY_TEST_DATABASE_URL")
+HEROKU_SCHEMA = os.environ.get("RELAY_TEST_HEROKU_APP_JSON_SCHEMA")
+KNOWN_SETTINGS = {spec.env for spec in _SPECS} | {"PYTHON_VERSION", "WEB_CONCURRENCY"}
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip())
+
+
+def test_procfile_runs_gunicorn_threaded_a_worker_and_migrations():
+    processes = procfile()
+    assert set(processes) == {"web", "worker", "release"}
+    assert processes["web"].startswith("gunicorn -c python:relay.gunicorn_conf 'relay:create_app()'")
+    assert processes["worker"] == "relay worker"
+    assert processes["release"] == "relay migrate"
+
+
+def test_gunicorn_settings_outlast_the_longest_wait(monkeypatch):
+    monkeypatch.setenv("RELAY_MAX_WAIT_SECONDS", "280")
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    import importlib
+
+    import relay.gunicorn_conf as conf
+
+    conf = importlib.reload(conf)
+    assert conf.worker_class == "gthread"
+    assert conf.workers == 3
+    assert conf.timeout > 280
+    assert conf.graceful_timeout < 30
+
+
+@pytest.mark.skipif(not HEROKU_SCHEMA, reason="RELAY_TEST_HEROKU_APP_JSON_SCHEMA not set (.ci/run fetches it)")
+def test_app_json_passes_herokus_schema():
+    schema = json.loads(Path(HEROKU_SCHEMA).read_text())
+    jsonschema.validate(json.loads((ROOT / "app.json").read_text()), schema)
+
+
+def test_app_json_deploys_without_editing_a_file():
+    manifest = json.loads((ROOT / "app.json").read_text())
+    env = manifest["env"]
+    for secret in ("RELAY_API_KEY", "RELAY_WEBHOOK_SECRET", "RELAY_SECRET_KEY"):
+        assert env[secret]["generator"] == "secret"
+    assert env["USEAPI_TOKEN"]["required"] is False
+    assert set(env) <= KNOWN_SETTINGS
+    assert any(
+        str(a.get("plan", a) if isinstance(a, dict) else a).startswith("heroku-postgresql") for a in manifest["addons"]
+    )
+    assert set(manifest["formation"]) == {"web", "worker"}
+    assert manifest["buildpacks"] == [{"url": "heroku/python"}]
+    assert (ROOT / ".python-version").read_text().strip().startswith("3.")
+
+
+def test_render_blueprint_fields():
+    blueprint = yaml.safe_load((ROOT / "render.yaml").read_text())
+    assert set(blueprint) <= {"services", "databases", "envVarGroups", "previews"}
+    (database,) = blueprint["databases"]
+    assert {"name", "databaseName", "user"} <= set(database)
+    services = {service["type"]: service for service in blueprint["services"]}
+    assert set(services) == {"web", "worker"}
+    names = {service["name"] for service in blueprint["services"]}
+    for service in services.values():
+        assert service["runtime"] == "python"
+        assert set(service) <= {
+            "type",
+            "name",
+            "runtime",
+            "plan",
+            "buildCommand",
+            "startCommand",
+            "preDeployCommand",
+            "healthCheckPath",
+            "envVars",
+            "region",
+            "numInstances",
+            "autoDeploy",
+        }
+        for var in service["envVars"]:
+            assert var["key"] in KNOWN_SETTINGS
+            sources = {"value", "generateValue", "fromDatabase", "fromService", "sync"} & set(var)
+            assert len(sources) == 1, var
+            if "fromDatabase" in var:
+                assert var["fromDatabase"] == {"name": database["name"], "property": "connectionString"}
+            if "fromService" in var:
+                assert var["fromService"]["name"] in names and var["fromService"]["envVarKey"]
+            if "sync" in var:
+                assert var["sync"] is False
+    web = services["web"]
+    assert web["healthCheckPath"] == "/readyz"
+    assert web["startCommand"] == procfile()["web"]
+    assert services["worker"]["startCommand"] == procfile()["worker"]
+    assert web["preDeployCommand"] == procfile()["release"]
+    generated = {v["key"] for v in web["envVars"] if v.get("generateValue") is True}
+    assert {"RELAY_API_KEY", "RELAY_WEBHOOK_SECRET", "RELAY_SECRET_KEY"} <= generated
+
+
+def docker_engine() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+
+
+@pytest.mark.skipif(not docker_engine(), reason="no Docker engine on this machine")
+def test_the_docker_image_builds():
+    result = subprocess.run(["docker", "build", "-q", str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_dockerfile_runs_as_non_root_gunicorn():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER relay" in text and "-slim" in text
+    assert '"python:relay.gunicorn_conf"' in text
+
+
+# --- readiness ------------------------------------------------------------------------------
+
+
+def test_readyz_is_ready_once_a_worker_beats(app):
+    client = app.test_client()
+    deadline = time.monotonic() + 10
+    while (response := client.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert response.status_code == 200
+    body = response.json
+    assert body["ok"] is True and body["schema_version"] == body["schema_latest"]
+    assert body["worker_heartbeat_age_seconds"] < 30
+
+
+def test_readyz_without_any_worker_says_what_to_do(make_app, settings):
+    response = make_app(settings, workers=0).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json["database"] is True
+    assert any("relay worker" in problem for problem in response.json["problems"])
+
+
+# --- relay clone ----------------------------------------------------------------------------
+
+
+def run_relay(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_relay_clone_of_a_local_file_uploads_it_with_progress(tmp_path):
+    fake = FakeUseapi(TOKEN).start()
+    try:
+        result = run_relay(
+            "clone",
+            str(AUDIO / "m4a_alac.m4a"),
+            "--name",
+            "From shell",
+            env={"USEAPI_BASE_URL": fake.base_url, "USEAPI_TOKEN": TOKEN, "RELAY_API_KEY": RELAY_KEY},
+        )
+    finally:
+        fake.stop()
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["ok"], answer["status"], answer["audio_format"]) == (True, "ready", "m4a")
+    assert "upload" in result.stderr and "100%" in result.stderr
+    assert fake.uploads[0]["bytes"] == (AUDIO / "m4a_alac.m4a").stat().st_size
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_relay_clone_of_a_url_goes_through_the_url_guard(audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    allowed = run_relay("clone", url, "--name", "x", "--dry-run", env={"RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32"})
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert json.loads(allowed.stdout)["status"] == "validated"
+    assert "download" in allowed.stderr
+    refused = run_relay("clone", url, "--name", "x", "--dry-run", env={"RELAY_ALLOWED_NETWORKS": ""})
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["error_code"] == "url_not_allowed"
+
+
+# --- the Procfile, for real -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Honcho:
+    """`honcho start web worker` from the repository's Procfile."""
+
+    def __init__(self, env: dict, log: Path):
+        self.log = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "start", "web", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def terminate(self, timeout: float = 40) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+            self.log.close()
+
+
+@pytest.mark.skipif(not PG_URL, reason="RELAY_TEST_DATABASE_URL is not set (.ci/run starts PostgreSQL)")
+def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_host, tmp_path):
+    from sqlalchemy import text
+
+    from relay import db
+
+    engine = db.connect(db.database_url(PG_URL, ""))
+    db.migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, heartbeats"))
+    engine.dispose()
+    fake = FakeUseapi(TOKEN).start()
+    fake.upload_delay = 4  # SIGTERM arrives while the upload is in flight
+    port = free_port()
+    secret_key, webhook_secret = "procfile-secret-key-0123456789abcdef", "procfile-webhook-secret-0123456789"
+    env = {
+        **os.environ,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        "PORT": str(port),
+        "RELAY_BIND_HOST": "127.0.0.1",
+        "WEB_CONCURRENCY": "1",
+        "DATABASE_URL": PG_URL,
+        "USEAPI_BASE_URL": fake.base_url,
+        "RELAY_API_KEY": RELAY_KEY,
+        "RELAY_SECRET_KEY": secret_key,
+        "RELAY_WEBHOOK_SECRET": webhook_secret,
+        "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+        "RELAY_INPROCESS_WORKERS": "0",
+        "RELAY_LEASE_SECONDS": "2",
+        "RELAY_IDLE_POLL_SECONDS": "0.2",
+        "RELAY_RECONCILE_GRACE_SECONDS": "1",
+    }
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "honcho.log"
+    signed_url = serve_file(audio_host, "wav_pcm16_mono.wav", path="/v.wav") + "?X-Amz-Signature=sig-s3cr3t"
+    first = Honcho(env, log)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the Procfile processes did not become ready:\n" + log.read_text())
+        response = requests.post(
+            base + "/v1/voice-clones",
+            json={"audio_url": signed_url, "name": "Procfile", "wait_seconds": 0},
+            headers={"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN, "X-Request-Id": "req-procfile"},
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        assert response.headers["X-Request-Id"] == "req-procfile"
+        status_url = response.json()["status_url"]
+        deadline = time.monotonic() + 20
+        while fake.upload_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        first.terminate()
+    second = Honcho(env, log)
+    try:
+        deadline = time.monotonic() + 40
+        answer = {}
+        while time.monotonic() < deadline:
+            try:
+                answer = requests.get(status_url, headers={"Authorization": f"Bearer {RELAY_KEY}"}, timeout=2).json()
+                if answer["status"] in ("ready", "failed"):
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+    finally:
+        second.terminate()
+        fake.stop()
+    assert answer.get("status") == "ready", answer
+    assert fake.upload_count() == 1
+    logs = log.read_text()
+    assert '"job_id"' in logs and "req-procfile" in logs
+    for secret in (RELAY_KEY, TOKEN, secret_key, webhook_secret, "sig-s3cr3t"):
+        assert secret not in logs
