@@ -35,6 +35,7 @@ from .errors import (
 from .runtime import Runtime
 from .schemas import CloneRequestSchema, VoiceQuerySchema, describe_validation_error
 from .settings import Settings
+from .tokens import account_key
 from .useapi import Useapi
 
 access_log = logging.getLogger("relay.access")
@@ -156,6 +157,7 @@ def create_voice_clone():
         answer=g.answer,
         callback_url=callback_url,
         webhook_id=f"msg_{job_id}",
+        account_key=account_key(given_token or settings().useapi_token, clone_request.user_id),
         dry_run=clone_request.dry_run,
     )
     if not created:
@@ -208,6 +210,8 @@ def _wait_for(job_id: str, seconds: float):
 def _job_answer(job):
     answer = answers.for_job(job, utcnow())
     answer["request_id"] = g.request_id
+    if answer["status"] == "queued":
+        answer["queue_position"] = _runtime().store.queue_position(job)
     g.answer = answer
     return _answer(answers.http_status_for_job(job), answer)
 

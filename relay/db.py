@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
@@ -62,11 +63,21 @@ jobs = Table(
     Column("callback_last_error", Text, nullable=True),
     Column("webhook_id", String(64), nullable=True),
     Column("dry_run", Boolean, nullable=False, default=False),
+    Column("account_key", String(64), nullable=True),  # hash of (token, user_id): never the token
     Column("created_at", DateTime, nullable=False),
     Column("updated_at", DateTime, nullable=False),
     Column("completed_at", DateTime, nullable=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
     Index("ix_jobs_callback_next_at", "callback_next_at"),
+    Index("ix_jobs_account_key", "account_key"),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_key", String(64), primary_key=True),
+    Column("last_claimed_at", DateTime, nullable=True),  # round-robin: least recently served first
+    Column("backoff_until", DateTime, nullable=True),  # after a 429 from useapi
 )
 
 heartbeats = Table(
@@ -94,8 +105,17 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[jobs, heartbeats])
 
 
+def _v2(conn: Connection) -> None:
+    # Databases made by v1 lack jobs.account_key; new ones got it from v1's create_all.
+    if "account_key" not in {column["name"] for column in inspect(conn).get_columns("jobs")}:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN account_key VARCHAR(64)"))
+        conn.execute(text("CREATE INDEX ix_jobs_account_key ON jobs (account_key)"))
+    metadata.create_all(conn, tables=[accounts])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
+    (2, "per-account fairness, limits and back-off", _v2),
 ]
 LATEST = MIGRATIONS[-1][0]
 

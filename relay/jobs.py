@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import heartbeats, jobs, utcnow
+from .db import accounts, heartbeats, jobs, utcnow
 
 RECEIVED, DOWNLOADED, UPLOADING, UPLOADED, READY, FAILED = (
     "received",
@@ -26,6 +26,7 @@ RECEIVED, DOWNLOADED, UPLOADING, UPLOADED, READY, FAILED = (
     "failed",
 )
 TERMINAL = (READY, FAILED)
+_EPOCH = datetime(1970, 1, 1)
 PENDING, DELIVERED, GIVEN_UP = "pending", "delivered", "given_up"
 
 
@@ -60,6 +61,7 @@ class Job:
     callback_last_error: str | None
     webhook_id: str | None
     dry_run: bool
+    account_key: str | None
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
@@ -134,22 +136,37 @@ class JobStore:
 
     # --- leases ---------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> Job | None:
-        """Lease the next due job to ``owner``: unfinished work whose time has come, or a finished
-        job whose callback is due. Safe with any number of workers (``SKIP LOCKED`` on PostgreSQL,
-        one writer at a time on SQLite)."""
+    def claim(self, owner: str, lease_seconds: float, account_limit: int = 0) -> Job | None:
+        """Lease the next due job to ``owner``; None when nothing is due.
+
+        Due: unfinished work whose time has come, or a finished job whose callback is due.
+        Unfinished work is only taken from accounts with fewer than ``account_limit`` jobs in
+        flight (0: no limit) and not backing off after a 429, and accounts take turns: the one
+        served least recently goes first. Claims are serialized (an advisory lock on PostgreSQL,
+        ``BEGIN IMMEDIATE`` on SQLite) so limits hold across any number of worker processes.
+        """
         now = self.clock()
         free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
+        account_ok = or_(accounts.c.backoff_until.is_(None), accounts.c.backoff_until <= now)
+        if account_limit:
+            busy = (
+                select(jobs.c.account_key)
+                .where(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL), jobs.c.account_key.is_not(None))
+                .group_by(jobs.c.account_key)
+                .having(func.count() >= account_limit)
+            )
+            account_ok = and_(account_ok, or_(jobs.c.account_key.is_(None), jobs.c.account_key.not_in(busy)))
         due = or_(
-            and_(jobs.c.phase.not_in(TERMINAL), jobs.c.next_run_at <= now),
+            and_(jobs.c.phase.not_in(TERMINAL), jobs.c.next_run_at <= now, account_ok),
             and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING, jobs.c.callback_next_at <= now),
         )
         pick = (
             select(jobs.c.id)
+            .select_from(jobs.outerjoin(accounts, accounts.c.account_key == jobs.c.account_key))
             .where(due, free)
-            .order_by(jobs.c.next_run_at, jobs.c.created_at)
+            .order_by(func.coalesce(accounts.c.last_claimed_at, _EPOCH), jobs.c.next_run_at, jobs.c.created_at)
             .limit(1)
-            .with_for_update(skip_locked=True)
+            .with_for_update(of=jobs, skip_locked=True)
             .scalar_subquery()
         )
         statement = (
@@ -164,8 +181,42 @@ class JobStore:
             .returning(*jobs.c)
         )
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(724390118)"))
             row = conn.execute(statement).first()
+            if row is not None and row.account_key and row.phase not in TERMINAL:
+                self._touch_account(conn, row.account_key, last_claimed_at=now)
         return Job.from_row(row) if row else None
+
+    def back_off(self, account_key: str | None, seconds: float) -> None:
+        """Hold every job of ``account_key`` for ``seconds`` (useapi said 429); others go on."""
+        if account_key:
+            with self.engine.begin() as conn:
+                self._touch_account(conn, account_key, backoff_until=self.clock() + timedelta(seconds=seconds))
+
+    @staticmethod
+    def _touch_account(conn, account_key: str, **values: Any) -> None:
+        changed = conn.execute(update(accounts).where(accounts.c.account_key == account_key).values(**values)).rowcount
+        if not changed:
+            conn.execute(insert(accounts).values(account_key=account_key, **values))
+
+    def queue_position(self, job: Job) -> int | None:
+        """1-based place of a waiting job among its account's waiting jobs (None if not waiting)."""
+        if job.terminal or job.phase != RECEIVED or not job.account_key:
+            return None
+        now = self.clock()
+        with self.engine.connect() as conn:
+            ahead = conn.scalar(
+                select(func.count())
+                .select_from(jobs)
+                .where(
+                    jobs.c.account_key == job.account_key,
+                    jobs.c.phase == RECEIVED,
+                    or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
+                    jobs.c.created_at < job.created_at,
+                )
+            )
+        return (ahead or 0) + 1
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend ``owner``'s lease; False when the lease was lost to another worker."""

@@ -161,6 +161,10 @@ class AnswerSchema(Schema):
     created_at = fields.String(allow_none=True, metadata={"description": "When the job was created (ISO 8601 UTC)."})
     updated_at = fields.String(allow_none=True, metadata={"description": "Last change (ISO 8601 UTC)."})
     completed_at = fields.String(allow_none=True, metadata={"description": "When it ended (ISO 8601 UTC)."})
+    queue_position = fields.Integer(
+        allow_none=True,
+        metadata={"description": "While queued behind the account's other jobs: 1 = next. Else null."},
+    )
     callback_status = fields.String(
         allow_none=True,
         metadata={"description": "pending, delivered or given_up when a callback_url was given; else null."},

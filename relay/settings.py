@@ -35,6 +35,7 @@ class Settings:
     max_redirects: int = 5
     max_json_bytes: int = 64 * 1024
     max_list_pages: int = 20
+    account_concurrency: int = 10
     database_url: str | None = field(default=None, repr=False)
     data_dir: str = "./data"
     default_wait_seconds: float = 25.0
@@ -168,6 +169,7 @@ _SPECS = (
     _Spec("RELAY_MAX_REDIRECTS", "max_redirects", int, 0, 20),
     _Spec("RELAY_MAX_JSON_BYTES", "max_json_bytes", int, 1024, 16 * MiB),
     _Spec("RELAY_MAX_LIST_PAGES", "max_list_pages", int, 1, 500),
+    _Spec("RELAY_ACCOUNT_CONCURRENCY", "account_concurrency", int, 0, 1000),
     _Spec("DATABASE_URL", "database_url", str, secret=True),
     _Spec("RELAY_DATA_DIR", "data_dir", str),
     _Spec("RELAY_DEFAULT_WAIT_SECONDS", "default_wait_seconds", float, 0, 3600),

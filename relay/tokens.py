@@ -10,6 +10,7 @@ but after a restart the job fails with ``token_unavailable`` instead of the toke
 from __future__ import annotations
 
 import base64
+import hashlib
 import threading
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -20,6 +21,14 @@ from .errors import TokenUnavailable
 from .settings import Settings
 
 SERVER, SEALED, MEMORY = "server", "sealed", "memory"
+
+
+def account_key(token: str | None, user_id: str | None) -> str | None:
+    """A stable, one-way name for a (token, user_id) pair: what per-account limits group by."""
+    if not token:
+        return None
+    material = f"voice-clone-relay account v1\0{token}\0{user_id or ''}".encode()
+    return hashlib.sha256(material).hexdigest()[:32]
 
 
 def fingerprint(token: str) -> str:

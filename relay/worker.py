@@ -97,7 +97,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and process one due job; False when there was none."""
-        job = self.store.claim(self.id, self.settings.lease_seconds)
+        job = self.store.claim(self.id, self.settings.lease_seconds, self.settings.account_concurrency)
         if job is None:
             return False
         log.info("job claimed", extra={"fields": {"job_id": job.id, "phase": job.phase, "worker": self.id}})
@@ -182,6 +182,8 @@ class Worker:
             # useapi never got it, or answered with a refusal: it did not take the voice, so trying
             # again later cannot make a duplicate.
             delay = self._backoff(attempts, err.retry_after)
+            if status == 429:  # the whole account waits, other accounts go on
+                self.store.back_off(job.account_key, delay)
             note = (
                 f"useapi.net answered HTTP {status}; retrying." if status else "useapi.net was unreachable; retrying."
             )
@@ -374,6 +376,8 @@ class Worker:
         if bounded and job.attempts >= self.settings.max_attempts * 3:
             raise err
         delay = self._backoff(job.attempts, err.retry_after)
+        if err.fields.get("upstream_status") == 429:
+            self.store.back_off(job.account_key, delay)
         self._save(job, release=True, next_run_at=utcnow() + timedelta(seconds=delay))
 
     def _backoff(self, attempts: int, retry_after: int | None = None) -> float:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import os
+import time
 from pathlib import Path
 
 import pytest
 from pytest_httpserver import HTTPServer
+from sqlalchemy import text
 
-from relay import create_app
+from relay import create_app, db
 from relay.settings import Settings
+
+from .fake_useapi import FakeUseapi
 
 AUDIO = Path(__file__).parent / "fixtures" / "audio"
 RELAY_KEY = "relay-key-for-tests-0123456789abcdef"
@@ -116,3 +122,68 @@ def clone(client, body: dict, *, key: str | None = RELAY_KEY, token: str | None 
     if token is not None:
         sent["X-Useapi-Token"] = token
     return client.post("/v1/voice-clones", json=body, headers=sent)
+
+
+# --- durable jobs: both databases, the stateful useapi stand-in, a callback receiver -------------
+
+PG_URL = os.environ.get("RELAY_TEST_DATABASE_URL")
+JOBS_SECRET_KEY = "a-long-random-secret-key-for-tests-0123456789"
+JOBS_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"webhook-secret-for-the-tests-0123").decode()
+HEADERS = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    if not PG_URL:
+        pytest.skip("RELAY_TEST_DATABASE_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    engine = db.connect(db.database_url(PG_URL, ""))
+    db.migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, heartbeats, accounts"))
+    engine.dispose()
+    return PG_URL
+
+
+@pytest.fixture
+def fake():
+    server = FakeUseapi(TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def receiver():
+    """A callback receiver on 127.0.0.2 (allowed), threaded so slow answers do not block others."""
+    server = HTTPServer(host=AUDIO_HOST, port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+@pytest.fixture
+def job_settings(fake, database_url, tmp_path):
+    return fast_settings(
+        fake.base_url,
+        tmp_path / "data",
+        database_url=database_url,
+        secret_key=JOBS_SECRET_KEY,
+        webhook_secret=JOBS_WEBHOOK_SECRET,
+    )
+
+
+def post(client, body: dict, headers=None):
+    return client.post("/v1/voice-clones", json=body, headers={**HEADERS, **(headers or {})})
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

@@ -26,13 +26,14 @@ class FakeUseapi:
         self.lock = threading.Lock()
         self.voices: dict[str, dict] = {}
         self.uploads: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self.in_flight: dict[str, int] = {}  # per user_id (account)
+        self.max_in_flight: dict[str, int] = {}
         # knobs a test turns
         self.upload_delay = 0.0  # seconds the upload is held before answering
         self.ready_after_polls = 0  # 0: ready at once (200); n: 202, then ready after n polls
         self.list_ready_only = True  # TemPolor lists a voice only once it is ready
         self.refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next uploads
+        self.refusals_for: dict[str, list[tuple[int, dict]]] = {}  # the same, per user_id
 
     def start(self) -> FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
@@ -64,9 +65,13 @@ class FakeUseapi:
         if not self._authorized(request):
             return _json({"error": "Unauthorized", "code": 401}, 401)
         body = request.get_data()
+        account = request.args.get("user_id", "")
         with self.lock:
-            refusal = self.refusals.pop(0) if self.refusals else None
-            self.uploads.append({"name": request.args.get("name"), "bytes": len(body), "at": time.time()})
+            own = self.refusals_for.get(account)
+            refusal = own.pop(0) if own else (self.refusals.pop(0) if self.refusals else None)
+            self.uploads.append(
+                {"name": request.args.get("name"), "user_id": account, "bytes": len(body), "at": time.time()}
+            )
         if refusal is not None:
             status, headers = refusal
             response = _json(
@@ -75,8 +80,8 @@ class FakeUseapi:
             response.headers.update(headers)
             return response
         with self.lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.in_flight[account] = self.in_flight.get(account, 0) + 1
+            self.max_in_flight[account] = max(self.max_in_flight.get(account, 0), self.in_flight[account])
             item_id = uuid.uuid4().hex[:15]
         try:
             if not body:
@@ -103,7 +108,7 @@ class FakeUseapi:
             )
         finally:
             with self.lock:
-                self.in_flight -= 1
+                self.in_flight[account] -= 1
 
     def _list(self, request: Request) -> Response:
         if not self._authorized(request):

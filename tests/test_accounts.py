@@ -1,0 +1,125 @@
+"""Many accounts, one relay: per-account limits, fair turns, per-account back-off (both databases)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from relay.db import utcnow
+
+from .conftest import AUDIO_HOST, HEADERS, JOBS_SECRET_KEY, PG_URL, post, serve_file, wait_until
+
+
+def submit(client, url: str, account: str, name: str) -> str:
+    response = post(client, {"audio_url": url, "name": name, "user_id": account, "wait_seconds": 0})
+    assert response.status_code == 202, response.json
+    return response.json["job_id"]
+
+
+def test_an_account_never_has_more_uploads_in_flight_than_its_limit(make_app, job_settings, fake, audio_host):
+    fake.upload_delay = 0.3
+    app = make_app(job_settings.replace(account_concurrency=3, inprocess_workers=6))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    ids = [submit(client, url, "A", f"voice {n}") for n in range(15)]
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: all(store.get(job_id).terminal for job_id in ids), timeout=40)
+    assert fake.max_in_flight["A"] == 3
+    assert fake.upload_count() == 15
+
+
+def test_queued_jobs_show_their_place_in_line(make_app, job_settings, fake, audio_host):
+    fake.upload_delay = 0.5
+    app = make_app(job_settings.replace(account_concurrency=1, inprocess_workers=3))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    ids = [submit(client, url, "A", f"voice {n}") for n in range(4)]
+    wait_until(lambda: fake.upload_count() >= 1)
+    last = client.get(f"/v1/voice-clones/{ids[-1]}", headers=HEADERS).json
+    assert last["status"] == "queued"
+    assert last["queue_position"] in (2, 3)
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: all(store.get(job_id).terminal for job_id in ids), timeout=30)
+    assert fake.max_in_flight["A"] == 1
+
+
+def test_one_accounts_backlog_does_not_starve_another(make_app, job_settings, fake, audio_host):
+    fake.upload_delay = 0.3
+    # Three threads, all busy with A: without turns, B would wait behind A's whole backlog (~3 s).
+    app = make_app(job_settings.replace(account_concurrency=10, inprocess_workers=3))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    a_ids = [submit(client, url, "A", f"a{n}") for n in range(30)]
+    wait_until(lambda: fake.upload_count() >= 3)
+    submitted = utcnow()
+    b_id = submit(client, url, "B", "b")
+    store = app.extensions["relay.runtime"].store
+    b_job = wait_until(lambda: (job := store.get(b_id)).terminal and job, timeout=30)
+    waited = (b_job.completed_at - submitted).total_seconds()
+    assert waited < 1.2, f"B waited {waited:.2f} s behind A's backlog"
+    a_left = sum(1 for job_id in a_ids if not store.get(job_id).terminal)
+    assert a_left > 10  # B really went before most of A's backlog
+    wait_until(lambda: all(store.get(job_id).terminal for job_id in a_ids), timeout=40)
+
+
+def test_a_429_backs_off_that_account_only(make_app, job_settings, fake, audio_host):
+    fake.refusals_for["A"] = [(429, {"Retry-After": "2"})]
+    app = make_app(job_settings.replace(inprocess_workers=2))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first_a = submit(client, url, "A", "a1")
+    wait_until(lambda: len(fake.uploads) >= 1)
+    second_a = submit(client, url, "A", "a2")
+    b = submit(client, url, "B", "b")
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: store.get(b).terminal, timeout=10)
+    refused_at = fake.uploads[0]["at"]
+    b_upload = next(u for u in fake.uploads if u["user_id"] == "B")
+    assert b_upload["at"] - refused_at < 1.5  # B was not held
+    assert not store.get(second_a).terminal  # A is still backing off
+    wait_until(lambda: store.get(first_a).terminal and store.get(second_a).terminal, timeout=15)
+    later_a = [u["at"] for u in fake.uploads if u["user_id"] == "A"][1:]
+    assert min(later_a) - refused_at >= 1.9  # Retry-After: 2 held all of A
+
+
+@pytest.mark.skipif(not PG_URL, reason="RELAY_TEST_DATABASE_URL is not set (.ci/run starts PostgreSQL)")
+def test_two_worker_processes_on_postgresql_share_the_limit(make_app, job_settings, fake, audio_host, tmp_path):
+    if not job_settings.database_url.startswith("postgresql"):
+        pytest.skip("the cross-process limit is a PostgreSQL case")
+    fake.upload_delay = 0.4
+    app = make_app(job_settings, workers=0)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    ids = [submit(client, url, "A", f"voice {n}") for n in range(18)]
+    env = {
+        **os.environ,
+        "DATABASE_URL": PG_URL,
+        "USEAPI_BASE_URL": fake.base_url,
+        "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+        "RELAY_SECRET_KEY": JOBS_SECRET_KEY,
+        "RELAY_ACCOUNT_CONCURRENCY": "3",
+        "RELAY_WORKER_CONCURRENCY": "4",
+        "RELAY_IDLE_POLL_SECONDS": "0.05",
+    }
+    logs = [open(tmp_path / f"worker{n}.log", "wb") for n in range(2)]
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "relay.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        for log in logs
+    ]
+    try:
+        store = app.extensions["relay.runtime"].store
+        wait_until(lambda: all(store.get(job_id).terminal for job_id in ids), timeout=60)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+        for log in logs:
+            log.close()
+    assert fake.max_in_flight["A"] == 3
+    assert fake.upload_count() == 18
+    for n in range(2):  # both processes did part of the work
+        assert '"job claimed"' in (tmp_path / f"worker{n}.log").read_text()
