@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -83,6 +84,19 @@ def _finish(response):
 @bp.get("/healthz")
 def healthz():
     return jsonify(ok=True, version=__version__)
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    """The relay's OpenAPI 3.1 contract (no key needed)."""
+    return jsonify(_openapi())
+
+
+@functools.cache
+def _openapi() -> dict:
+    from .openapi import build_spec
+
+    return build_spec()
 
 
 @bp.get("/readyz")

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     commands.add_parser("config", help="print the effective settings, secrets masked")
     commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
+    spec = commands.add_parser("openapi", help="print the OpenAPI document (YAML) generated from the schemas")
+    spec.add_argument("--output", default="-", help="file to write (default: stdout)")
     clone = commands.add_parser("clone", help="clone one voice from a local file or a URL, with progress")
     clone.add_argument("source", help="a local audio file, or an http(s) URL")
     clone.add_argument("--name", required=True, help="name of the cloned voice")
@@ -47,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         return _migrate(settings)
     if args.command == "clone":
         return _clone(settings, args)
+    if args.command == "openapi":
+        from .openapi import build_spec, to_yaml
+
+        text = to_yaml(build_spec())
+        if args.output == "-":
+            sys.stdout.write(text)
+        else:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return 0
     if args.command == "worker":
         return _worker(settings, args.concurrency or settings.worker_concurrency)
     return _serve(settings, args)

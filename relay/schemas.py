@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from .audio import ACCEPTED_CONTENT_TYPES
+from .errors import all_error_classes
 from .voices import VOICE_STATUSES
 
 METADATA_MAX_BYTES = 4096
@@ -140,7 +141,11 @@ class AnswerSchema(Schema):
     name = fields.String(allow_none=True, metadata={"description": "The voice name as sent upstream."})
     user_id = fields.String(allow_none=True, metadata={"description": "The useapi account, when given."})
     message = fields.String(allow_none=True, metadata={"description": "Human summary of the outcome."})
-    error_code = fields.String(allow_none=True, metadata={"description": "Stable code to branch on; null on success."})
+    error_code = fields.String(
+        allow_none=True,
+        validate=validate.OneOf(sorted({cls.error_code for cls in all_error_classes()})),
+        metadata={"description": "Stable code to branch on; null on success."},
+    )
     error_message = fields.String(allow_none=True, metadata={"description": "What went wrong and what to do."})
     upstream_status = fields.Integer(allow_none=True, metadata={"description": "HTTP status useapi.net answered."})
     audio_format = fields.String(allow_none=True, metadata={"description": "wav, mp3, flac or m4a (from the bytes)."})
