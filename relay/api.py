@@ -129,6 +129,15 @@ def readyz():
     return response
 
 
+@bp.get("/v1/auth")
+def auth_check():
+    """For connectors' "test connection": is the relay key right, and which useapi token applies?"""
+    authenticate()
+    given = request.headers.get("X-Useapi-Token", "").strip()
+    source = "request" if given else ("server" if settings().useapi_token else None)
+    return jsonify(ok=True, version=__version__, useapi_token=source, request_id=g.request_id)
+
+
 @bp.post("/v1/voice-clones")
 def create_voice_clone():
     authenticate()
@@ -205,7 +214,10 @@ def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
     if asked is None:
         return 0.0 if callback_url else settings().default_wait_seconds
     if asked > limit:
-        raise InvalidRequest(f"Invalid request. wait_seconds: must be at most {limit:g} (RELAY_MAX_WAIT_SECONDS).")
+        # A connector may ask for its tool's limit (Make: 280 s) from a relay that must answer
+        # sooner (Heroku: 30 s): waiting less is always safe, so the relay's limit wins.
+        g.answer["warnings"].append(f"wait_seconds {asked:g} is above this relay's limit; waited at most {limit:g} s.")
+        return limit
     return asked
 
 

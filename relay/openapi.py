@@ -302,6 +302,44 @@ def build_spec() -> dict[str, Any]:
             },
         },
     )
+    spec.path(
+        path="/v1/auth",
+        operations={
+            "get": {
+                "operationId": "checkAuth",
+                "summary": "Check the relay key (for a connector's connection test)",
+                "parameters": [token_header],
+                "responses": {
+                    "200": {
+                        "description": "The key is right; `useapi_token` says which token would be used.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "ok": {"type": "boolean"},
+                                        "version": {"type": "string"},
+                                        "useapi_token": {
+                                            "type": ["string", "null"],
+                                            "enum": ["request", "server", None],
+                                        },
+                                        "request_id": {"type": "string"},
+                                    },
+                                },
+                                "example": {
+                                    "ok": True,
+                                    "version": __version__,
+                                    "useapi_token": "request",
+                                    "request_id": "3f0c2b9e5d6a4f1e8b7c9d0a1b2c3d4e",
+                                },
+                            }
+                        },
+                    },
+                    **_errors(401),
+                },
+            }
+        },
+    )
     for path, summary in (("/healthz", "Process alive"), ("/readyz", "Ready to serve")):
         spec.path(
             path=path,

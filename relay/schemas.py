@@ -103,12 +103,21 @@ class CloneRequestSchema(Schema):
         """Load ``data``; return the clean request and warnings naming ignored fields."""
         if not isinstance(data, dict):
             raise ValidationError({"_schema": ["The body must be a JSON object."]})
+        # No-code tools send "" (or whitespace) for a field left empty: that means "not given".
+        data = {
+            key: value
+            for key, value in data.items()
+            if not (key in _OPTIONAL and (value is None or (isinstance(value, str) and not value.strip())))
+        }
         if isinstance(data.get("content_type"), str):
-            data = {**data, "content_type": data["content_type"].strip().lower() or None}
+            data["content_type"] = data["content_type"].strip().lower()
         loaded = self.load(data)
         unknown = sorted(key for key in data if key not in self.fields)
         warnings = [f"Unknown field '{key}' was ignored." for key in unknown]
         return loaded, warnings
+
+
+_OPTIONAL = ("user_id", "content_type", "dry_run", "wait_seconds", "callback_url", "if_exists", "metadata")
 
 
 def describe_validation_error(err: ValidationError) -> str:

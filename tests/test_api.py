@@ -123,3 +123,20 @@ def test_a_bogus_request_id_is_replaced(client):
     response = client.get("/healthz", headers={"X-Request-Id": "bad id with spaces"})
     assert response.headers["X-Request-Id"] != "bad id with spaces"
     assert len(response.headers["X-Request-Id"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "source"),
+    [
+        ({"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": "t-123456789012"}, 200, "request"),
+        ({"Authorization": f"Bearer {RELAY_KEY}"}, 200, None),
+        ({"Authorization": "Bearer wrong"}, 401, None),
+    ],
+)
+def test_auth_check_for_connectors(client, headers, status, source):
+    response = client.get("/v1/auth", headers=headers)
+    assert response.status_code == status
+    if status == 200:
+        assert response.json["ok"] is True and response.json["useapi_token"] == source
+    else:
+        assert response.json["error_code"] == "unauthorized"

@@ -87,11 +87,33 @@ def test_429_before_acceptance_is_retried_honouring_retry_after(make_app, job_se
     assert any("HTTP 429" in w for w in response.json["warnings"])
 
 
-def test_wait_seconds_above_the_maximum_is_400(make_app, job_settings):
+def test_wait_seconds_above_the_maximum_waits_the_maximum_and_says_so(make_app, job_settings, fake, audio_host):
+    fake.ready_after_polls = 10_000
+    client = make_app(job_settings.replace(max_wait_seconds=0.5, default_wait_seconds=0.2)).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    started = time.monotonic()
+    response = post(client, {"audio_url": url, "name": "x", "wait_seconds": 280})
+    assert time.monotonic() - started < 3
+    assert response.status_code == 202
+    assert "waited at most 0.5 s" in " ".join(response.json["warnings"])
+
+
+def test_empty_optional_fields_mean_not_given(make_app, job_settings, audio_host):
     client = make_app(job_settings).test_client()
-    response = post(client, {"audio_url": "https://example.com/a.wav", "name": "x", "wait_seconds": 9999})
-    assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
-    assert "RELAY_MAX_WAIT_SECONDS" in response.json["error_message"]
+    body = {
+        "audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"),
+        "name": "x",
+        "dry_run": True,
+        "user_id": "",
+        "content_type": " ",
+        "callback_url": "",
+        "if_exists": "",
+        "wait_seconds": "",
+        "metadata": None,
+    }
+    response = post(client, body)
+    assert response.status_code == 200, response.json
+    assert response.json["user_id"] is None and response.json["warnings"] == []
 
 
 def test_checks_that_need_no_download_fail_before_a_job_exists(make_app, job_settings):
