@@ -328,7 +328,8 @@ def _useapi() -> Useapi:
 
 def _load_query(schema) -> dict:
     try:
-        return schema.load(request.args.to_dict())
+        # An unmapped filter arrives empty (?status=): that means "no filter".
+        return schema.load({k: v for k, v in request.args.items() if v.strip()})
     except ValidationError as err:
         raise InvalidRequest(describe_validation_error(err)) from None
 

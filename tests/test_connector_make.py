@@ -1,0 +1,126 @@
+"""The Make custom app and blueprint: every file checked by Make's own JSON Schemas, and true to the API."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft7Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT7
+
+from relay.schemas import ANSWER_FIELDS, VoiceSchema
+
+ROOT = Path(__file__).parent.parent
+MAKE = ROOT / "connector_spec" / "make"
+SCHEMAS = ROOT.parent / "shared" / "make-schemas"
+BASE_URI = "https://make-schemas.invalid/"
+
+# Which of Make's schemas checks which file (the SDK's own file associations; see shared/make-schemas/README.md).
+CHECKS = [
+    (re.compile(r"\.communication\.iml\.json$"), "api.json"),
+    (re.compile(r"\.(params|mappable-params|static-params|interface)\.iml\.json$"), "parameters.json"),
+    (re.compile(r"\.samples\.iml\.json$"), "samples.json"),
+    (re.compile(r"(^|/)base\.iml\.json$"), "base.json"),
+    (re.compile(r"(^|/)common\.json$"), "common.json"),
+    (re.compile(r"(^|/)groups\.json$"), "groups.json"),
+    (re.compile(r"(^|/)makecomapp\.json$"), "makecomapp.schema.json"),
+]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    assert SCHEMAS.is_dir(), f"Make's schemas are expected in {SCHEMAS}"
+    resources = []
+    for path in SCHEMAS.glob("*.json"):
+        contents = json.loads(path.read_text())
+        resources.append((BASE_URI + path.name, Resource(contents=contents, specification=DRAFT7)))
+    return Registry().with_resources(resources)
+
+
+def app_files() -> list[Path]:
+    return sorted(p for p in MAKE.rglob("*.json") if "blueprints" not in p.parts)
+
+
+@pytest.mark.parametrize("path", app_files(), ids=lambda p: str(p.relative_to(MAKE)))
+def test_every_app_file_passes_makes_schema(registry, path):
+    relative = str(path.relative_to(MAKE))
+    schema_name = next((name for pattern, name in CHECKS if pattern.search(relative)), None)
+    assert schema_name, f"no Make schema is known for {relative}"
+    validator = Draft7Validator({"$ref": BASE_URI + schema_name}, registry=registry)
+    errors = sorted(validator.iter_errors(json.loads(path.read_text())), key=lambda e: e.path)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+
+def test_makecomapp_lists_every_file_and_only_existing_ones():
+    index = json.loads((MAKE / "makecomapp.json").read_text())
+    listed = {p for p in index["generalCodeFiles"].values() if p}
+    for components in index["components"].values():
+        for component in components.values():
+            listed |= {p for p in component["codeFiles"].values() if p}
+    on_disk = {str(p.relative_to(MAKE)) for p in app_files()} - {"makecomapp.json"}
+    assert listed == on_disk
+
+
+def test_the_modules_the_issue_asks_for_exist():
+    modules = json.loads((MAKE / "makecomapp.json").read_text())["components"]["module"]
+    kinds = {name: module["moduleType"] for name, module in modules.items()}
+    assert kinds == {
+        "cloneVoice": "action",
+        "startVoiceClone": "action",
+        "getCloneJob": "action",
+        "listVoices": "search",
+        "deleteVoice": "action",
+        "watchVoiceCloneFinished": "instant_trigger",
+    }
+    assert modules["watchVoiceCloneFinished"]["webhook"] == "voiceCloneFinished"
+
+
+@pytest.mark.parametrize("module", ["cloneVoice", "startVoiceClone", "getCloneJob", "watchVoiceCloneFinished"])
+def test_answer_interfaces_and_samples_match_the_answer_field_for_field(module):
+    folder = MAKE / "modules" / module
+    interface = json.loads((folder / f"{module}.interface.iml.json").read_text())
+    sample = json.loads((folder / f"{module}.samples.iml.json").read_text())
+    assert [field["name"] for field in interface] == list(ANSWER_FIELDS)
+    assert set(sample) == set(ANSWER_FIELDS)
+
+
+def test_the_voice_list_iterates_flat_voices():
+    folder = MAKE / "modules" / "listVoices"
+    communication = json.loads((folder / "listVoices.communication.iml.json").read_text())
+    assert communication["response"]["iterate"] == "{{body.voices}}"
+    interface = json.loads((folder / "listVoices.interface.iml.json").read_text())
+    assert [field["name"] for field in interface] == list(VoiceSchema().fields)
+
+
+def test_the_app_waits_as_long_as_make_allows():
+    base = json.loads((MAKE / "general" / "base.iml.json").read_text())
+    assert base["timeout"] == 300000
+    assert "body.error_message" in base["response"]["error"]["message"]
+    clone = json.loads((MAKE / "modules/cloneVoice/cloneVoice.communication.iml.json").read_text())
+    assert clone["body"]["wait_seconds"] == 280  # under the 300 s timeout; the relay clamps to its own limit
+    start = json.loads((MAKE / "modules/startVoiceClone/startVoiceClone.communication.iml.json").read_text())
+    assert start["body"]["wait_seconds"] == 0 and "callback_url" in start["body"]
+
+
+def test_the_connection_is_tested_against_an_auth_checking_endpoint(client):
+    communication = json.loads((MAKE / "connections/relay/relay.communication.iml.json").read_text())
+    assert communication["url"].endswith("/v1/auth")
+    assert client.get("/v1/auth").status_code == 401  # a wrong or missing key fails the test
+
+
+def test_every_module_calls_a_route_the_relay_has(app):
+    routes = {rule.rule for rule in app.url_map.iter_rules()}
+    for path in MAKE.glob("modules/*/*.communication.iml.json"):
+        url = json.loads(path.read_text())["url"]
+        route = re.sub(r"\{\{parameters\.(\w+)\}\}", r"<\1>", url)
+        normalized = {re.sub(r"<[^>]+>", "<>", r) for r in routes}
+        assert re.sub(r"<[^>]+>", "<>", route) in normalized, url
+
+
+def test_sensitive_headers_are_sanitized_in_makes_logs():
+    for path in (MAKE / "general/base.iml.json", MAKE / "connections/relay/relay.communication.iml.json"):
+        sanitize = json.loads(path.read_text())["log"]["sanitize"]
+        assert {"request.headers.authorization", "request.headers.x-useapi-token"} <= set(sanitize)
