@@ -26,6 +26,7 @@ class FakeUseapi:
         self.lock = threading.Lock()
         self.voices: dict[str, dict] = {}
         self.uploads: list[dict] = []
+        self.accepted = 0
         self.in_flight: dict[str, int] = {}  # per user_id (account)
         self.max_in_flight: dict[str, int] = {}
         # knobs a test turns
@@ -39,6 +40,9 @@ class FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
         self.server.expect_request(UPLOAD, method="GET").respond_with_handler(self._list)
         self.server.expect_request(re.compile(f"^{re.escape(UPLOAD)}.+$"), method="GET").respond_with_handler(self._get)
+        self.server.expect_request(re.compile(f"^{re.escape(UPLOAD)}.+$"), method="DELETE").respond_with_handler(
+            self._delete
+        )
         self.server.start()
         return self
 
@@ -54,7 +58,7 @@ class FakeUseapi:
     def upload_count(self) -> int:
         """Uploads that useapi took (refusals with 429/5xx do not count)."""
         with self.lock:
-            return len(self.voices)
+            return self.accepted
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -89,6 +93,7 @@ class FakeUseapi:
             voice_id = f"user:12345-tempolor:{self.user_id}-voice:{item_id}"
             ready = self.ready_after_polls == 0
             with self.lock:
+                self.accepted += 1
                 self.voices[voice_id] = {
                     "itemId": item_id,
                     "name": request.args.get("name", ""),
@@ -135,6 +140,15 @@ class FakeUseapi:
                     voice["status"] = 30
             shown = {k: v for k, v in voice.items() if k != "polls_left"}
         return _json({**shown, "status_name": "COMPLETED" if shown["status"] == 30 else "PROCESSING"}, 200)
+
+    def _delete(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _json({"error": "Unauthorized", "code": 401}, 401)
+        voice_id = request.path[len(UPLOAD) :]
+        with self.lock:
+            if self.voices.pop(voice_id, None) is None:
+                return _json({"error": f"No record found for {voice_id}", "code": 404}, 404)
+        return _json({"result": True}, 200)
 
 
 def _json(payload: dict, status: int) -> Response:

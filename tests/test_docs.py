@@ -26,3 +26,11 @@ def test_every_setting_is_documented(env):
 @pytest.mark.parametrize("field", ANSWER_FIELDS)
 def test_every_answer_field_is_documented(field):
     assert f"`{field}`" in README
+
+
+CONNECTORS = (Path(__file__).parent.parent / "connector_spec" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("code", sorted({cls.error_code for cls in all_error_classes()}))
+def test_the_recipes_say_what_every_error_code_means_for_a_scenario(code):
+    assert f"`{code}`" in CONNECTORS

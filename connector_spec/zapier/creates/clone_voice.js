@@ -1,0 +1,61 @@
+'use strict';
+
+const { relayUrl, ANSWER_FIELDS, ANSWER_SAMPLE } = require('../lib');
+
+// Zapier gives an action 30 s. The relay answers at once (202, job_id) and POSTs the final answer to
+// the callback URL when the clone ends; Zapier then runs performResume with that body.
+const perform = async (z, bundle) => {
+  const body = {
+    audio_url: bundle.inputData.audio_url,
+    name: bundle.inputData.name,
+    user_id: bundle.inputData.user_id,
+    if_exists: bundle.inputData.if_exists,
+    dry_run: bundle.inputData.dry_run,
+    callback_url: z.generateCallbackUrl(),
+    wait_seconds: 0,
+  };
+  const response = await z.request({ url: `${relayUrl(bundle)}/v1/voice-clones`, method: 'POST', body });
+  return response.data;
+};
+
+const performResume = async (z, bundle) => ({ ...bundle.outputData, ...bundle.cleanedRequest });
+
+module.exports = {
+  key: 'clone_voice',
+  noun: 'Voice',
+  display: {
+    label: 'Clone Voice',
+    description: 'Clones a voice at useapi.net (TemPolor) from a link to a recording; continues when the clone is ready.',
+  },
+  operation: {
+    inputFields: [
+      {
+        key: 'audio_url',
+        label: 'Audio URL',
+        required: true,
+        type: 'string',
+        helpText: 'Public link to the recording (direct link, Google Drive or Dropbox share link). WAV, MP3, FLAC or M4A.',
+      },
+      { key: 'name', label: 'Voice Name', required: true, type: 'string', helpText: '1-100 characters.' },
+      {
+        key: 'user_id',
+        label: 'TemPolor Account (user_id)',
+        required: false,
+        type: 'string',
+        helpText: 'Only when your useapi.net token has several TemPolor accounts.',
+      },
+      {
+        key: 'if_exists',
+        label: 'If a Voice With This Name Exists',
+        required: false,
+        default: 'create',
+        choices: { create: 'Clone anyway', reuse: 'Reuse it (no upload)', fail: 'Fail' },
+      },
+      { key: 'dry_run', label: 'Dry Run (Validate Only)', required: false, type: 'boolean', default: 'false' },
+    ],
+    perform,
+    performResume,
+    outputFields: ANSWER_FIELDS,
+    sample: ANSWER_SAMPLE,
+  },
+};

@@ -1,0 +1,119 @@
+'use strict';
+
+// The Zapier app, checked by Zapier's own schema and run by Zapier's own app tester against a live
+// relay. tests/test_connector_zapier.py starts the relay (with a useapi.net stand-in and an audio
+// host behind it, all on loopback) and runs `npm test` with RELAY_URL, RELAY_KEY, USEAPI_TOKEN and
+// AUDIO_URL set; without RELAY_URL only the schema checks run.
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const zapier = require('zapier-platform-core');
+const schemaTools = require('zapier-platform-core/src/tools/schema');
+const cleaner = require('zapier-platform-core/src/tools/cleaner');
+const CreateSchema = require('zapier-platform-schema/lib/schemas/CreateSchema');
+const SearchSchema = require('zapier-platform-schema/lib/schemas/SearchSchema');
+const TriggerSchema = require('zapier-platform-schema/lib/schemas/TriggerSchema');
+
+const App = require('../index');
+const { ANSWER_FIELDS } = require('../lib');
+
+const appTester = zapier.createAppTester(App);
+const live = Boolean(process.env.RELAY_URL);
+const authData = {
+  relay_url: process.env.RELAY_URL,
+  relay_key: process.env.RELAY_KEY,
+  useapi_token: process.env.USEAPI_TOKEN,
+};
+const cleaned = () => cleaner.recurseCleanFuncs(schemaTools.compileApp(App));
+
+test('the app definition passes validateAppDefinition', () => {
+  const errors = schemaTools.validateApp(schemaTools.compileApp(App));
+  assert.deepEqual(errors, []);
+});
+
+test('each create, search and trigger passes its own schema (which also demands a sample)', () => {
+  const app = cleaned();
+  for (const create of Object.values(app.creates)) assert.deepEqual(CreateSchema.validate(create).errors, []);
+  for (const search of Object.values(app.searches)) assert.deepEqual(SearchSchema.validate(search).errors, []);
+  for (const trigger of Object.values(app.triggers)) assert.deepEqual(TriggerSchema.validate(trigger).errors, []);
+  // The per-operation check is not a formality: a create without a sample fails it.
+  const noSample = JSON.parse(JSON.stringify(app.creates.clone_voice));
+  delete noSample.operation.sample;
+  assert.notEqual(CreateSchema.validate(noSample).errors.length, 0);
+});
+
+test('every operation has input fields, output fields and a sample; clone answers field for field', () => {
+  const app = cleaned();
+  for (const kind of ['creates', 'searches', 'triggers']) {
+    for (const [key, action] of Object.entries(app[kind])) {
+      assert.ok(action.operation.inputFields.length > 0, `${key} has input fields`);
+      assert.ok(action.operation.outputFields.length > 0, `${key} has output fields`);
+      assert.ok(action.operation.sample, `${key} has a sample`);
+      for (const field of action.operation.outputFields) {
+        assert.ok(field.key.replace('[]', '') in action.operation.sample, `${key} sample has ${field.key}`);
+      }
+    }
+  }
+  assert.deepEqual(Object.keys(app.creates.clone_voice.operation.sample), ANSWER_FIELDS.map((f) => f.key.replace('[]', '')));
+});
+
+test('auth test reaches the relay and a wrong key is refused', { skip: !live }, async () => {
+  const ok = await appTester(App.authentication.test, { authData });
+  assert.equal(ok.ok, true);
+  assert.equal(ok.useapi_token, 'request');
+  await assert.rejects(appTester(App.authentication.test, { authData: { ...authData, relay_key: 'wrong' } }), /relay key/i);
+});
+
+const waitForJob = async (statusUrl) => {
+  for (let i = 0; i < 200; i += 1) {
+    const response = await fetch(statusUrl, { headers: { Authorization: `Bearer ${authData.relay_key}` } });
+    const answer = await response.json();
+    if (['ready', 'validated', 'failed'].includes(answer.status)) return answer;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error('the clone job did not end');
+};
+
+test('Clone Voice starts with a callback URL and resumes with the callback body', { skip: !live }, async () => {
+  const bundle = { authData, inputData: { audio_url: process.env.AUDIO_URL, name: 'From Zapier', if_exists: 'create' } };
+  const started = await appTester(App.creates.clone_voice.operation.perform, bundle);
+  assert.equal(started.ok, true);
+  assert.ok(started.job_id);
+  assert.equal(started.callback_status === 'pending' || started.status !== 'ready', true);
+  // The relay POSTs the job's final answer to the callback URL; that body is what Zapier hands to
+  // performResume as cleanedRequest. Read the same answer and resume with it.
+  const final = await waitForJob(started.status_url);
+  const resumed = await appTester(App.creates.clone_voice.operation.performResume, {
+    authData,
+    inputData: bundle.inputData,
+    outputData: started,
+    cleanedRequest: final,
+  });
+  assert.equal(resumed.status, 'ready');
+  assert.match(resumed.cloned_voice_item_id, /^user:.+-voice:.+$/);
+  assert.equal(resumed.job_id, started.job_id);
+});
+
+test('Find Voice finds the voice by name, New Cloned Voice lists it, Delete Voice removes it twice safely', { skip: !live }, async () => {
+  const found = await appTester(App.searches.find_voice.operation.perform, { authData, inputData: { name: 'from zapier' } });
+  assert.equal(found.length, 1);
+  assert.equal(found[0].id, found[0].cloned_voice_item_id);
+  const polled = await appTester(App.triggers.new_cloned_voice.operation.perform, { authData, inputData: {} });
+  assert.ok(polled.some((voice) => voice.id === found[0].id));
+  const first = await appTester(App.creates.delete_voice.operation.perform, {
+    authData,
+    inputData: { cloned_voice_item_id: found[0].id },
+  });
+  assert.equal(first.deleted, true);
+  const again = await appTester(App.creates.delete_voice.operation.perform, {
+    authData,
+    inputData: { cloned_voice_item_id: found[0].id },
+  });
+  assert.equal(again.ok, true);
+  assert.equal(again.deleted, false);
+});
+
+test("a relay error surfaces the relay's error_message", { skip: !live }, async () => {
+  const bundle = { authData, inputData: { audio_url: 'http://169.254.169.254/latest/meta-data', name: 'x' } };
+  await assert.rejects(appTester(App.creates.clone_voice.operation.perform, bundle), /not a public internet address/);
+});
