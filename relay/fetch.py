@@ -69,6 +69,25 @@ def download(
             os.unlink(path)
 
 
+def sweep_stale_spools(older_than_seconds: float, directory: str | None = None) -> int:
+    """Remove spool files left behind by a process that was killed mid-job; return how many.
+
+    Only files older than any download plus upload could take are touched, so a live job's spool
+    (in this or another process) is never removed.
+    """
+    directory = directory or tempfile.gettempdir()
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for name in os.listdir(directory):
+        if name.startswith("relay-") and name.endswith(".audio"):
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
+                    removed += 1
+    return removed
+
+
 def _download_into(sink, path: str, url: str, settings: Settings, resolve, progress) -> Spool:
     deadline = time.monotonic() + settings.download_timeout
     for hop in range(settings.max_redirects + 1):

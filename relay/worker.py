@@ -23,7 +23,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from . import answers, callbacks, pipeline, voices
+from . import answers, callbacks, fetch, pipeline, voices
 from .db import utcnow
 from .errors import (
     CloneFailed,
@@ -465,6 +465,8 @@ class Pool:
                 self.store.heartbeat(self.id)
                 if time.monotonic() - last_purge > 3600:
                     self.store.purge(utcnow() - timedelta(hours=self.settings.job_retention_hours))
+                    # Spool files of a process killed mid-job (SIGKILL leaves no chance to clean up).
+                    fetch.sweep_stale_spools(self.settings.download_timeout + self.settings.upload_timeout + 600)
                     last_purge = time.monotonic()
             except Exception:
                 log.exception("heartbeat failed")

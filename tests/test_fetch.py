@@ -137,3 +137,14 @@ def test_the_connection_goes_to_the_checked_address_whatever_dns_says_later(audi
     with fetch.download(url, settings, resolve=lambda host, port: ["127.0.0.2"]) as spool:
         assert spool.size == len(audio_bytes("wav_pcm16_mono.wav"))
     assert audio_host.log[-1][0].headers["Host"].startswith("voice.example")
+
+
+def test_stale_spools_of_killed_processes_are_swept_and_live_ones_kept(tmp_path):
+    stale, live, other = tmp_path / "relay-old.audio", tmp_path / "relay-new.audio", tmp_path / "keep.txt"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    assert fetch.sweep_stale_spools(3600, str(tmp_path)) == 1
+    assert not stale.exists() and live.exists() and other.exists()
