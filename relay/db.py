@@ -150,11 +150,18 @@ def connect(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
             # One writer at a time, decided when the transaction starts: no lock upgrades, no
-            # "database is locked" surprises halfway through a claim.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # "database is locked" surprises halfway through a claim. Reads (AUTOCOMMIT, see
+            # reader()) take no lock at all: WAL lets them run beside the writer.
+            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def reader(engine: Engine) -> Connection:
+    """A connection for reads only: no transaction, so no lock on SQLite."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
 def migrate(engine: Engine) -> int:

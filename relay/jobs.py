@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import accounts, heartbeats, jobs, utcnow
+from .db import accounts, heartbeats, jobs, reader, utcnow
 
 RECEIVED, DOWNLOADED, UPLOADING, UPLOADED, READY, FAILED = (
     "received",
@@ -125,12 +125,12 @@ class JobStore:
         return job, True
 
     def get(self, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return Job.from_row(row) if row else None
 
     def get_by_key(self, key: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             row = conn.execute(select(jobs).where(jobs.c.idempotency_key == key)).first()
         return Job.from_row(row) if row else None
 
@@ -205,7 +205,7 @@ class JobStore:
         if job.terminal or job.phase != RECEIVED or not job.account_key:
             return None
         now = self.clock()
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             ahead = conn.scalar(
                 select(func.count())
                 .select_from(jobs)
@@ -239,7 +239,7 @@ class JobStore:
 
     def voice_taken(self, cloned_voice_item_id: str, job_id: str) -> bool:
         """True when another job already holds this voice (so two lost uploads never adopt one voice)."""
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             found = conn.scalar(
                 select(jobs.c.id)
                 .where(jobs.c.cloned_voice_item_id == cloned_voice_item_id, jobs.c.id != job_id)
@@ -259,7 +259,7 @@ class JobStore:
                 conn.execute(insert(heartbeats).values(worker_id=worker_id, seen_at=now))
 
     def last_heartbeat(self) -> datetime | None:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             return conn.scalar(select(heartbeats.c.seen_at).order_by(heartbeats.c.seen_at.desc()).limit(1))
 
     def purge(self, older_than: datetime) -> int:

@@ -66,7 +66,7 @@ class Notifier:
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._work = threading.Event()
+        self._work = threading.Condition()
 
     def job_changed(self) -> None:
         with self._changed:
@@ -76,12 +76,17 @@ class Notifier:
         with self._changed:
             self._changed.wait(timeout)
 
-    def work_arrived(self) -> None:
-        self._work.set()
+    def work_arrived(self, everyone: bool = False) -> None:
+        """Wake one idle worker (all of them when stopping): one new job needs one worker."""
+        with self._work:
+            if everyone:
+                self._work.notify_all()
+            else:
+                self._work.notify()
 
     def wait_for_work(self, timeout: float) -> None:
-        self._work.wait(timeout)
-        self._work.clear()
+        with self._work:
+            self._work.wait(timeout)
 
 
 def new_worker_id() -> str:
@@ -391,7 +396,8 @@ class Worker:
         for key, value in values.items():
             if hasattr(job, key):
                 setattr(job, key, value)
-        self.notifier.job_changed()
+        if release:  # the step is over: wake requests waiting on this job (once, not per write)
+            self.notifier.job_changed()
 
 
 class _Renewal:
@@ -442,7 +448,7 @@ class Pool:
     def stop(self, timeout: float = 25.0) -> bool:
         """Stop claiming; let running steps end within ``timeout``. True when all threads ended."""
         self._stop.set()
-        self.notifier.work_arrived()
+        self.notifier.work_arrived(everyone=True)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0))
