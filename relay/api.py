@@ -190,7 +190,7 @@ def create_voice_clone():
     else:
         runtime.notifier.work_arrived()
     g.log["job_id"] = job.id
-    return _job_answer(_wait_for(job.id, wait) or job)
+    return _job_answer((_wait_for(job.id, wait) if wait > 0 else None) or job)
 
 
 @bp.get("/v1/voice-clones/<job_id>")

@@ -8,6 +8,7 @@ together migrate exactly once.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -113,9 +114,16 @@ def _v2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[accounts])
 
 
+def _v3(conn: Connection) -> None:
+    # queue_position counts an account's waiting jobs; the claim counts its jobs in flight.
+    conn.execute(text("CREATE INDEX ix_jobs_account_queue ON jobs (account_key, phase, created_at, lease_expires_at)"))
+    conn.execute(text("CREATE INDEX ix_jobs_lease_expires_at ON jobs (lease_expires_at)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
+    (3, "indexes for queue positions and leases", _v3),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -147,13 +155,31 @@ def connect(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+        # Writers in this process queue on a lock instead of on SQLite's busy handler, whose
+        # back-off sleeps (up to 100 ms) would otherwise set the tail latency of every write.
+        writers = threading.Lock()
+
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
             # One writer at a time, decided when the transaction starts: no lock upgrades, no
             # "database is locked" surprises halfway through a claim. Reads (AUTOCOMMIT, see
             # reader()) take no lock at all: WAL lets them run beside the writer.
-            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                return
+            writers.acquire()
+            conn.info["relay_writer"] = True
+            try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                conn.info.pop("relay_writer", None)
+                writers.release()
+                raise
+
+        @event.listens_for(engine, "commit")
+        @event.listens_for(engine, "rollback")
+        def _sqlite_end(conn):
+            if conn.info.pop("relay_writer", None):
+                writers.release()
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import accounts, heartbeats, jobs, reader, utcnow
@@ -86,6 +86,21 @@ def _encode(values: dict[str, Any]) -> dict[str, Any]:
     return encoded
 
 
+# Statements built once: the intake path runs them on every request.
+_INSERT = insert(jobs).returning(*jobs.c)
+_DEFAULTS = {column.name: None for column in jobs.c} | {"dry_run": False}
+_QUEUE_AHEAD = (
+    select(func.count())
+    .select_from(jobs)
+    .where(
+        jobs.c.account_key == bindparam("account"),
+        jobs.c.phase == RECEIVED,
+        or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < bindparam("now")),
+        jobs.c.created_at < bindparam("created"),
+    )
+)
+
+
 class JobStore:
     """All reads and writes of jobs. Writes by workers are guarded by their lease."""
 
@@ -113,16 +128,14 @@ class JobStore:
         )
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(jobs).values(**row))
+                created = conn.execute(_INSERT, {**_DEFAULTS, **row}).first()
         except IntegrityError:
             key = values.get("idempotency_key")
             existing = self.get_by_key(key) if key else None
             if existing is None:
                 raise
             return existing, False
-        job = self.get(job_id)
-        assert job is not None
-        return job, True
+        return Job.from_row(created), True
 
     def get(self, job_id: str) -> Job | None:
         with reader(self.engine) as conn:
@@ -204,17 +217,9 @@ class JobStore:
         """1-based place of a waiting job among its account's waiting jobs (None if not waiting)."""
         if job.terminal or job.phase != RECEIVED or not job.account_key:
             return None
-        now = self.clock()
         with reader(self.engine) as conn:
             ahead = conn.scalar(
-                select(func.count())
-                .select_from(jobs)
-                .where(
-                    jobs.c.account_key == job.account_key,
-                    jobs.c.phase == RECEIVED,
-                    or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
-                    jobs.c.created_at < job.created_at,
-                )
+                _QUEUE_AHEAD, {"account": job.account_key, "now": self.clock(), "created": job.created_at}
             )
         return (ahead or 0) + 1
 
