@@ -138,20 +138,8 @@ class Worker:
 
     def _clone(self, job: Job, request: pipeline.CloneRequest, token: str | None, answer: dict) -> None:
         existing = pipeline.existing_voice(request, token, self.settings, answer)
-        if existing is not None:
-            if existing["status"] == "ready":
-                self._finish(job, 200, answer, status="ready")
-            else:
-                self._save(
-                    job,
-                    release=True,
-                    phase=UPLOADED,
-                    answer=answer,
-                    accepted_at=utcnow(),
-                    cloned_voice_item_id=existing["cloned_voice_item_id"],
-                    item_id=existing["item_id"],
-                    next_run_at=utcnow(),
-                )
+        if existing is not None:  # if_exists=reuse: adopt the account's voice, no upload
+            self._accepted(job, answer, existing["status"], existing["cloned_voice_item_id"], existing["item_id"])
             return
         with pipeline.prepared(request, self.settings, answer) as (spool, info):
             self._save(job, phase=DOWNLOADED, answer=answer)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from pytest_httpserver import HTTPServer
 from sqlalchemy import text
+from werkzeug.serving import make_server
 
 from relay import create_app, db
 from relay.settings import Settings
@@ -27,14 +30,23 @@ def audio_bytes(name: str) -> bytes:
     return (AUDIO / name).read_bytes()
 
 
-@pytest.fixture(scope="session")
-def audio_server():
+@contextlib.contextmanager
+def allowed_host_server():
+    """A threaded pytest-httpserver on 127.0.0.2, the one address the test settings allow."""
     server = HTTPServer(host=AUDIO_HOST, port=0, threaded=True)
     server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
+    try:
+        yield server
+    finally:
+        server.clear()
+        if server.is_running():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def audio_server():
+    with allowed_host_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -156,12 +168,8 @@ def fake():
 @pytest.fixture
 def receiver():
     """A callback receiver on 127.0.0.2 (allowed), threaded so slow answers do not block others."""
-    server = HTTPServer(host=AUDIO_HOST, port=0, threaded=True)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
+    with allowed_host_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -187,3 +195,16 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextlib.contextmanager
+def over_http(app):
+    """Serve ``app`` over real HTTP on 127.0.0.1 (a threaded werkzeug server); yield its base URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(5)

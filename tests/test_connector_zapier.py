@@ -5,27 +5,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
-from .conftest import RELAY_KEY, TOKEN, serve_file
+from .conftest import RELAY_KEY, TOKEN, over_http, serve_file
 
 ZAPIER = Path(__file__).parent.parent / "connector_spec" / "zapier"
 
 
 @pytest.fixture
 def live_relay(make_app, job_settings):
-    """The relay over real HTTP on 127.0.0.1 (a werkzeug server in a thread)."""
-    app = make_app(job_settings)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
+    with over_http(make_app(job_settings)) as base:
+        yield base
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -5,7 +5,6 @@ repeatable."""
 from __future__ import annotations
 
 import ipaddress
-import threading
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from werkzeug.serving import make_server
 
 from relay import audio, urlguard
 from relay.errors import RelayError
 from relay.openapi import build_spec
 
-from .conftest import AUDIO, RELAY_KEY, TOKEN, serve_file
+from .conftest import AUDIO, RELAY_KEY, TOKEN, over_http, serve_file
 
 BOUNDED = settings(
     max_examples=25,
@@ -47,13 +45,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture
 def live_relay(make_app, job_settings):
-    app = make_app(job_settings.replace(max_wait_seconds=0.5, default_wait_seconds=0.2))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
+    with over_http(make_app(job_settings.replace(max_wait_seconds=0.5, default_wait_seconds=0.2))) as base:
+        yield base
 
 
 def _keep_on_loopback(body, audio_url: str, callback_url: str):
