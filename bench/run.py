@@ -175,7 +175,7 @@ class Relay:
             "PORT": str(self.port),
             "RELAY_BIND_HOST": "127.0.0.1",
             "WEB_CONCURRENCY": os.environ.get("BENCH_WEB_CONCURRENCY", "1"),
-            "RELAY_THREADS": "64",
+            "RELAY_THREADS": os.environ.get("BENCH_THREADS", "8"),  # the production default
             "RELAY_API_KEY": KEY,
             "USEAPI_TOKEN": TOKEN,
             "USEAPI_BASE_URL": upstream,

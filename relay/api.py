@@ -165,12 +165,13 @@ def create_voice_clone():
     if given_token and not runtime.vault.durable and runtime.pool is None:
         raise SecretKeyRequired()
     key = _idempotency_key()
-    request_hash = _hash({**clone_request.as_dict(), "callback_url": callback_url})
+    stored_request = clone_request.as_dict()
+    request_hash = _hash({**stored_request, "callback_url": callback_url})
     job_id = uuid.uuid4().hex
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     job, created = runtime.store.create(
         job_id,
-        request=clone_request.as_dict(),
+        request=stored_request,
         status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
         token_kind=token_kind,
         token_sealed=sealed,

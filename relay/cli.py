@@ -153,7 +153,7 @@ def _migrate(settings: Settings) -> int:
 
     engine = db.connect(db.database_url(settings.database_url, settings.data_dir))
     version = db.migrate(engine)
-    engine.dispose()
+    db.dispose(engine)
     print(f"relay: database schema at version {version}", file=sys.stderr)
     return 0
 

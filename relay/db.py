@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -181,13 +182,32 @@ def connect(url: str) -> Engine:
             if conn.info.pop("relay_writer", None):
                 writers.release()
 
+        read_engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, isolation_level="AUTOCOMMIT"
+        )
+        event.listen(read_engine, "connect", _sqlite_connect)
+        _readers[engine] = read_engine
+
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 def reader(engine: Engine) -> Connection:
     """A connection for reads only: no transaction, so no lock on SQLite."""
-    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return _readers.get(engine, engine).connect()
+
+
+# Per engine, a second engine for reads whose connections are in autocommit from the start (so
+# checking one out costs no isolation-level round trip). Weak keys: disposing an engine frees its reader.
+_readers: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def dispose(engine: Engine) -> None:
+    """Close every pooled connection of ``engine`` and of its reader."""
+    reader_engine = _readers.pop(engine, None)
+    if reader_engine is not None:
+        reader_engine.dispose()
+    engine.dispose()
 
 
 def migrate(engine: Engine) -> int:

@@ -41,4 +41,4 @@ class Runtime:
         if self.pool is not None:
             self.pool.stop(timeout)
             self.pool = None
-        self.engine.dispose()
+        db.dispose(self.engine)
