@@ -7,6 +7,7 @@ useapi), so whoever resumes a job after a crash knows what may already have happ
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -101,6 +102,51 @@ _QUEUE_AHEAD = (
 )
 
 
+@functools.cache
+def _claim_statement(limited: bool):
+    """The claim, built once per shape (building it costs more than running it)."""
+    now = bindparam("now")
+    free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
+    account_ok = or_(accounts.c.backoff_until.is_(None), accounts.c.backoff_until <= now)
+    if limited:
+        busy = (
+            select(jobs.c.account_key)
+            .where(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL), jobs.c.account_key.is_not(None))
+            .group_by(jobs.c.account_key)
+            .having(func.count() >= bindparam("account_limit"))
+        )
+        account_ok = and_(account_ok, or_(jobs.c.account_key.is_(None), jobs.c.account_key.not_in(busy)))
+    # next_run_at is NULL once a job has nothing left to do, so this is a range scan of its
+    # index, whatever the number of finished jobs kept for their idempotency keys.
+    due = and_(
+        jobs.c.next_run_at <= now,
+        or_(
+            and_(jobs.c.phase.not_in(TERMINAL), account_ok),
+            and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING),
+        ),
+    )
+    pick = (
+        select(jobs.c.id)
+        .select_from(jobs.outerjoin(accounts, accounts.c.account_key == jobs.c.account_key))
+        .where(due, free)
+        .order_by(func.coalesce(accounts.c.last_claimed_at, _EPOCH), jobs.c.next_run_at, jobs.c.created_at)
+        .limit(1)
+        .with_for_update(of=jobs, skip_locked=True)
+        .scalar_subquery()
+    )
+    return (
+        update(jobs)
+        .where(jobs.c.id == pick, free)
+        .values(
+            lease_owner=bindparam("owner"),
+            lease_expires_at=bindparam("lease_until"),
+            attempts=jobs.c.attempts + 1,
+            updated_at=now,
+        )
+        .returning(*jobs.c)
+    )
+
+
 class JobStore:
     """All reads and writes of jobs. Writes by workers are guarded by their lease."""
 
@@ -159,44 +205,16 @@ class JobStore:
         ``BEGIN IMMEDIATE`` on SQLite) so limits hold across any number of worker processes.
         """
         now = self.clock()
-        free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
-        account_ok = or_(accounts.c.backoff_until.is_(None), accounts.c.backoff_until <= now)
-        if account_limit:
-            busy = (
-                select(jobs.c.account_key)
-                .where(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL), jobs.c.account_key.is_not(None))
-                .group_by(jobs.c.account_key)
-                .having(func.count() >= account_limit)
-            )
-            account_ok = and_(account_ok, or_(jobs.c.account_key.is_(None), jobs.c.account_key.not_in(busy)))
-        due = or_(
-            and_(jobs.c.phase.not_in(TERMINAL), jobs.c.next_run_at <= now, account_ok),
-            and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING, jobs.c.callback_next_at <= now),
-        )
-        pick = (
-            select(jobs.c.id)
-            .select_from(jobs.outerjoin(accounts, accounts.c.account_key == jobs.c.account_key))
-            .where(due, free)
-            .order_by(func.coalesce(accounts.c.last_claimed_at, _EPOCH), jobs.c.next_run_at, jobs.c.created_at)
-            .limit(1)
-            .with_for_update(of=jobs, skip_locked=True)
-            .scalar_subquery()
-        )
-        statement = (
-            update(jobs)
-            .where(jobs.c.id == pick, free)
-            .values(
-                lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=jobs.c.attempts + 1,
-                updated_at=now,
-            )
-            .returning(*jobs.c)
-        )
+        params = {
+            "now": now,
+            "owner": owner,
+            "lease_until": now + timedelta(seconds=lease_seconds),
+            "account_limit": account_limit,
+        }
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(724390118)"))
-            row = conn.execute(statement).first()
+            row = conn.execute(_claim_statement(bool(account_limit)), params).first()
             if row is not None and row.account_key and row.phase not in TERMINAL:
                 self._touch_account(conn, row.account_key, last_claimed_at=now)
         return Job.from_row(row) if row else None

@@ -312,7 +312,7 @@ class Worker:
             item_id=answer.get("item_id"),
             callback_status=PENDING if job.callback_url else None,
             callback_next_at=now if job.callback_url else None,
-            next_run_at=now,
+            next_run_at=now if job.callback_url else None,  # nothing left to do: off the due index
         )
         self.vault.forget(job.id)
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})
@@ -325,7 +325,12 @@ class Worker:
         if delivery.delivered:
             log.info("callback delivered", extra={"fields": fields})
             self._save(
-                job, release=True, callback_status=DELIVERED, callback_attempts=attempts, callback_last_error=None
+                job,
+                release=True,
+                callback_status=DELIVERED,
+                callback_attempts=attempts,
+                callback_last_error=None,
+                next_run_at=None,
             )
             return
         delay = None if delivery.gone else callbacks.next_delay(self.settings.callback_schedule, attempts)
@@ -337,6 +342,7 @@ class Worker:
                 callback_status=GIVEN_UP,
                 callback_attempts=attempts,
                 callback_last_error=delivery.detail,
+                next_run_at=None,
             )
             return
         log.info("callback failed, will retry", extra={"fields": {**fields, "delay_s": round(delay, 1)}})
