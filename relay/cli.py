@@ -18,7 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to bind (default RELAY_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default PORT or 8000)")
     serve.add_argument(
-        "--workers", type=int, default=None, help="gunicorn worker processes (default WEB_CONCURRENCY or 2)"
+        "--workers",
+        type=int,
+        default=None,
+        help="gunicorn worker processes (default WEB_CONCURRENCY, else 1 on SQLite and 2 with DATABASE_URL)",
     )
     serve.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
     commands.add_parser("config", help="print the effective settings, secrets masked")
@@ -184,7 +187,6 @@ def _worker(settings: Settings, concurrency: int) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    import os
 
     from gunicorn.app.base import BaseApplication
 
@@ -192,7 +194,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "2"))
+    workers = args.workers or gunicorn_conf.workers
 
     class Server(BaseApplication):
         def load_config(self):

@@ -14,7 +14,8 @@ _settings = Settings.from_env()
 
 bind = f"{os.environ.get('RELAY_BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# SQLite (no DATABASE_URL) serializes writers: one process with threads serves it best.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2" if _settings.database_url else "1"))
 threads = int(os.environ.get("RELAY_THREADS", "8"))
 # gthread workers keep heartbeating while requests wait, but keep the hard limit above any wait.
 timeout = int(max(_settings.max_wait_seconds, _settings.upload_timeout) + 60)
