@@ -5,6 +5,10 @@ const { relayUrl, ANSWER_FIELDS, ANSWER_SAMPLE } = require('../lib');
 // Zapier gives an action 30 s. The relay answers at once (202, job_id) and POSTs the final answer to
 // the callback URL when the clone ends; Zapier then runs performResume with that body.
 const perform = async (z, bundle) => {
+  if (bundle.meta && bundle.meta.isLoadingSample) {
+    // "Test step" in the Zap editor: no real clone (it would take a paid voice slot); a typical answer.
+    return ANSWER_SAMPLE;
+  }
   const body = {
     audio_url: bundle.inputData.audio_url,
     name: bundle.inputData.name,

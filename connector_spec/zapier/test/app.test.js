@@ -57,6 +57,12 @@ test('every operation has input fields, output fields and a sample; clone answer
   assert.deepEqual(Object.keys(app.creates.clone_voice.operation.sample), ANSWER_FIELDS.map((f) => f.key.replace('[]', '')));
 });
 
+test('loading a sample in the Zap editor clones nothing and gives the sample', async () => {
+  const bundle = { authData: {}, inputData: { audio_url: 'https://example.com/a.wav', name: 'x' }, meta: { isLoadingSample: true } };
+  const answer = await appTester(App.creates.clone_voice.operation.perform, bundle);
+  assert.deepEqual(answer, App.creates.clone_voice.operation.sample);
+});
+
 test('auth test reaches the relay and a wrong key is refused', { skip: !live }, async () => {
   const ok = await appTester(App.authentication.test, { authData });
   assert.equal(ok.ok, true);
