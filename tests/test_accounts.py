@@ -14,6 +14,10 @@ from relay.db import utcnow
 from .conftest import AUDIO_HOST, HEADERS, JOBS_SECRET_KEY, PG_URL, post, serve_file, wait_until
 
 
+def wait_for_all(store, job_ids, timeout: float) -> None:
+    wait_until(lambda: all(store.get(job_id).terminal for job_id in job_ids), timeout=timeout)
+
+
 def submit(client, url: str, account: str, name: str) -> str:
     response = post(client, {"audio_url": url, "name": name, "user_id": account, "wait_seconds": 0})
     assert response.status_code == 202, response.json
@@ -27,7 +31,7 @@ def test_an_account_never_has_more_uploads_in_flight_than_its_limit(make_app, jo
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     ids = [submit(client, url, "A", f"voice {n}") for n in range(15)]
     store = app.extensions["relay.runtime"].store
-    wait_until(lambda: all(store.get(job_id).terminal for job_id in ids), timeout=40)
+    wait_for_all(store, ids, timeout=40)
     assert fake.max_in_flight["A"] == 3
     assert fake.upload_count() == 15
 
@@ -43,7 +47,7 @@ def test_queued_jobs_show_their_place_in_line(make_app, job_settings, fake, audi
     assert last["status"] == "queued"
     assert last["queue_position"] in (2, 3)
     store = app.extensions["relay.runtime"].store
-    wait_until(lambda: all(store.get(job_id).terminal for job_id in ids), timeout=30)
+    wait_for_all(store, ids, timeout=30)
     assert fake.max_in_flight["A"] == 1
 
 
@@ -63,7 +67,7 @@ def test_one_accounts_backlog_does_not_starve_another(make_app, job_settings, fa
     assert waited < 1.2, f"B waited {waited:.2f} s behind A's backlog"
     a_left = sum(1 for job_id in a_ids if not store.get(job_id).terminal)
     assert a_left > 10  # B really went before most of A's backlog
-    wait_until(lambda: all(store.get(job_id).terminal for job_id in a_ids), timeout=40)
+    wait_for_all(store, a_ids, timeout=40)
 
 
 def test_a_429_backs_off_that_account_only(make_app, job_settings, fake, audio_host):
@@ -112,7 +116,7 @@ def test_two_worker_processes_on_postgresql_share_the_limit(make_app, job_settin
     ]
     try:
         store = app.extensions["relay.runtime"].store
-        wait_until(lambda: all(store.get(job_id).terminal for job_id in ids), timeout=60)
+        wait_for_all(store, ids, timeout=60)
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
