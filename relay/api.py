@@ -169,6 +169,7 @@ def create_voice_clone():
     request_hash = _hash({**stored_request, "callback_url": callback_url})
     job_id = uuid.uuid4().hex
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
+    generation = runtime.notifier.generation  # before the job exists: no change to it is missed
     job, created = runtime.store.create(
         job_id,
         request=stored_request,
@@ -191,7 +192,7 @@ def create_voice_clone():
     else:
         runtime.notifier.work_arrived()
     g.log["job_id"] = job.id
-    return _job_answer((_wait_for(job.id, wait) if wait > 0 else None) or job)
+    return _job_answer(_wait_for(job, wait, generation) if wait > 0 else job)
 
 
 @bp.get("/v1/voice-clones/<job_id>")
@@ -222,23 +223,29 @@ def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
     return asked
 
 
-def _wait_for(job_id: str, seconds: float):
-    """The job once it has ended, or as it is when ``seconds`` have passed."""
+def _wait_for(job, seconds: float, generation: int):
+    """The job once it has ended, or as it is when ``seconds`` have passed.
+
+    ``job`` is the job as the request last saw it, at notifier ``generation``: the store is read
+    again only after a change in this process, or every 0.25 s (a worker elsewhere may finish it).
+    """
     runtime = _runtime()
     deadline = time.monotonic() + seconds
-    while True:
-        job = runtime.store.get(job_id)
+    while not job.terminal:
         remaining = deadline - time.monotonic()
-        if job is None or job.terminal or remaining <= 0:
-            return job
-        runtime.notifier.wait_for_change(min(remaining, 0.25))
+        if remaining <= 0:
+            break
+        runtime.notifier.wait_for_change(min(remaining, 0.25), since=generation)
+        generation = runtime.notifier.generation
+        job = runtime.store.get(job.id) or job
+    return job
 
 
 def _job_answer(job):
     answer = answers.for_job(job, utcnow())
     answer["request_id"] = g.request_id
     if answer["status"] == "queued":
-        answer["queue_position"] = _runtime().store.queue_position(job)
+        answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
     g.answer = answer
     return _answer(answers.http_status_for_job(job), answer)
 
@@ -258,7 +265,7 @@ def _hash(value: dict) -> str:
 
 
 def _public_base() -> str:
-    return settings().public_url or request.host_url.rstrip("/")
+    return settings().public_url or f"{request.scheme}://{request.host}"
 
 
 @bp.get("/v1/voices")

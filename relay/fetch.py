@@ -28,7 +28,9 @@ from . import __version__, urlguard
 from .errors import DownloadFailed, DownloadTooLarge, UrlNotAllowed
 from .settings import Settings
 
-CHUNK = 64 * 1024
+# Most bytes one read takes from the socket: a 40 MB download on loopback took 32 ms in 64 KiB
+# reads, 23 ms in 256 KiB reads (bench/), with no gain beyond.
+CHUNK = 256 * 1024
 USER_AGENT = f"voice-clone-relay/{__version__}"
 _REDIRECTS = {301, 302, 303, 307, 308}
 Progress = Callable[[int, int | None], None]

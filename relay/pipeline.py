@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import audio, fetch, links, urlguard, voices
@@ -31,7 +31,8 @@ class CloneRequest:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # A shallow copy: the caller JSON-encodes it at once, so asdict()'s deep copy is not needed.
+        return {**self.__dict__, "warnings": list(self.warnings)}
 
 
 def check_before_work(request: CloneRequest, token: str | None, settings: Settings) -> None:

@@ -177,7 +177,10 @@ class AnswerSchema(Schema):
     completed_at = fields.String(allow_none=True, metadata={"description": "When it ended (ISO 8601 UTC)."})
     queue_position = fields.Integer(
         allow_none=True,
-        metadata={"description": "While queued behind the account's other jobs: 1 = next. Else null."},
+        metadata={
+            "description": "While queued behind the account's other jobs: 1 = next; 1001 = 1000 or more "
+            "ahead. Else null."
+        },
     )
     callback_status = fields.String(
         allow_none=True,

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from . import __version__
@@ -26,6 +27,17 @@ from .errors import (
 from .settings import Settings
 
 VOICES_PATH = "/tempolor/music/cloned-voices/"
+# urllib3 sends a file body in blocks of this size. Its default, 16 KiB, costs a read, a send and a
+# Python round per 16 KiB: a 40 MB upload took 38 ms on loopback with it, 22-24 ms with 64-256 KiB.
+UPLOAD_BLOCK = 256 * 1024
+
+
+class _BlockAdapter(HTTPAdapter):
+    """An adapter whose connections read a file body in :data:`UPLOAD_BLOCK` pieces."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["blocksize"] = UPLOAD_BLOCK
+        super().init_poolmanager(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,8 @@ class Useapi:
         self._token = token
         self.session = requests.Session()
         self.session.trust_env = False  # the operator's base URL is used as configured
+        for scheme in ("https://", "http://"):
+            self.session.mount(scheme, _BlockAdapter())
         self.session.headers.update(
             {"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"}
         )

@@ -1,0 +1,137 @@
+"""New jobs written in groups (group commit), on SQLite and PostgreSQL.
+
+Each test holds the database's write lock from a second connection, lets requests pile up behind
+the first one, then lets go: what was waiting is written together, and every request still gets
+its own job, its own conflict or its own error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+
+import pytest
+from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import IntegrityError
+
+from relay import db
+from relay.jobs import QUEUE_COUNT_LIMIT, JobStore, _GroupInsert
+
+from .conftest import wait_until
+
+
+@pytest.fixture
+def store(job_settings):
+    engine = db.connect(db.database_url(job_settings.database_url, job_settings.data_dir))
+    db.migrate(engine)
+    yield JobStore(engine)
+    db.dispose(engine)
+
+
+@contextlib.contextmanager
+def writes_blocked(store: JobStore):
+    """Hold the jobs table's write lock from outside the store until the block ends."""
+    url = store.engine.url
+    if url.get_backend_name() == "sqlite":
+        other = sqlite3.connect(url.database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+    else:
+        with store.engine.connect() as other:
+            other.execute(text("LOCK TABLE jobs IN EXCLUSIVE MODE"))
+            yield
+            other.rollback()
+
+
+def new_job(store: JobStore, n: int, **values):
+    request = {"audio_url": "https://example.org/a.wav", "name": f"voice {n}"}
+    defaults = {"request": request, "token_kind": "server", "answer": {}, "account_key": "account-a"}
+    return store.create(f"{n:032x}", **{**defaults, **values})
+
+
+def piled_up(store: JobStore, extra: list[dict]) -> list:
+    """Job 0 starts writing and blocks; jobs 1..len(extra) queue behind it; then the lock goes.
+
+    Returns what each create returned (or raised), in job order."""
+    results: list = [None] * (len(extra) + 1)
+
+    def run(n: int, values: dict):
+        try:
+            results[n] = new_job(store, n, **values)
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            results[n] = err
+
+    intake: _GroupInsert = store._intake
+    threads = [threading.Thread(target=run, args=(0, {}))]
+    with writes_blocked(store):
+        threads[0].start()
+        wait_until(lambda: intake._writing and not intake._queue, timeout=10)
+        threads += [threading.Thread(target=run, args=(n + 1, values)) for n, values in enumerate(extra)]
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: len(intake._queue) == len(extra), timeout=10)
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def count_commits(store: JobStore) -> list[int]:
+    commits = [0]
+    event.listen(store.engine, "commit", lambda _conn: commits.__setitem__(0, commits[0] + 1))
+    return commits
+
+
+def test_jobs_that_arrive_together_share_transactions_and_keep_their_order(store):
+    commits = count_commits(store)
+    results = piled_up(store, [{}] * 69)  # 1 writing, then 69 waiting: groups of 64 and 5
+    assert commits[0] == 3
+    jobs = sorted((job for job, created in results if created), key=lambda job: job.created_at)
+    assert len(jobs) == 70 and jobs[0].id == f"{0:032x}"
+    assert [job.queue_position for job in jobs] == list(range(1, 71))
+    assert [store.queue_position(store.get(job.id)) for job in jobs] == list(range(1, 71))
+    with db.reader(store.engine) as conn:
+        assert conn.scalar(select(func.count()).select_from(db.jobs)) == 70
+
+
+def test_a_taken_idempotency_key_in_a_group_answers_with_the_existing_job(store):
+    results = piled_up(store, [{"idempotency_key": "same"}, {}, {"idempotency_key": "same"}, {}])
+    created = [result for result in results if result[1]]
+    first, repeat = results[1], results[3]
+    assert len(created) == 4
+    assert first[1] is True and repeat[1] is False and repeat[0].id == first[0].id
+    assert store.get(f"{3:032x}") is None
+
+
+def test_a_bad_job_in_a_group_fails_alone(store):
+    results = piled_up(store, [{}, {"token_kind": None}, {}])
+    assert isinstance(results[2], IntegrityError)
+    assert all(results[n][1] for n in (0, 1, 3))
+    assert store.get(f"{2:032x}") is None and store.get(f"{3:032x}") is not None
+
+
+@pytest.mark.parametrize("jobs_ahead, shown", [(0, 1), (41, 42), (QUEUE_COUNT_LIMIT - 1, 100), (150, 101)])
+def test_queue_positions_are_counted_up_to_the_limit(store, jobs_ahead, shown):
+    ahead = [
+        {
+            "id": f"{n:032x}",
+            "phase": "received",
+            "request": "{}",
+            "token_kind": "server",
+            "account_key": "account-a",
+            "next_run_at": db.utcnow(),
+            "created_at": db.utcnow(),
+            "updated_at": db.utcnow(),
+        }
+        for n in range(jobs_ahead)
+    ]
+    if ahead:
+        with store.engine.begin() as conn:  # the jobs ahead, written in one go
+            conn.execute(db.jobs.insert(), ahead)
+    job, created = new_job(store, 10_000)
+    assert created and job.queue_position == shown
+    assert store.queue_position(store.get(job.id)) == shown
