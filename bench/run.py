@@ -162,29 +162,34 @@ def url(server: ThreadingHTTPServer, path: str) -> str:
     return f"http://{host}:{port}{path}"
 
 
-def serve_parts(config: dict) -> None:
-    """In the parts process: start the servers, print their URLs, run until stdin closes."""
-    audio = Path(config["audio"])
-    host = file_host(audio, config.get("mbps", 0))
-    upstream = useapi_stand_in(config.get("delay", 0.0), config.get("mbps", 0))
-    hook = receiver()
-    urls = {"audio_url": url(host, "/audio.wav"), "upstream": url(upstream, "/v1"), "hook": url(hook, "/hook")}
+def serve_part(config: dict) -> None:
+    """In a part's process: start its servers, print their URLs, run until stdin closes."""
+    if config["part"] == "audio":
+        host, hook = file_host(Path(config["audio"]), config.get("mbps", 0)), receiver()
+        urls = {"audio_url": url(host, "/audio.wav"), "hook": url(hook, "/hook")}
+    else:
+        upstream = useapi_stand_in(config.get("delay", 0.0), config.get("mbps", 0))
+        urls = {"upstream": url(upstream, "/v1")}
     print(json.dumps(urls), flush=True)
     sys.stdin.read()
 
 
 class Parts:
-    """The audio host, the useapi stand-in and a callback receiver, in a process of their own.
+    """The audio host (with a callback receiver) and the useapi stand-in, each in a process of its own.
 
     Python threads share one interpreter lock: servers in the bench's own process would compete
-    with its client (the direct path) but not with the relay, skewing the comparison."""
+    with its client (the direct path) but not with the relay, and one process serving both the
+    download and the upload would serialize transfers that are, in real life, two other hosts."""
 
     def __init__(self, audio: Path, mbps: float = 0, delay: float = 0.0):
-        config = json.dumps({"audio": str(audio), "mbps": mbps, "delay": delay})
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--parts", config], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        urls = json.loads(self.process.stdout.readline())
+        self.processes, urls = [], {}
+        for part in ("audio", "useapi"):
+            config = json.dumps({"part": part, "audio": str(audio), "mbps": mbps, "delay": delay})
+            process = subprocess.Popen(
+                [sys.executable, __file__, "--part", config], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            self.processes.append(process)
+            urls.update(json.loads(process.stdout.readline()))
         self.audio_url, self.upstream, self.hook = urls["audio_url"], urls["upstream"], urls["hook"]
 
     def uploads(self) -> int:
@@ -194,11 +199,12 @@ class Parts:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for process in self.processes:
+            process.stdin.close()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def free_port() -> int:
@@ -565,8 +571,8 @@ def write_results(results: dict) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--parts"]:  # the servers' own process (see Parts)
-        serve_parts(json.loads(argv[1]))
+    if argv[:1] == ["--part"]:  # a server's own process (see Parts)
+        serve_part(json.loads(argv[1]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(

@@ -51,19 +51,31 @@ class Spool:
             os.unlink(self.path)
 
 
+def new_spool_path() -> str:
+    """A new, empty spool file (named so that :func:`sweep_stale_spools` finds it if abandoned)."""
+    fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio")
+    os.close(fd)
+    return path
+
+
 @contextlib.contextmanager
 def download(
-    url: str, settings: Settings, resolve: urlguard.Resolver | None = None, progress: Progress | None = None
+    url: str,
+    settings: Settings,
+    resolve: urlguard.Resolver | None = None,
+    progress: Progress | None = None,
+    path: str | None = None,
 ) -> Iterator[Spool]:
     """Download ``url`` into a spool file, yield it, and remove the file afterwards.
 
-    ``progress(bytes_so_far, declared_total_or_None)`` is called as the body arrives.
+    ``progress(bytes_so_far, declared_total_or_None)`` is called as the body arrives, each time
+    after those bytes were handed to the operating system (so another reader of ``path`` sees
+    them). ``path``: a file from :func:`new_spool_path` to write into (removed all the same).
     Raises :class:`UrlNotAllowed`, :class:`DownloadFailed` or :class:`DownloadTooLarge`.
     """
-    fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio")
-    spool = None
+    path = path or new_spool_path()
     try:
-        with os.fdopen(fd, "wb") as sink:
+        with open(path, "wb", buffering=0) as sink:
             spool = _download_into(sink, path, url, settings, resolve, progress)
         yield spool
     finally:
@@ -160,7 +172,9 @@ def _stream(response: requests.Response, sink, settings: Settings, deadline: flo
             size += len(chunk)
             if size > limit:
                 raise DownloadTooLarge(_too_large(None, limit))
-            sink.write(chunk)
+            view = memoryview(chunk)
+            while view:  # an unbuffered write may take part of the chunk
+                view = view[sink.write(view) :]
             if progress is not None:
                 progress(size, int(declared) if declared and declared.isdigit() else None)
             if time.monotonic() > deadline:

@@ -7,11 +7,11 @@ phases, and each step is usable on its own (tests, the command line).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audio, fetch, links, urlguard, voices
+from . import audio, fetch, links, stream, urlguard, voices
 from .errors import MissingUpstreamToken, VoiceExists
 from .settings import Settings
 from .useapi import UploadResult, Useapi
@@ -72,25 +72,51 @@ def existing_voice(request: CloneRequest, token: str | None, settings: Settings,
     return existing
 
 
+def early_upload(
+    request: CloneRequest, token: str, settings: Settings, begin: Callable[[], None]
+) -> stream.EarlyUpload | None:
+    """An upload that may start while the file downloads (see :mod:`relay.stream`), for
+    :func:`prepared`; None when ``RELAY_STREAM_MIN_BYTES`` is 0 or for a dry run."""
+    if request.dry_run or not settings.stream_min_bytes:
+        return None
+
+    def send(body, size: int, content_type: str) -> UploadResult:
+        with Useapi(settings, token) as client:
+            return client.upload_body(body, size, content_type, request.name, request.user_id)
+
+    return stream.EarlyUpload(settings.stream_min_bytes, settings.download_timeout, begin, send)
+
+
 @contextlib.contextmanager
 def prepared(
-    request: CloneRequest, settings: Settings, answer: dict, progress=None
+    request: CloneRequest, settings: Settings, answer: dict, progress=None, early: stream.EarlyUpload | None = None
 ) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
     """Download and validate the audio; fill ``answer``'s audio fields and warnings; yield the
-    spool file and what was learned. The file is removed when the block ends."""
+    spool file and what was learned. The file is removed when the block ends.
+
+    With ``early``, a large file starts uploading while it downloads; inside the block call
+    ``early.finish()`` to complete that upload. If the block is left any other way (the download
+    or the validation failed, or the caller raised), the upload is abandoned short of its length."""
     url, note = links.direct_download(request.audio_url)
     if note and note not in answer["warnings"]:
         answer["warnings"].append(note)
-    with fetch.download(url, settings, progress=progress) as spool:
-        info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
-        answer.update(info.as_fields())
-        hint = request.content_type
-        if hint and audio.format_for_content_type(hint) != info.format:
-            answer["warnings"].append(
-                f"content_type {hint} does not match the file, which is {info.format.upper()}; "
-                f"sent as {info.content_type}."
-            )
-        yield spool, info
+    path = fetch.new_spool_path()
+    if early is not None:
+        early.path, progress = path, early.progress
+    try:
+        with fetch.download(url, settings, progress=progress, path=path) as spool:
+            info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
+            answer.update(info.as_fields())
+            hint = request.content_type
+            if hint and audio.format_for_content_type(hint) != info.format:
+                answer["warnings"].append(
+                    f"content_type {hint} does not match the file, which is {info.format.upper()}; "
+                    f"sent as {info.content_type}."
+                )
+            yield spool, info
+    finally:
+        if early is not None:
+            early.abandon()
 
 
 def upload(

@@ -32,6 +32,7 @@ class Settings:
     read_timeout: float = 30.0
     download_timeout: float = 120.0
     upload_timeout: float = 180.0
+    stream_min_bytes: int = 8 * MiB
     max_redirects: int = 5
     max_json_bytes: int = 64 * 1024
     max_list_pages: int = 20
@@ -166,6 +167,7 @@ _SPECS = (
     _Spec("RELAY_READ_TIMEOUT", "read_timeout", float, 0.1, 600),
     _Spec("RELAY_DOWNLOAD_TIMEOUT", "download_timeout", float, 0.1, 3600),
     _Spec("RELAY_UPLOAD_TIMEOUT", "upload_timeout", float, 0.1, 3600),
+    _Spec("RELAY_STREAM_MIN_BYTES", "stream_min_bytes", int, 0, 1024 * MiB),
     _Spec("RELAY_MAX_REDIRECTS", "max_redirects", int, 0, 20),
     _Spec("RELAY_MAX_JSON_BYTES", "max_json_bytes", int, 1024, 16 * MiB),
     _Spec("RELAY_MAX_LIST_PAGES", "max_list_pages", int, 1, 500),

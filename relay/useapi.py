@@ -7,7 +7,7 @@ into :mod:`relay.errors`. The upload is never retried: a lost answer may still h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import requests
@@ -81,20 +81,27 @@ class Useapi:
         """Stream the file at ``path`` as the raw body of ``POST …/cloned-voices/``.
 
         ``progress(bytes_sent, size)`` is called as the body goes out."""
+        with open(path, "rb") as handle:
+            body = handle if progress is None else _ProgressReader(handle, size, progress)
+            return self.upload_body(body, size, content_type, name, user_id)
+
+    def upload_body(self, body: BinaryIO, size: int, content_type: str, name: str, user_id: str | None) -> UploadResult:
+        """``POST …/cloned-voices/`` with ``size`` bytes read from ``body`` as the raw body.
+
+        Whatever ``body.read`` raises (other than a network error) ends the request short of
+        ``size`` bytes and is raised from here."""
         params = {"name": name}
         if user_id:
             params["user_id"] = user_id
-        with open(path, "rb") as handle:
-            body = handle if progress is None else _ProgressReader(handle, size, progress)
-            response = self._call(
-                "POST",
-                VOICES_PATH,
-                params=params,
-                data=body,
-                headers={"Content-Type": content_type, "Content-Length": str(size)},
-                timeout=(self.settings.connect_timeout, self.settings.upload_timeout),
-                what="the upload",
-            )
+        response = self._call(
+            "POST",
+            VOICES_PATH,
+            params=params,
+            data=body,
+            headers={"Content-Type": content_type, "Content-Length": str(size)},
+            timeout=(self.settings.connect_timeout, self.settings.upload_timeout),
+            what="the upload",
+        )
         payload = _json(response)
         return UploadResult(
             status="ready" if response.status_code == 200 else "processing",

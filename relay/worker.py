@@ -146,19 +146,29 @@ class Worker:
         if existing is not None:  # if_exists=reuse: adopt the account's voice, no upload
             self._accepted(job, answer, existing["status"], existing["cloned_voice_item_id"], existing["item_id"])
             return
+        attempt = job.upload_attempts + 1
+
+        def uploading() -> None:
+            # Committed before the first byte leaves: a crash from here on means "maybe uploaded".
+            # (One write: a job that stops between download and upload downloads again anyway.)
+            self._save(job, phase=UPLOADING, answer=answer, upload_started_at=utcnow(), upload_attempts=attempt)
+
+        # A large file may start uploading while it downloads (relay/stream.py): then uploading()
+        # runs during the download, and the upload's last bytes wait for early.finish().
+        early = pipeline.early_upload(request, token or "", self.settings, uploading)
         # The job's answer is written inside the block, before the spool file is removed (removing
         # 40 MB takes ~1.5 ms that a waiting request need not wait for).
-        with pipeline.prepared(request, self.settings, answer) as (spool, info):
+        with pipeline.prepared(request, self.settings, answer, early=early) as (spool, info):
             if request.dry_run:
                 answer["message"] = pipeline.dry_run_message(request, info)
                 self._finish(job, 200, answer, status="validated")
                 return
-            attempt = job.upload_attempts + 1
-            # Committed before the first byte leaves: a crash from here on means "maybe uploaded".
-            # (One write: a job that stops between download and upload downloads again anyway.)
-            self._save(job, phase=UPLOADING, answer=answer, upload_started_at=utcnow(), upload_attempts=attempt)
             try:
-                result = pipeline.upload(spool, info, request, token or "", self.settings)
+                if early is not None and early.started:
+                    result = early.finish()
+                else:
+                    uploading()
+                    result = pipeline.upload(spool, info, request, token or "", self.settings)
             except UpstreamError as err:
                 self._after_failed_upload(job, err, answer, attempt)
                 return

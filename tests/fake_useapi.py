@@ -14,18 +14,41 @@ import uuid
 
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
+from werkzeug.exceptions import ClientDisconnected
 
 UPLOAD = "/v1/tempolor/music/cloned-voices/"
+_HEAD_AT = "fake_useapi.head_at"
+
+
+class _Server(HTTPServer):
+    """pytest-httpserver that also notes when each request's head arrived and which requests'
+    bodies ended short of their Content-Length (it reads every body before any handler runs, and
+    answers those 400 without one)."""
+
+    def __init__(self, fake: FakeUseapi, **kwargs):
+        super().__init__(**kwargs)
+        self.fake = fake
+
+    def application(self, request: Request) -> Response:
+        request.environ[_HEAD_AT] = time.time()
+        try:
+            request.get_data()
+        except ClientDisconnected:
+            with self.fake.lock:
+                self.fake.incomplete.append({"path": request.path, "started": request.environ[_HEAD_AT]})
+            raise
+        return super().application(request)
 
 
 class FakeUseapi:
     def __init__(self, token: str, user_id: str = "67890"):
         self.token = token
         self.user_id = user_id
-        self.server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+        self.server = _Server(self, host="127.0.0.1", port=0, threaded=True)
         self.lock = threading.Lock()
         self.voices: dict[str, dict] = {}
         self.uploads: list[dict] = []
+        self.incomplete: list[dict] = []  # uploads whose body stopped short of its Content-Length
         self.accepted = 0
         self.in_flight: dict[str, int] = {}  # per user_id (account)
         self.max_in_flight: dict[str, int] = {}
@@ -68,13 +91,20 @@ class FakeUseapi:
     def _upload(self, request: Request) -> Response:
         if not self._authorized(request):
             return _json({"error": "Unauthorized", "code": 401}, 401)
+        started = request.environ[_HEAD_AT]
         body = request.get_data()
         account = request.args.get("user_id", "")
         with self.lock:
             own = self.refusals_for.get(account)
             refusal = own.pop(0) if own else (self.refusals.pop(0) if self.refusals else None)
             self.uploads.append(
-                {"name": request.args.get("name"), "user_id": account, "bytes": len(body), "at": time.time()}
+                {
+                    "name": request.args.get("name"),
+                    "user_id": account,
+                    "bytes": len(body),
+                    "started": started,
+                    "at": time.time(),
+                }
             )
         if refusal is not None:
             status, headers = refusal

@@ -113,6 +113,29 @@ def resets_mid_body(sent: int = 10000, declared: int = 100000):
     return behave
 
 
+def in_pieces(body: bytes, pieces: int, interval: float, reset_after: int | None = None, sent_at: list | None = None):
+    """Sends ``body`` (its full length declared) in ``pieces`` parts ``interval`` s apart; with
+    ``reset_after``, resets the connection once that many bytes went out. ``sent_at`` gets the
+    time.time() at which the last byte was sent."""
+
+    def behave(conn, stop):
+        conn.sendall(headers(Content_Length=str(len(body)), Connection="close"))
+        size = -(-len(body) // pieces)
+        for start in range(0, len(body), size):
+            if start:
+                time.sleep(interval)
+            if stop.is_set():
+                return
+            if reset_after is not None and start >= reset_after:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            conn.sendall(body[start : start + size])
+        if sent_at is not None:
+            sent_at.append(time.time())
+
+    return behave
+
+
 def redirects_to(location_for):
     """Answers every request with a 302 to ``location_for(n)`` (n = connection count)."""
     counter = {"n": 0}

@@ -1,0 +1,167 @@
+"""Early upload: send a large file to useapi.net while it is still downloading, and let the last
+bytes go only once the whole file has been validated.
+
+Sequentially, a clone takes the download time plus the upload time; overlapped, about the longer
+of the two. Nothing is given away by starting early: the upload declares the file's full length
+and its last bytes (:data:`TAIL`) are held back until :meth:`EarlyUpload.finish`. If the download
+breaks or the file turns out not to be valid audio, :meth:`EarlyUpload.abandon` closes the
+connection short of that length, and an HTTP request whose body never completed is not a request
+useapi.net can act on: no voice is created.
+
+Only downloads whose host declares a length of at least ``RELAY_STREAM_MIN_BYTES`` and whose first
+bytes are already one of the accepted formats start early; anything else is uploaded after the
+download as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+from . import audio
+
+log = logging.getLogger("relay.stream")
+TAIL = 64 * 1024  # bytes held back until the file is known to be valid
+_HEAD = 64 * 1024  # bytes needed before the format is judged
+
+
+class Withheld(Exception):  # noqa: N818 - it is an outcome, not a fault
+    """Raised inside the upload's body when the upload is abandoned: the request stays incomplete."""
+
+
+class GrowingFile:
+    """A reader of a spool file that is still being written. :meth:`read` waits for bytes that
+    have not arrived, never returns the last :data:`TAIL` bytes before :meth:`release`, and raises
+    :class:`Withheld` once :meth:`abort` was called (or ``patience`` seconds pass with nothing new)."""
+
+    def __init__(self, path: str, size: int, patience: float):
+        self.size = size
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._tail = min(TAIL, size // 2)
+        self._patience = patience
+        self._changed = threading.Condition()
+        self._written = 0
+        self._sent = 0
+        self._released = False
+        self._aborted = False
+
+    def __len__(self) -> int:
+        return self.size
+
+    def wrote(self, total: int) -> None:
+        with self._changed:
+            self._written = total
+            self._changed.notify_all()
+
+    def release(self) -> None:
+        with self._changed:
+            self._released = True
+            self._changed.notify_all()
+
+    def abort(self) -> None:
+        with self._changed:
+            self._aborted = True
+            self._changed.notify_all()
+
+    def read(self, amount: int = -1) -> bytes:
+        with self._changed:
+            while True:
+                if self._aborted:
+                    raise Withheld()
+                limit = self.size if self._released else self.size - self._tail
+                ready = min(self._written, limit) - self._sent
+                if ready > 0 or self._sent >= self.size:
+                    break
+                if not self._changed.wait(self._patience):
+                    raise Withheld()  # the download side went quiet: never send the rest
+        if self._sent >= self.size:
+            return b""
+        chunk = self._file.read(ready if amount is None or amount < 0 else min(amount, ready))
+        self._sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class EarlyUpload:
+    """Watches a download (pass :meth:`progress` to :func:`relay.fetch.download`) and starts the
+    upload as soon as the file qualifies.
+
+    ``begin()`` runs once, in the downloading thread, just before the first byte is sent (the
+    worker commits its "uploading" phase there). ``send(body, size, content_type)`` runs in a
+    thread of its own and returns the upload's result.
+    """
+
+    def __init__(
+        self,
+        min_bytes: int,
+        patience: float,
+        begin: Callable[[], None],
+        send: Callable[[BinaryIO, int, str], object],
+    ):
+        self.min_bytes, self.patience = min_bytes, patience
+        self._begin, self._send = begin, send
+        self.path = ""  # the spool file being downloaded into, set before the download starts
+        self._decided = False
+        self._ended = False
+        self._body: GrowingFile | None = None
+        self._thread: threading.Thread | None = None
+        self._result: object = None
+        self._error: BaseException | None = None
+        self.content_type: str | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._body is not None
+
+    def progress(self, size: int, declared: int | None) -> None:
+        if not self._decided:
+            if not declared or declared < self.min_bytes:
+                self._decided = True
+                return
+            if size < min(_HEAD, declared):
+                return  # too little to judge the format yet
+            self._decided = True
+            with open(self.path, "rb") as handle:
+                kind = audio.sniff(handle.read(_HEAD))
+            if kind not in audio.CONTENT_TYPES:
+                return  # the validation after the download says what is wrong
+            self._begin()
+            self.content_type = audio.CONTENT_TYPES[kind][0]
+            self._body = GrowingFile(self.path, declared, self.patience)
+            self._thread = threading.Thread(target=self._run, name="early-upload", daemon=True)
+            self._thread.start()
+        if self._body is not None:
+            self._body.wrote(size)
+
+    def _run(self) -> None:
+        assert self._body is not None and self.content_type is not None
+        try:
+            self._result = self._send(self._body, self._body.size, self.content_type)
+        except BaseException as err:  # noqa: BLE001 - handed to finish()
+            self._error = err
+
+    def finish(self) -> object:
+        """The file is valid: send the rest and return the upload's result (or raise its error)."""
+        assert self._body is not None and self._thread is not None
+        self._ended = True
+        self._body.release()
+        self._thread.join()
+        self._body.close()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def abandon(self) -> None:
+        """Stop the upload short of its declared length (no-op when none started or it finished)."""
+        if self._body is None or self._thread is None or self._ended:
+            return
+        self._ended = True
+        self._body.abort()
+        self._thread.join()
+        self._body.close()
+        if self._error is not None and not isinstance(self._error, Withheld):
+            log.info("early upload ended before it was abandoned", extra={"fields": {"error": repr(self._error)}})

@@ -1,0 +1,107 @@
+"""Early uploads: a large file goes up while it comes down, and its upload completes only once
+the whole file is valid (relay/stream.py), on both databases."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from relay.stream import TAIL, GrowingFile, Withheld
+
+from . import servers
+from .conftest import audio_bytes, post, wait_until
+
+STREAM_FROM = 10_000  # bytes: the fixtures below are larger
+
+
+@pytest.fixture
+def streaming(make_app, job_settings):
+    return make_app(job_settings.replace(stream_min_bytes=STREAM_FROM)).test_client()
+
+
+def test_a_large_file_is_uploading_before_its_download_ends(streaming, fake):
+    body, sent_at = audio_bytes("wav_pcm24_stereo.wav"), []
+    with servers.RawServer(servers.in_pieces(body, pieces=12, interval=0.1, sent_at=sent_at)) as host:
+        response = post(streaming, {"audio_url": host.url("/a.wav"), "name": "Early", "wait_seconds": 20})
+    assert response.status_code == 200, response.json
+    assert response.json["status"] == "ready" and response.json["audio_bytes"] == len(body)
+    [upload] = fake.uploads
+    assert upload["bytes"] == len(body) and not fake.incomplete
+    assert upload["started"] < sent_at[0] - 0.2  # the upload began while the download went on
+
+
+@pytest.mark.parametrize(
+    "name, pieces, reset_after, error_code",
+    [
+        # valid first bytes, so the upload starts; the header promises more samples than the file has
+        ("wav_truncated.wav", 4, None, "audio_corrupt"),
+        # the audio host breaks the connection two thirds of the way through
+        ("wav_pcm24_stereo.wav", 12, 96_000, "download_failed"),
+    ],
+)
+def test_an_upload_whose_file_fails_is_left_incomplete(streaming, fake, name, pieces, reset_after, error_code):
+    body = audio_bytes(name)
+    with servers.RawServer(servers.in_pieces(body, pieces, 0.05, reset_after=reset_after)) as host:
+        response = post(streaming, {"audio_url": host.url("/a.wav"), "name": "Bad", "wait_seconds": 20})
+    assert response.json["status"] == "failed" and response.json["error_code"] == error_code, response.json
+    wait_until(lambda: fake.incomplete, timeout=10)
+    assert fake.upload_count() == 0 and not fake.uploads
+
+
+def test_files_below_the_threshold_upload_after_the_download(make_app, job_settings, fake):
+    client = make_app(job_settings.replace(stream_min_bytes=1_000_000)).test_client()
+    body, sent_at = audio_bytes("wav_pcm24_stereo.wav"), []
+    with servers.RawServer(servers.in_pieces(body, pieces=4, interval=0.1, sent_at=sent_at)) as host:
+        response = post(client, {"audio_url": host.url("/a.wav"), "name": "Later", "wait_seconds": 20})
+    assert response.json["status"] == "ready"
+    assert fake.uploads[0]["started"] >= sent_at[0]
+
+
+# --- the reader the upload sends from ------------------------------------------------------
+
+
+def growing(tmp_path, size: int = 200_000, patience: float = 5.0):
+    path = tmp_path / "spool"
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))
+    return GrowingFile(str(path), size, patience), path.read_bytes()
+
+
+def read_all(reader: GrowingFile, into: list, errors: list) -> None:
+    try:
+        while chunk := reader.read(16_384):
+            into.append(chunk)
+    except Withheld as err:
+        errors.append(err)
+
+
+def test_the_reader_follows_the_download_and_holds_back_the_tail(tmp_path):
+    reader, data = growing(tmp_path)
+    got, errors = [], []
+    thread = threading.Thread(target=read_all, args=(reader, got, errors))
+    thread.start()
+    reader.wrote(50_000)
+    wait_until(lambda: sum(map(len, got)) == 50_000, timeout=5)
+    reader.wrote(len(data))  # all downloaded, but not yet validated
+    wait_until(lambda: sum(map(len, got)) == len(data) - TAIL, timeout=5)
+    time.sleep(0.1)
+    assert sum(map(len, got)) == len(data) - TAIL and thread.is_alive()
+    reader.release()
+    thread.join(5)
+    reader.close()
+    assert b"".join(got) == data and not errors
+
+
+@pytest.mark.parametrize("end", ["abort", "silence"])
+def test_the_reader_never_gives_the_tail_of_an_abandoned_file(tmp_path, end):
+    reader, data = growing(tmp_path, patience=0.3)
+    got, errors = [], []
+    thread = threading.Thread(target=read_all, args=(reader, got, errors))
+    thread.start()
+    reader.wrote(len(data))
+    if end == "abort":
+        reader.abort()
+    thread.join(5)
+    reader.close()
+    assert isinstance(errors[0], Withheld) and sum(map(len, got)) <= len(data) - TAIL
