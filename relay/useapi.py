@@ -60,8 +60,9 @@ class Useapi:
         self._token = token
         self.session = requests.Session()
         self.session.trust_env = False  # the operator's base URL is used as configured
+        adapter = _BlockAdapter()
         for scheme in ("https://", "http://"):
-            self.session.mount(scheme, _BlockAdapter())
+            self.session.mount(scheme, adapter)
         self.session.headers.update(
             {"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"}
         )
