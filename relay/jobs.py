@@ -106,6 +106,8 @@ def _encode(values: dict[str, Any]) -> dict[str, Any]:
 # Statements built once: the intake path runs them on every request.
 _INSERT = insert(jobs).returning(*jobs.c)
 _INSERT_MANY = insert(jobs)
+_BY_ID = select(jobs).where(jobs.c.id == bindparam("id"))  # status polls run this on every request
+_BY_KEY = select(jobs).where(jobs.c.idempotency_key == bindparam("key"))
 _DEFAULTS = {column.name: None for column in jobs.c} | {"dry_run": False}
 # A queue position counts at most this many jobs ahead: counting is a scan of the account's part
 # of an index, and an exact "4,713th" is worth less than an answer whose cost does not grow with
@@ -311,12 +313,12 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with reader(self.engine) as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(_BY_ID, {"id": job_id}).first()
         return Job.from_row(row) if row else None
 
     def get_by_key(self, key: str) -> Job | None:
         with reader(self.engine) as conn:
-            row = conn.execute(select(jobs).where(jobs.c.idempotency_key == key)).first()
+            row = conn.execute(_BY_KEY, {"key": key}).first()
         return Job.from_row(row) if row else None
 
     # --- leases ---------------------------------------------------------------------------
