@@ -8,6 +8,7 @@ and MP4 files, MP3 data without two consecutive valid frames, video-only MP4s.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import re
@@ -99,6 +100,13 @@ def probe(path: str, min_seconds: float = 0.0, max_seconds: float = 0.0) -> Audi
             **fields,
         )
     return info
+
+
+def sniff_start(head: bytes) -> str:
+    """The format of a file from its first bytes alone, skipping ID3v2 tags that end inside
+    ``head`` (``unknown`` when they run past it): for judging a file that is still arriving."""
+    end = _id3v2_end(io.BytesIO(head))
+    return "unknown" if end >= len(head) else sniff(head, head[end : end + _HEAD])
 
 
 def sniff(head: bytes, body: bytes | None = None) -> str:

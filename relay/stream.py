@@ -126,7 +126,7 @@ class EarlyUpload:
                 return  # too little to judge the format yet
             self._decided = True
             with open(self.path, "rb") as handle:
-                kind = audio.sniff(handle.read(_HEAD))
+                kind = audio.sniff_start(handle.read(_HEAD))
             if kind not in audio.CONTENT_TYPES:
                 return  # the validation after the download says what is wrong
             self._begin()

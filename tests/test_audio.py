@@ -87,6 +87,14 @@ def test_an_id3_tag_larger_than_the_sniffed_head_is_skipped(tmp_path):
     assert info.duration_seconds == pytest.approx(2.06, abs=0.06)
 
 
+@pytest.mark.parametrize("padding, seen", [(20000, "mp3"), (70000, "unknown")])
+def test_a_file_still_arriving_is_judged_past_an_id3_tag_that_ends_in_its_head(padding, seen):
+    frames = (AUDIO / "mp3_cbr_bare.mp3").read_bytes()
+    size = bytes([(padding >> 21) & 0x7F, (padding >> 14) & 0x7F, (padding >> 7) & 0x7F, padding & 0x7F])
+    head = (b"ID3\x03\x00\x00" + size + b"\0" * padding + frames)[:65536]
+    assert audio.sniff_start(head) == seen
+
+
 def test_mp3_sync_bytes_followed_by_garbage_are_not_mp3(tmp_path):
     fake = tmp_path / "fake.mp3"
     fake.write_bytes(b"\xff\xfb\x90\x64" + bytes(range(256)) * 20)

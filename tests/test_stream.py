@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from relay.stream import TAIL, GrowingFile, Withheld
+from relay.stream import TAIL, EarlyUpload, GrowingFile, Withheld
 
 from . import servers
 from .conftest import audio_bytes, post, wait_until
@@ -105,3 +105,35 @@ def test_the_reader_never_gives_the_tail_of_an_abandoned_file(tmp_path, end):
     thread.join(5)
     reader.close()
     assert isinstance(errors[0], Withheld) and sum(map(len, got)) <= len(data) - TAIL
+
+
+@pytest.mark.parametrize(
+    "name, content_type",
+    [
+        ("wav_pcm24_stereo.wav", "audio/wav"),
+        ("mp3_vbr_id3v2.mp3", "audio/mpeg"),  # the ID3v2 tag ends inside the first bytes
+        ("flac_mono.flac", "audio/flac"),
+        ("m4a_aac.m4a", "audio/mp4"),
+        ("ogg_vorbis.ogg", None),
+        ("drive_interstitial.html", None),
+        ("random.bin", None),
+    ],
+)
+def test_only_accepted_formats_start_early_and_send_every_byte_once(tmp_path, name, content_type):
+    data = audio_bytes(name)
+    (tmp_path / "spool").write_bytes(data)
+    begun = []
+
+    def send(body, size, sent_as):
+        pieces = []
+        while piece := body.read(4096):
+            pieces.append(piece)
+        return sent_as, size, b"".join(pieces)
+
+    early = EarlyUpload(min_bytes=1, patience=5, begin=lambda: begun.append(True), send=send)
+    early.path = str(tmp_path / "spool")
+    early.progress(len(data), len(data))
+    assert early.started == bool(begun) == (content_type is not None)
+    if content_type is not None:
+        assert early.finish() == (content_type, len(data), data)
+    early.abandon()  # after finish, or with nothing started: nothing happens
