@@ -322,7 +322,7 @@ def test_two_claims_never_get_the_same_job(job_settings, fake):
 class WorkerProcess:
     """`relay worker` in its own process, so a test can kill -9 it mid-step."""
 
-    def __init__(self, settings, tmp_path, name: str):
+    def __init__(self, settings, tmp_path, name: str, **extra_env: str):
         env = {
             **os.environ,
             "DATABASE_URL": settings.database_url,
@@ -338,6 +338,7 @@ class WorkerProcess:
             "RELAY_UPLOAD_TIMEOUT": "10",
             "RELAY_CALLBACK_SCHEDULE": "0.2,0.4,0.8",
             "RELAY_WORKER_CONCURRENCY": "2",
+            **extra_env,
         }
         self.log = open(tmp_path / f"{name}.log", "wb")
         self.process = subprocess.Popen(
@@ -419,3 +420,39 @@ def test_kill_9_in_each_phase_still_ends_with_one_upload(
     assert hooks and len({h.headers["webhook-id"] for h in hooks}) == 1
     if phase == "download":
         assert dripping.connections == 2
+
+
+def drip_large_wav(conn, stop):
+    """Enough of a WAV for an early upload to start (more than 64 KiB), then a long pause."""
+    data = audio_bytes("wav_pcm24_stereo.wav")
+    conn.sendall(servers.headers(Content_Length=str(len(data))))
+    conn.sendall(data[:80_000])
+    if stop.wait(2):
+        return
+    conn.sendall(data[80_000:])
+
+
+def test_kill_9_during_an_early_upload_leaves_it_incomplete_and_ends_with_one_upload(
+    make_app, job_settings, fake, tmp_path
+):
+    app = make_app(job_settings, workers=0)
+    store = app.extensions["relay.runtime"].store
+    with servers.RawServer(drip_large_wav) as dripping:
+        body = {"audio_url": dripping.url("/voice.wav"), "name": "Streamed", "wait_seconds": 0}
+        job_id = post(app.test_client(), body).json["job_id"]
+        first = WorkerProcess(job_settings, tmp_path, "first", RELAY_STREAM_MIN_BYTES="10000")
+        try:
+            # "uploading" is committed just before the early upload's first byte
+            wait_until(lambda: store.get(job_id).phase == "uploading")
+            time.sleep(0.3)
+        finally:
+            first.kill()
+        wait_until(lambda: fake.incomplete, timeout=10)  # the killed upload never completed
+        second = WorkerProcess(job_settings, tmp_path, "second", RELAY_STREAM_MIN_BYTES="10000")
+        try:
+            job = wait_until(lambda: (j := store.get(job_id)).terminal and j, 30)
+        finally:
+            assert second.stop() == 0
+    assert job.phase == "ready", job.answer
+    assert fake.upload_count() == 1 and fake.uploads[0]["bytes"] == len(audio_bytes("wav_pcm24_stereo.wav"))
+    assert dripping.connections == 2
