@@ -113,6 +113,19 @@ def resets_mid_body(sent: int = 10000, declared: int = 100000):
     return behave
 
 
+def pauses(body: bytes, first: int, seconds: float):
+    """Declares and sends ``body``'s first ``first`` bytes, waits ``seconds`` (less if the server
+    stops), then sends the rest."""
+
+    def behave(conn, stop):
+        conn.sendall(headers(Content_Length=str(len(body))))
+        conn.sendall(body[:first])
+        if not stop.wait(seconds):
+            conn.sendall(body[first:])
+
+    return behave
+
+
 def in_pieces(body: bytes, pieces: int, interval: float, reset_after: int | None = None, sent_at: list | None = None):
     """Sends ``body`` (its full length declared) in ``pieces`` parts ``interval`` s apart; with
     ``reset_after``, resets the connection once that many bytes went out. ``sent_at`` gets the

@@ -358,15 +358,6 @@ class WorkerProcess:
         return self.process.returncode
 
 
-def drip_wav(conn, stop):
-    data = audio_bytes("wav_pcm16_mono.wav")
-    conn.sendall(servers.headers(Content_Length=str(len(data))))
-    conn.sendall(data[:1000])
-    if stop.wait(4):
-        return
-    conn.sendall(data[1000:])
-
-
 @pytest.mark.parametrize("phase", ["download", "upload", "polling", "callback"])
 def test_kill_9_in_each_phase_still_ends_with_one_upload(
     make_app, job_settings, fake, audio_host, receiver, tmp_path, phase
@@ -387,7 +378,7 @@ def test_kill_9_in_each_phase_still_ends_with_one_upload(
         fake.ready_after_polls = 10_000
     app = make_app(job_settings, workers=0)
     client = app.test_client()
-    with servers.RawServer(drip_wav) as dripping:
+    with servers.RawServer(servers.pauses(audio_bytes("wav_pcm16_mono.wav"), 1000, 4)) as dripping:
         url = dripping.url("/voice.wav") if phase == "download" else serve_file(audio_host, "wav_pcm16_mono.wav")
         job_id = post(client, {"audio_url": url, "name": "Survivor", "callback_url": receiver.url_for("/hook")}).json[
             "job_id"
@@ -422,22 +413,13 @@ def test_kill_9_in_each_phase_still_ends_with_one_upload(
         assert dripping.connections == 2
 
 
-def drip_large_wav(conn, stop):
-    """Enough of a WAV for an early upload to start (more than 64 KiB), then a long pause."""
-    data = audio_bytes("wav_pcm24_stereo.wav")
-    conn.sendall(servers.headers(Content_Length=str(len(data))))
-    conn.sendall(data[:80_000])
-    if stop.wait(2):
-        return
-    conn.sendall(data[80_000:])
-
-
 def test_kill_9_during_an_early_upload_leaves_it_incomplete_and_ends_with_one_upload(
     make_app, job_settings, fake, tmp_path
 ):
     app = make_app(job_settings, workers=0)
     store = app.extensions["relay.runtime"].store
-    with servers.RawServer(drip_large_wav) as dripping:
+    # enough of a WAV for an early upload to start (more than 64 KiB), then a pause
+    with servers.RawServer(servers.pauses(audio_bytes("wav_pcm24_stereo.wav"), 80_000, 2)) as dripping:
         body = {"audio_url": dripping.url("/voice.wav"), "name": "Streamed", "wait_seconds": 0}
         job_id = post(app.test_client(), body).json["job_id"]
         first = WorkerProcess(job_settings, tmp_path, "first", RELAY_STREAM_MIN_BYTES="10000")
