@@ -30,7 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
-from requests.adapters import HTTPAdapter
+
+from relay.useapi import BlockAdapter
 
 HERE = Path(__file__).parent
 AUDIO_HOST = "127.0.0.2"
@@ -295,14 +296,6 @@ class Relay:
 # --- the benchmarks -------------------------------------------------------------------------------
 
 
-class _Blocks(HTTPAdapter):
-    """Sends a file body in ``CHUNK`` blocks, as the relay does (urllib3's default is 16 KiB)."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["blocksize"] = CHUNK
-        super().init_poolmanager(*args, **kwargs)
-
-
 def direct(audio_url: str, upstream: str, spool_dir: str, same_blocks: bool = True) -> None:
     """The floor: the same download, then the same upload, done with plain requests.
 
@@ -311,7 +304,7 @@ def direct(audio_url: str, upstream: str, spool_dir: str, same_blocks: bool = Tr
     requests' defaults (16 KiB blocks)."""
     session = requests.Session()
     if same_blocks:
-        session.mount("http://", _Blocks())
+        session.mount("http://", BlockAdapter())  # plain requests, given the relay's upload block size
     with session, tempfile.NamedTemporaryFile(dir=spool_dir) as spool:
         with session.get(audio_url, stream=True, timeout=60) as response:
             for chunk in response.iter_content(CHUNK):

@@ -32,7 +32,7 @@ VOICES_PATH = "/tempolor/music/cloned-voices/"
 UPLOAD_BLOCK = 256 * 1024
 
 
-class _BlockAdapter(HTTPAdapter):
+class BlockAdapter(HTTPAdapter):
     """An adapter whose connections read a file body in :data:`UPLOAD_BLOCK` pieces."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
@@ -60,7 +60,7 @@ class Useapi:
         self._token = token
         self.session = requests.Session()
         self.session.trust_env = False  # the operator's base URL is used as configured
-        adapter = _BlockAdapter()
+        adapter = BlockAdapter()
         for scheme in ("https://", "http://"):
             self.session.mount(scheme, adapter)
         self.session.headers.update(
