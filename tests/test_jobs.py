@@ -22,6 +22,7 @@ from werkzeug import Request, Response
 
 from relay import db
 from relay.jobs import JobStore
+from relay.worker import Notifier
 
 from . import servers
 from .conftest import (
@@ -46,6 +47,18 @@ def store_for(settings) -> JobStore:
 
 
 # --- waiting --------------------------------------------------------------------------------
+
+
+def test_a_change_between_reading_a_job_and_waiting_is_not_missed():
+    notifier = Notifier()
+    seen = notifier.generation  # a request reads its job here...
+    notifier.job_changed()  # ...a worker finishes it before the request starts to wait
+    started = time.monotonic()
+    notifier.wait_for_change(5, since=seen)
+    assert time.monotonic() - started < 1
+    started = time.monotonic()
+    notifier.wait_for_change(0.2, since=notifier.generation)  # nothing new: it does wait
+    assert time.monotonic() - started >= 0.2
 
 
 def test_a_short_wait_answers_202_and_the_job_finishes_anyway(make_app, job_settings, fake, audio_host):
