@@ -74,11 +74,11 @@ class Notifier:
             self.generation += 1
             self._changed.notify_all()
 
-    def wait_for_change(self, timeout: float, since: int | None = None) -> None:
-        """Wait for a change; with ``since`` (a :attr:`generation` read earlier), return at once
-        if one happened after that read, so a change between the read and the wait is not missed."""
+    def wait_for_change(self, timeout: float, since: int) -> None:
+        """Wait for a change after ``since`` (a :attr:`generation` read earlier): return at once
+        if one already happened, so a change between the read and the wait is not missed."""
         with self._changed:
-            if since is None or self.generation == since:
+            if self.generation == since:
                 self._changed.wait(timeout)
 
     def work_arrived(self, everyone: bool = False) -> None:
