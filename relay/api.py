@@ -17,9 +17,10 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, answers, db, pipeline, urlguard, voices
+from . import __version__, answers, db, deadline, pipeline, urlguard, voices
 from .db import utcnow
 from .errors import (
+    DownloadFailed,
     IdempotencyKeyReused,
     InvalidRequest,
     JobNotFound,
@@ -36,7 +37,7 @@ from .errors import (
 from .runtime import Runtime
 from .schemas import CloneRequestSchema, VoiceQuerySchema, describe_validation_error
 from .settings import Settings
-from .tokens import account_key
+from .tokens import MEMORY, account_key
 from .useapi import Useapi
 
 access_log = logging.getLogger("relay.access")
@@ -156,17 +157,23 @@ def create_voice_clone():
     given_token = request.headers.get("X-Useapi-Token", "").strip() or None
     pipeline.check_before_work(clone_request, given_token or settings().useapi_token, settings())
     if callback_url:
-        try:
-            urlguard.check_literal(callback_url, settings().allowed_networks)
-        except UrlNotAllowed as err:
-            raise UrlNotAllowed(f"callback_url: {err.message}") from None
+        _check_callback_url(callback_url)
     wait = _wait_seconds(wait_seconds, callback_url)
     runtime = _runtime()
     if given_token and not runtime.vault.durable and runtime.pool is None:
         raise SecretKeyRequired()
-    key = _idempotency_key()
+    token = given_token or settings().useapi_token
+    account = account_key(token, clone_request.user_id)
+    key = _idempotency_key(account)
     stored_request = clone_request.as_dict()
     request_hash = _hash({**stored_request, "callback_url": callback_url})
+    name_key = None if clone_request.dry_run else _name_key(account, clone_request.name)
+    exclusive = clone_request.if_exists != "create" and name_key is not None
+    if exclusive and key is None:
+        # if_exists=reuse|fail: a voice of this name already being made for this account is the answer.
+        running = runtime.store.active_by_name(name_key)
+        if running is not None:
+            return _attached(running, wait, runtime.notifier.generation)
     job_id = uuid.uuid4().hex
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     generation = runtime.notifier.generation  # before the job exists: no change to it is missed
@@ -177,16 +184,22 @@ def create_voice_clone():
         token_kind=token_kind,
         token_sealed=sealed,
         token_fingerprint=fingerprint,
+        # A token kept in this process's memory: only this process's workers can do the job.
+        token_holder=runtime.pool.id if token_kind == MEMORY and runtime.pool is not None else None,
         idempotency_key=key,
         request_hash=request_hash,
         answer=g.answer,
         callback_url=callback_url,
         webhook_id=f"msg_{job_id}",
-        account_key=account_key(given_token or settings().useapi_token, clone_request.user_id),
+        account_key=account,
+        name_key=name_key,
+        exclusive_key=name_key if exclusive else None,
         dry_run=clone_request.dry_run,
     )
     if not created:
         runtime.vault.forget(job_id)
+        if job.matched == "name":
+            return _attached(job, wait, generation)
         if job.request_hash != request_hash:
             raise IdempotencyKeyReused()
     else:
@@ -205,6 +218,33 @@ def get_voice_clone(job_id: str):
     answer = _job_answer(job)
     answer.status_code = 200  # reading the job worked; the body says how the clone went
     return answer
+
+
+def _attached(job, wait: float, generation: int):
+    """Answer with another request's running job that makes the same voice (if_exists=reuse|fail)."""
+    g.log["job_id"] = job.id
+    note = (
+        f"A clone of a voice named {job.request.get('name')!r} was already running for this account (job "
+        f"{job.id}); this answer follows it instead of making a second voice."
+    )
+    return _job_answer(_wait_for(job, wait, generation) if wait > 0 else job, note)
+
+
+def _check_callback_url(callback_url: str) -> None:
+    """Refuse a callback_url now rather than give up on it later: every address its host resolves
+    to must be public (or in ``RELAY_ALLOWED_NETWORKS``)."""
+    try:
+        with deadline.bounded(settings().connect_timeout):
+            urlguard.check(callback_url, settings().allowed_networks, deadline.resolve)
+    except UrlNotAllowed as err:
+        raise UrlNotAllowed(f"callback_url: {err.message}") from None
+    except DownloadFailed as err:  # the name does not resolve (or not in time)
+        raise UrlNotAllowed(f"callback_url: {err.message.replace('Check the link.', 'Check the URL.')}") from None
+
+
+def _name_key(account: str | None, name: str) -> str:
+    material = f"voice-clone-relay name v1\0{account or '-'}\0{name.strip().casefold()}"
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
 def _runtime() -> Runtime:
@@ -241,23 +281,26 @@ def _wait_for(job, seconds: float, generation: int):
     return job
 
 
-def _job_answer(job):
+def _job_answer(job, note: str | None = None):
     answer = answers.for_job(job, utcnow())
     answer["request_id"] = g.request_id
+    if note:
+        answer["warnings"] = [*answer["warnings"], note]
     if answer["status"] == "queued":
         answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
     g.answer = answer
     return _answer(answers.http_status_for_job(job), answer)
 
 
-def _idempotency_key() -> str | None:
+def _idempotency_key(account: str | None) -> str | None:
+    """The request's ``Idempotency-Key`` as stored: scoped to its account (see :func:`db.scoped_key`)."""
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
     key = key.strip()
     if not key or len(key) > 255 or not key.isprintable():
         raise InvalidRequest("Idempotency-Key must be 1-255 printable characters.")
-    return key
+    return db.scoped_key(account, key)
 
 
 def _hash(value: dict) -> str:

@@ -45,18 +45,23 @@ class Settings:
     worker_concurrency: int = 4
     lease_seconds: float = 30.0
     ready_timeout_seconds: float = 1800.0
-    reconcile_grace_seconds: float = 150.0
+    reconcile_grace_seconds: float = 30.0
     max_attempts: int = 5
     retry_base_seconds: float = 5.0
     poll_interval_seconds: float = 10.0
     idle_poll_seconds: float = 1.0
     callback_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     callback_timeout: float = 15.0
+    callback_first_delay_seconds: float = 1.0
     webhook_secret: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     secret_key_old: str | None = field(default=None, repr=False)
     job_retention_hours: float = 72.0
     public_url: str | None = None
+    trust_forwarded_host: bool = False
+    spool_dir: str | None = None
+    max_retry_after_seconds: float = 900.0
+    queue_timeout_seconds: float = 3600.0
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
@@ -137,6 +142,15 @@ def _seconds_list(raw: str) -> tuple[float, ...]:
     return values
 
 
+def _boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use true or false")
+
+
 def _base_url(raw: str) -> str:
     return raw.rstrip("/")
 
@@ -187,11 +201,16 @@ _SPECS = (
     _Spec("RELAY_IDLE_POLL_SECONDS", "idle_poll_seconds", float, 0.01, 60),
     _Spec("RELAY_CALLBACK_SCHEDULE", "callback_schedule", _seconds_list),
     _Spec("RELAY_CALLBACK_TIMEOUT", "callback_timeout", float, 0.1, 120),
+    _Spec("RELAY_CALLBACK_FIRST_DELAY_SECONDS", "callback_first_delay_seconds", float, 0, 60),
     _Spec("RELAY_WEBHOOK_SECRET", "webhook_secret", str, secret=True),
     _Spec("RELAY_SECRET_KEY", "secret_key", str, secret=True),
     _Spec("RELAY_SECRET_KEY_OLD", "secret_key_old", str, secret=True),
     _Spec("RELAY_JOB_RETENTION_HOURS", "job_retention_hours", float, 24, 24 * 365),
     _Spec("RELAY_PUBLIC_URL", "public_url", _base_url),
+    _Spec("RELAY_TRUST_FORWARDED_HOST", "trust_forwarded_host", _boolean),
+    _Spec("RELAY_SPOOL_DIR", "spool_dir", str),
+    _Spec("RELAY_MAX_RETRY_AFTER_SECONDS", "max_retry_after_seconds", float, 0, 24 * 3600),
+    _Spec("RELAY_QUEUE_TIMEOUT_SECONDS", "queue_timeout_seconds", float, 1, 7 * 24 * 3600),
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),

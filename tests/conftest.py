@@ -74,6 +74,7 @@ def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
         download_timeout=5,
         upload_timeout=3,
         data_dir=str(data_dir),
+        spool_dir=str(Path(data_dir).parent / "spool"),  # each test's own: no other process's files
         default_wait_seconds=10,
         max_wait_seconds=20,
         lease_seconds=3,

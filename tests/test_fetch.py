@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import tempfile
 import time
 
 import pytest
@@ -16,15 +14,12 @@ from . import servers
 from .conftest import audio_bytes, serve_file
 
 
-def spool_files() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "relay-*.audio")))
-
-
 @pytest.fixture(autouse=True)
-def no_spool_left_behind():
-    before = spool_files()
+def no_spool_left_behind(settings):
+    """The code under test spools into this test's own folder, which must be empty afterwards."""
     yield
-    assert spool_files() - before == set()
+    folder = settings.spool_dir
+    assert not os.path.isdir(folder) or os.listdir(folder) == []
 
 
 def test_download_streams_the_exact_bytes_to_a_spool_file(audio_host, settings):
