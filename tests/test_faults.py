@@ -443,3 +443,26 @@ def test_readyz_notices_a_database_that_went_away(make_app, job_settings):
     response = client.get("/readyz")
     assert response.status_code == 503
     assert "database unreachable" in response.json["problems"]
+
+
+def test_one_accounts_dripping_links_do_not_hold_up_another_account(make_app, job_settings, fake, audio_host):
+    # Three workers, at most two per account: account A's three dripping links can hold two workers
+    # until the download deadline, never the third.
+    settings = job_settings.replace(inprocess_workers=3, account_concurrency=2, download_timeout=3)
+    app = make_app(settings)
+    client = app.test_client()
+    store = app.extensions["relay.runtime"].store
+    with servers.RawServer(servers.drips_headers(0.2)) as slow:
+        stuck = [
+            post(client, {"audio_url": slow.url(f"/{n}.wav"), "name": f"a{n}", "user_id": "A", "wait_seconds": 0}).json[
+                "job_id"
+            ]
+            for n in range(3)
+        ]
+        wait_until(lambda: slow.connections >= 2)
+        other = post(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "b", "user_id": "B"})
+        assert (other.status_code, other.json["status"]) == (200, "ready")
+        assert not any(store.get(job_id).terminal for job_id in stuck)  # A's links are still dripping
+        finished = wait_until(lambda: all((j := store.get(i)).terminal for i in stuck) and j, timeout=40)
+    assert finished
+    assert {store.get(i).answer["error_code"] for i in stuck} == {"download_failed"}
