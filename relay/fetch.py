@@ -51,9 +51,10 @@ class Spool:
             os.unlink(self.path)
 
 
-def new_spool_path() -> str:
-    """A new, empty spool file (named so that :func:`sweep_stale_spools` finds it if abandoned)."""
-    fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio")
+def new_spool_path(directory: str | None = None) -> str:
+    """A new, empty spool file in ``directory`` (default: the system temporary folder), named so
+    that :func:`sweep_stale_spools` finds it if abandoned."""
+    fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio", dir=directory)
     os.close(fd)
     return path
 
@@ -73,7 +74,7 @@ def download(
     them). ``path``: a file from :func:`new_spool_path` to write into (removed all the same).
     Raises :class:`UrlNotAllowed`, :class:`DownloadFailed` or :class:`DownloadTooLarge`.
     """
-    path = path or new_spool_path()
+    path = path or new_spool_path(settings.spool_dir)
     try:
         with open(path, "wb", buffering=0) as sink:
             spool = _download_into(sink, path, url, settings, resolve, progress)

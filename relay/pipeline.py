@@ -100,7 +100,7 @@ def prepared(
     url, note = links.direct_download(request.audio_url)
     if note and note not in answer["warnings"]:
         answer["warnings"].append(note)
-    path = fetch.new_spool_path()
+    path = fetch.new_spool_path(settings.spool_dir)
     if early is not None:
         early.path, progress = path, early.progress
     try:

@@ -39,6 +39,7 @@ class Settings:
     account_concurrency: int = 10
     database_url: str | None = field(default=None, repr=False)
     data_dir: str = "./data"
+    spool_dir: str | None = None  # None: the system temporary folder
     default_wait_seconds: float = 25.0
     max_wait_seconds: float = 280.0
     inprocess_workers: int = 2
@@ -98,6 +99,8 @@ class Settings:
             raise SettingsError("RELAY_DEFAULT_WAIT_SECONDS must not exceed RELAY_MAX_WAIT_SECONDS")
         if self.secret_key is not None and len(self.secret_key) < 16:
             raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
+        if self.spool_dir is not None and not os.path.isdir(self.spool_dir):
+            raise SettingsError(f"RELAY_SPOOL_DIR={self.spool_dir!r} is not an existing folder: create it or unset it")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         return self
@@ -174,6 +177,7 @@ _SPECS = (
     _Spec("RELAY_ACCOUNT_CONCURRENCY", "account_concurrency", int, 0, 1000),
     _Spec("DATABASE_URL", "database_url", str, secret=True),
     _Spec("RELAY_DATA_DIR", "data_dir", str),
+    _Spec("RELAY_SPOOL_DIR", "spool_dir", str),
     _Spec("RELAY_DEFAULT_WAIT_SECONDS", "default_wait_seconds", float, 0, 3600),
     _Spec("RELAY_MAX_WAIT_SECONDS", "max_wait_seconds", float, 0, 3600),
     _Spec("RELAY_INPROCESS_WORKERS", "inprocess_workers", int, 0, 64),

@@ -483,7 +483,9 @@ class Pool:
                 if time.monotonic() - last_purge > 3600:
                     self.store.purge(utcnow() - timedelta(hours=self.settings.job_retention_hours))
                     # Spool files of a process killed mid-job (SIGKILL leaves no chance to clean up).
-                    fetch.sweep_stale_spools(self.settings.download_timeout + self.settings.upload_timeout + 600)
+                    fetch.sweep_stale_spools(
+                        self.settings.download_timeout + self.settings.upload_timeout + 600, self.settings.spool_dir
+                    )
                     last_purge = time.monotonic()
             except Exception:
                 log.exception("heartbeat failed")

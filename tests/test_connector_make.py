@@ -15,10 +15,10 @@ from relay.schemas import ANSWER_FIELDS, VoiceSchema
 
 ROOT = Path(__file__).parent.parent
 MAKE = ROOT / "connector_spec" / "make"
-SCHEMAS = ROOT.parent / "shared" / "make-schemas"
+SCHEMAS = Path(__file__).parent / "vendor" / "make-schemas"
 BASE_URI = "https://make-schemas.invalid/"
 
-# Which of Make's schemas checks which file (the SDK's own file associations; see shared/make-schemas/README.md).
+# Which of Make's schemas checks which file (the SDK's own file associations; see tests/vendor/make-schemas/README.md).
 CHECKS = [
     (re.compile(r"\.communication\.iml\.json$"), "api.json"),
     (re.compile(r"\.(params|mappable-params|static-params|interface)\.iml\.json$"), "parameters.json"),

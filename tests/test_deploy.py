@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from relay.settings import _SPECS
 
 from .conftest import AUDIO, AUDIO_HOST, RELAY_KEY, TOKEN, serve_file
 from .fake_useapi import FakeUseapi
+from .processes import stop, wait_until_answering
 
 ROOT = Path(__file__).parent.parent
 PG_URL = os.environ.get("RELAY_TEST_DATABASE_URL")
@@ -227,13 +227,9 @@ class Honcho:
         )
 
     def terminate(self, timeout: float = 40) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout)
+            stop(self.process, timeout, group=True)
         finally:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
             self.log.close()
 
 
@@ -274,16 +270,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
     signed_url = serve_file(audio_host, "wav_pcm16_mono.wav", path="/v.wav") + "?X-Amz-Signature=sig-s3cr3t"
     first = Honcho(env, log)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the Procfile processes did not become ready:\n" + log.read_text())
+        wait_until_answering(base + "/readyz", first.process, log, ready=lambda r: r.status_code == 200)
         response = requests.post(
             base + "/v1/voice-clones",
             json={"audio_url": signed_url, "name": "Procfile", "wait_seconds": 0},
@@ -307,7 +294,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
                 answer = requests.get(status_url, headers={"Authorization": f"Bearer {RELAY_KEY}"}, timeout=2).json()
                 if answer["status"] in ("ready", "failed"):
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(0.2)
     finally:

@@ -24,7 +24,7 @@ from relay import db
 from relay.jobs import JobStore
 from relay.worker import Notifier
 
-from . import servers
+from . import processes, servers
 from .conftest import (
     AUDIO_HOST,
     HEADERS,
@@ -360,15 +360,14 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
+        self.process.wait()
         self.log.close()
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-        self.log.close()
-        return self.process.returncode
+        try:
+            return processes.stop(self.process)  # SIGTERM; SIGKILL only if it hangs (then not 0)
+        finally:
+            self.log.close()
 
 
 @pytest.mark.parametrize("phase", ["download", "upload", "polling", "callback"])
