@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
     from . import api, logs
     from .runtime import Runtime
 
-    settings = Settings.from_env() if settings is None else settings.validated()
+    settings = (Settings.from_env() if settings is None else settings.validated()).check_serving()
     logs.configure(settings.log_level)
     app = Flask(__name__)
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # Heroku/Render terminate TLS in front

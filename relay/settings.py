@@ -60,6 +60,8 @@ class Settings:
     public_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    web_concurrency: int | None = None  # gunicorn processes; None: 1 on SQLite, 2 with DATABASE_URL
+    threads: int = 32
     log_level: str = "INFO"
 
     @classmethod
@@ -74,22 +76,19 @@ class Settings:
             try:
                 values[spec.attr] = spec.parse(raw.strip())
             except (ValueError, TypeError) as err:
-                raise SettingsError(f"{spec.env}={_shown(spec, raw)!r} is invalid: {err}") from None
+                raise SettingsError(f"{spec.env}={_shown(spec, raw)!r} is invalid: {_why(spec, err)}") from None
         return cls(**values).validated()
 
     def validated(self) -> Settings:
         """Check ranges and cross-setting rules; return self or raise :class:`SettingsError`."""
         for spec in _SPECS:
             value = getattr(self, spec.attr)
+            if value is None:
+                continue
             if spec.minimum is not None and value < spec.minimum:
                 raise SettingsError(f"{spec.env} must be at least {spec.minimum} (got {value})")
             if spec.maximum is not None and value > spec.maximum:
                 raise SettingsError(f"{spec.env} must be at most {spec.maximum} (got {value})")
-        if self.useapi_token and not self.relay_api_key:
-            raise SettingsError(
-                "USEAPI_TOKEN is set but RELAY_API_KEY is not: anyone could spend your useapi "
-                "credits through this relay. Set RELAY_API_KEY to a long random secret."
-            )
         if self.max_seconds and self.max_seconds < self.min_seconds:
             raise SettingsError("RELAY_MAX_SECONDS must be 0 (off) or at least RELAY_MIN_SECONDS")
         base = urlsplit(self.useapi_base_url)
@@ -101,9 +100,31 @@ class Settings:
             raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
         if self.spool_dir is not None and not os.path.isdir(self.spool_dir):
             raise SettingsError(f"RELAY_SPOOL_DIR={self.spool_dir!r} is not an existing folder: create it or unset it")
+        if self.database_url is not None:
+            scheme = urlsplit(self.database_url).scheme.lower()
+            if scheme not in _DATABASE_SCHEMES:
+                raise SettingsError(
+                    f"DATABASE_URL must start with postgres://, postgresql:// or sqlite:/// (got {scheme or 'no'} "
+                    "scheme): the relay runs on PostgreSQL or SQLite only"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         return self
+
+    def check_serving(self) -> Settings:
+        """The rules for a process that answers HTTP (not for the CLI's own commands); raise :class:`SettingsError`."""
+        if self.useapi_token and not self.relay_api_key:
+            raise SettingsError(
+                "USEAPI_TOKEN is set but RELAY_API_KEY is not: anyone could spend your useapi "
+                "credits through this relay. Set RELAY_API_KEY to a long random secret."
+            )
+        return self
+
+    def gunicorn_workers(self) -> int:
+        """``WEB_CONCURRENCY``, else 1 on SQLite (writers share one lock best in one process), 2 on PostgreSQL."""
+        if self.web_concurrency is not None:
+            return self.web_concurrency
+        return 2 if self.database_url else 1
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied and validated (settings themselves never change)."""
@@ -142,6 +163,18 @@ def _seconds_list(raw: str) -> tuple[float, ...]:
 
 def _base_url(raw: str) -> str:
     return raw.rstrip("/")
+
+
+_DATABASE_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg", "sqlite")
+
+
+def _why(spec: _Spec, err: Exception) -> str:
+    """The reason a value did not parse, in the operator's terms rather than Python's."""
+    if spec.parse is int:
+        return "expected a whole number"
+    if spec.parse is float:
+        return "expected a number"
+    return str(err)
 
 
 @dataclass(frozen=True)
@@ -198,5 +231,7 @@ _SPECS = (
     _Spec("RELAY_PUBLIC_URL", "public_url", _base_url),
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
+    _Spec("WEB_CONCURRENCY", "web_concurrency", int, 1, 64),
+    _Spec("RELAY_THREADS", "threads", int, 1, 1024),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
 )

@@ -222,6 +222,18 @@ def test_a_callback_is_retried_until_the_receiver_is_up_and_verifies(
     assert json.loads(seen[-1].get_data())["cloned_voice_item_id"] == final.json["cloned_voice_item_id"]
 
 
+def test_a_callback_is_pending_while_the_job_runs(make_app, job_settings, fake, audio_host, receiver):
+    receiver.expect_request("/hook", method="POST").respond_with_data("", status=200)
+    fake.upload_delay = 0.5
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = post(client, {"audio_url": url, "name": "Hooked", "callback_url": receiver.url_for("/hook")})
+    # answered at once, from the job as it was created: not ended, its callback still to come
+    assert (response.status_code, response.json["callback_status"]) == (202, "pending")
+    path = f"/v1/voice-clones/{response.json['job_id']}"
+    wait_until(lambda: client.get(path, headers=HEADERS).json["callback_status"] == "delivered")
+
+
 def test_a_410_stops_callback_retries(make_app, job_settings, fake, audio_host, receiver):
     receiver.expect_request("/gone").respond_with_data("", status=410)
     client = make_app(job_settings).test_client()
