@@ -53,6 +53,7 @@ class Settings:
     idle_poll_seconds: float = 1.0
     callback_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     callback_timeout: float = 15.0
+    callback_first_delay_seconds: float = 2.0
     webhook_secret: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     secret_key_old: str | None = field(default=None, repr=False)
@@ -224,6 +225,7 @@ _SPECS = (
     _Spec("RELAY_IDLE_POLL_SECONDS", "idle_poll_seconds", float, 0.01, 60),
     _Spec("RELAY_CALLBACK_SCHEDULE", "callback_schedule", _seconds_list),
     _Spec("RELAY_CALLBACK_TIMEOUT", "callback_timeout", float, 0.1, 120),
+    _Spec("RELAY_CALLBACK_FIRST_DELAY_SECONDS", "callback_first_delay_seconds", float, 0, 60),
     _Spec("RELAY_WEBHOOK_SECRET", "webhook_secret", str, secret=True),
     _Spec("RELAY_SECRET_KEY", "secret_key", str, secret=True),
     _Spec("RELAY_SECRET_KEY_OLD", "secret_key_old", str, secret=True),

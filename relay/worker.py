@@ -317,6 +317,9 @@ class Worker:
 
     def _end(self, job: Job, phase: str, http_status: int, answer: dict) -> None:
         now = utcnow()
+        # The first callback goes no sooner than RELAY_CALLBACK_FIRST_DELAY_SECONDS after the job was
+        # created: a caller that has just received its 202 (n8n saving its waiting execution) is ready.
+        first_callback = max(now, job.created_at + timedelta(seconds=self.settings.callback_first_delay_seconds))
         self._save(
             job,
             release=True,
@@ -328,8 +331,8 @@ class Worker:
             cloned_voice_item_id=answer.get("cloned_voice_item_id"),
             item_id=answer.get("item_id"),
             callback_status=PENDING if job.callback_url else None,
-            callback_next_at=now if job.callback_url else None,
-            next_run_at=now if job.callback_url else None,  # nothing left to do: off the due index
+            callback_next_at=first_callback if job.callback_url else None,
+            next_run_at=first_callback if job.callback_url else None,  # nothing left to do: off the due index
         )
         self.vault.forget(job.id)
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})

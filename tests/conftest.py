@@ -89,6 +89,7 @@ def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
         reconcile_grace_seconds=0.2,
         max_attempts=3,
         callback_schedule=(0.1, 0.2, 0.3),
+        callback_first_delay_seconds=0,
         callback_timeout=2,
     )
     values.update(changes)

@@ -234,6 +234,28 @@ def test_a_callback_is_pending_while_the_job_runs(make_app, job_settings, fake, 
     wait_until(lambda: client.get(path, headers=HEADERS).json["callback_status"] == "delivered")
 
 
+def test_the_first_callback_waits_the_first_delay_after_the_job_was_created(
+    make_app, job_settings, fake, audio_host, receiver
+):
+    """A caller that has just got its 202 (n8n saving its waiting execution) must be ready before the callback."""
+    arrived: list[float] = []
+
+    def hook(request: Request) -> Response:
+        arrived.append(time.time())
+        return Response("", status=200)
+
+    receiver.expect_request("/hook", method="POST").respond_with_handler(hook)
+    client = make_app(job_settings.replace(callback_first_delay_seconds=1.0)).test_client()
+    # not audio: the job fails within milliseconds, long before the first delay is over
+    url = serve_file(audio_host, "drive_interstitial.html")
+    before = time.time()
+    response = post(client, {"audio_url": url, "name": "Quick failure", "callback_url": receiver.url_for("/hook")})
+    assert response.status_code == 202
+    path = f"/v1/voice-clones/{response.json['job_id']}"
+    wait_until(lambda: client.get(path, headers=HEADERS).json["callback_status"] == "delivered")
+    assert len(arrived) == 1 and arrived[0] - before >= 1.0
+
+
 def test_a_410_stops_callback_retries(make_app, job_settings, fake, audio_host, receiver):
     receiver.expect_request("/gone").respond_with_data("", status=410)
     client = make_app(job_settings).test_client()
