@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from relay.schemas import ANSWER_FIELDS
+from relay.settings import Settings
 
 from .conftest import HEADERS, RELAY_KEY, post, serve_file
 
@@ -130,12 +131,15 @@ def test_the_blueprint_takes_the_route_that_matches_each_real_answer(make_app, j
 
 def test_the_n8n_workflow_waits_for_the_relays_callback():
     workflow = json.loads(N8N.read_text())
+    assert workflow["id"]  # `n8n import:workflow --input=<file>` needs one
     nodes = {node["name"]: node for node in workflow["nodes"]}
     types = [node["type"] for node in workflow["nodes"]]
     assert types == [
         "n8n-nodes-base.manualTrigger",
         "n8n-nodes-base.httpRequest",
+        "n8n-nodes-base.if",
         "n8n-nodes-base.wait",
+        "n8n-nodes-base.set",
         "n8n-nodes-base.if",
     ]
     for node in workflow["nodes"]:
@@ -144,15 +148,27 @@ def test_the_n8n_workflow_waits_for_the_relays_callback():
     http = nodes["Start the clone (relay)"]["parameters"]
     assert http["url"].endswith("/v1/voice-clones") and http["method"] == "POST"
     assert "callback_url: $execution.resumeUrl" in http["jsonBody"]
+    # a relay that refuses at once (401, 422) must reach the branch, not stop the workflow
+    assert http["options"]["response"]["response"]["neverError"] is True
     wait = nodes["Wait for the relay's callback"]["parameters"]
     assert (wait["resume"], wait["httpMethod"]) == ("webhook", "POST")
-    condition = nodes["Cloned?"]["parameters"]["conditions"]["conditions"][0]
-    assert condition["leftValue"] == "={{ $json.body.ok }}"
-    assert "ok" in ANSWER_FIELDS  # the callback body is the answer: body.ok is always there
-    chain = workflow["connections"]
-    order = []
-    name = "When clicking 'Test workflow'"
-    while name in chain:
-        name = chain[name]["main"][0][0]["node"]
-        order.append(name)
-    assert order == ["Start the clone (relay)", "Wait for the relay's callback", "Cloned?"]
+    assert wait["limitWaitTime"] is True and wait["limitType"] == "afterTimeInterval"
+    limit = wait["resumeAmount"] * {"minutes": 60, "hours": 3600}[wait["resumeUnit"]]
+    assert limit > Settings().ready_timeout_seconds
+    going = nodes["Still cloning?"]["parameters"]["conditions"]["conditions"][0]["leftValue"]
+    assert all(status in going for status in ("queued", "running", "processing"))
+    cloned = nodes["Cloned?"]["parameters"]["conditions"]["conditions"]
+    assert [c["leftValue"] for c in cloned] == ["={{ $json.ok }}", "={{ $json.status }}"]
+    assert cloned[1]["rightValue"] == "ready"
+    assert "ok" in ANSWER_FIELDS and "status" in ANSWER_FIELDS  # the answer always has both
+    chain = {
+        name: [[link["node"] for link in group] for group in links["main"]]
+        for name, links in workflow["connections"].items()
+    }
+    assert chain == {
+        "When clicking 'Test workflow'": [["Start the clone (relay)"]],
+        "Start the clone (relay)": [["Still cloning?"]],
+        "Still cloning?": [["Wait for the relay's callback"], ["The relay's answer"]],
+        "Wait for the relay's callback": [["The relay's answer"]],
+        "The relay's answer": [["Cloned?"]],
+    }
