@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
     from . import api, logs
     from .runtime import Runtime
 
-    settings = Settings.from_env() if settings is None else settings.validated()
+    settings = (Settings.from_env() if settings is None else settings.validated()).check_serving()
     logs.configure(settings.log_level)
     app = Flask(__name__)
     # Heroku and Render terminate TLS in front and say so in X-Forwarded-Proto. X-Forwarded-Host is

@@ -89,8 +89,8 @@ def healthz():
 
 @bp.get("/openapi.json")
 def openapi_document():
-    """The relay's OpenAPI 3.1 contract (no key needed)."""
-    return jsonify(_openapi())
+    """The relay's OpenAPI 3.1 contract (no key needed), naming this relay as its server."""
+    return jsonify({**_openapi(), "servers": [{"url": _public_base(), "description": "this relay"}]})
 
 
 @functools.cache
@@ -136,6 +136,8 @@ def auth_check():
     authenticate()
     given = request.headers.get("X-Useapi-Token", "").strip()
     source = "request" if given else ("server" if settings().useapi_token else None)
+    if given:
+        _check_token_can_be_kept()  # every clone with this connection would be refused: say so now
     return jsonify(ok=True, version=__version__, useapi_token=source, request_id=g.request_id)
 
 
@@ -160,8 +162,8 @@ def create_voice_clone():
         _check_callback_url(callback_url)
     wait = _wait_seconds(wait_seconds, callback_url)
     runtime = _runtime()
-    if given_token and not runtime.vault.durable and runtime.pool is None:
-        raise SecretKeyRequired()
+    if given_token:
+        _check_token_can_be_kept()
     token = given_token or settings().useapi_token
     account = account_key(token, clone_request.user_id)
     key = _idempotency_key(account)
@@ -210,6 +212,9 @@ def create_voice_clone():
 
 @bp.get("/v1/voice-clones/<job_id>")
 def get_voice_clone(job_id: str):
+    # Until the job is found, this request knows nothing of the clone: an error here (wrong key,
+    # unknown job) answers status null, never "failed", so a polling loop cannot take it for the clone's end.
+    g.status_unknown = True
     authenticate()
     job = _runtime().store.get(job_id) if _JOB_ID.match(job_id) else None
     if job is None:
@@ -249,6 +254,13 @@ def _name_key(account: str | None, name: str) -> str:
 
 def _runtime() -> Runtime:
     return current_app.extensions["relay.runtime"]
+
+
+def _check_token_can_be_kept() -> None:
+    """A per-request token outlives the request only sealed (``RELAY_SECRET_KEY``) or in this process's memory."""
+    runtime = _runtime()
+    if not runtime.vault.durable and runtime.pool is None:
+        raise SecretKeyRequired()
 
 
 def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
@@ -338,7 +350,7 @@ def get_voice(voice_id: str):
     with _useapi() as client:
         record = client.get_voice(voice_id)
     if record is None:
-        raise VoiceNotFound(cloned_voice_item_id=voice_id)
+        raise VoiceNotFound(cloned_voice_item_id=voice_id, upstream_status=404)
     item = voices.flatten({"clonedVoiceItemId": voice_id, **record})
     return jsonify(ok=True, **item, request_id=g.request_id)
 
@@ -396,11 +408,25 @@ def _load(schema: CloneRequestSchema) -> tuple[dict, list[str]]:
     except RecursionError:
         raise InvalidRequest("The JSON body is nested too deeply.") from None
     except ValueError as err:
-        raise InvalidRequest(f"The request body is not valid JSON ({err}).") from None
+        raise InvalidRequest(f"The request body is not valid JSON ({err}).{_json_hint()}") from None
     try:
         return schema.load_with_warnings(data)
     except ValidationError as err:
         raise InvalidRequest(describe_validation_error(err)) from None
+
+
+def _json_hint() -> str:
+    """What to change when the body is not JSON: most often a no-code tool sending a form."""
+    kind = (request.mimetype or "").lower()
+    if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        return (
+            f" It was sent as a form ({kind}): send a JSON object with 'Content-Type: application/json' instead, "
+            'e.g. {"audio_url": "https://…", "name": "My voice"} (Make: Body type Raw, JSON; n8n: Body JSON).'
+        )
+    return (
+        " Send a JSON object with 'Content-Type: application/json', "
+        'e.g. {"audio_url": "https://…", "name": "My voice"}.'
+    )
 
 
 def _answer(status: int, answer: dict[str, Any], retry_after: int | None = None):
@@ -413,6 +439,8 @@ def _answer(status: int, answer: dict[str, Any], retry_after: int | None = None)
 
 def _on_relay_error(err: RelayError):
     status, g.answer = answers.failure(err, g.get("answer") or answers.blank(g.get("request_id", "")))
+    if g.get("status_unknown"):
+        g.answer["status"] = None
     return _answer(status, g.answer, err.retry_after)
 
 

@@ -344,7 +344,9 @@ class CloneWorker:
 
     def _end(self, job: Job, phase: str, http_status: int, answer: dict, attempt: int = 0) -> None:
         now = utcnow()
-        first_callback = now + timedelta(seconds=self.settings.callback_first_delay_seconds)
+        # The first callback goes no sooner than RELAY_CALLBACK_FIRST_DELAY_SECONDS after the job was
+        # created: a caller that has just received its 202 (n8n saving its waiting execution) is ready.
+        first_callback = max(now, job.created_at + timedelta(seconds=self.settings.callback_first_delay_seconds))
         self._save(
             job,
             release=True,
