@@ -23,7 +23,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from . import answers, callbacks, fetch, pipeline, voices
+from . import answers, callbacks, events, fetch, pipeline, voices
 from .db import utcnow
 from .errors import (
     CloneFailed,
@@ -144,6 +144,7 @@ class Worker:
     def _clone(self, job: Job, request: pipeline.CloneRequest, token: str | None, answer: dict) -> None:
         existing = pipeline.existing_voice(request, token, self.settings, answer)
         if existing is not None:  # if_exists=reuse: adopt the account's voice, no upload
+            self._event(job, "reused", f"if_exists=reuse: the account's voice {existing['cloned_voice_item_id']}")
             self._accepted(job, answer, existing["status"], existing["cloned_voice_item_id"], existing["item_id"])
             return
         attempt = job.upload_attempts + 1
@@ -152,13 +153,17 @@ class Worker:
             # Committed before the first byte leaves: a crash from here on means "maybe uploaded".
             # (One write: a job that stops between download and upload downloads again anyway.)
             self._save(job, phase=UPLOADING, answer=answer, upload_started_at=utcnow(), upload_attempts=attempt)
+            self._event(job, "upload_started", f"upload attempt {attempt} to useapi.net")
 
         # A large file may start uploading while it downloads (relay/stream.py): then uploading()
         # runs during the download, and the upload's last bytes wait for early.finish().
         early = pipeline.early_upload(request, token or "", self.settings, uploading)
+        self._event(job, "download_started", f"from {events.host(request.audio_url)}")
         # The job's answer is written inside the block, before the spool file is removed (removing
         # 40 MB takes ~1.5 ms that a waiting request need not wait for).
         with pipeline.prepared(request, self.settings, answer, early=early) as (spool, info):
+            self._event(job, "downloaded", f"{info.size} bytes")
+            self._event(job, "audio_valid", events.audio(info))
             if request.dry_run:
                 answer["message"] = pipeline.dry_run_message(request, info)
                 self._finish(job, 200, answer, status="validated")
@@ -172,6 +177,7 @@ class Worker:
             except UpstreamError as err:
                 self._after_failed_upload(job, err, answer, attempt)
                 return
+            self._event(job, "upload_answered", f"HTTP {result.upstream_status}: {result.status}")
             answer.update(
                 cloned_voice_item_id=result.cloned_voice_item_id,
                 item_id=result.item_id,
@@ -181,6 +187,7 @@ class Worker:
 
     def _after_failed_upload(self, job: Job, err: UpstreamError, answer: dict, attempts: int) -> None:
         status = err.fields.get("upstream_status")
+        self._event(job, "upload_failed", f"{err.error_code} (HTTP {status or 'none'}): {err.message}")
         if err.reached and status is None:
             # No answer: the body may have arrived. Wait out useapi's hold, then look before re-uploading.
             log.warning("upload answer lost", extra={"fields": {"job_id": job.id, "error": err.error_code}})
@@ -209,6 +216,7 @@ class Worker:
         started = job.upload_started_at or job.created_at
         settle = started + timedelta(seconds=self.settings.reconcile_grace_seconds)
         if utcnow() < settle:
+            self._event(job, "reconcile", f"answer lost: will look for the voice at {settle:%H:%M:%S} UTC")
             self._save(job, release=True, next_run_at=settle)
             return
         try:
@@ -232,6 +240,7 @@ class Worker:
         ]
         if candidates:
             voice = max(candidates, key=lambda v: v["created_at"])
+            self._event(job, "reconcile", f"found and adopted {voice['cloned_voice_item_id']}")
             log.info("adopted voice after lost answer", extra={"fields": {"job_id": job.id}})
             answer.update(cloned_voice_item_id=voice["cloned_voice_item_id"], item_id=voice["item_id"])
             answer["warnings"] = [
@@ -240,6 +249,7 @@ class Worker:
             ]
             self._accepted(job, answer, voice["status"], voice["cloned_voice_item_id"], voice["item_id"])
             return
+        self._event(job, "reconcile", f"no new voice among {len(found)} on the account")
         if job.upload_attempts < self.settings.max_attempts:
             self._save(job, release=True, phase=RECEIVED, next_run_at=utcnow())
             return
@@ -293,6 +303,7 @@ class Worker:
             self._later(job, err, bounded=False)
             return
         state = voices.status_name(record.get("status")) if record else "processing"
+        self._event(job, "poll", f"useapi.net says {state}")
         if state == "ready":
             self._finish(job, 200, answer, status="ready")
         elif state == "failed":
@@ -317,6 +328,7 @@ class Worker:
 
     def _end(self, job: Job, phase: str, http_status: int, answer: dict) -> None:
         now = utcnow()
+        self._event(job, answer.get("status") or phase, answer.get("error_code") or answer.get("message"))
         self._save(
             job,
             release=True,
@@ -339,6 +351,7 @@ class Worker:
         delivery = callbacks.deliver(job.callback_url or "", body, job.webhook_id or job.id, self.settings)
         attempts = job.callback_attempts + 1
         fields = {"job_id": job.id, "attempt": attempts, "result": delivery.detail}
+        self._event(job, "callback", f"attempt {attempts}: {delivery.detail}" + (" — delivered" * delivery.delivered))
         if delivery.delivered:
             log.info("callback delivered", extra={"fields": fields})
             self._save(
@@ -377,6 +390,7 @@ class Worker:
 
     def _retry_later(self, job: Job) -> None:
         """After an unexpected crash in a step: try again later, and give up after many tries."""
+        self._event(job, "crashed", "a step crashed; it is retried (see the relay's logs)")
         try:
             if job.attempts >= self.settings.max_attempts * 3:
                 self._fail(job, RelayError(), dict(job.answer or {}))
@@ -399,6 +413,9 @@ class Worker:
     def _backoff(self, attempts: int, retry_after: int | None = None) -> float:
         delay = min(self.settings.retry_base_seconds * (2 ** max(attempts - 1, 0)), _MAX_BACKOFF)
         return max(delay, float(retry_after or 0))
+
+    def _event(self, job: Job, kind: str, detail: str | None = None) -> None:
+        events.record(self.store.engine, job.id, kind, detail)  # the console's timeline; never raises
 
     def _save(self, job: Job, release: bool = False, **values: Any) -> None:
         write = self.store.release if release else self.store.update
