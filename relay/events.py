@@ -36,9 +36,7 @@ def record(engine: Engine, job_id: str, kind: str, detail: str | None = None) ->
     """Add one event to ``job_id``'s timeline (never raises)."""
     try:
         with engine.begin() as conn:
-            conn.execute(
-                insert(job_events).values(job_id=job_id, at=utcnow(), kind=kind[:32], detail=scrub(detail))
-            )
+            conn.execute(insert(job_events).values(job_id=job_id, at=utcnow(), kind=kind[:32], detail=scrub(detail)))
     except Exception:  # noqa: BLE001 - a timeline entry is never worth a failed job
         log.warning("event not recorded", exc_info=True, extra={"fields": {"job_id": job_id, "kind": kind}})
 
