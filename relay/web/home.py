@@ -18,7 +18,7 @@ from .security import security_headers, wants_html
 
 log = logging.getLogger("relay.web")
 
-bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/static")
+bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/assets")
 bp.after_request(security_headers)
 HEARTBEAT_STALE_SECONDS = 30
 
