@@ -20,7 +20,7 @@ from relay.jobs import JobStore
 from relay.next_steps import NEXT_STEPS
 from relay.web.security import LoginLimiter
 
-from .conftest import HEADERS, RELAY_KEY, TOKEN, over_http, serve_file, wait_until
+from .conftest import HEADERS, JOBS_SECRET_KEY, RELAY_KEY, TOKEN, fast_settings, over_http, serve_file, wait_until
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 JOB_ID = "0" * 32
@@ -64,14 +64,30 @@ class Console:
 
 @pytest.fixture
 def served(make_app, job_settings):
+    """The relay over HTTP, once per database (for what reads jobs)."""
     app = make_app(job_settings)
     with over_http(app) as base:
         yield app, base
 
 
 @pytest.fixture
+def web(make_app, fake, tmp_path):
+    """The relay over HTTP on SQLite alone (for what does not depend on the database)."""
+    settings = fast_settings(fake.base_url, tmp_path / "data", secret_key=JOBS_SECRET_KEY)
+    with over_http(make_app(settings)) as base:
+        yield base
+
+
+@pytest.fixture
 def console(served):
     client = Console(served[1])
+    assert client.login().status_code == 200
+    return client
+
+
+@pytest.fixture
+def web_console(web):
+    client = Console(web)
     assert client.login().status_code == 200
     return client
 
@@ -96,8 +112,8 @@ def make_jobs(base: str, audio_host, **extra) -> dict[str, dict]:
 # --- the start page -------------------------------------------------------------------------
 
 
-def test_the_start_page_is_html_for_browsers_and_json_for_api_clients(served):
-    _app, base = served
+def test_the_start_page_is_html_for_browsers_and_json_for_api_clients(web):
+    base = web
     page = requests.get(base + "/", headers=BROWSER, timeout=10)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert f"{base}/v1/voice-clones" in page.text  # the setup guide names this relay's own address
@@ -109,14 +125,14 @@ def test_the_start_page_is_html_for_browsers_and_json_for_api_clients(served):
         assert answer.json()["ok"] is True and answer.json()["clone_url"] == f"{base}/v1/voice-clones"
 
 
-def test_every_page_and_asset_carries_the_content_security_policy(console):
+def test_every_page_and_asset_carries_the_content_security_policy(web_console):
     for path in ("/", "/assets/relay.css", "/assets/relay.js", "/console/login", "/console", "/console/try"):
-        response = console.get(path)
+        response = web_console.get(path)
         assert response.status_code == 200, path
         csp = response.headers["Content-Security-Policy"]
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
         assert response.headers["X-Content-Type-Options"] == "nosniff"
-    page = console.get("/console").text
+    page = web_console.get("/console").text
     assert "<script>" not in page and " style=" not in page  # no inline code for the policy to block
     assert "http://" not in re.sub(r"http://127\.0\.0\.1:\d+", "", page) and "https://" not in page
 
@@ -124,22 +140,21 @@ def test_every_page_and_asset_carries_the_content_security_policy(console):
 # --- who gets in ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), CONSOLE_URLS)
-def test_without_a_session_browsers_go_to_the_login_and_api_clients_get_401(served, method, path):
-    _app, base = served
-    browser = requests.request(method, base + path, headers=BROWSER, allow_redirects=False, timeout=10)
-    assert browser.status_code == 303
-    assert browser.headers["Location"].startswith("/console/login?next=")
-    api = requests.request(method, base + path, headers=HEADERS, allow_redirects=False, timeout=10)
-    assert api.status_code == 401 and api.json()["error_code"] == "unauthorized"
-    forged = requests.request(
-        method, base + path, headers=HEADERS, cookies={"relay_console": "eyJhdCI6MX0.forged.sig"}, timeout=10
-    )
-    assert forged.status_code == 401
+def test_without_a_session_browsers_go_to_the_login_and_api_clients_get_401(web):
+    for method, path in CONSOLE_URLS:
+        browser = requests.request(method, web + path, headers=BROWSER, allow_redirects=False, timeout=10)
+        assert browser.status_code == 303, path
+        assert browser.headers["Location"].startswith("/console/login?next="), path
+        api = requests.request(method, web + path, headers=HEADERS, allow_redirects=False, timeout=10)
+        assert api.status_code == 401 and api.json()["error_code"] == "unauthorized", path
+        forged = requests.request(
+            method, web + path, headers=HEADERS, cookies={"relay_console": "eyJhdCI6MX0.forged.sig"}, timeout=10
+        )
+        assert forged.status_code == 401, path
 
 
-def test_a_wrong_key_is_refused_and_the_right_key_opens_a_session(served):
-    _app, base = served
+def test_a_wrong_key_is_refused_and_the_right_key_opens_a_session(web):
+    base = web
     client = Console(base)
     wrong = client.login("not-the-key")
     assert wrong.status_code == 401 and "not this relay" in wrong.text
@@ -149,8 +164,8 @@ def test_a_wrong_key_is_refused_and_the_right_key_opens_a_session(served):
     assert "Recent clones" in right.text
 
 
-def test_the_session_cookie_is_httponly_samesite_and_secure_behind_https(served):
-    _app, base = served
+def test_the_session_cookie_is_httponly_samesite_and_secure_behind_https(web):
+    base = web
     client = Console(base)
     response = client.post("/console/login", {"key": RELAY_KEY}, allow_redirects=False)
     cookie = response.headers["Set-Cookie"]
@@ -161,21 +176,21 @@ def test_the_session_cookie_is_httponly_samesite_and_secure_behind_https(served)
     assert "Secure" in response.headers["Set-Cookie"] and "HttpOnly" in response.headers["Set-Cookie"]
 
 
-def test_forms_without_the_csrf_token_are_refused(console):
+def test_forms_without_the_csrf_token_are_refused(web_console):
     for path in ("/console/logout", "/console/try", f"/console/clones/{JOB_ID}/resend-callback"):
         for token in (None, "wrong-token"):
             data = {"csrf_token": token} if token else {}
-            response = console.post(path, data, csrf=False, headers={"Accept": "application/json"})
+            response = web_console.post(path, data, csrf=False, headers={"Accept": "application/json"})
             assert response.status_code == 403 and response.json()["error_code"] == "csrf_failed", path
-    assert console.get("/console").status_code == 200  # still signed in: the refused logout did nothing
-    fresh = Console(console.base)
+    assert web_console.get("/console").status_code == 200  # still signed in: the refused logout did nothing
+    fresh = Console(web_console.base)
     fresh.get("/console/login")
     refused = fresh.post("/console/login", {"key": RELAY_KEY}, csrf=False)
     assert refused.status_code == 403 and "csrf_failed" in refused.text
 
 
-def test_failed_logins_are_rate_limited_per_client(served):
-    _app, base = served
+def test_failed_logins_are_rate_limited_per_client(web):
+    base = web
     client = Console(base)
     for _ in range(LoginLimiter.MAX_FAILURES):
         assert client.login("wrong").status_code == 401
@@ -187,14 +202,14 @@ def test_failed_logins_are_rate_limited_per_client(served):
     assert other.login().status_code == 200
 
 
-def test_logout_ends_the_session(console):
-    response = console.post("/console/logout", {})
+def test_logout_ends_the_session(web_console):
+    response = web_console.post("/console/logout", {})
     assert response.status_code == 200 and response.url.endswith("/console/login?notice=signed_out")
-    assert console.get("/console", allow_redirects=False).status_code == 303
+    assert web_console.get("/console", allow_redirects=False).status_code == 303
 
 
-def test_without_a_relay_key_the_console_is_off(make_app, job_settings):
-    app = make_app(job_settings.replace(relay_api_key=None, useapi_token=None))
+def test_without_a_relay_key_the_console_is_off(make_app, fake, tmp_path):
+    app = make_app(fast_settings(fake.base_url, tmp_path / "data", relay_api_key=None))
     with over_http(app) as base:
         for path in ("/console", "/console/login", f"/console/clones/{JOB_ID}"):
             page = requests.get(base + path, headers=BROWSER, timeout=10)
@@ -253,17 +268,17 @@ def test_a_failed_job_page_shows_the_error_the_next_step_and_the_timeline(consol
     assert "$RELAY_API_KEY" in ready and RELAY_KEY not in ready and TOKEN not in ready
 
 
-def test_events_and_the_curl_never_carry_secrets_from_urls(console, audio_host, job_settings):
+def test_events_and_the_curl_never_carry_secrets_from_urls(web_console, audio_host):
     serve_file(audio_host, "wav_pcm16_mono.wav", "/signed.wav")
     audio_host.expect_request("/hook", method="POST").respond_with_data("", status=200)
     url = audio_host.url_for("/signed.wav") + "?dl=0&X-Amz-Signature=s3cr3tsig&token=t0ken"
     answer = requests.post(
-        f"{console.base}/v1/voice-clones",
+        f"{web_console.base}/v1/voice-clones",
         json={"audio_url": url, "name": "Signed", "callback_url": audio_host.url_for("/hook") + "?signature=abc123"},
         headers=HEADERS,
         timeout=30,
     ).json()
-    page = console.get(f"/console/clones/{answer['job_id']}").text
+    page = web_console.get(f"/console/clones/{answer['job_id']}").text
     assert "dl=0" in page
     for secret in ("s3cr3tsig", "t0ken", "abc123"):
         assert secret not in page
@@ -335,10 +350,10 @@ def test_events_are_deleted_with_their_job(job_settings, console, audio_host):
         engine.dispose()
 
 
-def test_an_unknown_job_is_404_in_the_one_error_shape(console):
-    page = console.get(f"/console/clones/{JOB_ID}")
+def test_an_unknown_job_is_404_in_the_one_error_shape(web_console):
+    page = web_console.get(f"/console/clones/{JOB_ID}")
     assert page.status_code == 404 and "job_not_found" in page.text
-    api = console.get("/console/clones/nope", headers={"Accept": "application/json"})
+    api = web_console.get("/console/clones/nope", headers={"Accept": "application/json"})
     assert api.status_code == 404 and api.json()["error_code"] == "job_not_found"
 
 
@@ -351,25 +366,24 @@ def test_try_a_clone_runs_a_dry_run_through_the_api(console, audio_host, fake):
     assert "Tried" in console.get("/console?status=validated").text
 
 
-def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(make_app, job_settings, fake, audio_host):
-    app = make_app(job_settings)
-    with over_http(app) as base:
-        url = serve_file(audio_host, "wav_pcm16_mono.wav", "/v.wav")
-        voice = requests.post(
-            f"{base}/v1/voice-clones", json={"audio_url": url, "name": "Keep me?"}, headers=HEADERS, timeout=30
-        ).json()["cloned_voice_item_id"]
-        client = Console(base)
-        client.login()
-        assert "Show voices" in client.get("/console/voices").text  # no server token: ask for one
-        listed = client.post("/console/voices", {"action": "list", "token": TOKEN})
-        assert "Keep me?" in listed.text and voice in listed.text
-        confirm = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN})
-        assert "Delete permanently" in confirm.text and voice in fake.voices  # asked, not yet done
-        done = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN, "confirm": "yes"})
-        assert f"Deleted {voice}" in done.text and voice not in fake.voices
-        assert TOKEN not in "".join(client.http.cookies.values())
-        wrong = client.post("/console/voices", {"action": "list", "token": "wrong-token-123456"})
-        assert "upstream_unauthorized" in wrong.text
+def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web, fake, audio_host):
+    base = web
+    url = serve_file(audio_host, "wav_pcm16_mono.wav", "/v.wav")
+    voice = requests.post(
+        f"{base}/v1/voice-clones", json={"audio_url": url, "name": "Keep me?"}, headers=HEADERS, timeout=30
+    ).json()["cloned_voice_item_id"]
+    client = Console(base)
+    client.login()
+    assert "Show voices" in client.get("/console/voices").text  # no server token: ask for one
+    listed = client.post("/console/voices", {"action": "list", "token": TOKEN})
+    assert "Keep me?" in listed.text and voice in listed.text
+    confirm = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN})
+    assert "Delete permanently" in confirm.text and voice in fake.voices  # asked, not yet done
+    done = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN, "confirm": "yes"})
+    assert f"Deleted {voice}" in done.text and voice not in fake.voices
+    assert TOKEN not in "".join(client.http.cookies.values())
+    wrong = client.post("/console/voices", {"action": "list", "token": "wrong-token-123456"})
+    assert "upstream_unauthorized" in wrong.text
 
 
 # --- one table of next steps ----------------------------------------------------------------
