@@ -58,6 +58,11 @@ class Console:
         page = self.get("/console/try")  # without a session this lands on the login form, which has one too
         return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
 
+    def job_path(self, name: str) -> str:
+        """The console path of the newest job named ``name``, from the list."""
+        page = self.get("/console", params={"name": name}).text
+        return re.search(r'href="(/console/clones/[0-9a-f]{32})"', page).group(1)
+
     def login(self, key: str = RELAY_KEY) -> requests.Response:
         return self.post("/console/login", {"key": key, "next": "/console"})
 
@@ -235,6 +240,19 @@ def test_the_list_shows_jobs_made_through_the_api_and_filters_them(console, audi
     by_name = console.get("/console?name=READY").text
     assert "Ready voice" in by_name and "Broken voice" not in by_name
     assert made["ready"]["job_id"] in page
+
+
+def test_the_list_refreshes_itself_while_a_clone_runs(web_console, audio_host, fake):
+    fake.ready_after_polls = 10_000  # useapi keeps "processing" for the whole test
+    url = serve_file(audio_host, "wav_pcm16_mono.wav", "/slow.wav")
+    body = {"audio_url": url, "name": "Still cloning", "wait_seconds": 0}
+    requests.post(f"{web_console.base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30)
+    assert 'data-refresh="5"' in web_console.get("/console").text
+    page = wait_until(
+        lambda: "Readiness poll" in (p := web_console.get(web_console.job_path("Still cloning"))).text and p
+    )
+    assert "processing" in page.text
+    assert 'data-refresh="5"' not in web_console.get("/console?status=failed").text
 
 
 def test_history_pages_newest_first(job_settings, console, audio_host):
