@@ -187,11 +187,14 @@ class Worker:
 
     def _after_failed_upload(self, job: Job, err: UpstreamError, answer: dict, attempts: int) -> None:
         status = err.fields.get("upstream_status")
-        self._event(job, "upload_failed", f"{err.error_code} (HTTP {status or 'none'}): {err.message}")
+        self._event(job, "upload_failed", f"{err.error_code}{f' (HTTP {status})' if status else ''}: {err.message}")
         if err.reached and status is None:
             # No answer: the body may have arrived. Wait out useapi's hold, then look before re-uploading.
             log.warning("upload answer lost", extra={"fields": {"job_id": job.id, "error": err.error_code}})
             grace = timedelta(seconds=self.settings.reconcile_grace_seconds)
+            self._event(
+                job, "reconcile", f"answer lost: the account's voices are listed in {grace.total_seconds():g} s"
+            )
             self._save(job, release=True, answer=answer, next_run_at=utcnow() + grace)
             return
         retryable = not err.reached or status == 429 or (status or 0) >= 500

@@ -286,6 +286,21 @@ def test_a_failed_job_page_shows_the_error_the_next_step_and_the_timeline(consol
     assert "$RELAY_API_KEY" in ready and RELAY_KEY not in ready and TOKEN not in ready
 
 
+def test_a_lost_upload_answer_and_its_reconciliation_are_on_the_timeline(make_app, fake, audio_host, tmp_path):
+    fake.upload_delay = 1.0  # useapi takes the file, but its answer comes after the relay gave up
+    settings = fast_settings(fake.base_url, tmp_path / "data", secret_key=JOBS_SECRET_KEY, upload_timeout=0.3)
+    with over_http(make_app(settings)) as base:
+        url = serve_file(audio_host, "wav_pcm16_mono.wav", "/lost.wav")
+        body = {"audio_url": url, "name": "Lost answer"}
+        answer = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()
+        assert answer["status"] == "ready" and fake.upload_count() == 1
+        client = Console(base)
+        client.login()
+        page = client.get(f"/console/clones/{answer['job_id']}").text
+    for seen in ("Upload started", "Upload failed", "answer lost", "Reconciliation", "found and adopted", "Ready"):
+        assert seen in page, seen
+
+
 def test_events_and_the_curl_never_carry_secrets_from_urls(web_console, audio_host):
     serve_file(audio_host, "wav_pcm16_mono.wav", "/signed.wav")
     audio_host.expect_request("/hook", method="POST").respond_with_data("", status=200)

@@ -259,8 +259,11 @@ def _source(job: Job) -> str:
     return events.host(url) if url else "uploaded file"
 
 
-def _when(moment: datetime | None) -> str:
-    return "" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+def _when(moment: datetime | None, precise: bool = False) -> str:
+    if moment is None:
+        return ""
+    shown = moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else moment.strftime("%Y-%m-%d %H:%M:%S")
+    return shown + " UTC"
 
 
 # --- one job --------------------------------------------------------------------------------
@@ -305,13 +308,25 @@ def _timeline(job: Job) -> list[dict[str, str]]:
     """The job's recorded events, after its arrival (the job row's own creation time)."""
     source = _source(job)
     arrival = "dry run" if job.dry_run else "clone"
-    items = [{"at": _when(job.created_at), "label": "Received", "detail": f"{arrival} request, audio from {source}"}]
+    items = [
+        {
+            "at": _when(job.created_at, precise=True),
+            "label": "Received",
+            "detail": f"{arrival} request, audio from {source}",
+        }
+    ]
     for event in events.for_job(_runtime().engine, job.id):
         items.append(
-            {"at": _when(event.at), "label": EVENT_LABELS.get(event.kind, event.kind), "detail": event.detail or ""}
+            {
+                "at": _when(event.at, precise=True),
+                "label": EVENT_LABELS.get(event.kind, event.kind),
+                "detail": event.detail or "",
+            }
         )
     if job.terminal and len(items) == 1:  # ended before events were recorded (an older relay)
-        items.append({"at": _when(job.completed_at), "label": EVENT_LABELS.get(job.phase, job.phase), "detail": ""})
+        items.append(
+            {"at": _when(job.completed_at, precise=True), "label": EVENT_LABELS.get(job.phase, job.phase), "detail": ""}
+        )
     return items
 
 
