@@ -192,9 +192,7 @@ class Worker:
             # No answer: the body may have arrived. Wait out useapi's hold, then look before re-uploading.
             log.warning("upload answer lost", extra={"fields": {"job_id": job.id, "error": err.error_code}})
             grace = timedelta(seconds=self.settings.reconcile_grace_seconds)
-            self._event(
-                job, "reconcile", f"answer lost: the account's voices are listed in {grace.total_seconds():g} s"
-            )
+            self._event(job, "reconcile", f"answer lost: voices are listed in {grace.total_seconds():g} s")
             self._save(job, release=True, answer=answer, next_run_at=utcnow() + grace)
             return
         retryable = not err.reached or status == 429 or (status or 0) >= 500
