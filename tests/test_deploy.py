@@ -246,7 +246,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
     engine = db.connect(db.database_url(PG_URL, ""))
     db.migrate(engine)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, heartbeats, accounts"))
+        conn.execute(text("TRUNCATE jobs, heartbeats, accounts, job_events"))
     engine.dispose()
     fake = FakeUseapi(TOKEN).start()
     fake.upload_delay = 4  # SIGTERM arrives while the upload is in flight
@@ -279,7 +279,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
             try:
                 if requests.get(base + "/readyz", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still booting
                 pass
             time.sleep(0.2)
         else:
@@ -307,7 +307,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
                 answer = requests.get(status_url, headers={"Authorization": f"Bearer {RELAY_KEY}"}, timeout=2).json()
                 if answer["status"] in ("ready", "failed"):
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still booting
                 pass
             time.sleep(0.2)
     finally:
