@@ -30,6 +30,7 @@ from .fake_useapi import FakeUseapi
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -169,7 +170,8 @@ def test_a_wrong_key_is_refused_then_the_right_key_signs_in(browser, relay):
     error = wait_for(browser, EC.visibility_of_element_located((By.ID, "login-error")))
     assert "not this relay's key" in error.text
     screenshot(browser, "login")
-    sign_in(browser, base)
+    field = browser.find_element(By.ID, "key")  # the keyboard alone signs in: type, then Enter
+    field.send_keys(RELAY_KEY + Keys.ENTER)
     wait_for(browser, EC.title_contains("Recent clones"))
 
 
@@ -231,13 +233,21 @@ def test_a_dry_run_from_the_form_checks_the_link_without_uploading(browser, rela
     screenshot(browser, "try-a-clone")
 
 
-def test_the_voices_page_lists_the_accounts_voices(browser, relay):
+def test_the_voices_page_lists_and_deletes_after_confirmation(browser, relay):
     base = relay["base"]
     sign_in(browser, base)
     browser.get(base + "/console/voices")
     cell = wait_for(browser, EC.visibility_of_element_located((By.XPATH, "//td[contains(., 'Narrator (ready)')]")))
     assert cell.is_displayed()
     screenshot(browser, "voices")
+    voice = relay["ready"]["cloned_voice_item_id"]
+    row = browser.find_element(By.XPATH, f"//tr[contains(., '{voice}')]")
+    row.find_element(By.CSS_SELECTOR, "button.danger").click()
+    confirm = wait_for(browser, EC.element_to_be_clickable((By.ID, "confirm-delete")))
+    assert voice in browser.page_source and voice in relay["fake"].voices  # asked first, nothing deleted yet
+    confirm.click()
+    notice = wait_for(browser, EC.visibility_of_element_located((By.CSS_SELECTOR, "p.notice")))
+    assert f"Deleted {voice}" in notice.text and voice not in relay["fake"].voices
 
 
 def test_sign_out_ends_the_session(browser, relay):
