@@ -428,3 +428,18 @@ def test_the_next_steps_are_the_readme_error_table():
     rows = dict(re.findall(r"^\| `([a-z_]+)` \| \d{3} \| (.+) \|$", README, re.M))
     assert rows == NEXT_STEPS
     assert set(NEXT_STEPS) == {cls.error_code for cls in all_error_classes()}
+
+
+def test_pip_install_ships_every_template_and_static_file():
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "relay.web" in config["packages"]
+    patterns = config["package-data"]["relay.web"]
+    web = root / "relay" / "web"
+    shipped = [p for p in web.rglob("*") if p.is_file() and p.parent != web and "__pycache__" not in p.parts]
+    assert shipped
+    for path in shipped:
+        assert any(fnmatch.fnmatch(path.relative_to(web).as_posix(), pattern) for pattern in patterns), path
