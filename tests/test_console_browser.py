@@ -250,6 +250,22 @@ def test_the_voices_page_lists_and_deletes_after_confirmation(browser, relay):
     assert f"Deleted {voice}" in notice.text and voice not in relay["fake"].voices
 
 
+def test_every_page_fits_a_phone_screen(browser, relay):
+    base = relay["base"]
+    sign_in(browser, base)
+    pages = ("/", "/console", f"/console/clones/{relay['failed']['job_id']}", "/console/try", "/console/voices")
+    browser.set_window_size(400, 850)
+    try:
+        for path in pages:
+            browser.get(base + path)
+            wait_for(browser, EC.presence_of_element_located((By.TAG_NAME, "footer")))
+            assert browser.execute_script("return window.innerWidth") <= 420  # a phone's width, really
+            width = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+            assert width <= 0, f"{path} scrolls sideways by {width} px on a phone"
+    finally:
+        browser.set_window_size(1280, 900)
+
+
 def test_sign_out_ends_the_session(browser, relay):
     base = relay["base"]
     sign_in(browser, base)
