@@ -126,6 +126,7 @@ def screenshot(driver, name: str, width: int = 1280) -> None:
     """The whole page as docs/screenshots/<name>.png, only when RELAY_TEST_SCREENSHOTS is set."""
     if not os.environ.get("RELAY_TEST_SCREENSHOTS"):
         return
+    driver.set_window_size(width, 900)  # the page's height at this width
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(width, min(max(height, 600), 4000) + 140)  # window chrome above the page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
