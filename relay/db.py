@@ -99,6 +99,17 @@ heartbeats = Table(
     Column("seen_at", DateTime, nullable=False),
 )
 
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), nullable=False),
+    Column("at", DateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("detail", Text, nullable=True),  # plain words: never a token, a key or a URL's query
+    Index("ix_job_events_job_id", "job_id", "id"),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
@@ -168,11 +179,17 @@ def scoped_key(account_key: str | None, idempotency_key: str) -> str:
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
+def _v5(conn: Connection) -> None:
+    # The timeline of each job that the console shows (relay/events.py).
+    metadata.create_all(conn, tables=[job_events])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
     (3, "indexes for queue positions and leases", _v3),
     (4, "uploads that may have been taken, pinned tokens, per-account keys and names", _v4),
+    (5, "job events: each job's timeline", _v5),
 ]
 LATEST = MIGRATIONS[-1][0]
 
