@@ -361,6 +361,8 @@ class CloneWorker:
         # The first callback goes no sooner than RELAY_CALLBACK_FIRST_DELAY_SECONDS after the job was
         # created: a caller that has just received its 202 (n8n saving its waiting execution) is ready.
         first_callback = max(now, job.created_at + timedelta(seconds=self.settings.callback_first_delay_seconds))
+        # Recorded before the job's end is visible, so whoever sees the end also sees it on the timeline.
+        self._event(job, answer.get("status") or phase, answer.get("error_code") or answer.get("message"))
         self._save(
             job,
             release=True,
@@ -381,7 +383,6 @@ class CloneWorker:
             next_run_at=first_callback if job.callback_url else None,  # nothing left to do: off the due index
         )
         self.vault.forget(job.id)
-        self._event(job, answer.get("status") or phase, answer.get("error_code") or answer.get("message"))
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})
 
     def _deliver_callback(self, job: Job) -> None:
