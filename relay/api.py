@@ -192,7 +192,7 @@ def create_voice_clone():
     else:
         runtime.notifier.work_arrived()
     g.log["job_id"] = job.id
-    return _job_answer(_wait_for(job, wait, generation) if wait > 0 else job)
+    return _job_answer(_wait_within_budget(job, wait, generation))
 
 
 @bp.get("/v1/voice-clones/<job_id>")
@@ -223,6 +223,31 @@ def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
     return asked
 
 
+BUSY_WARNING = (
+    "Answered without waiting: this relay already has RELAY_MAX_WAITERS requests waiting. The clone goes on: "
+    "poll status_url, or send a callback_url."
+)
+
+
+def _wait_within_budget(job, seconds: float, generation: int):
+    """Wait for ``job`` only if this process has a waiter slot free (``RELAY_MAX_WAITERS``).
+
+    A waiting request holds a server thread; a burst of them (a Make bulk scenario) must not take the
+    threads that serve health checks, status polls and new clones, so past the budget the request is
+    answered at once with the job's current state (202 + ``status_url``), which is always a valid answer.
+    """
+    if seconds <= 0 or job.terminal:
+        return job
+    waiters = _runtime().waiters
+    if not waiters.acquire(blocking=False):
+        g.not_waited = True
+        return job
+    try:
+        return _wait_for(job, seconds, generation)
+    finally:
+        waiters.release()
+
+
 def _wait_for(job, seconds: float, generation: int):
     """The job once it has ended, or as it is when ``seconds`` have passed.
 
@@ -244,6 +269,8 @@ def _wait_for(job, seconds: float, generation: int):
 def _job_answer(job):
     answer = answers.for_job(job, utcnow())
     answer["request_id"] = g.request_id
+    if g.get("not_waited") and not job.terminal:
+        answer["warnings"] = [*answer["warnings"], BUSY_WARNING]
     if answer["status"] == "queued":
         answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
     g.answer = answer

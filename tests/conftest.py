@@ -84,6 +84,7 @@ def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
         max_attempts=3,
         callback_schedule=(0.1, 0.2, 0.3),
         callback_timeout=2,
+        inprocess_workers=2,  # tests that need more say so
     )
     values.update(changes)
     return Settings(**values)

@@ -1,0 +1,168 @@
+"""Capacity: slow clients and waiting requests cannot take the threads that serve everyone else.
+
+A real `relay serve` (gunicorn, the relay's worker class) on loopback with 4 threads and a waiter
+budget of 2; no in-process workers, so every clone stays queued and every wait lasts its full time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from relay.api import BUSY_WARNING
+
+from .conftest import AUDIO_HOST, JOBS_SECRET_KEY, RELAY_KEY, TOKEN
+from .test_serve import free_port, relay_command
+
+HEADERS = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(**env_changes: str) -> str:
+        port = free_port()
+        env = {
+            **os.environ,
+            "PORT": str(port),
+            "RELAY_API_KEY": RELAY_KEY,
+            "RELAY_SECRET_KEY": JOBS_SECRET_KEY,
+            "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+            "RELAY_INPROCESS_WORKERS": "0",
+            "RELAY_THREADS": "4",
+            "RELAY_MAX_WAITERS": "2",
+            "WEB_CONCURRENCY": "1",
+            "RELAY_DATA_DIR": str(tmp_path / f"data-{port}"),
+            **env_changes,
+        }
+        env.pop("DATABASE_URL", None)
+        process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        started.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(base + "/healthz", timeout=1)
+                return base
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        process.kill()
+        pytest.fail("relay serve did not start: " + process.communicate()[0].decode())
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def slow_client(base: str) -> socket.socket:
+    """A connection that has sent part of a request and stalls (a slowloris)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n")
+    return sock
+
+
+def clone_body(n: int, wait: float) -> dict:
+    return {"audio_url": f"http://{AUDIO_HOST}/voice-{n}.wav", "name": f"Voice {n}", "wait_seconds": wait}
+
+
+def test_slow_clients_and_waiters_past_the_budget_leave_health_checks_answered(serve):
+    base = serve()
+    stalled = [slow_client(base) for _ in range(6)]  # more than the 4 threads
+    answers: dict[int, requests.Response] = {}
+
+    def waiter(n: int) -> None:
+        answers[n] = requests.post(base + "/v1/voice-clones", json=clone_body(n, 8), headers=HEADERS, timeout=60)
+
+    waiters = [threading.Thread(target=waiter, args=(n,)) for n in range(4)]  # 2 past the budget of 2
+    try:
+        for thread in waiters:
+            thread.start()
+        # Two requests past the budget are answered at once, without waiting.
+        deadline = time.monotonic() + 20
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        at_once = list(answers.values())
+        assert len(at_once) == 2
+        for response in at_once:
+            assert response.status_code == 202
+            body = response.json()
+            assert body["status"] == "queued" and body["status_url"].endswith(body["job_id"])
+            assert BUSY_WARNING in body["warnings"]
+        # Six stalled connections and two waiting requests: a health check and a new clone still go through.
+        assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
+        accepted = requests.post(base + "/v1/voice-clones", json=clone_body(9, 0), headers=HEADERS, timeout=10)
+        assert accepted.status_code == 202 and BUSY_WARNING not in accepted.json()["warnings"]
+        for thread in waiters:
+            thread.join(60)
+        waited = [answers[n] for n in answers if answers[n] not in at_once]
+        assert len(waited) == 2
+        for response in waited:
+            assert response.status_code == 202 and BUSY_WARNING not in response.json()["warnings"]
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_request_that_never_arrives_whole_is_answered_408_and_a_slow_one_is_served(serve):
+    base = serve(RELAY_REQUEST_READ_TIMEOUT="1")
+    stalled = slow_client(base)
+    try:
+        stalled.settimeout(20)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = stalled.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    finally:
+        stalled.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    import json
+
+    answer = json.loads(body)
+    assert answer["ok"] is False and answer["error_code"] == "request_timeout"
+
+    # A request that arrives in pieces, each within the timeout, is served as usual.
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        for piece in (b"GET /heal", b"thz HTTP/1.1\r\n", b"Host: relay\r\n", b"Connection: close\r\n\r\n"):
+            sock.sendall(piece)
+            time.sleep(0.1)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b'"ok":true' in reply
+
+
+def test_a_json_body_sent_after_100_continue_is_served(serve):
+    base = serve()
+    body = b'{"audio_url": "http://127.0.0.2/x.wav", "name": "Continued", "wait_seconds": 0}'
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {RELAY_KEY}\r\nX-Useapi-Token: {TOKEN}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        reply = interim.partition(b"\r\n\r\n")[2]
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 202")
+    assert reply.count(b"HTTP/1.1 100") == 0
