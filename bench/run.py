@@ -239,6 +239,10 @@ class SharedLink:
 class _Quiet(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def handle(self):
+        with contextlib.suppress(ConnectionError):  # a relay stopped mid-request
+            super().handle()
+
     def log_message(self, *args):
         pass
 
@@ -418,7 +422,9 @@ def part_database(work: Path, name: str) -> Iterator[dict[str, str]]:
 class Relay:
     """The relay under gunicorn, configured by environment variables as in production."""
 
-    def __init__(self, work: Path, upstream: str, database: dict[str, str], **settings: str):
+    def __init__(
+        self, work: Path, upstream: str, database: dict[str, str], gunicorn_args: tuple[str, ...] = (), **settings: str
+    ):
         self.port = free_port()
         self.log = work / f"relay-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -442,7 +448,16 @@ class Relay:
         self.processes = int(env["WEB_CONCURRENCY"])
         with open(self.log, "wb") as log:
             self.process = PROCESSES.start(
-                [sys.executable, "-m", "gunicorn", "-c", "python:relay.gunicorn_conf", "relay:create_app()"],
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    "python:relay.gunicorn_conf",
+                    *gunicorn_args,
+                    *os.environ.get("BENCH_GUNICORN_ARGS", "").split(),
+                    "relay:create_app()",
+                ],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -824,15 +839,33 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+# The web server as it was before the relay's worker class and waiter budget: gunicorn's stock
+# gthread worker with 32 threads, every request allowed to wait.
+STOCK_GTHREAD = {"gunicorn_args": ("--worker-class", "gthread", "--threads", "32")}
+STOCK_SETTINGS = {"RELAY_THREADS": "1024", "RELAY_MAX_WAITERS": "1023"}
+
+
 def bench_capacity(work: Path, waiters: int, slow: int, upstream_seconds: float, wait: float) -> dict:
+    """The relay as configured, then the stock gthread server (the baseline), each under the same load."""
+    result = _capacity(work, "capacity", waiters, slow, upstream_seconds, wait, {}, {})
+    baseline = _capacity(work, "capacity_stock", waiters, slow, upstream_seconds, wait, STOCK_GTHREAD, STOCK_SETTINGS)
+    for key in ("healthz_failures", "healthz_p99_s", "accept_failures", "accept_p99_s", "waited_clones_not_ready"):
+        result[f"stock_gthread_{key}"] = baseline[key]
+    return result
+
+
+def _capacity(
+    work: Path, name: str, waiters: int, slow: int, upstream_seconds: float, wait: float, server: dict, env: dict
+) -> dict:
     """``slow`` slowloris connections and ``waiters`` clones waiting ``wait`` s on an upstream that
     takes ``upstream_seconds`` per upload, all at once; meanwhile /healthz and new clones are probed.
     Afterwards every waited clone must end ready."""
     audio = make_wav(work / "voice-short.wav", 1)
     accounts = 10
-    with part_database(work, "capacity") as database, Parts(work, audio, delay=upstream_seconds) as parts:
+    with part_database(work, name) as database, Parts(work, audio, delay=upstream_seconds) as parts:
         # Enough clone workers that the slow upstream, not the queue, is what the requests wait on.
-        with Relay(work, parts.upstream, database, RELAY_INPROCESS_WORKERS="50", RELAY_UPLOAD_TIMEOUT="120") as relay:
+        settings = {"RELAY_INPROCESS_WORKERS": "50", "RELAY_UPLOAD_TIMEOUT": "120", **env}
+        with Relay(work, parts.upstream, database, **server, **settings) as relay:
             settle(relay.pids)
             host, port = "127.0.0.1", relay.port
             stop = threading.Event()
@@ -854,7 +887,7 @@ def bench_capacity(work: Path, waiters: int, slow: int, upstream_seconds: float,
             def waiter(n: int):
                 try:
                     account = f"bench{n % accounts}"
-                    response = relay.clone(parts.audio_url, wait_seconds=wait, user_id=account, timeout=120)
+                    response = relay.clone(parts.audio_url, wait_seconds=wait, user_id=account, timeout=wait + 30)
                     item = {"status": response.status_code, "body": response.json()}
                 except requests.RequestException as err:
                     item = {"status": None, "body": {"error": repr(err)}}
@@ -869,9 +902,9 @@ def bench_capacity(work: Path, waiters: int, slow: int, upstream_seconds: float,
                     started = time.perf_counter()
                     try:
                         if kind == "health":
-                            ok = requests.get(relay.base + "/healthz", timeout=10).status_code == 200
+                            ok = requests.get(relay.base + "/healthz", timeout=30).status_code == 200
                         else:
-                            response = relay.clone(parts.audio_url, wait_seconds=0, timeout=10, dry_run=True)
+                            response = relay.clone(parts.audio_url, wait_seconds=0, timeout=30, dry_run=True)
                             ok = response.status_code == 202
                     except requests.RequestException:
                         ok = False
@@ -886,7 +919,7 @@ def bench_capacity(work: Path, waiters: int, slow: int, upstream_seconds: float,
             for thread in threads + waiting:
                 thread.start()
             for thread in waiting:
-                thread.join(wait + 90)
+                thread.join(wait + 60)
             stop.set()
             for thread in threads:
                 thread.join(15)

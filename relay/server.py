@@ -87,22 +87,29 @@ class RelayWorker(ThreadWorker):
         ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         self.reading[conn] = (bytearray(ahead), time.monotonic() + self.read_timeout)
         conn.sock.setblocking(False)
-        if ahead and self._check(conn):
+        # A kept-alive connection is handed here because it is readable, and a new one has often
+        # received its request already: read at once, and wait on the poller only for the rest.
+        if not self._receive(conn) or self._check(conn):
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 
-    def _on_readable(self, conn, _sock):
+    def _receive(self, conn) -> bool:
+        """Read what has arrived; False (and the connection dropped) when the client went away."""
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return True
         except OSError:
             data = b""
         if not data:  # the client went away before its request was complete
             self._drop(conn)
-            return
+            return False
         self.reading[conn][0].extend(data)
-        self._check(conn, registered=True)
+        return True
+
+    def _on_readable(self, conn, _sock):
+        if self._receive(conn):
+            self._check(conn, registered=True)
 
     def _check(self, conn, registered: bool = False) -> bool:
         """Hand ``conn`` to a thread if its request is complete (or too big to buffer)."""
