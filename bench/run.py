@@ -2,7 +2,7 @@
 
     python bench/run.py                        # every part, writes bench/RESULTS.md
     python bench/run.py transfer concurrency   # some parts: transfer, link, concurrency, capacity, intake, drain
-    BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python bench/run.py intake
+    BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres python bench/run.py intake drain
 
 How it keeps its figures honest:
 
@@ -21,9 +21,10 @@ How it keeps its figures honest:
   dropped, the upload sent from the file with ``socket.sendfile``;
 - over a paced link both directions share one bottleneck (a time-slot reservation in a shared file),
   as they share the relay host's link;
-- each part gets its own database: a SQLite file in its own directory, or with ``BENCH_DATABASE_URL``
-  (a PostgreSQL server URL, any database on it) a database of its own created for the part and
-  dropped after it;
+- each part gets its own database: a SQLite file in its own directory (the relay's embedded
+  default), and with ``BENCH_DATABASE_URL`` (a PostgreSQL server URL; the bench creates a database
+  of its own per part on that server and drops it after) intake also runs on PostgreSQL with two web
+  processes, and drain with four ``relay worker`` processes;
 - intake and ``/healthz`` are measured with wrk (Debian: ``apt-get install wrk``) in alternating
   windows, so both see the same machine;
 - every loop is bounded, and everything listens on 127.0.0.0/8.
@@ -395,11 +396,12 @@ def _readline(process: subprocess.Popen, timeout: float, what: str) -> str:
 
 
 @contextlib.contextmanager
-def part_database(work: Path, name: str) -> Iterator[dict[str, str]]:
-    """Environment for a part's relay: its own SQLite directory, or its own PostgreSQL database."""
+def part_database(work: Path, name: str, postgres: bool = False) -> Iterator[dict[str, str]]:
+    """Environment for a part's relay: its own SQLite file, or (``postgres``) its own database
+    created on the ``BENCH_DATABASE_URL`` server and dropped afterwards."""
     server = os.environ.get("BENCH_DATABASE_URL")
     data_dir = work / f"data-{name}"
-    if not server:
+    if not postgres:
         yield {"RELAY_DATA_DIR": str(data_dir)}
         return
     import psycopg
@@ -446,6 +448,8 @@ class Relay:
         if "WEB_CONCURRENCY" not in settings:
             env["WEB_CONCURRENCY"] = os.environ.get("BENCH_WEB_CONCURRENCY", "2" if "DATABASE_URL" in env else "1")
         self.processes = int(env["WEB_CONCURRENCY"])
+        self.env = env
+        self.workers: list[subprocess.Popen] = []
         with open(self.log, "wb") as log:
             self.process = PROCESSES.start(
                 [
@@ -501,7 +505,23 @@ class Relay:
             f"{self.base}/v1/voice-clones/{job_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
         ).json()
 
+    def start_workers(self, processes: int, concurrency: int) -> None:
+        """``processes`` × ``relay worker`` (the Procfile's worker), ready once /readyz sees a heartbeat."""
+        for n in range(processes):
+            log = self.log.with_suffix(f".worker{n}.log")
+            with open(log, "wb") as out:
+                process = PROCESSES.start(
+                    [sys.executable, "-m", "relay.cli", "worker"],
+                    env={**self.env, "RELAY_WORKER_CONCURRENCY": str(concurrency)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            self.workers.append(process)
+            wait_ready(self.base + "/readyz", process, "a relay worker", log)
+
     def stop(self) -> None:
+        for process in self.workers:
+            PROCESSES.stop(process, timeout=30)
         PROCESSES.stop(self.process, timeout=30)
 
     def __enter__(self) -> Relay:
@@ -1011,10 +1031,11 @@ def wrk(target: str, clients: int, seconds: float, work: Path, expect: int, body
     return seen
 
 
-def bench_intake(work: Path, clients: int, windows: int, window_seconds: float) -> dict:
+def bench_intake(work: Path, clients: int, windows: int, window_seconds: float, postgres: bool = False) -> dict:
     """Jobs accepted per second against a bare /healthz, in alternating windows of the same run."""
     audio = make_wav(work / "voice-short.wav", 1)
-    with part_database(work, "intake") as database, Parts(work, audio) as parts:
+    name = "intake_pg" if postgres else "intake"
+    with part_database(work, name, postgres) as database, Parts(work, audio) as parts:
         # Clone workers off: only acceptance (validate, store, answer) is measured.
         with Relay(work, parts.upstream, database, RELAY_INPROCESS_WORKERS="0") as relay:
             job = {"audio_url": parts.audio_url, "name": "bench", "callback_url": parts.hook}
@@ -1052,21 +1073,28 @@ def bench_intake(work: Path, clients: int, windows: int, window_seconds: float) 
     }
 
 
-def bench_drain(work: Path, jobs: int, upstream_seconds: float, concurrency: int) -> dict:
+def bench_drain(work: Path, jobs: int, upstream_seconds: float, concurrency: int, worker_processes: int = 0) -> dict:
+    """``jobs`` clones against an upstream taking ``upstream_seconds`` each: the in-process pool
+    (``worker_processes=0``, SQLite), or that many ``relay worker`` processes on PostgreSQL."""
     audio = make_wav(work / "voice-short.wav", 1)
-    with part_database(work, "drain") as database, Parts(work, audio, delay=upstream_seconds) as parts:
+    postgres = worker_processes > 0
+    total = concurrency * max(worker_processes, 1)
+    name = "drain_pg" if postgres else "drain"
+    with part_database(work, name, postgres) as database, Parts(work, audio, delay=upstream_seconds) as parts:
         with Relay(
             work,
             parts.upstream,
             database,
-            RELAY_INPROCESS_WORKERS=str(concurrency),
-            RELAY_ACCOUNT_CONCURRENCY=str(concurrency),
-            WEB_CONCURRENCY="1",
+            RELAY_INPROCESS_WORKERS="0" if postgres else str(concurrency),
+            RELAY_ACCOUNT_CONCURRENCY=str(total),
+            WEB_CONCURRENCY="2" if postgres else "1",
         ) as relay:
+            if postgres:
+                relay.start_workers(worker_processes, concurrency)
             started = time.perf_counter()
             ids = [relay.clone(parts.audio_url, wait_seconds=0, timeout=30).json()["job_id"] for _ in range(jobs)]
             pending = set(ids)
-            deadline = time.monotonic() + 10 * jobs * upstream_seconds / concurrency + 60
+            deadline = time.monotonic() + 10 * jobs * upstream_seconds / total + 60
             while pending and time.monotonic() < deadline:
                 for job_id in list(pending)[:50]:
                     answer = relay.status(job_id)
@@ -1079,11 +1107,13 @@ def bench_drain(work: Path, jobs: int, upstream_seconds: float, concurrency: int
             if pending:
                 raise RuntimeError(f"{len(pending)} jobs did not finish")
             uploads = parts.uploads()
-    ideal = jobs * upstream_seconds / concurrency
+    ideal = jobs * upstream_seconds / total
     return {
+        "database": "PostgreSQL" if postgres else "SQLite",
         "jobs": jobs,
         "upstream_s_each": upstream_seconds,
-        "clone_workers": concurrency,
+        "worker_processes": worker_processes or "in the web process",
+        "clone_workers": total,
         "uploads": uploads,
         "elapsed_s": round(elapsed, 1),
         "ideal_s": round(ideal, 1),
@@ -1239,12 +1269,34 @@ def main(argv=None) -> int:
                         ),
                     )
                 )
+            postgres = bool(os.environ.get("BENCH_DATABASE_URL"))
+            if not postgres and ("intake" in args.which or "drain" in args.which):
+                print("(BENCH_DATABASE_URL not set: intake and drain on SQLite only)", flush=True)
             if "intake" in args.which:
-                steps.append(("intake", lambda: bench_intake(work, args.clients, args.windows, args.window_seconds)))
+                steps.append(
+                    ("intake, SQLite", lambda: bench_intake(work, args.clients, args.windows, args.window_seconds))
+                )
+                if postgres:
+                    steps.append(
+                        (
+                            "intake, PostgreSQL",
+                            lambda: bench_intake(work, args.clients, args.windows, args.window_seconds, True),
+                        )
+                    )
             if "drain" in args.which:
                 steps.append(
-                    ("drain", lambda: bench_drain(work, args.drain_jobs, args.drain_seconds, args.drain_concurrency))
+                    (
+                        "drain, in-process workers, SQLite",
+                        lambda: bench_drain(work, args.drain_jobs, args.drain_seconds, args.drain_concurrency),
+                    )
                 )
+                if postgres:
+                    steps.append(
+                        (
+                            "drain, 4 worker processes, PostgreSQL",
+                            lambda: bench_drain(work, args.drain_jobs, args.drain_seconds, args.drain_concurrency, 4),
+                        )
+                    )
             for name, step in steps:
                 print(f"== {name}", flush=True)
                 results[name] = step()
