@@ -441,6 +441,8 @@ class Relay:
                 "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
                 "RELAY_LOG_LEVEL": "WARNING",
                 "RELAY_MAX_BYTES": str(100 * 1024 * 1024),
+                # Spool files in the bench's own folder: a relay stopped mid-clone leaves none in /tmp.
+                "TMPDIR": str(work),
                 **database,
                 **settings,
             }
