@@ -74,6 +74,14 @@ def slow_client(base: str) -> socket.socket:
     return sock
 
 
+def non_reader(base: str) -> socket.socket:
+    """A connection that sends whole requests and never reads the answers."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n" * 3)
+    return sock
+
+
 def clone_body(n: int, wait: float) -> dict:
     return {"audio_url": f"http://{AUDIO_HOST}/voice-{n}.wav", "name": f"Voice {n}", "wait_seconds": wait}
 
@@ -81,6 +89,7 @@ def clone_body(n: int, wait: float) -> dict:
 def test_slow_clients_and_waiters_past_the_budget_leave_health_checks_answered(serve):
     base = serve()
     stalled = [slow_client(base) for _ in range(6)]  # more than the 4 threads
+    stalled += [non_reader(base) for _ in range(6)]  # whole requests whose answers are never read
     answers: dict[int, requests.Response] = {}
 
     def waiter(n: int) -> None:
