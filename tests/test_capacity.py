@@ -175,3 +175,32 @@ def test_a_json_body_sent_after_100_continue_is_served(serve):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 202")
     assert reply.count(b"HTTP/1.1 100") == 0
+
+
+@pytest.mark.parametrize(
+    ("buffer", "state"),
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: relay\r\n", "partial"),
+        (b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n", "complete"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", "partial"),
+        (b"POST / HTTP/1.1\r\ncontent-length:5\r\n\r\nabcde", "complete"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", "oversized"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", "partial"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "complete"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "complete"),
+        (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (70 * 1024), "oversized"),
+    ],
+)
+def test_the_event_loop_knows_when_a_request_is_whole(buffer, state):
+    from relay.server import request_state
+
+    assert request_state(buffer, body_limit=64 * 1024) == state
+
+
+def test_the_waiter_budget_leaves_threads_for_new_requests():
+    from relay.settings import Settings, SettingsError
+
+    assert Settings().waiter_budget == 48  # of 64 threads
+    assert Settings(threads=8, max_waiters=2).waiter_budget == 2
+    with pytest.raises(SettingsError, match="RELAY_MAX_WAITERS"):
+        Settings(threads=8, max_waiters=8).validated()
