@@ -49,7 +49,7 @@ def serve(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                requests.get(base + "/healthz", timeout=1)
+                requests.get(base + "/healthz", timeout=5)
                 return base
             except requests.ConnectionError:
                 time.sleep(0.1)

@@ -41,9 +41,9 @@ def served(useapi, tmp_path):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            requests.get(base + "/healthz", timeout=1)
+            requests.get(base + "/healthz", timeout=5)
             break
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or a worker still booting
             time.sleep(0.1)
     else:
         process.kill()
