@@ -229,6 +229,11 @@ BUSY_WARNING = (
 )
 
 
+STOPPING_WARNING = (
+    "Answered without waiting longer: this relay process is restarting. The clone goes on: poll status_url."
+)
+
+
 def _wait_within_budget(job, seconds: float, generation: int):
     """Wait for ``job`` only if this process has a waiter slot free (``RELAY_MAX_WAITERS``).
 
@@ -240,7 +245,7 @@ def _wait_within_budget(job, seconds: float, generation: int):
         return job
     waiters = _runtime().waiters
     if not waiters.acquire(blocking=False):
-        g.not_waited = True
+        g.not_waited = BUSY_WARNING
         return job
     try:
         return _wait_for(job, seconds, generation)
@@ -260,6 +265,9 @@ def _wait_for(job, seconds: float, generation: int):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
+        if runtime.stopping.is_set():  # SIGTERM: answer now, before the host's SIGKILL cuts the request
+            g.not_waited = STOPPING_WARNING
+            break
         runtime.notifier.wait_for_change(min(remaining, 0.25), since=generation)
         generation = runtime.notifier.generation
         job = runtime.store.get(job.id) or job
@@ -270,7 +278,7 @@ def _job_answer(job):
     answer = answers.for_job(job, utcnow())
     answer["request_id"] = g.request_id
     if g.get("not_waited") and not job.terminal:
-        answer["warnings"] = [*answer["warnings"], BUSY_WARNING]
+        answer["warnings"] = [*answer["warnings"], g.not_waited]
     if answer["status"] == "queued":
         answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
     g.answer = answer

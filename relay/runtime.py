@@ -28,6 +28,8 @@ class Runtime:
     pool: Pool | None = None
     # Requests waiting for their clone in this process (RELAY_MAX_WAITERS): the rest answer 202 at once.
     waiters: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
+    # Set when the web process is told to stop (relay/server.py): waiting requests answer at once.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: Settings, workers: int = 0) -> Runtime:

@@ -79,6 +79,15 @@ class RelayWorker(ThreadWorker):
         self.body_limit = settings.max_json_bytes
         self.reading: dict[object, tuple[bytearray, float]] = {}  # conn -> (bytes so far, deadline)
 
+    def handle_exit(self, sig, frame):
+        """SIGTERM: requests waiting for a clone answer now (202 + ``status_url``) instead of being
+        cut off when the host's SIGKILL follows; then gunicorn's graceful stop."""
+        runtime = getattr(getattr(self, "wsgi", None), "extensions", {}).get("relay.runtime")
+        if runtime is not None:
+            runtime.stopping.set()
+            runtime.notifier.job_changed()  # wake the waiters now, not at their next poll
+        super().handle_exit(sig, frame)
+
     def enqueue_req(self, conn):
         if self.cfg.is_ssl or getattr(conn, "relay_buffered", False):
             conn.relay_buffered = False

@@ -56,6 +56,7 @@ def serve(tmp_path):
         process.kill()
         pytest.fail("relay serve did not start: " + process.communicate()[0].decode())
 
+    start.processes = started
     yield start
     for process in started:
         process.terminate()
@@ -209,3 +210,27 @@ def test_the_waiter_budget_leaves_threads_for_new_requests():
     assert Settings(threads=8, max_waiters=2).waiter_budget == 2
     with pytest.raises(SettingsError, match="RELAY_MAX_WAITERS"):
         Settings(threads=8, max_waiters=8).validated()
+
+
+def test_on_sigterm_a_waiting_request_is_answered_at_once_and_the_server_stops(serve):
+    from relay.api import STOPPING_WARNING
+
+    base = serve()
+    headers = {**HEADERS, "Idempotency-Key": "sigterm-wait"}
+    answer: dict = {}
+
+    def waiter() -> None:
+        response = requests.post(base + "/v1/voice-clones", json=clone_body(1, 60), headers=headers, timeout=60)
+        answer.update(status=response.status_code, body=response.json(), at=time.monotonic())
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    # The same key without waiting answers once the job exists (or creates it, which the waiter then waits on).
+    probe = requests.post(base + "/v1/voice-clones", json=clone_body(1, 0), headers=headers, timeout=20)
+    assert probe.status_code == 202
+    process = serve.processes[-1]
+    process.terminate()
+    thread.join(30)
+    assert answer["status"] == 202 and answer["body"]["status"] == "queued"
+    assert STOPPING_WARNING in answer["body"]["warnings"]
+    assert process.wait(30) == 0
