@@ -879,20 +879,29 @@ def bench_capacity(work: Path, waiters: int, slow: int, upstream_seconds: float,
     """The relay as configured, then the stock gthread server (the baseline), each under the same load."""
     result = _capacity(work, "capacity", waiters, slow, upstream_seconds, wait, {}, {})
     baseline = _capacity(work, "capacity_stock", waiters, slow, upstream_seconds, wait, STOCK_GTHREAD, STOCK_SETTINGS)
+    result = {"database": "SQLite, 1 web process", **result}
     for key in ("healthz_failures", "healthz_p99_s", "accept_failures", "accept_p99_s", "waited_clones_not_ready"):
         result[f"stock_gthread_{key}"] = baseline[key]
     return result
 
 
 def _capacity(
-    work: Path, name: str, waiters: int, slow: int, upstream_seconds: float, wait: float, server: dict, env: dict
+    work: Path,
+    name: str,
+    waiters: int,
+    slow: int,
+    upstream_seconds: float,
+    wait: float,
+    server: dict,
+    env: dict,
+    postgres: bool = False,
 ) -> dict:
     """``slow`` slowloris connections and ``waiters`` clones waiting ``wait`` s on an upstream that
     takes ``upstream_seconds`` per upload, all at once; meanwhile /healthz and new clones are probed.
     Afterwards every waited clone must end ready."""
     audio = make_wav(work / "voice-short.wav", 1)
     accounts = 10
-    with part_database(work, name) as database, Parts(work, audio, delay=upstream_seconds) as parts:
+    with part_database(work, name, postgres) as database, Parts(work, audio, delay=upstream_seconds) as parts:
         # Enough clone workers that the slow upstream, not the queue, is what the requests wait on.
         settings = {"RELAY_INPROCESS_WORKERS": "50", "RELAY_UPLOAD_TIMEOUT": "120", **env}
         with Relay(work, parts.upstream, database, **server, **settings) as relay:
@@ -1280,6 +1289,26 @@ def main(argv=None) -> int:
                     )
                 )
             postgres = bool(os.environ.get("BENCH_DATABASE_URL"))
+            if "capacity" in args.which and postgres:
+                steps.append(
+                    (
+                        "capacity on PostgreSQL, 2 web processes",
+                        lambda: {
+                            "database": "PostgreSQL, 2 web processes",
+                            **_capacity(
+                                work,
+                                "capacity_pg",
+                                args.waiters,
+                                args.slow_connections,
+                                args.slow_upstream_seconds,
+                                25.0,
+                                {},
+                                {"RELAY_INPROCESS_WORKERS": "25"},  # 50 clone workers in all, as on SQLite
+                                postgres=True,
+                            ),
+                        },
+                    )
+                )
             if not postgres and ("intake" in args.which or "drain" in args.which):
                 print("(BENCH_DATABASE_URL not set: intake and drain on SQLite only)", flush=True)
             if "intake" in args.which:
