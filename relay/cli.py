@@ -196,7 +196,11 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     port = settings.port if args.port is None else args.port
     workers = args.workers or gunicorn_conf.workers
     if args.threads:
-        settings = settings.replace(threads=args.threads)
+        try:
+            settings = settings.replace(threads=args.threads)
+        except SettingsError as err:
+            print(f"relay: configuration error: {err}", file=sys.stderr)
+            return 2
 
     class Server(BaseApplication):
         def load_config(self):
