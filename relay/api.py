@@ -207,7 +207,7 @@ def create_voice_clone():
     else:
         runtime.notifier.work_arrived()
     g.log["job_id"] = job.id
-    return _job_answer(_wait_for(job, wait, generation) if wait > 0 else job)
+    return _job_answer(_wait_within_budget(job, wait, generation))
 
 
 @bp.get("/v1/voice-clones/<job_id>")
@@ -280,6 +280,36 @@ def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
     return asked
 
 
+BUSY_WARNING = (
+    "Answered without waiting: this relay already has RELAY_MAX_WAITERS requests waiting. The clone goes on: "
+    "poll status_url, or send a callback_url."
+)
+
+
+STOPPING_WARNING = (
+    "Answered without waiting longer: this relay process is restarting. The clone goes on: poll status_url."
+)
+
+
+def _wait_within_budget(job, seconds: float, generation: int):
+    """Wait for ``job`` only if this process has a waiter slot free (``RELAY_MAX_WAITERS``).
+
+    A waiting request holds a server thread; a burst of them (a Make bulk scenario) must not take the
+    threads that serve health checks, status polls and new clones, so past the budget the request is
+    answered at once with the job's current state (202 + ``status_url``), which is always a valid answer.
+    """
+    if seconds <= 0 or job.terminal:
+        return job
+    waiters = _runtime().waiters
+    if not waiters.acquire(blocking=False):
+        g.not_waited = BUSY_WARNING
+        return job
+    try:
+        return _wait_for(job, seconds, generation)
+    finally:
+        waiters.release()
+
+
 def _wait_for(job, seconds: float, generation: int):
     """The job once it has ended, or as it is when ``seconds`` have passed.
 
@@ -292,6 +322,9 @@ def _wait_for(job, seconds: float, generation: int):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
+        if runtime.stopping.is_set():  # SIGTERM: answer now, before the host's SIGKILL cuts the request
+            g.not_waited = STOPPING_WARNING
+            break
         runtime.notifier.wait_for_change(min(remaining, 0.25), since=generation)
         generation = runtime.notifier.generation
         job = runtime.store.get(job.id) or job
@@ -303,6 +336,8 @@ def _job_answer(job, note: str | None = None):
     answer["request_id"] = g.request_id
     if note:
         answer["warnings"] = [*answer["warnings"], note]
+    if g.get("not_waited") and not job.terminal:
+        answer["warnings"] = [*answer["warnings"], g.not_waited]
     if answer["status"] == "queued":
         answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
     g.answer = answer

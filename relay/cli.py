@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="gunicorn worker processes (default WEB_CONCURRENCY, else 1 on SQLite and 2 with DATABASE_URL)",
     )
-    serve.add_argument("--threads", type=int, default=None, help="threads per worker (default RELAY_THREADS, else 32)")
+    serve.add_argument("--threads", type=int, default=None, help="threads per worker (default RELAY_THREADS, else 64)")
     commands.add_parser("config", help="print the effective settings, secrets masked")
     commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
     spec = commands.add_parser("openapi", help="print the OpenAPI document (YAML) generated from the schemas")
@@ -319,12 +319,18 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     workers = args.workers or settings.gunicorn_workers()
+    if args.threads:
+        try:
+            settings = settings.replace(threads=args.threads)
+        except SettingsError as err:
+            print(f"relay: configuration error: {err}", file=sys.stderr)
+            return 2
 
     class Server(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("threads", args.threads or settings.threads)
+            self.cfg.set("threads", settings.threads)
             # The rest as in production (Procfile, Dockerfile): relay/gunicorn_conf.py.
             for name in ("worker_class", "timeout", "graceful_timeout", "keepalive", "accesslog", "worker_exit"):
                 self.cfg.set(name, getattr(gunicorn_conf, name))

@@ -58,6 +58,14 @@ class RequestTooLarge(RelayError):
     default_message = "The JSON body is too large. Send the audio as a URL in audio_url, not inline."
 
 
+class RequestTimeout(RelayError):
+    error_code, http_status = "request_timeout", 408
+    default_message = (
+        "The request did not arrive whole within RELAY_REQUEST_READ_TIMEOUT seconds: send it again "
+        "in one go (a slow or stalled connection)."
+    )
+
+
 class InvalidVoiceId(RelayError):
     error_code, http_status = "invalid_voice_id", 400
     default_message = (

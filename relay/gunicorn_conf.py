@@ -1,7 +1,8 @@
 """Gunicorn settings for the relay (``gunicorn -c python:relay.gunicorn_conf 'relay:create_app()'``).
 
-Threaded workers suit long upstream calls; the timeout stays above the longest wait a request may
-ask for; on exit each worker stops its job pool so running steps can end or are handed back.
+Threaded workers (relay/server.py: gthread whose event loop reads each request whole first) suit
+long upstream calls; the timeout stays above the longest wait a request may ask for; on exit each
+worker stops its job pool so running steps can end or are handed back.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ except SettingsError as err:
     raise SystemExit(2) from None
 
 bind = f"{os.environ.get('RELAY_BIND_HOST', '0.0.0.0')}:{_settings.port}"
-worker_class = "gthread"
+# A slow client's request is read by the worker's event loop, not by a thread (relay/server.py).
+worker_class = "relay.server.RelayWorker"
 # SQLite (no DATABASE_URL) serializes writers: one process with threads serves it best.
 workers = _settings.gunicorn_workers()
-# A request that waits for its clone holds a thread for up to RELAY_MAX_WAIT_SECONDS, so threads
-# bound the clones that can be waited on at once. Threads cost little memory, and new jobs from
-# requests arriving together are written in one transaction, so more threads accept faster too
-# (bench/: 855 accepts/s with 8, 993/s with 32).
+# A request that waits for its clone holds a thread for up to RELAY_MAX_WAIT_SECONDS, but at most
+# RELAY_MAX_WAITERS of them (default 3/4 of the threads) wait at once; beyond that a clone is
+# answered 202 at once, so the other threads always serve new requests. Threads cost little
+# memory, and new jobs from requests arriving together are written in one transaction.
 threads = _settings.threads
 # gthread workers keep heartbeating while requests wait, but keep the hard limit above any wait.
 timeout = int(max(_settings.max_wait_seconds, _settings.upload_timeout) + 60)

@@ -4,7 +4,8 @@ worker pool — built once and closed once."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
@@ -26,6 +27,10 @@ class Runtime:
     vault: TokenVault
     notifier: Notifier
     pool: Pool | None = None
+    # Requests waiting for their clone in this process (RELAY_MAX_WAITERS): the rest answer 202 at once.
+    waiters: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
+    # Set when the web process is told to stop (relay/server.py): waiting requests answer at once.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, settings: Settings, workers: int = 0) -> Runtime:
@@ -33,6 +38,7 @@ class Runtime:
         engine = db.connect(db.database_url(settings.database_url, settings.data_dir))
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
+        runtime.waiters = threading.BoundedSemaphore(settings.waiter_budget)
         if workers:
             runtime.pool = start_pool(runtime.store, settings, runtime.vault, runtime.notifier, workers)
         return runtime

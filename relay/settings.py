@@ -42,8 +42,12 @@ class Settings:
     spool_dir: str | None = None  # None: the system temporary folder
     default_wait_seconds: float = 25.0
     max_wait_seconds: float = 280.0
-    inprocess_workers: int = 2
-    worker_concurrency: int = 4
+    # Above RELAY_ACCOUNT_CONCURRENCY (10): one account's slow links never hold every worker.
+    inprocess_workers: int = 16
+    worker_concurrency: int = 16
+    threads: int = 64
+    max_waiters: int = 0
+    request_read_timeout: float = 15.0
     lease_seconds: float = 30.0
     ready_timeout_seconds: float = 1800.0
     reconcile_grace_seconds: float = 30.0
@@ -65,7 +69,6 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     web_concurrency: int | None = None  # gunicorn processes; None: 1 on SQLite, 2 with DATABASE_URL
-    threads: int = 32
     log_level: str = "INFO"
 
     @classmethod
@@ -100,6 +103,10 @@ class Settings:
             raise SettingsError("USEAPI_BASE_URL must be an http(s) URL such as https://api.useapi.net/v1")
         if self.default_wait_seconds > self.max_wait_seconds:
             raise SettingsError("RELAY_DEFAULT_WAIT_SECONDS must not exceed RELAY_MAX_WAIT_SECONDS")
+        if self.max_waiters >= self.threads:
+            raise SettingsError(
+                "RELAY_MAX_WAITERS must be below RELAY_THREADS: threads beyond the waiters serve new requests"
+            )
         if self.secret_key is not None and len(self.secret_key) < 16:
             raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
         if self.database_url is not None:
@@ -131,6 +138,12 @@ class Settings:
         if self.web_concurrency is not None:
             return self.web_concurrency
         return 2 if self.database_url else 1
+
+    @property
+    def waiter_budget(self) -> int:
+        """Requests that may wait for their clone at once in one process (``RELAY_MAX_WAITERS``, or
+        three quarters of ``RELAY_THREADS``): the other threads always serve new requests."""
+        return self.max_waiters or max(1, self.threads * 3 // 4)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied and validated (settings themselves never change)."""
@@ -238,6 +251,9 @@ _SPECS = (
     _Spec("RELAY_MAX_WAIT_SECONDS", "max_wait_seconds", float, 0, 3600),
     _Spec("RELAY_INPROCESS_WORKERS", "inprocess_workers", int, 0, 64),
     _Spec("RELAY_WORKER_CONCURRENCY", "worker_concurrency", int, 1, 256),
+    _Spec("RELAY_THREADS", "threads", int, 2, 1024),
+    _Spec("RELAY_MAX_WAITERS", "max_waiters", int, 0, 1023),
+    _Spec("RELAY_REQUEST_READ_TIMEOUT", "request_read_timeout", float, 0.1, 600),
     _Spec("RELAY_LEASE_SECONDS", "lease_seconds", float, 1, 60),
     _Spec("RELAY_READY_TIMEOUT_SECONDS", "ready_timeout_seconds", float, 1, 7 * 24 * 3600),
     _Spec("RELAY_RECONCILE_GRACE_SECONDS", "reconcile_grace_seconds", float, 0, 3600),
@@ -259,6 +275,5 @@ _SPECS = (
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
     _Spec("WEB_CONCURRENCY", "web_concurrency", int, 1, 64),
-    _Spec("RELAY_THREADS", "threads", int, 1, 1024),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
 )

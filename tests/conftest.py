@@ -91,6 +91,7 @@ def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
         callback_schedule=(0.1, 0.2, 0.3),
         callback_first_delay_seconds=0,
         callback_timeout=2,
+        inprocess_workers=2,  # tests that need more say so
     )
     values.update(changes)
     return Settings(**values)

@@ -50,7 +50,7 @@ def test_gunicorn_settings_outlast_the_longest_wait(monkeypatch):
     import relay.gunicorn_conf as conf
 
     conf = importlib.reload(conf)
-    assert conf.worker_class == "gthread"
+    assert conf.worker_class == "relay.server.RelayWorker"
     assert conf.workers == 3
     assert conf.timeout > 280
     assert conf.graceful_timeout < 30

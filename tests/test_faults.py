@@ -471,6 +471,8 @@ def test_one_accounts_dripping_links_do_not_hold_up_another_account(make_app, jo
 def test_a_callback_host_that_does_not_resolve_now_is_accepted_with_a_warning(make_app, job_settings, audio_host):
     client = make_app(job_settings).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
-    response = post(client, {"audio_url": url, "name": "x", "dry_run": True, "callback_url": "https://unknown.invalid/h"})
+    response = post(
+        client, {"audio_url": url, "name": "x", "dry_run": True, "callback_url": "https://unknown.invalid/h"}
+    )
     assert response.status_code in (200, 202), response.json
     assert any("could not be resolved" in w for w in response.json["warnings"])

@@ -1,0 +1,236 @@
+"""Capacity: slow clients and waiting requests cannot take the threads that serve everyone else.
+
+A real `relay serve` (gunicorn, the relay's worker class) on loopback with 4 threads and a waiter
+budget of 2; no in-process workers, so every clone stays queued and every wait lasts its full time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from relay.api import BUSY_WARNING
+
+from .conftest import AUDIO_HOST, JOBS_SECRET_KEY, RELAY_KEY, TOKEN
+from .test_serve import free_port, relay_command
+
+HEADERS = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(**env_changes: str) -> str:
+        port = free_port()
+        env = {
+            **os.environ,
+            "PORT": str(port),
+            "RELAY_API_KEY": RELAY_KEY,
+            "RELAY_SECRET_KEY": JOBS_SECRET_KEY,
+            "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+            "RELAY_INPROCESS_WORKERS": "0",
+            "RELAY_THREADS": "4",
+            "RELAY_MAX_WAITERS": "2",
+            "WEB_CONCURRENCY": "1",
+            "RELAY_DATA_DIR": str(tmp_path / f"data-{port}"),
+            **env_changes,
+        }
+        env.pop("DATABASE_URL", None)
+        process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        started.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(base + "/healthz", timeout=5)
+                return base
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        process.kill()
+        pytest.fail("relay serve did not start: " + process.communicate()[0].decode())
+
+    start.processes = started
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def slow_client(base: str) -> socket.socket:
+    """A connection that has sent part of a request and stalls (a slowloris)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n")
+    return sock
+
+
+def slow_body(base: str) -> socket.socket:
+    """A connection that has sent its headers and part of its body, and stalls."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b'POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{"audio_url"')
+    return sock
+
+
+def non_reader(base: str) -> socket.socket:
+    """A connection that sends whole requests and never reads the answers."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n" * 3)
+    return sock
+
+
+def clone_body(n: int, wait: float) -> dict:
+    return {"audio_url": f"http://{AUDIO_HOST}/voice-{n}.wav", "name": f"Voice {n}", "wait_seconds": wait}
+
+
+def test_slow_clients_and_waiters_past_the_budget_leave_health_checks_answered(serve):
+    base = serve()
+    stalled = [slow_client(base) for _ in range(6)]  # more than the 4 threads
+    stalled += [slow_body(base) for _ in range(6)]  # whole heads, bodies that stall
+    stalled += [non_reader(base) for _ in range(6)]  # whole requests whose answers are never read
+    answers: dict[int, requests.Response] = {}
+
+    def waiter(n: int) -> None:
+        answers[n] = requests.post(base + "/v1/voice-clones", json=clone_body(n, 15), headers=HEADERS, timeout=60)
+
+    waiters = [threading.Thread(target=waiter, args=(n,)) for n in range(4)]  # 2 past the budget of 2
+    try:
+        for thread in waiters:
+            thread.start()
+        # Two requests past the budget are answered at once, without waiting.
+        deadline = time.monotonic() + 20
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Stalled connections and two waiting requests: a health check and a new clone still go through.
+        assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
+        accepted = requests.post(base + "/v1/voice-clones", json=clone_body(9, 0), headers=HEADERS, timeout=10)
+        assert accepted.status_code == 202 and BUSY_WARNING not in accepted.json()["warnings"]
+        for thread in waiters:
+            thread.join(60)
+        assert len(answers) == 4
+        for response in answers.values():
+            body = response.json()
+            assert response.status_code == 202
+            assert body["status"] == "queued" and body["status_url"].endswith(body["job_id"])
+        busy = [n for n, response in answers.items() if BUSY_WARNING in response.json()["warnings"]]
+        assert len(busy) == 2  # the two past the budget; the other two waited their 15 s
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_request_that_never_arrives_whole_is_answered_408_and_a_slow_one_is_served(serve):
+    base = serve(RELAY_REQUEST_READ_TIMEOUT="1")
+    stalled = slow_client(base)
+    try:
+        stalled.settimeout(20)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = stalled.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    finally:
+        stalled.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    import json
+
+    answer = json.loads(body)
+    assert answer["ok"] is False and answer["error_code"] == "request_timeout"
+
+    # A request that arrives in pieces, each within the timeout, is served as usual.
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        for piece in (b"GET /heal", b"thz HTTP/1.1\r\n", b"Host: relay\r\n", b"Connection: close\r\n\r\n"):
+            sock.sendall(piece)
+            time.sleep(0.1)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b'"ok":true' in reply
+
+
+def test_a_json_body_sent_after_100_continue_is_served(serve):
+    base = serve()
+    body = b'{"audio_url": "http://127.0.0.2/x.wav", "name": "Continued", "wait_seconds": 0}'
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {RELAY_KEY}\r\nX-Useapi-Token: {TOKEN}\r\n".encode()
+            + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+        )
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        reply = interim.partition(b"\r\n\r\n")[2]
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 202")
+    assert reply.count(b"HTTP/1.1 100") == 0
+
+
+@pytest.mark.parametrize(
+    ("buffer", "state"),
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: relay\r\n", "partial"),
+        (b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n", "complete"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", "partial"),
+        (b"POST / HTTP/1.1\r\ncontent-length:5\r\n\r\nabcde", "complete"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", "oversized"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", "partial"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "complete"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "complete"),
+        (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (70 * 1024), "oversized"),
+    ],
+)
+def test_the_event_loop_knows_when_a_request_is_whole(buffer, state):
+    from relay.server import request_state
+
+    assert request_state(buffer, body_limit=64 * 1024) == state
+
+
+def test_the_waiter_budget_leaves_threads_for_new_requests():
+    from relay.settings import Settings, SettingsError
+
+    assert Settings().waiter_budget == 48  # of 64 threads
+    assert Settings(threads=8, max_waiters=2).waiter_budget == 2
+    with pytest.raises(SettingsError, match="RELAY_MAX_WAITERS"):
+        Settings(threads=8, max_waiters=8).validated()
+
+
+def test_on_sigterm_a_waiting_request_is_answered_at_once_and_the_server_stops(serve):
+    from relay.api import STOPPING_WARNING
+
+    base = serve()
+    headers = {**HEADERS, "Idempotency-Key": "sigterm-wait"}
+    answer: dict = {}
+
+    def waiter() -> None:
+        response = requests.post(base + "/v1/voice-clones", json=clone_body(1, 60), headers=headers, timeout=60)
+        answer.update(status=response.status_code, body=response.json(), at=time.monotonic())
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    # The same key without waiting answers once the job exists (or creates it, which the waiter then waits on).
+    probe = requests.post(base + "/v1/voice-clones", json=clone_body(1, 0), headers=headers, timeout=20)
+    assert probe.status_code == 202
+    process = serve.processes[-1]
+    process.terminate()
+    thread.join(30)
+    assert answer["status"] == 202 and answer["body"]["status"] == "queued"
+    assert STOPPING_WARNING in answer["body"]["warnings"]
+    assert process.wait(30) == 0
