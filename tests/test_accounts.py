@@ -98,7 +98,6 @@ def test_two_worker_processes_on_postgresql_share_the_limit(make_app, job_settin
     app = make_app(job_settings, workers=0)
     client = app.test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
-    ids = [submit(client, url, "A", f"voice {n}") for n in range(18)]
     env = {
         **os.environ,
         "DATABASE_URL": PG_URL,
@@ -106,17 +105,24 @@ def test_two_worker_processes_on_postgresql_share_the_limit(make_app, job_settin
         "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
         "RELAY_SECRET_KEY": JOBS_SECRET_KEY,
         "RELAY_ACCOUNT_CONCURRENCY": "3",
-        "RELAY_WORKER_CONCURRENCY": "4",
+        # Two threads each under a limit of 3: three uploads at once can only be both processes
+        # working together, and never a fourth is the limit holding across them.
+        "RELAY_WORKER_CONCURRENCY": "2",
         "RELAY_IDLE_POLL_SECONDS": "0.05",
     }
-    logs = [open(tmp_path / f"worker{n}.log", "wb") for n in range(2)]
+    paths = [tmp_path / f"worker{n}.log" for n in range(2)]
+    logs = [path.open("wb") for path in paths]
     workers = [
         subprocess.Popen([sys.executable, "-m", "relay.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
         for log in logs
     ]
     try:
+        # Both pools polling before any job exists (a busy machine may start one much later than the
+        # other): the one that starts first cannot have done all the work alone.
+        wait_until(lambda: all("threads" in path.read_text() for path in paths), timeout=120)
+        ids = [submit(client, url, "A", f"voice {n}") for n in range(18)]
         store = app.extensions["relay.runtime"].store
-        wait_for_all(store, ids, timeout=60)
+        wait_for_all(store, ids, timeout=120)
     finally:
         for worker in workers:
             stop(worker)
@@ -124,5 +130,5 @@ def test_two_worker_processes_on_postgresql_share_the_limit(make_app, job_settin
             log.close()
     assert fake.max_in_flight["A"] == 3
     assert fake.upload_count() == 18
-    for n in range(2):  # both processes did part of the work
-        assert '"job claimed"' in (tmp_path / f"worker{n}.log").read_text()
+    for path in paths:  # both processes did part of the work
+        assert '"job claimed"' in path.read_text()

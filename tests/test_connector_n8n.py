@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def test_each_relay_answer_takes_its_branch_first_time(n8n, relay, fake, audio_h
 @pytest.mark.skipif(not os.environ.get("N8N_E2E_RACE_RUNS"), reason="a measurement: set N8N_E2E_RACE_RUNS")
 @SQLITE_ONLY
 @pytest.mark.parametrize("first_delay", [0.0, 1.0, 2.0])
-def test_measure_the_first_callback_race(n8n, relay, fake, audio_host, httpserver, first_delay, capsys):
+def test_measure_the_first_callback_race(n8n, relay, fake, audio_host, httpserver, first_delay):
     """How often n8n refuses a callback that comes right after the 202 (a job that fails at once)."""
     runs = int(os.environ["N8N_E2E_RACE_RUNS"])
     httpserver.expect_request("/true", method="POST").respond_with_data("")
@@ -219,8 +220,9 @@ def test_measure_the_first_callback_race(n8n, relay, fake, audio_host, httpserve
             assert (taken, answer["error_code"]) == ("false", "not_audio")
             job = store.get(answer["job_id"])
             refused.append(job.callback_attempts - 1)
-    with capsys.disabled():
-        print(
-            f"\nfirst delay {first_delay:g} s: {sum(1 for r in refused if r)} of {runs} runs had the first callback "
-            f"refused; execute-to-branch {min(seconds):.1f}-{max(seconds):.1f} s"
-        )
+    print(
+        f"N8N_E2E_RACE first delay {first_delay:g} s: {sum(1 for r in refused if r)} of {runs} runs had the first "
+        f"callback refused; execute-to-branch {min(seconds):.1f}-{max(seconds):.1f} s",
+        file=sys.__stderr__,
+        flush=True,
+    )
