@@ -269,7 +269,7 @@ def test_relay_clone_still_processing_exits_3_and_says_how_to_follow_it():
     ("env", "says"),
     [
         # (gunicorn itself parses WEB_CONCURRENCY before it loads the relay: see the README's settings)
-        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
+        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 2"),
         ({"DATABASE_URL": "mysql://u@127.0.0.1/relay"}, "DATABASE_URL must start with"),
         ({"DATABASE_URL": "postgres://u@127.0.0.1:9/relay"}, "cannot reach the database at 127.0.0.1:9"),
     ],
@@ -289,7 +289,7 @@ def test_the_procfile_web_process_stops_with_one_line_before_listening(env, says
     ("env", "says"),
     [
         ({"WEB_CONCURRENCY": "abc"}, "WEB_CONCURRENCY='abc' is invalid: expected a whole number"),
-        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
+        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 2"),
         ({"RELAY_MAX_BYTES": "abc"}, "RELAY_MAX_BYTES='abc' is invalid: expected a whole number"),
         ({"DATABASE_URL": "mysql://u@127.0.0.1/relay"}, "DATABASE_URL must start with"),
     ],

@@ -44,7 +44,7 @@ def test_values_are_parsed_and_typed():
         ({"RELAY_MIN_SECONDS": "soon"}, "RELAY_MIN_SECONDS='soon' is invalid: expected a number"),
         ({"WEB_CONCURRENCY": "abc"}, "WEB_CONCURRENCY='abc' is invalid: expected a whole number"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY must be at least 1"),
-        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
+        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 2"),
         ({"RELAY_THREADS": "many"}, "RELAY_THREADS='many' is invalid"),
         ({"DATABASE_URL": "mysql://u:p@db/relay"}, "DATABASE_URL must start with postgres://"),
         ({"RELAY_SPOOL_DIR": "/etc/hostname/spool"}, "RELAY_SPOOL_DIR"),
