@@ -158,10 +158,7 @@ def _clone(settings: Settings, args: argparse.Namespace) -> int:
             _follow(answer, token, settings, wait)
     except RelayError as err:
         _status, answer = answers.failure(err, answer)
-    print(json.dumps(answer, indent=2))
-    if not answer["ok"]:
-        return EXIT_FAILED
-    return EXIT_UNFINISHED if answer["status"] == "processing" else EXIT_OK
+    return _print_answer(answer)
 
 
 def _voice(settings: Settings, args: argparse.Namespace) -> int:
@@ -181,6 +178,11 @@ def _voice(settings: Settings, args: argparse.Namespace) -> int:
         _follow(answer, token, settings, args.wait, just_uploaded=False)
     except RelayError as err:
         _status, answer = answers.failure(err, answer)
+    return _print_answer(answer)
+
+
+def _print_answer(answer: dict) -> int:
+    """Print ``answer``; the exit code: 0 ready (or validated), 1 failed, 3 still processing."""
     print(json.dumps(answer, indent=2))
     if not answer["ok"]:
         return EXIT_FAILED
