@@ -145,6 +145,17 @@ class AudioTooLong(RelayError):
     error_code, http_status = "audio_too_long", 422
 
 
+class AudioSilent(RelayError):
+    error_code, http_status = "audio_silent", 422
+    default_message = "The recording is silent: nothing to clone."
+
+
+class DecodeLimitExceeded(RelayError):
+    """Decoding or converting the file tripped a limit (CPU, memory, wall time, output size)."""
+
+    error_code, http_status = "decode_limit_exceeded", 422
+
+
 # useapi.net
 class UpstreamError(RelayError):
     """useapi.net answered with an error, or did not answer.

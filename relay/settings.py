@@ -60,6 +60,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    convert: str = "auto"
+    convert_cpu_seconds: float = 60.0
+    convert_memory_mb: int = 1024
+    convert_timeout: float = 120.0
+    convert_max_seconds: float = 3600.0
+    silence_dbfs: float = -60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +104,8 @@ class Settings:
             raise SettingsError("RELAY_DEFAULT_WAIT_SECONDS must not exceed RELAY_MAX_WAIT_SECONDS")
         if self.secret_key is not None and len(self.secret_key) < 16:
             raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
+        if self.convert not in ("auto", "off"):
+            raise SettingsError("RELAY_CONVERT must be auto or off")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         return self
@@ -195,4 +203,10 @@ _SPECS = (
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
+    _Spec("RELAY_CONVERT", "convert", str.lower),
+    _Spec("RELAY_CONVERT_CPU_SECONDS", "convert_cpu_seconds", float, 1, 3600),
+    _Spec("RELAY_CONVERT_MEMORY_MB", "convert_memory_mb", int, 256, 65536),
+    _Spec("RELAY_CONVERT_TIMEOUT", "convert_timeout", float, 1, 3600),
+    _Spec("RELAY_CONVERT_MAX_SECONDS", "convert_max_seconds", float, 1, 24 * 3600),
+    _Spec("RELAY_SILENCE_DBFS", "silence_dbfs", float, -120, 0),
 )
