@@ -437,7 +437,8 @@ def _death(returncode: int, settings) -> str:
     if returncode == -signal.SIGXFSZ:
         return f"its output grew past {settings.max_bytes / 1048576:.1f} MiB (RELAY_MAX_BYTES)"
     if returncode in (-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS) or returncode > 0:
-        return f"the decoder failed (memory limit RELAY_CONVERT_MEMORY_MB={settings.convert_memory_mb:g}, or damaged data)"
+        limit = settings.convert_memory_mb
+        return f"the decoder failed (over RELAY_CONVERT_MEMORY_MB={limit:g}, or damaged data)"
     return f"the decoder ended abnormally ({returncode})"
 
 
@@ -469,6 +470,13 @@ def child_main(argv: list[str]) -> int:
     """Entry point of ``python -m relay.convert '<job JSON>'``: prints one JSON line."""
     job = json.loads(argv[0])
     _limit_self(job)
+    try:
+        import av  # noqa: F401 - loaded under the limits, so a too small RELAY_CONVERT_MEMORY_MB shows here
+        import numpy  # noqa: F401
+    except (ImportError, OSError, MemoryError) as err:
+        message = f"the decoder could not load within {job['memory_mb']:g} MB ({_short(err)})"
+        print(json.dumps({"ok": False, "problem": "limit", "message": message}), flush=True)
+        return 0
     try:
         result = _work(job)
     except _Problem as err:
@@ -547,9 +555,11 @@ def _decoded(packet, stream, meter):
         if meter.errors > 1000 and meter.errors > meter.frames:
             raise _Problem("corrupt", f"most frames cannot be decoded ({_short(err)})") from None
         last = meter.last
-        samples = int(round(float(packet.duration * stream.time_base) * last.sample_rate)) if (
-            last is not None and packet.duration and stream.time_base
-        ) else 0
+        samples = (
+            int(round(float(packet.duration * stream.time_base) * last.sample_rate))
+            if (last is not None and packet.duration and stream.time_base)
+            else 0
+        )
         frames = [_silence(last, samples)] if 0 < samples <= last.sample_rate * 10 else []
     for frame in frames:
         meter.last = frame
@@ -593,8 +603,14 @@ def _to_flac(container, stream, output: str, meter, max_bytes: int) -> None:
     import av
 
     context = stream.codec_context
-    deep = bool(context.codec.lossless) and (context.bits_per_raw_sample or 0) > 16 or (
-        context.codec.lossless and context.format is not None and context.format.name in ("flt", "fltp", "dbl", "dblp")
+    deep = (
+        bool(context.codec.lossless)
+        and (context.bits_per_raw_sample or 0) > 16
+        or (
+            context.codec.lossless
+            and context.format is not None
+            and context.format.name in ("flt", "fltp", "dbl", "dblp")
+        )
     )
     sample_format = "s32" if deep else "s16"
     written = 0
@@ -681,4 +697,3 @@ class _Meter:
 
 if __name__ == "__main__":
     sys.exit(child_main(sys.argv[1:]))
-

@@ -205,7 +205,7 @@ _SPECS = (
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
     _Spec("RELAY_CONVERT", "convert", str.lower),
     _Spec("RELAY_CONVERT_CPU_SECONDS", "convert_cpu_seconds", float, 1, 3600),
-    _Spec("RELAY_CONVERT_MEMORY_MB", "convert_memory_mb", int, 256, 65536),
+    _Spec("RELAY_CONVERT_MEMORY_MB", "convert_memory_mb", int, 64, 65536),
     _Spec("RELAY_CONVERT_TIMEOUT", "convert_timeout", float, 1, 3600),
     _Spec("RELAY_CONVERT_MAX_SECONDS", "convert_max_seconds", float, 1, 24 * 3600),
     _Spec("RELAY_SILENCE_DBFS", "silence_dbfs", float, -120, 0),
