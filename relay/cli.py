@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     clone.add_argument("--name", required=True, help="name of the cloned voice")
     clone.add_argument("--user-id", default=None, help="useapi.net TemPolor account")
     clone.add_argument("--if-exists", choices=("create", "reuse", "fail"), default="create")
+    clone.add_argument("--convert", choices=("auto", "never"), default="auto", help="convert other formats (auto)")
     clone.add_argument("--dry-run", action="store_true", help="validate only; upload nothing")
     clone.add_argument("--token", default=None, help="useapi.net token (default USEAPI_TOKEN)")
     worker = commands.add_parser("worker", help="run job workers only (the Procfile's worker process)")
@@ -81,6 +82,7 @@ def _clone(settings: Settings, args: argparse.Namespace) -> int:
         user_id=args.user_id,
         dry_run=args.dry_run,
         if_exists=args.if_exists,
+        convert=args.convert,
     )
     token = args.token or settings.useapi_token
     answer = answers.blank(uuid.uuid4().hex, name=request.name, user_id=request.user_id, dry_run=request.dry_run)
@@ -115,7 +117,7 @@ def _source(source: str, request, settings: Settings, answer: dict):
     import contextlib
     import os
 
-    from . import audio, pipeline
+    from . import pipeline
     from .fetch import Spool
 
     if not os.path.exists(source):
@@ -123,9 +125,9 @@ def _source(source: str, request, settings: Settings, answer: dict):
 
     @contextlib.contextmanager
     def local():
-        info = audio.probe(source, settings.min_seconds, settings.max_seconds)
-        answer.update(info.as_fields())
-        yield Spool(path=source, size=info.size, url=source, server_content_type=None, redirects=0), info
+        spool = Spool(path=source, size=os.path.getsize(source), url=source, server_content_type=None, redirects=0)
+        with pipeline.checked(spool, request, settings, answer) as (sent, info):
+            yield sent, info
 
     return local()
 

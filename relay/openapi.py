@@ -42,6 +42,10 @@ _ANSWER_EXAMPLE: dict[str, Any] = {
     "audio_duration_seconds": 2.046,
     "audio_sample_rate": 22050,
     "audio_channels": 2,
+    "source_format": "m4a",
+    "converted": False,
+    "audio_peak_dbfs": -1.2,
+    "audio_rms_dbfs": -21.3,
     "dry_run": False,
     "reused": False,
     "request_id": "3f0c2b9e5d6a4f1e8b7c9d0a1b2c3d4e",
@@ -82,6 +86,10 @@ _FAILED_EXAMPLE = {
     "audio_duration_seconds": None,
     "audio_sample_rate": None,
     "audio_channels": None,
+    "source_format": None,
+    "converted": None,
+    "audio_peak_dbfs": None,
+    "audio_rms_dbfs": None,
     "warnings": [],
 }
 _FAILED_EXAMPLE["message"] = _FAILED_EXAMPLE["error_message"]

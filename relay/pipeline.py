@@ -7,11 +7,13 @@ phases, and each step is usable on its own (tests, the command line).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audio, fetch, links, stream, urlguard, voices
+from . import audio, convert, fetch, links, stream, urlguard, voices
 from .errors import MissingUpstreamToken, VoiceExists
 from .settings import Settings
 from .useapi import UploadResult, Useapi
@@ -27,6 +29,7 @@ class CloneRequest:
     content_type: str | None = None
     dry_run: bool = False
     if_exists: str = "create"
+    convert: str = "auto"
     metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -105,18 +108,45 @@ def prepared(
         early.path, progress = path, early.progress
     try:
         with fetch.download(url, settings, progress=progress, path=path) as spool:
-            info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
-            answer.update(info.as_fields())
-            hint = request.content_type
-            if hint and audio.format_for_content_type(hint) != info.format:
-                answer["warnings"].append(
-                    f"content_type {hint} does not match the file, which is {info.format.upper()}; "
-                    f"sent as {info.content_type}."
-                )
-            yield spool, info
+            with checked(spool, request, settings, answer, early) as (sent, info):
+                yield sent, info
     finally:
         if early is not None:
             early.abandon()
+
+
+@contextlib.contextmanager
+def checked(
+    spool: fetch.Spool,
+    request: CloneRequest,
+    settings: Settings,
+    answer: dict,
+    early: stream.EarlyUpload | None = None,
+) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
+    """Validate, measure and if needed convert a spooled file (:func:`relay.convert.prepare`);
+    fill ``answer``; yield what to upload (a converted file is removed when the block ends).
+    An early upload of the original bytes is withdrawn when what is sent is a converted file."""
+    prepared = convert.prepare(spool.path, settings, request.convert)
+    try:
+        answer.update(prepared.as_fields())
+        answer["warnings"].extend(w for w in prepared.warnings if w not in answer["warnings"])
+        info = prepared.info
+        hint = request.content_type
+        if hint and not prepared.converted and audio.format_for_content_type(hint) != info.format:
+            answer["warnings"].append(
+                f"content_type {hint} does not match the file, which is {info.format.upper()}; "
+                f"sent as {info.content_type}."
+            )
+        if not prepared.converted:
+            yield spool, info
+            return
+        if early is not None:
+            early.withdraw()  # its bytes are not what will be sent; the converted file goes up instead
+        yield dataclasses.replace(spool, path=prepared.path, size=info.size), info
+    finally:
+        if prepared.converted:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(prepared.path)
 
 
 def upload(
