@@ -14,12 +14,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -89,6 +91,26 @@ heartbeats = Table(
     Column("seen_at", DateTime, nullable=False),
 )
 
+# Files sent in the request body (multipart or raw), kept until their job no longer needs them, so
+# that any worker process can work the job (relay/uploads.py).
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("complete", Boolean, nullable=False, default=False),  # all chunks written
+    Column("created_at", DateTime, nullable=False),
+)
+
+upload_chunks = Table(
+    "upload_chunks",
+    metadata,
+    Column("upload_id", String(32), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
@@ -121,10 +143,15 @@ def _v3(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_jobs_lease_expires_at ON jobs (lease_expires_at)"))
 
 
+def _v4(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[uploads, upload_chunks])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
     (3, "indexes for queue positions and leases", _v3),
+    (4, "uploaded files, stored in chunks until their job is done with them", _v4),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -103,6 +103,11 @@ class TokenUnavailable(RelayError):
     )
 
 
+class UploadStorageFull(RelayError):
+    error_code, http_status = "upload_storage_full", 503
+    default_message = "The relay holds too many uploaded files waiting for their jobs. Retry in a minute."
+
+
 class CloneFailed(RelayError):
     error_code, http_status = "clone_failed", 422
     default_message = "useapi.net reports that cloning this voice failed. Try another recording."

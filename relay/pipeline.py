@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audio, convert, fetch, links, stream, urlguard, voices
+from . import audio, convert, fetch, links, stream, uploads, urlguard, voices
 from .errors import MissingUpstreamToken, VoiceExists
 from .settings import Settings
 from .useapi import UploadResult, Useapi
@@ -23,7 +23,7 @@ from .useapi import UploadResult, Useapi
 class CloneRequest:
     """A validated clone request (see :class:`relay.schemas.CloneRequestSchema`). Holds no token."""
 
-    audio_url: str
+    audio_url: str | None  # None when the recording came in the request body (``upload_id``)
     name: str
     user_id: str | None = None
     content_type: str | None = None
@@ -32,6 +32,7 @@ class CloneRequest:
     convert: str = "auto"
     metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    upload_id: str | None = None  # a file sent in the request, stored by relay/uploads.py
 
     def as_dict(self) -> dict[str, Any]:
         # A shallow copy: the caller JSON-encodes it at once, so asdict()'s deep copy is not needed.
@@ -40,7 +41,8 @@ class CloneRequest:
 
 def check_before_work(request: CloneRequest, token: str | None, settings: Settings) -> None:
     """The checks that need no download: the literal URL and the presence of a token."""
-    urlguard.check_literal(links.direct_download(request.audio_url)[0], settings.allowed_networks)
+    if request.audio_url is not None:
+        urlguard.check_literal(links.direct_download(request.audio_url)[0], settings.allowed_networks)
     if not request.dry_run and not token:
         raise MissingUpstreamToken()
 
@@ -92,14 +94,26 @@ def early_upload(
 
 @contextlib.contextmanager
 def prepared(
-    request: CloneRequest, settings: Settings, answer: dict, progress=None, early: stream.EarlyUpload | None = None
+    request: CloneRequest,
+    settings: Settings,
+    answer: dict,
+    progress=None,
+    early: stream.EarlyUpload | None = None,
+    engine=None,
 ) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
     """Download and validate the audio; fill ``answer``'s audio fields and warnings; yield the
     spool file and what was learned. The file is removed when the block ends.
 
-    With ``early``, a large file starts uploading while it downloads; inside the block call
-    ``early.finish()`` to complete that upload. If the block is left any other way (the download
-    or the validation failed, or the caller raised), the upload is abandoned short of its length."""
+    The audio comes from ``request.audio_url``, or from the stored upload ``request.upload_id``
+    (read from the database ``engine``). With ``early``, a large file starts uploading while it
+    downloads; inside the block call ``early.finish()`` to complete that upload. If the block is
+    left any other way (the download or the validation failed, or the caller raised), the upload
+    is abandoned short of its length."""
+    if request.upload_id is not None:
+        with _stored_upload(request.upload_id, engine) as spool, checked(spool, request, settings, answer) as sent:
+            yield sent
+        return
+    assert request.audio_url is not None
     url, note = links.direct_download(request.audio_url)
     if note and note not in answer["warnings"]:
         answer["warnings"].append(note)
@@ -113,6 +127,18 @@ def prepared(
     finally:
         if early is not None:
             early.abandon()
+
+
+@contextlib.contextmanager
+def _stored_upload(upload_id: str, engine) -> Iterator[fetch.Spool]:
+    """The source "stored upload": the file sent with the request, spooled from the database."""
+    path = fetch.new_spool_path()
+    try:
+        size = uploads.spool(engine, upload_id, path)
+        yield fetch.Spool(path=path, size=size, url="upload", server_content_type=None, redirects=0)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @contextlib.contextmanager

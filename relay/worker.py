@@ -23,7 +23,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from . import answers, callbacks, fetch, pipeline, voices
+from . import answers, callbacks, fetch, pipeline, uploads, voices
 from .db import utcnow
 from .errors import (
     CloneFailed,
@@ -158,7 +158,7 @@ class Worker:
         early = pipeline.early_upload(request, token or "", self.settings, uploading)
         # The job's answer is written inside the block, before the spool file is removed (removing
         # 40 MB takes ~1.5 ms that a waiting request need not wait for).
-        with pipeline.prepared(request, self.settings, answer, early=early) as (spool, info):
+        with pipeline.prepared(request, self.settings, answer, early=early, engine=self.store.engine) as (spool, info):
             if request.dry_run:
                 answer["message"] = pipeline.dry_run_message(request, info)
                 self._finish(job, 200, answer, status="validated")
@@ -404,6 +404,8 @@ class Worker:
         write = self.store.release if release else self.store.update
         if not write(job.id, self.id, **values):
             raise LeaseLost(job.id)
+        if values.get("phase") in (UPLOADED, READY, FAILED) and job.request.get("upload_id"):
+            uploads.delete_upload(self.store.engine, job.request["upload_id"])  # useapi has it, or it is over
         for key, value in values.items():
             if hasattr(job, key):
                 setattr(job, key, value)
@@ -484,6 +486,7 @@ class Pool:
                     self.store.purge(utcnow() - timedelta(hours=self.settings.job_retention_hours))
                     # Spool files of a process killed mid-job (SIGKILL leaves no chance to clean up).
                     fetch.sweep_stale_spools(self.settings.download_timeout + self.settings.upload_timeout + 600)
+                    uploads.sweep(self.store.engine, utcnow() - timedelta(minutes=10))
                     last_purge = time.monotonic()
             except Exception:
                 log.exception("heartbeat failed")
