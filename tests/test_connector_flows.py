@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from relay.schemas import ANSWER_FIELDS
 
 from .conftest import RELAY_KEY, serve_file
+from .test_convert import MEDIA
 
 SPEC = Path(__file__).parent.parent / "connector_spec"
 BLUEPRINT = SPEC / "make" / "blueprints" / "drive-folder-to-cloned-voice.json"
@@ -89,3 +91,40 @@ def test_the_n8n_workflow_waits_for_the_relays_callback():
         name = chain[name]["main"][0][0]["node"]
         order.append(name)
     assert order == ["Start the clone (relay)", "Wait for the relay's callback", "Cloned?"]
+
+
+N8N_BINARY = SPEC / "n8n" / "clone-voice-from-binary.json"
+
+
+def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
+    workflow = json.loads(N8N_BINARY.read_text())
+    types = [node["type"] for node in workflow["nodes"]]
+    assert types == [
+        "n8n-nodes-base.manualTrigger",
+        "n8n-nodes-base.readWriteFile",
+        "n8n-nodes-base.httpRequest",
+        "n8n-nodes-base.wait",
+        "n8n-nodes-base.if",
+    ]
+    for node in workflow["nodes"]:
+        assert "credentials" not in node
+    http = next(node for node in workflow["nodes"] if node["type"] == "n8n-nodes-base.httpRequest")["parameters"]
+    assert http["contentType"] == "multipart-form-data" and http["url"].endswith("/v1/voice-clones")
+    parts = http["bodyParameters"]["parameters"]
+    binary = [p for p in parts if p.get("parameterType") == "formBinaryData"]
+    assert binary == [{"parameterType": "formBinaryData", "name": "file", "inputDataFieldName": "data"}]
+    fields = {p["name"]: p["value"] for p in parts if p.get("parameterType") != "formBinaryData"}
+    assert fields["callback_url"] == "={{ $execution.resumeUrl }}"
+    # What n8n sends for a binary item read from disk: the file as part "file", the fields as text.
+    sent = {name: value for name, value in fields.items() if not value.startswith("=")}
+    sent.update(metadata=json.dumps({"file": "voice-note.ogg"}), dry_run="true", wait_seconds="20")
+    sent["file"] = (io.BytesIO((MEDIA / "voice_note.opus").read_bytes()), "voice-note.ogg")
+    response = client.post(
+        "/v1/voice-clones",
+        data=sent,
+        content_type="multipart/form-data",
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},
+    )
+    assert response.status_code == 200, response.json
+    assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
+    assert response.json["metadata"] == {"file": "voice-note.ogg"}
