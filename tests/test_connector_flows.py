@@ -128,3 +128,45 @@ def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
     assert response.status_code == 200, response.json
     assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
     assert response.json["metadata"] == {"file": "voice-note.ogg"}
+
+
+FILE_BLUEPRINT = SPEC / "make" / "blueprints" / "drive-file-to-cloned-voice.json"
+
+
+def test_the_file_blueprint_downloads_the_file_and_sends_it_as_multipart(client):
+    blueprint = json.loads(FILE_BLUEPRINT.read_text())
+    found = list(modules(blueprint["flow"]))
+    assert [m["module"] for m in found][:4] == [
+        "google-drive:watchFilesInAFolder",
+        "google-drive:getAFile",
+        "http:MakeRequest",
+        "builtin:BasicRouter",
+    ]
+    ids = [module["id"] for module in found]
+    assert len(ids) == len(set(ids))
+    for module in found:
+        assert "__IMTCONN__" not in module.get("parameters", {})
+    http = found[2]["mapper"]
+    assert http["contentType"] == "multipart" and http["stopOnHttpError"] is False and http["timeout"] <= 300
+    filters = [module["filter"]["conditions"][0][0] for module in found if "filter" in module]
+    assert {f["a"] for f in filters} == {"{{3.data.ok}}"}
+    # Fill the fields the way Make does with what Drive's two modules output, and send them.
+    outputs = {"1.id": "1AbCdEf", "1.name": "Interview take 3", "2.fileName": "take-3.ogg"}
+    data = (MEDIA / "voice_note.opus").read_bytes()
+    sent = {}
+    for field in http["multipartBodyContent"]:
+        if field["multipartFieldType"] == "file":
+            assert field["data"] == "{{2.data}}"
+            sent[field["name"]] = (io.BytesIO(data), outputs[field["fileName"].strip("{}")])
+        else:
+            sent[field["name"]] = re.sub(r"\{\{([\w.]+)\}\}", lambda m: outputs[m.group(1)], field["value"])
+    sent.update(dry_run="true", wait_seconds="20")  # a test: validate only, wait less than Make's 280 s
+    response = client.post(
+        "/v1/voice-clones",
+        data=sent,
+        content_type="multipart/form-data",
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},
+    )
+    assert response.status_code == 200, response.json
+    assert response.json["metadata"] == {"drive_file_id": "1AbCdEf"}
+    assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
