@@ -9,9 +9,9 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from relay import db
+from relay import db, uploads
 
-from .conftest import HEADERS, audio_bytes, post, wait_until
+from .conftest import HEADERS, audio_bytes, over_http, post, wait_until
 from .test_convert import MEDIA
 from .test_jobs import WorkerProcess
 
@@ -187,3 +187,45 @@ def test_an_upload_job_survives_kill_9_and_another_process_finishes_it(make_app,
     assert fake.upload_count() == 1
     assert json.loads(json.dumps(job.answer))["audio_format"] == "flac"
     assert stored(app) == (0, 0)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_chunked_body_over_http_is_streamed_and_bounded(make_app, job_settings, fake):
+    """Over real HTTP, with no Content-Length (chunked): the limit holds while the body streams."""
+    import requests
+
+    data = audio_bytes("wav_pcm16_mono.wav")
+
+    def pieces(body: bytes, size: int = 8192):
+        for start in range(0, len(body), size):
+            yield body[start : start + size]
+
+    with over_http(make_app(job_settings.replace(max_bytes=100_000))) as base:
+        url = f"{base}/v1/voice-clones"
+        headers = {**HEADERS, "Content-Type": "audio/wav"}
+        ok = requests.post(url, params={"name": "Chunked"}, data=pieces(data), headers=headers, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert fake.uploads[0]["body"] == data
+        big = requests.post(url, params={"name": "Big"}, data=pieces(data * 3), headers=headers, timeout=30)
+        assert (big.status_code, big.json()["error_code"]) == (413, "request_too_large")
+
+
+def test_the_sweep_removes_only_uploads_no_job_needs(make_app, job_settings, tmp_path):
+    from datetime import timedelta
+
+    app = make_app(job_settings, workers=0)
+    engine = app.extensions["relay.runtime"].engine
+    job_id = raw(app.test_client(), {"name": "Waiting", "wait_seconds": "0"}, audio_bytes("flac_mono.flac")).json[
+        "job_id"
+    ]
+    with open(MEDIA / "speech.wav", "rb") as source:  # an upload whose request died before its job was written
+        uploads.save(engine, source, (MEDIA / "speech.wav").stat().st_size, "f" * 32, 10**9)
+    assert stored(app)[0] == 2
+    assert uploads.sweep(engine, db.utcnow() - timedelta(minutes=10)) == 0  # both are recent
+    assert uploads.sweep(engine, db.utcnow() + timedelta(seconds=1)) == 1  # the orphan goes, the job's stays
+    assert stored(app)[0] == 1
+    spooled = str(tmp_path / "spooled.bin")
+    with pytest.raises(Exception) as caught:
+        uploads.spool(engine, "f" * 32, spooled)
+    assert getattr(caught.value, "error_code", None) == "download_failed"
+    assert uploads.spool(engine, job_id, spooled) == len(audio_bytes("flac_mono.flac"))
