@@ -385,6 +385,7 @@ def _run_child(
             timeout=settings.convert_timeout,
             env=env,
             stdin=subprocess.DEVNULL,
+            cwd=package_root,  # `-m` puts the working directory first on sys.path: make it this package's
             start_new_session=True,
             check=False,
         )

@@ -139,6 +139,13 @@ def test_digital_silence_reports_the_floor():
     assert "digital silence" in caught.value.message
 
 
+def test_a_wav_that_is_not_pcm_is_measured_by_the_decoder_and_sent_as_it_is(prepared):
+    assert convert.wav_levels(str(MEDIA / "mulaw.wav")) is None  # not plain PCM: not measured in-process
+    result = prepared("mulaw.wav")
+    assert (result.converted, result.info.format, result.path) == (False, "wav", str(MEDIA / "mulaw.wav"))
+    assert -3 < result.levels.peak_dbfs < 0
+
+
 def test_the_silence_threshold_is_a_setting(prepared):
     result = prepared("near_silence.wav", SETTINGS.replace(silence_dbfs=-80))
     assert result.converted is False
