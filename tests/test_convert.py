@@ -185,6 +185,24 @@ def test_a_playlist_is_text_not_a_reference_to_follow(prepared, tmp_path, audio_
     assert audio_host.log == []
 
 
+def test_even_a_playlist_demuxer_in_the_child_opens_no_url(tmp_path, audio_host):
+    # The relay never picks the HLS demuxer; forced here, the child still reaches nothing: it gets an
+    # open file and an empty protocol whitelist, so the playlist's segment is never requested.
+    audio_host.expect_request("/seg.aac").respond_with_data((MEDIA / "raw.aac").read_bytes())
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2,\n{audio_host.url_for('/seg.aac')}\n#EXT-X-ENDLIST\n"
+    )
+    with pytest.raises(RelayError) as caught:
+        convert._run_child(str(playlist), None, "hls", SETTINGS, convert=False)
+    assert caught.value.error_code == "audio_corrupt"
+    assert audio_host.log == []
+    # The control: the same playlist, opened with network protocols allowed, does fetch the segment.
+    with av.open(str(playlist), format="hls", options={"protocol_whitelist": "file,http,tcp"}) as opened:
+        assert opened.streams.audio
+    assert len(audio_host.log) == 1
+
+
 def test_truncated_files_fail_cleanly(prepared):
     for name in ("truncated.opus", "truncated.webm"):
         with pytest.raises(RelayError) as caught:
