@@ -25,10 +25,12 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
     from . import api, logs
     from .runtime import Runtime
 
-    settings = Settings.from_env() if settings is None else settings.validated()
+    settings = (Settings.from_env() if settings is None else settings.validated()).check_serving()
     logs.configure(settings.log_level)
     app = Flask(__name__)
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # Heroku/Render terminate TLS in front
+    # Heroku and Render terminate TLS in front and say so in X-Forwarded-Proto. X-Forwarded-Host is
+    # believed only when the operator says a proxy sets it: any caller can send the header.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1 if settings.trust_forwarded_host else 0)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_json_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.extensions["relay.settings"] = settings

@@ -59,7 +59,8 @@ def for_job(job: Job, now: datetime) -> dict[str, Any]:
         created_at=_iso(job.created_at),
         updated_at=_iso(job.updated_at),
         completed_at=_iso(job.completed_at),
-        callback_status=job.callback_status,
+        # The row records a callback's state once the job has ended; until then it is pending too.
+        callback_status=job.callback_status or ("pending" if job.callback_url else None),
     )
     return answer
 

@@ -17,9 +17,10 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, answers, bodies, db, pipeline, uploads, urlguard, voices
+from . import __version__, answers, bodies, db, deadline, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
+    DownloadFailed,
     IdempotencyKeyReused,
     InvalidRequest,
     JobNotFound,
@@ -36,7 +37,7 @@ from .errors import (
 from .runtime import Runtime
 from .schemas import CloneRequestSchema, VoiceQuerySchema, describe_validation_error
 from .settings import Settings
-from .tokens import account_key
+from .tokens import MEMORY, account_key
 from .useapi import Useapi
 
 access_log = logging.getLogger("relay.access")
@@ -89,8 +90,8 @@ def healthz():
 
 @bp.get("/openapi.json")
 def openapi_document():
-    """The relay's OpenAPI 3.1 contract (no key needed)."""
-    return jsonify(_openapi())
+    """The relay's OpenAPI 3.1 contract (no key needed), naming this relay as its server."""
+    return jsonify({**_openapi(), "servers": [{"url": _public_base(), "description": "this relay"}]})
 
 
 @functools.cache
@@ -136,6 +137,8 @@ def auth_check():
     authenticate()
     given = request.headers.get("X-Useapi-Token", "").strip()
     source = "request" if given else ("server" if settings().useapi_token else None)
+    if given:
+        _check_token_can_be_kept()  # every clone with this connection would be refused: say so now
     return jsonify(ok=True, version=__version__, useapi_token=source, request_id=g.request_id)
 
 
@@ -162,15 +165,14 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     given_token = request.headers.get("X-Useapi-Token", "").strip() or None
     pipeline.check_before_work(clone_request, given_token or settings().useapi_token, settings())
     if callback_url:
-        try:
-            urlguard.check_literal(callback_url, settings().allowed_networks)
-        except UrlNotAllowed as err:
-            raise UrlNotAllowed(f"callback_url: {err.message}") from None
+        _check_callback_url(callback_url)
     wait = _wait_seconds(wait_seconds, callback_url)
     runtime = _runtime()
-    if given_token and not runtime.vault.durable and runtime.pool is None:
-        raise SecretKeyRequired()
-    key = _idempotency_key()
+    if given_token:
+        _check_token_can_be_kept()
+    token = given_token or settings().useapi_token
+    account = account_key(token, clone_request.user_id)
+    key = _idempotency_key(account)
     stored_request = clone_request.as_dict()
     # Fields added later count only when they differ from their defaults, so a key's hash stays
     # the same across versions; a file's identity is its content.
@@ -178,6 +180,13 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     if upload is not None:
         hashed["file_sha256"] = upload.sha256
     request_hash = _hash({**hashed, "callback_url": callback_url})
+    name_key = None if clone_request.dry_run else _name_key(account, clone_request.name)
+    exclusive = clone_request.if_exists != "create" and name_key is not None
+    if exclusive and key is None:
+        # if_exists=reuse|fail: a voice of this name already being made for this account is the answer.
+        running = runtime.store.active_by_name(name_key)
+        if running is not None:
+            return _attached(running, wait, runtime.notifier.generation)
     job_id = uuid.uuid4().hex
     existing = runtime.store.get_by_key(key) if key and upload is not None else None
     if upload is not None and existing is None:  # a repeat needs no second copy of the file
@@ -191,18 +200,24 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         token_kind=token_kind,
         token_sealed=sealed,
         token_fingerprint=fingerprint,
+        # A token kept in this process's memory: only this process's workers can do the job.
+        token_holder=runtime.pool.id if token_kind == MEMORY and runtime.pool is not None else None,
         idempotency_key=key,
         request_hash=request_hash,
         answer=g.answer,
         callback_url=callback_url,
         webhook_id=f"msg_{job_id}",
-        account_key=account_key(given_token or settings().useapi_token, clone_request.user_id),
+        account_key=account,
+        name_key=name_key,
+        exclusive_key=name_key if exclusive else None,
         dry_run=clone_request.dry_run,
     )
     if not created:
         runtime.vault.forget(job_id)
         if stored_request.get("upload_id"):  # the job that holds this key has its own copy
             uploads.delete_upload(runtime.engine, stored_request["upload_id"])
+        if job.matched == "name":
+            return _attached(job, wait, generation)
         if job.request_hash != request_hash:
             raise IdempotencyKeyReused()
     else:
@@ -213,6 +228,9 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
 
 @bp.get("/v1/voice-clones/<job_id>")
 def get_voice_clone(job_id: str):
+    # Until the job is found, this request knows nothing of the clone: an error here (wrong key,
+    # unknown job) answers status null, never "failed", so a polling loop cannot take it for the clone's end.
+    g.status_unknown = True
     authenticate()
     job = _runtime().store.get(job_id) if _JOB_ID.match(job_id) else None
     if job is None:
@@ -223,8 +241,42 @@ def get_voice_clone(job_id: str):
     return answer
 
 
+def _attached(job, wait: float, generation: int):
+    """Answer with another request's running job that makes the same voice (if_exists=reuse|fail)."""
+    g.log["job_id"] = job.id
+    note = (
+        f"A clone of a voice named {job.request.get('name')!r} was already running for this account (job "
+        f"{job.id}); this answer follows it instead of making a second voice."
+    )
+    return _job_answer(_wait_for(job, wait, generation) if wait > 0 else job, note)
+
+
+def _check_callback_url(callback_url: str) -> None:
+    """Refuse a callback_url now rather than give up on it later: every address its host resolves
+    to must be public (or in ``RELAY_ALLOWED_NETWORKS``)."""
+    try:
+        with deadline.bounded(settings().connect_timeout):
+            urlguard.check(callback_url, settings().allowed_networks, deadline.resolve)
+    except UrlNotAllowed as err:
+        raise UrlNotAllowed(f"callback_url: {err.message}") from None
+    except DownloadFailed as err:  # the name does not resolve (or not in time)
+        raise UrlNotAllowed(f"callback_url: {err.message.replace('Check the link.', 'Check the URL.')}") from None
+
+
+def _name_key(account: str | None, name: str) -> str:
+    material = f"voice-clone-relay name v1\0{account or '-'}\0{name.strip().casefold()}"
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
 def _runtime() -> Runtime:
     return current_app.extensions["relay.runtime"]
+
+
+def _check_token_can_be_kept() -> None:
+    """A per-request token outlives the request only sealed (``RELAY_SECRET_KEY``) or in this process's memory."""
+    runtime = _runtime()
+    if not runtime.vault.durable and runtime.pool is None:
+        raise SecretKeyRequired()
 
 
 def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
@@ -257,23 +309,26 @@ def _wait_for(job, seconds: float, generation: int):
     return job
 
 
-def _job_answer(job):
+def _job_answer(job, note: str | None = None):
     answer = answers.for_job(job, utcnow())
     answer["request_id"] = g.request_id
+    if note:
+        answer["warnings"] = [*answer["warnings"], note]
     if answer["status"] == "queued":
         answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
     g.answer = answer
     return _answer(answers.http_status_for_job(job), answer)
 
 
-def _idempotency_key() -> str | None:
+def _idempotency_key(account: str | None) -> str | None:
+    """The request's ``Idempotency-Key`` as stored: scoped to its account (see :func:`db.scoped_key`)."""
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
     key = key.strip()
     if not key or len(key) > 255 or not key.isprintable():
         raise InvalidRequest("Idempotency-Key must be 1-255 printable characters.")
-    return key
+    return db.scoped_key(account, key)
 
 
 def _hash(value: dict) -> str:
@@ -311,7 +366,7 @@ def get_voice(voice_id: str):
     with _useapi() as client:
         record = client.get_voice(voice_id)
     if record is None:
-        raise VoiceNotFound(cloned_voice_item_id=voice_id)
+        raise VoiceNotFound(cloned_voice_item_id=voice_id, upstream_status=404)
     item = voices.flatten({"clonedVoiceItemId": voice_id, **record})
     return jsonify(ok=True, **item, request_id=g.request_id)
 
@@ -369,11 +424,25 @@ def _load(schema: CloneRequestSchema) -> tuple[dict, list[str]]:
     except RecursionError:
         raise InvalidRequest("The JSON body is nested too deeply.") from None
     except ValueError as err:
-        raise InvalidRequest(f"The request body is not valid JSON ({err}).") from None
+        raise InvalidRequest(f"The request body is not valid JSON ({err}).{_json_hint()}") from None
     try:
         return schema.load_with_warnings(data)
     except ValidationError as err:
         raise InvalidRequest(describe_validation_error(err)) from None
+
+
+def _json_hint() -> str:
+    """What to change when the body is not JSON: most often a no-code tool sending a form."""
+    kind = (request.mimetype or "").lower()
+    if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        return (
+            f" It was sent as a form ({kind}): send a JSON object with 'Content-Type: application/json' instead, "
+            'e.g. {"audio_url": "https://…", "name": "My voice"} (Make: Body type Raw, JSON; n8n: Body JSON).'
+        )
+    return (
+        " Send a JSON object with 'Content-Type: application/json', "
+        'e.g. {"audio_url": "https://…", "name": "My voice"}.'
+    )
 
 
 def _answer(status: int, answer: dict[str, Any], retry_after: int | None = None):
@@ -386,6 +455,8 @@ def _answer(status: int, answer: dict[str, Any], retry_after: int | None = None)
 
 def _on_relay_error(err: RelayError):
     status, g.answer = answers.failure(err, g.get("answer") or answers.blank(g.get("request_id", "")))
+    if g.get("status_unknown"):
+        g.answer["status"] = None
     return _answer(status, g.answer, err.retry_after)
 
 

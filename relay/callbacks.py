@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import requests
 
-from . import __version__, fetch, urlguard
+from . import __version__, deadline, fetch, urlguard
 from .errors import RelayError
 from .settings import Settings
 
@@ -49,7 +49,9 @@ class Delivery:
 
 
 def deliver(url: str, body: bytes, webhook_id: str, settings: Settings) -> Delivery:
-    """POST ``body`` to ``url`` once. Success is a 2xx within ``RELAY_CALLBACK_TIMEOUT``; no redirects."""
+    """POST ``body`` to ``url`` once. Success is a whole 2xx answer (status, headers and up to 64 KiB
+    of body) within ``RELAY_CALLBACK_TIMEOUT`` in total — DNS and connect included —; no redirects.
+    A receiver that drips its answer is cut off at that deadline and the attempt counts as failed."""
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
@@ -59,23 +61,35 @@ def deliver(url: str, body: bytes, webhook_id: str, settings: Settings) -> Deliv
     }
     if settings.webhook_secret:
         headers["webhook-signature"] = sign(settings.webhook_secret, webhook_id, timestamp, body)
-    try:
-        target = urlguard.check(url, settings.allowed_networks)
-        with fetch.pinned_session(target) as session:
-            response = session.post(
-                target.url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=(settings.connect_timeout, settings.callback_timeout),
-            )
-            response.close()
-    except RelayError as err:
-        return Delivery(False, err.error_code == "url_not_allowed", err.message)
-    except requests.Timeout:
-        return Delivery(False, False, f"no answer within {settings.callback_timeout:g} s")
-    except requests.RequestException as err:
-        return Delivery(False, False, f"connection failed ({type(err).__name__})")
+    too_slow = Delivery(False, False, f"no whole answer within {settings.callback_timeout:g} s")
+    with deadline.bounded(settings.callback_timeout) as limit:
+        try:
+            target = urlguard.check(url, settings.allowed_networks, deadline.resolve)
+            with fetch.pinned_session(target) as session:
+                response = session.post(
+                    target.url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    stream=True,
+                    timeout=(settings.connect_timeout, settings.callback_timeout),
+                )
+                with response:  # the answer must end in time too (up to 64 KiB of it is read)
+                    received = 0
+                    for chunk in response.iter_content(16 * 1024):
+                        received += len(chunk)
+                        if received >= 64 * 1024:
+                            break
+        except RelayError as err:
+            if limit.expired:
+                return too_slow
+            return Delivery(False, err.error_code == "url_not_allowed", err.message)
+        except (requests.RequestException, OSError) as err:
+            if limit.expired or isinstance(err, requests.Timeout):
+                return too_slow
+            return Delivery(False, False, f"connection failed ({type(err).__name__})")
+    if limit.expired:
+        return too_slow
     if 200 <= response.status_code < 300:
         return Delivery(True, False, f"HTTP {response.status_code}")
     return Delivery(False, response.status_code == 410, f"HTTP {response.status_code}")

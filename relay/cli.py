@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from . import __version__, create_app
@@ -36,6 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     clone.add_argument("--convert", choices=("auto", "never"), default="auto", help="convert other formats (auto)")
     clone.add_argument("--dry-run", action="store_true", help="validate only; upload nothing")
     clone.add_argument("--token", default=None, help="useapi.net token (default USEAPI_TOKEN)")
+    clone.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for useapi.net to finish cloning (default RELAY_READY_TIMEOUT_SECONDS; 0: do not wait)."
+        " Exit code: 0 ready/validated, 1 failed, 3 still processing when the wait ended",
+    )
+    voice = commands.add_parser("voice", help="show one cloned voice; wait while useapi.net is still cloning it")
+    voice.add_argument("voice_id", help="the cloned_voice_item_id (user:…-tempolor:…-voice:…)")
+    voice.add_argument("--token", default=None, help="useapi.net token (default USEAPI_TOKEN)")
+    voice.add_argument(
+        "--wait", type=float, default=0, metavar="SECONDS", help="wait up to this long for it to be ready (default 0)"
+    )
     worker = commands.add_parser("worker", help="run job workers only (the Procfile's worker process)")
     worker.add_argument(
         "--concurrency", type=int, default=None, help="worker threads (default RELAY_WORKER_CONCURRENCY)"
@@ -43,9 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command == "serve":
+            # Only a process that answers HTTP needs the rules for serving (a key beside a server token).
+            settings.check_serving()
     except SettingsError as err:
         print(f"relay: configuration error: {err}", file=sys.stderr)
         return 2
+    if args.command in ("serve", "worker", "migrate"):
+        from .preflight import database_problem
+
+        problem = database_problem(settings)
+        if problem:
+            print(f"relay: {problem}", file=sys.stderr)
+            return 2
     if args.command == "config":
         print(json.dumps(settings.describe(), indent=2))
         return 0
@@ -53,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return _migrate(settings)
     if args.command == "clone":
         return _clone(settings, args)
+    if args.command == "voice":
+        return _voice(settings, args)
     if args.command == "openapi":
         from .openapi import build_spec, to_yaml
 
@@ -68,30 +95,52 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(settings, args)
 
 
+EXIT_OK, EXIT_FAILED, EXIT_UNFINISHED = 0, 1, 3
+
+
 def _clone(settings: Settings, args: argparse.Namespace) -> int:
-    """One clone through the same pipeline steps the workers use, reported as the normalized answer."""
+    """One clone through the same pipeline steps the workers use, reported as the normalized answer.
+
+    It waits for useapi.net to finish (``--wait``); a clone still processing then exits 3, with a
+    message saying how to look at it again."""
     import os
     import uuid
 
-    from . import answers, pipeline
-    from .errors import RelayError
+    from marshmallow import ValidationError
 
-    request = pipeline.CloneRequest(
-        audio_url=args.source if not os.path.exists(args.source) else "file:local",
-        name=args.name.strip(),
-        user_id=args.user_id,
-        dry_run=args.dry_run,
-        if_exists=args.if_exists,
-        convert=args.convert,
-    )
-    token = args.token or settings.useapi_token
-    answer = answers.blank(uuid.uuid4().hex, name=request.name, user_id=request.user_id, dry_run=request.dry_run)
+    from . import answers, pipeline
+    from .errors import InvalidRequest, MissingUpstreamToken, RelayError
+    from .schemas import CloneRequestSchema, describe_validation_error
+
+    local = os.path.exists(args.source)
+    answer = answers.blank(uuid.uuid4().hex, name=args.name, user_id=args.user_id, dry_run=args.dry_run)
     try:
+        if not local and "://" not in args.source:
+            raise InvalidRequest(
+                f"No file at {args.source!r}: give the path of an audio file, or an http(s) URL to download."
+            )
+        try:
+            # The API's own rules for every field (name, user_id, if_exists …), so both refuse the same.
+            body, _ = CloneRequestSchema().load_with_warnings(
+                {
+                    "audio_url": "file:local" if local else args.source,
+                    "name": args.name,
+                    "user_id": args.user_id,
+                    "if_exists": args.if_exists,
+                    "dry_run": args.dry_run,
+                    "convert": args.convert,
+                }
+            )
+        except ValidationError as err:
+            raise InvalidRequest(describe_validation_error(err)) from None
+        request = pipeline.CloneRequest(**{k: v for k, v in body.items() if k not in ("wait_seconds", "callback_url")})
+        answer.update(name=request.name, user_id=request.user_id)
+        token = args.token or settings.useapi_token
         if not request.dry_run and not token:
-            raise RelayError("No useapi.net token: pass --token or set USEAPI_TOKEN.")
+            raise MissingUpstreamToken("No useapi.net token: pass --token, or set USEAPI_TOKEN (or use --dry-run).")
         reused = pipeline.existing_voice(request, token, settings, answer)
         if reused is None:
-            with _source(args.source, request, settings, answer) as (spool, info):
+            with _source(args.source, local, request, settings, answer) as (spool, info):
                 if request.dry_run:
                     answer.update(ok=True, status="validated", message=pipeline.dry_run_message(request, info))
                 else:
@@ -106,21 +155,98 @@ def _clone(settings: Settings, args: argparse.Namespace) -> int:
                     )
         else:
             answer.update(ok=True, status=reused["status"])
+        if answer["status"] == "processing" and answer["cloned_voice_item_id"]:
+            wait = settings.ready_timeout_seconds if args.wait is None else args.wait
+            _follow(answer, token, settings, wait)
     except RelayError as err:
         _status, answer = answers.failure(err, answer)
     print(json.dumps(answer, indent=2))
-    return 0 if answer["ok"] else 1
+    if not answer["ok"]:
+        return EXIT_FAILED
+    return EXIT_UNFINISHED if answer["status"] == "processing" else EXIT_OK
 
 
-def _source(source: str, request, settings: Settings, answer: dict):
-    """The audio as a spool: a local file is probed where it lies, a URL is downloaded safely."""
+def _voice(settings: Settings, args: argparse.Namespace) -> int:
+    """``relay voice <id>``: the voice's state as a clone answer; exit 0 ready, 1 failed or unknown, 3 processing."""
+    import uuid
+
+    from . import answers, voices
+    from .errors import MissingUpstreamToken, RelayError
+
+    answer = answers.blank(uuid.uuid4().hex, cloned_voice_item_id=args.voice_id)
+    try:
+        voices.check_id(args.voice_id)
+        token = args.token or settings.useapi_token
+        if not token:
+            raise MissingUpstreamToken("No useapi.net token: pass --token, or set USEAPI_TOKEN.")
+        answer.update(ok=True, status="processing")
+        _follow(answer, token, settings, args.wait, just_uploaded=False)
+    except RelayError as err:
+        _status, answer = answers.failure(err, answer)
+    print(json.dumps(answer, indent=2))
+    if not answer["ok"]:
+        return EXIT_FAILED
+    return EXIT_UNFINISHED if answer["status"] == "processing" else EXIT_OK
+
+
+def _follow(answer: dict, token: str, settings: Settings, wait: float, just_uploaded: bool = True) -> None:
+    """Poll useapi.net until the voice in ``answer`` is ready or failed, or ``wait`` seconds pass.
+
+    A voice useapi does not know (404) is still processing right after its upload (useapi can lag),
+    and ``voice_not_found`` otherwise."""
+    import time
+
+    from . import pipeline, voices
+    from .errors import CloneFailed, VoiceNotFound
+    from .useapi import Useapi
+
+    voice_id = answer["cloned_voice_item_id"]
+    started = time.monotonic()
+    delay = settings.poll_interval_seconds
+    shown = False
+    try:
+        with Useapi(settings, token) as client:
+            while True:
+                record = client.get_voice(voice_id)
+                if record is None and not just_uploaded:
+                    raise VoiceNotFound(cloned_voice_item_id=voice_id, upstream_status=404)
+                if record is not None:
+                    item = voices.flatten({"clonedVoiceItemId": voice_id, **record})
+                    answer.update({k: item[k] for k in ("item_id", "name", "user_id") if item[k] is not None})
+                    answer["upstream_status"] = 200
+                state = voices.status_name(record.get("status")) if record else "processing"
+                if state == "ready":
+                    answer.update(status="ready", message=pipeline.READY_MESSAGE)
+                    return
+                if state == "failed":
+                    raise CloneFailed(cloned_voice_item_id=voice_id, item_id=answer["item_id"])
+                elapsed = time.monotonic() - started
+                if elapsed + delay > wait:
+                    break
+                shown = True
+                line = f"\rwaiting  useapi.net is cloning the voice ({elapsed:.0f} s)"
+                print(line, end="", file=sys.stderr, flush=True)
+                time.sleep(delay)
+                delay = min(delay * 1.5, 60.0)
+    finally:
+        if shown:
+            print(file=sys.stderr)
+    answer["message"] = (
+        f"useapi.net is still cloning the voice after {time.monotonic() - started:.0f} s. Follow it with: "
+        f"relay voice {shlex.quote(voice_id)} --wait 600 (or GET /v1/voices/<cloned_voice_item_id> on a running relay)."
+    )
+
+
+def _source(source: str, local: bool, request, settings: Settings, answer: dict):
+    """The audio as a spool: a local file is checked (and converted if needed) where it lies, a URL
+    is downloaded safely."""
     import contextlib
     import os
 
     from . import pipeline
     from .fetch import Spool
 
-    if not os.path.exists(source):
+    if not local:
         return pipeline.prepared(request, settings, answer, progress=_Bar("download"))
 
     @contextlib.contextmanager
@@ -196,13 +322,13 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    workers = args.workers or gunicorn_conf.workers
+    workers = args.workers or settings.gunicorn_workers()
 
     class Server(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("threads", args.threads or gunicorn_conf.threads)
+            self.cfg.set("threads", args.threads or settings.threads)
             # The rest as in production (Procfile, Dockerfile): relay/gunicorn_conf.py.
             for name in ("worker_class", "timeout", "graceful_timeout", "keepalive", "accesslog", "worker_exit"):
                 self.cfg.set(name, getattr(gunicorn_conf, name))

@@ -34,7 +34,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 
@@ -153,8 +152,9 @@ def prepare(path: str, settings, convert: str = "auto", workdir: str | None = No
     may_convert = allowed and (info is None or kind == "m4a")
     out = None
     if may_convert:
-        fd, out = tempfile.mkstemp(prefix="relay-", suffix=".audio", dir=workdir)
-        os.close(fd)
+        from .fetch import new_spool_path  # here, not at the top: the child process needs none of it
+
+        out = new_spool_path(workdir)  # named like a spool, so a killed process's leftovers are swept
     try:
         result = _run_child(
             path,

@@ -7,6 +7,7 @@ together migrate exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import weakref
@@ -71,7 +72,16 @@ jobs = Table(
     Column("created_at", DateTime, nullable=False),
     Column("updated_at", DateTime, nullable=False),
     Column("completed_at", DateTime, nullable=True),
+    # When the upload's last bytes were about to go: NULL while uploading means the body never
+    # completed (safe to send again); set means useapi may have the voice (reconcile, never resend).
+    Column("body_sent_at", DateTime, nullable=True),
+    Column("token_holder", String(64), nullable=True),  # the process whose memory holds the token
+    # hash(account, name) while the job runs: if_exists=reuse|fail requests attach to a running
+    # job of the same name instead of making a second voice; exclusive_key (unique) settles races.
+    Column("name_key", String(64), nullable=True),
+    Column("exclusive_key", String(64), nullable=True, unique=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
+    Index("ix_jobs_name_key", "name_key"),
     Index("ix_jobs_callback_next_at", "callback_next_at"),
     Index("ix_jobs_account_key", "account_key"),
 )
@@ -144,6 +154,43 @@ def _v3(conn: Connection) -> None:
 
 
 def _v4(conn: Connection) -> None:
+    columns = {column["name"] for column in inspect(conn).get_columns("jobs")}
+    added = {
+        "body_sent_at": "TIMESTAMP",
+        "token_holder": "VARCHAR(64)",
+        "name_key": "VARCHAR(64)",
+        "exclusive_key": "VARCHAR(64)",
+    }
+    for name, kind in added.items():
+        if name not in columns:
+            conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+    found = inspect(conn)
+    indexes = found.get_indexes("jobs")
+    if not any(index["name"] == "ix_jobs_name_key" for index in indexes):
+        conn.execute(text("CREATE INDEX ix_jobs_name_key ON jobs (name_key)"))
+    unique = [c["column_names"] for c in found.get_unique_constraints("jobs")]
+    unique += [index["column_names"] for index in indexes if index.get("unique")]
+    if ["exclusive_key"] not in unique:
+        conn.execute(text("CREATE UNIQUE INDEX ux_jobs_exclusive_key ON jobs (exclusive_key)"))
+    # A job left mid-upload by an earlier version: whether its body completed is unknown, so it
+    # counts as maybe uploaded (reconciled, never sent again).
+    conn.execute(text("UPDATE jobs SET body_sent_at = upload_started_at WHERE phase = 'uploading'"))
+    # Idempotency keys become per account: stored as a hash of (account, key).
+    rows = conn.execute(text("SELECT id, account_key, idempotency_key FROM jobs WHERE idempotency_key IS NOT NULL"))
+    for job_id, account, key in rows.fetchall():
+        conn.execute(
+            text("UPDATE jobs SET idempotency_key = :key WHERE id = :id"),
+            {"key": scoped_key(account, key), "id": job_id},
+        )
+
+
+def scoped_key(account_key: str | None, idempotency_key: str) -> str:
+    """An ``Idempotency-Key`` as stored: bound to its account, so two accounts never share one."""
+    material = f"voice-clone-relay idempotency v1\0{account_key or '-'}\0{idempotency_key}"
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def _v5(conn: Connection) -> None:
     metadata.create_all(conn, tables=[uploads, upload_chunks])
 
 
@@ -151,7 +198,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
     (3, "indexes for queue positions and leases", _v3),
-    (4, "uploaded files, stored in chunks until their job is done with them", _v4),
+    (4, "uploads that may have been taken, pinned tokens, per-account keys and names", _v4),
+    (5, "uploaded files, stored in chunks until their job is done with them", _v5),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -117,6 +117,10 @@ class ReadyTimeout(RelayError):
     error_code, http_status = "ready_timeout", 504
 
 
+class StorageFull(RelayError):
+    error_code, http_status = "storage_full", 503
+
+
 # The audio URL and what it serves
 class UrlNotAllowed(RelayError):
     error_code, http_status = "url_not_allowed", 422
@@ -165,15 +169,24 @@ class DecodeLimitExceeded(RelayError):
 class UpstreamError(RelayError):
     """useapi.net answered with an error, or did not answer.
 
-    ``reached`` is False only when the request certainly never reached useapi (the connection
-    could not be made), which makes even an upload safe to send again.
+    ``reached`` is False only when the request certainly never became a request useapi could act
+    on (no connection, or the body stopped short of its length), which makes even an upload safe
+    to send again. ``maybe_created`` is True when an upload's whole body was sent but no readable
+    answer came back: a voice may exist, so the upload is never sent again — it is reconciled.
     """
 
     def __init__(
-        self, message: str | None = None, *, upstream_status: int | None = None, reached: bool = True, **kwargs: Any
+        self,
+        message: str | None = None,
+        *,
+        upstream_status: int | None = None,
+        reached: bool = True,
+        maybe_created: bool = False,
+        **kwargs: Any,
     ):
         super().__init__(message, upstream_status=upstream_status, **kwargs)
         self.reached = reached
+        self.maybe_created = maybe_created
 
 
 class UpstreamUnauthorized(UpstreamError):
@@ -198,6 +211,22 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     error_code, http_status = "upstream_timeout", 504
+
+
+class UpstreamInvalidAnswer(UpstreamError):
+    """useapi.net answered, but not in the documented shape (an HTML page, ``{}``, a list without records)."""
+
+    error_code, http_status = "upstream_invalid_answer", 502
+
+
+class UploadUnconfirmed(UpstreamError):
+    """An upload whose body was sent but whose answer never came, and no new voice appeared in time."""
+
+    error_code, http_status = "upload_unconfirmed", 502
+
+
+class QueueTimeout(RelayError):
+    error_code, http_status = "queue_timeout", 503
 
 
 def all_error_classes() -> list[type[RelayError]]:

@@ -9,8 +9,8 @@ body streams to disk; memory use does not grow with the file.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,15 +19,13 @@ from urllib.parse import urljoin
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from . import __version__, urlguard
-from .errors import DownloadFailed, DownloadTooLarge, UrlNotAllowed
+from . import __version__, deadline, urlguard
+from .deadline import DeadlineAdapter
+from .errors import DownloadFailed, DownloadTooLarge, StorageFull, UrlNotAllowed
 from .settings import Settings
 
+log = logging.getLogger("relay.fetch")
 # Most bytes one read takes from the socket: a 40 MB download on loopback took 32 ms in 64 KiB
 # reads, 23 ms in 256 KiB reads (bench/), with no gain beyond.
 CHUNK = 256 * 1024
@@ -51,9 +49,15 @@ class Spool:
             os.unlink(self.path)
 
 
-def new_spool_path() -> str:
-    """A new, empty spool file (named so that :func:`sweep_stale_spools` finds it if abandoned)."""
-    fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio")
+def new_spool_path(directory: str | None = None) -> str:
+    """A new, empty spool file in ``directory`` (``RELAY_SPOOL_DIR``; default: the system's temp
+    folder), named so that :func:`sweep_stale_spools` finds it if abandoned."""
+    try:
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="relay-", suffix=".audio", dir=directory or None)
+    except OSError as err:
+        raise _storage_full(directory or tempfile.gettempdir(), err) from None
     os.close(fd)
     return path
 
@@ -73,10 +77,10 @@ def download(
     them). ``path``: a file from :func:`new_spool_path` to write into (removed all the same).
     Raises :class:`UrlNotAllowed`, :class:`DownloadFailed` or :class:`DownloadTooLarge`.
     """
-    path = path or new_spool_path()
+    path = path or new_spool_path(settings.spool_dir)
     try:
-        with open(path, "wb", buffering=0) as sink:
-            spool = _download_into(sink, path, url, settings, resolve, progress)
+        with open(path, "wb", buffering=0) as sink, deadline.bounded(settings.download_timeout) as limit:
+            spool = _download_into(sink, path, url, settings, resolve, progress, limit)
         yield spool
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -102,18 +106,17 @@ def sweep_stale_spools(older_than_seconds: float, directory: str | None = None) 
     return removed
 
 
-def _download_into(sink, path: str, url: str, settings: Settings, resolve, progress) -> Spool:
-    deadline = time.monotonic() + settings.download_timeout
+def _download_into(sink, path: str, url: str, settings: Settings, resolve, progress, limit) -> Spool:
     for hop in range(settings.max_redirects + 1):
-        target = urlguard.check(url, settings.allowed_networks, resolve)
+        target = urlguard.check(url, settings.allowed_networks, resolve or deadline.resolve)
         with pinned_session(target) as session:
-            response = _get(session, target, settings, deadline)
+            response = _get(session, target, settings, limit)
             with response:
                 if response.status_code in _REDIRECTS and response.headers.get("Location"):
                     url = urljoin(url, response.headers["Location"])
                     continue
                 _raise_for_status(response, target)
-                size = _stream(response, sink, settings, deadline, target, progress)
+                size = _stream(response, sink, settings, limit, target, progress)
                 return Spool(
                     path=path,
                     size=size,
@@ -126,8 +129,8 @@ def _download_into(sink, path: str, url: str, settings: Settings, resolve, progr
     )
 
 
-def _get(session: requests.Session, target: urlguard.Target, settings: Settings, deadline: float):
-    remaining = max(deadline - time.monotonic(), 0.001)
+def _get(session: requests.Session, target: urlguard.Target, settings: Settings, limit: deadline.Deadline):
+    remaining = max(limit.remaining(), 0.001)
     try:
         return session.get(
             target.url,
@@ -139,6 +142,8 @@ def _get(session: requests.Session, target: urlguard.Target, settings: Settings,
     except requests.Timeout:
         raise DownloadFailed(f"The audio host {target.host} did not answer in time.") from None
     except requests.RequestException as err:
+        if limit.expired:
+            raise _too_slow(settings) from None
         raise DownloadFailed(f"Could not connect to the audio host {target.host}: {_reason(err)}.") from None
 
 
@@ -158,7 +163,7 @@ def _raise_for_status(response: requests.Response, target: urlguard.Target) -> N
     raise DownloadFailed(f"The audio host answered HTTP {status} for {where}. {hint}")
 
 
-def _stream(response: requests.Response, sink, settings: Settings, deadline: float, target, progress=None) -> int:
+def _stream(response: requests.Response, sink, settings: Settings, due, target, progress=None) -> int:
     limit = settings.max_bytes
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -172,19 +177,41 @@ def _stream(response: requests.Response, sink, settings: Settings, deadline: flo
             size += len(chunk)
             if size > limit:
                 raise DownloadTooLarge(_too_large(None, limit))
-            view = memoryview(chunk)
-            while view:  # an unbuffered write may take part of the chunk
-                view = view[sink.write(view) :]
+            _write(sink, chunk)
             if progress is not None:
                 progress(size, int(declared) if declared and declared.isdigit() else None)
-            if time.monotonic() > deadline:
-                raise DownloadFailed(
-                    f"The download took longer than {settings.download_timeout:g} s; "
-                    "host the file somewhere faster or make it smaller."
-                )
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
+        if due.expired:
+            raise _too_slow(settings) from None
         raise DownloadFailed(f"The download from {target.host} broke off after {size} bytes: {_reason(err)}.") from None
+    if due.expired:  # the watchdog shut the socket: what looked like the end was the deadline
+        raise _too_slow(settings)
     return size
+
+
+def _write(sink, chunk: bytes) -> None:
+    """Write all of ``chunk`` to the spool; a full or unwritable disk is the relay's fault, not the link's."""
+    view = memoryview(chunk)
+    try:
+        while view:  # an unbuffered write may take part of the chunk
+            view = view[sink.write(view) :]
+    except OSError as err:
+        raise _storage_full(sink.name, err) from None
+
+
+def _storage_full(path: str, err: OSError) -> StorageFull:
+    log.error("spool storage failed", extra={"fields": {"path": path, "error": err.strerror or str(err)}})
+    return StorageFull(
+        f"The relay could not write the audio to its disk ({err.strerror or err}). This is the relay's "
+        "problem, not your link's: the operator must free space or fix RELAY_SPOOL_DIR. Try again later."
+    )
+
+
+def _too_slow(settings: Settings) -> DownloadFailed:
+    return DownloadFailed(
+        f"The download took longer than {settings.download_timeout:g} s (RELAY_DOWNLOAD_TIMEOUT); "
+        "host the file somewhere faster or make it smaller."
+    )
 
 
 def _too_large(declared: int | None, limit: int) -> str:
@@ -221,37 +248,12 @@ def pinned_session(target: urlguard.Target) -> Iterator[requests.Session]:
         session.close()
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """An adapter whose connections go to one checked ``(address, port)``, whatever the URL says.
-
-    TLS still verifies the certificate and sends SNI for the URL's host name.
-    """
+class _PinnedAdapter(DeadlineAdapter):
+    """Connections go to one checked ``(address, port)``, whatever the URL says, under the
+    current deadline. TLS still verifies the certificate and sends SNI for the URL's host name."""
 
     def __init__(self, address: str, port: int):
-        self._address, self._port = address, port
-        super().__init__(max_retries=0, pool_connections=1, pool_maxsize=1)
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        address, port = self._address, self._port
-
-        def new_conn(conn):
-            try:
-                sock = socket.create_connection((address, port), conn.timeout, conn.source_address)
-            except TimeoutError as err:
-                raise ConnectTimeoutError(conn, f"Connection to {conn.host} timed out") from err
-            except OSError as err:
-                raise NewConnectionError(conn, f"Failed to establish a new connection: {err}") from err
-            for option in conn.socket_options or ():
-                sock.setsockopt(*option)
-            return sock
-
-        http_conn = type("PinnedHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn})
-        https_conn = type("PinnedHTTPSConnection", (HTTPSConnection,), {"_new_conn": new_conn})
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": type("PinnedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("PinnedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-        }
+        super().__init__(address, port, max_retries=0, pool_connections=1, pool_maxsize=1)
 
     def proxy_manager_for(self, proxy, **proxy_kwargs):  # pragma: no cover - proxies are never used
         raise UrlNotAllowed("Proxies are not used for audio downloads.")

@@ -7,25 +7,41 @@ ask for; on exit each worker stops its job pool so running steps can end or are 
 from __future__ import annotations
 
 import os
+import sys
 
-from relay.settings import Settings
+from relay.settings import Settings, SettingsError
 
-_settings = Settings.from_env()
+try:
+    _settings = Settings.from_env().check_serving()
+except SettingsError as err:
+    # gunicorn would print a traceback for an exception here: one line, as every relay command does.
+    print(f"relay: configuration error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
-bind = f"{os.environ.get('RELAY_BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+bind = f"{os.environ.get('RELAY_BIND_HOST', '0.0.0.0')}:{_settings.port}"
 worker_class = "gthread"
 # SQLite (no DATABASE_URL) serializes writers: one process with threads serves it best.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2" if _settings.database_url else "1"))
+workers = _settings.gunicorn_workers()
 # A request that waits for its clone holds a thread for up to RELAY_MAX_WAIT_SECONDS, so threads
 # bound the clones that can be waited on at once. Threads cost little memory, and new jobs from
 # requests arriving together are written in one transaction, so more threads accept faster too
 # (bench/: 855 accepts/s with 8, 993/s with 32).
-threads = int(os.environ.get("RELAY_THREADS", "32"))
+threads = _settings.threads
 # gthread workers keep heartbeating while requests wait, but keep the hard limit above any wait.
 timeout = int(max(_settings.max_wait_seconds, _settings.upload_timeout) + 60)
 graceful_timeout = 25  # Heroku and Render send SIGKILL 30 s after SIGTERM
 keepalive = 5
 accesslog = None  # the relay writes its own JSON access line per request
+
+
+def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
+    """Before gunicorn listens: an unreachable database is one line and exit 2, not a traceback per worker."""
+    from relay.preflight import database_problem
+
+    problem = database_problem(_settings)
+    if problem:
+        print(f"relay: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import accounts, heartbeats, jobs, reader, utcnow
@@ -33,6 +33,7 @@ RECEIVED, DOWNLOADED, UPLOADING, UPLOADED, READY, FAILED = (
     "failed",
 )
 TERMINAL = (READY, FAILED)
+MEMORY_TOKEN = "memory"  # tokens.MEMORY: a per-request token held in one process's memory
 _EPOCH = datetime(1970, 1, 1)
 PENDING, DELIVERED, GIVEN_UP = "pending", "delivered", "given_up"
 
@@ -72,8 +73,14 @@ class Job:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
-    # Not a column: the place in its account's queue, known when the job was just written.
+    body_sent_at: datetime | None = None
+    token_holder: str | None = None
+    name_key: str | None = None
+    exclusive_key: str | None = None
+    # Not columns: the place in its account's queue, known when the job was just written; and,
+    # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)
+    matched: str | None = field(default=None, compare=False)
 
     @property
     def terminal(self) -> bool:
@@ -92,7 +99,7 @@ class Job:
         return cls(**values)
 
 
-_COLUMN_FIELDS = tuple(f.name for f in fields(Job) if f.name != "queue_position")
+_COLUMN_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ("queue_position", "matched"))
 
 
 def _encode(values: dict[str, Any]) -> dict[str, Any]:
@@ -108,11 +115,21 @@ _INSERT = insert(jobs).returning(*jobs.c)
 _INSERT_MANY = insert(jobs)
 _BY_ID = select(jobs).where(jobs.c.id == bindparam("id"))  # status polls run this on every request
 _BY_KEY = select(jobs).where(jobs.c.idempotency_key == bindparam("key"))
+_BY_EXCLUSIVE = select(jobs).where(jobs.c.exclusive_key == bindparam("key"))
+_ACTIVE_BY_NAME = (
+    select(jobs)
+    .where(jobs.c.name_key == bindparam("key"), jobs.c.phase.not_in(("ready", "failed")))
+    .order_by(jobs.c.created_at)
+    .limit(1)
+)
 _DEFAULTS = {column.name: None for column in jobs.c} | {"dry_run": False}
 # A queue position counts at most this many jobs ahead: counting is a scan of the account's part
 # of an index, and an exact "4,713th" is worth less than an answer whose cost does not grow with
 # the backlog (with 6,000 jobs waiting, the exact count took longer than the insert).
 QUEUE_COUNT_LIMIT = 100
+# A process whose heartbeat is older than this is gone: jobs pinned to its memory may be taken
+# (they then fail with token_unavailable instead of waiting forever).
+HOLDER_STALE_SECONDS = 30
 _QUEUE_AHEAD = select(func.count()).select_from(
     select(jobs.c.id)
     .where(
@@ -127,8 +144,12 @@ _QUEUE_AHEAD = select(func.count()).select_from(
 
 
 @functools.cache
-def _claim_statement(limited: bool):
-    """The claim, built once per shape (building it costs more than running it)."""
+def _pick(limited: bool, pinned_accounts: bool):
+    """The next due job: unfinished work of an account that may take more (under its limit, not
+    backing off) — or whose wait in the queue is over, to be failed —, or a finished job whose
+    callback is due. Accounts take turns (least recently served first). A job whose token lives
+    in one process's memory is only for that process, unless that process is gone.
+    Built once per shape (building it costs more than running it)."""
     now = bindparam("now")
     free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
     account_ok = or_(accounts.c.backoff_until.is_(None), accounts.c.backoff_until <= now)
@@ -140,27 +161,53 @@ def _claim_statement(limited: bool):
             .having(func.count() >= bindparam("account_limit"))
         )
         account_ok = and_(account_ok, or_(jobs.c.account_key.is_(None), jobs.c.account_key.not_in(busy)))
+    if pinned_accounts:  # accounts whose limit was found reached in this claim (PostgreSQL)
+        account_ok = and_(account_ok, jobs.c.account_key.not_in(bindparam("skip", expanding=True)))
+    alive = select(heartbeats.c.worker_id).where(heartbeats.c.seen_at > bindparam("alive_after"))
+    token_ok = or_(
+        jobs.c.token_kind != MEMORY_TOKEN,
+        jobs.c.token_holder.is_(None),
+        jobs.c.token_holder == bindparam("holder"),
+        jobs.c.token_holder.not_in(alive),
+    )
     # next_run_at is NULL once a job has nothing left to do, so this is a range scan of its
     # index, whatever the number of finished jobs kept for their idempotency keys.
     due = and_(
         jobs.c.next_run_at <= now,
+        token_ok,
         or_(
-            and_(jobs.c.phase.not_in(TERMINAL), account_ok),
+            and_(jobs.c.phase.not_in(TERMINAL), or_(account_ok, _queue_expired())),
             and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING),
         ),
     )
-    pick = (
-        select(jobs.c.id)
+    return (
+        select(jobs.c.id, jobs.c.account_key, jobs.c.phase, _queue_expired().label("expired"))
         .select_from(jobs.outerjoin(accounts, accounts.c.account_key == jobs.c.account_key))
         .where(due, free)
         .order_by(func.coalesce(accounts.c.last_claimed_at, _EPOCH), jobs.c.next_run_at, jobs.c.created_at)
         .limit(1)
         .with_for_update(of=jobs, skip_locked=True)
-        .scalar_subquery()
     )
+
+
+def _queue_expired():
+    """Never started, and waiting longer than ``RELAY_QUEUE_TIMEOUT_SECONDS``."""
+    return and_(jobs.c.phase == RECEIVED, jobs.c.upload_attempts == 0, jobs.c.created_at < bindparam("queue_cutoff"))
+
+
+@functools.cache
+def _claim_statement(limited: bool):
+    """Pick and lease in one statement (SQLite, where claims are serialized by BEGIN IMMEDIATE)."""
+    pick = _pick(limited, False).with_only_columns(jobs.c.id).scalar_subquery()
+    return _lease(jobs.c.id == pick)
+
+
+def _lease(where):
+    now = bindparam("now")
+    free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
     return (
         update(jobs)
-        .where(jobs.c.id == pick, free)
+        .where(where, free)
         .values(
             lease_owner=bindparam("owner"),
             lease_expires_at=bindparam("lease_until"),
@@ -169,6 +216,15 @@ def _claim_statement(limited: bool):
         )
         .returning(*jobs.c)
     )
+
+
+_LEASE_BY_ID = _lease(jobs.c.id == bindparam("job"))
+_IN_FLIGHT = select(func.count()).where(
+    jobs.c.account_key == bindparam("account"),
+    jobs.c.lease_expires_at > bindparam("now"),
+    jobs.c.phase.not_in(TERMINAL),
+)
+_ACCOUNT_LOCK = select(func.pg_advisory_xact_lock(724390119, func.hashtext(bindparam("account"))))
 
 
 @dataclass(eq=False)
@@ -304,12 +360,43 @@ class JobStore:
             with self.engine.begin() as conn:
                 created = conn.execute(_INSERT, row).first()
         except IntegrityError:
-            key = row.get("idempotency_key")
+            key, exclusive = row.get("idempotency_key"), row.get("exclusive_key")
             existing = self.get_by_key(key) if key else None
+            if existing is not None:
+                existing.matched = "key"
+                return existing, False
+            existing = self._get(_BY_EXCLUSIVE, exclusive) if exclusive else None
             if existing is None:
                 raise
+            existing.matched = "name"
             return existing, False
         return Job.from_row(created), True
+
+    def active_by_name(self, name_key: str) -> Job | None:
+        """The oldest unfinished job making a voice of this name for this account, if any."""
+        job = self._get(_ACTIVE_BY_NAME, name_key)
+        if job is not None:
+            job.matched = "name"
+        return job
+
+    def _get(self, statement, key: str) -> Job | None:
+        with reader(self.engine) as conn:
+            row = conn.execute(statement, {"key": key}).first()
+        return Job.from_row(row) if row else None
+
+    def record_upload(self, job_id: str, attempt: int, **values: Any) -> bool:
+        """Write what upload number ``attempt`` brought back, whoever holds the lease now: a late
+        answer is never thrown away (a worker that lost its lease mid-upload still records the
+        voice), and the lease is released so a worker reconciling meanwhile stops at its next write.
+        False when the job has moved past that attempt."""
+        values = _encode({"updated_at": self.clock(), "lease_owner": None, "lease_expires_at": None, **values})
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.phase == UPLOADING, jobs.c.upload_attempts == attempt)
+                .values(**values)
+            )
+        return result.rowcount == 1
 
     def get(self, job_id: str) -> Job | None:
         with reader(self.engine) as conn:
@@ -317,20 +404,27 @@ class JobStore:
         return Job.from_row(row) if row else None
 
     def get_by_key(self, key: str) -> Job | None:
-        with reader(self.engine) as conn:
-            row = conn.execute(_BY_KEY, {"key": key}).first()
-        return Job.from_row(row) if row else None
+        """The job of a stored (account-scoped, see :func:`relay.db.scoped_key`) idempotency key."""
+        return self._get(_BY_KEY, key)
 
     # --- leases ---------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float, account_limit: int = 0) -> Job | None:
-        """Lease the next due job to ``owner``; None when nothing is due.
+    def claim(
+        self,
+        owner: str,
+        lease_seconds: float,
+        account_limit: int = 0,
+        *,
+        holder: str | None = None,
+        queue_timeout: float = 3600.0,
+    ) -> Job | None:
+        """Lease the next due job to ``owner``; None when nothing is due (see :func:`_pick`).
 
-        Due: unfinished work whose time has come, or a finished job whose callback is due.
-        Unfinished work is only taken from accounts with fewer than ``account_limit`` jobs in
-        flight (0: no limit) and not backing off after a 429, and accounts take turns: the one
-        served least recently goes first. Claims are serialized (an advisory lock on PostgreSQL,
-        ``BEGIN IMMEDIATE`` on SQLite) so limits hold across any number of worker processes.
+        ``holder``: the process (pool) claiming, which alone may take jobs whose token is in its
+        memory. Unfinished work is only taken from accounts with fewer than ``account_limit``
+        jobs in flight (0: no limit). On SQLite claims are serialized (``BEGIN IMMEDIATE``); on
+        PostgreSQL only claims of one account are (an advisory lock per account), so the limit
+        holds across processes while accounts never wait for each other.
         """
         now = self.clock()
         params = {
@@ -338,14 +432,34 @@ class JobStore:
             "owner": owner,
             "lease_until": now + timedelta(seconds=lease_seconds),
             "account_limit": account_limit,
+            "holder": holder or "",
+            "alive_after": now - timedelta(seconds=HOLDER_STALE_SECONDS),
+            "queue_cutoff": now - timedelta(seconds=queue_timeout),
         }
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(724390118)"))
-            row = conn.execute(_claim_statement(bool(account_limit)), params).first()
+                row = self._claim_pg(conn, params, account_limit)
+            else:
+                row = conn.execute(_claim_statement(bool(account_limit)), params).first()
             if row is not None and row.account_key and row.phase not in TERMINAL:
                 self._touch_account(conn, row.account_key, last_claimed_at=now)
         return Job.from_row(row) if row else None
+
+    @staticmethod
+    def _claim_pg(conn, params: dict[str, Any], account_limit: int):
+        skip: list[str] = []
+        for _ in range(8):  # each round rules out one account that turned out to be full
+            candidate = conn.execute(_pick(bool(account_limit), True), {**params, "skip": skip}).first()
+            if candidate is None:
+                return None
+            if account_limit and candidate.account_key and candidate.phase not in TERMINAL and not candidate.expired:
+                # Claims of this account wait for each other here; then count what is really in flight.
+                conn.execute(_ACCOUNT_LOCK, {"account": candidate.account_key})
+                if conn.scalar(_IN_FLIGHT, {"account": candidate.account_key, "now": params["now"]}) >= account_limit:
+                    skip.append(candidate.account_key)
+                    continue
+            return conn.execute(_LEASE_BY_ID, {**params, "job": candidate.id}).first()
+        return None
 
     def back_off(self, account_key: str | None, seconds: float) -> None:
         """Hold every job of ``account_key`` for ``seconds`` (useapi said 429); others go on."""
@@ -409,6 +523,10 @@ class JobStore:
             ).rowcount
             if not changed:
                 conn.execute(insert(heartbeats).values(worker_id=worker_id, seen_at=now))
+
+    def forget_heartbeat(self, worker_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(heartbeats).where(heartbeats.c.worker_id == worker_id))
 
     def last_heartbeat(self) -> datetime | None:
         with reader(self.engine) as conn:

@@ -151,6 +151,9 @@ def _errors(*statuses: int) -> dict:
     }
 
 
+LOCAL_SERVER = "http://127.0.0.1:8000"
+
+
 def build_spec() -> dict[str, Any]:
     """The OpenAPI 3.1 document as a dict."""
     spec = APISpec(
@@ -169,6 +172,13 @@ def build_spec() -> dict[str, Any]:
             }
         },
         security=[{"relayKey": []}, {"relayKeyHeader": []}],
+        servers=[
+            {
+                "url": LOCAL_SERVER,
+                "description": "`relay serve` on this machine. Replace with your relay's address (e.g. "
+                "https://<app>.herokuapp.com); the document the relay serves at /openapi.json names itself.",
+            }
+        ],
     )
     spec.components.schema("CloneRequest", schema=CloneRequestSchema)
     spec.components.schema("Answer", schema=AnswerSchema)

@@ -78,18 +78,31 @@ def existing_voice(request: CloneRequest, token: str | None, settings: Settings,
 
 
 def early_upload(
-    request: CloneRequest, token: str, settings: Settings, begin: Callable[[], None]
+    request: CloneRequest,
+    token: str,
+    settings: Settings,
+    begin: Callable[[], None],
+    before_release: Callable[[], None] | None = None,
 ) -> stream.EarlyUpload | None:
     """An upload that may start while the file downloads (see :mod:`relay.stream`), for
-    :func:`prepared`; None when ``RELAY_STREAM_MIN_BYTES`` is 0 or for a dry run."""
+    :func:`prepared`; None when ``RELAY_STREAM_MIN_BYTES`` is 0 or for a dry run.
+    ``before_release()`` runs once the file is valid, just before the held-back tail may go."""
     if request.dry_run or not settings.stream_min_bytes:
         return None
 
     def send(body, size: int, content_type: str) -> UploadResult:
         with Useapi(settings, token) as client:
-            return client.upload_body(body, size, content_type, request.name, request.user_id)
+            # The body follows the download, so the call may last as long as both together.
+            return client.upload_body(
+                body,
+                size,
+                content_type,
+                request.name,
+                request.user_id,
+                total=settings.download_timeout + settings.upload_timeout,
+            )
 
-    return stream.EarlyUpload(settings.stream_min_bytes, settings.download_timeout, begin, send)
+    return stream.EarlyUpload(settings.stream_min_bytes, settings.download_timeout, begin, send, before_release)
 
 
 @contextlib.contextmanager
@@ -110,14 +123,17 @@ def prepared(
     left any other way (the download or the validation failed, or the caller raised), the upload
     is abandoned short of its length."""
     if request.upload_id is not None:
-        with _stored_upload(request.upload_id, engine) as spool, checked(spool, request, settings, answer) as sent:
+        with (
+            _stored_upload(request.upload_id, engine, settings) as spool,
+            checked(spool, request, settings, answer) as sent,
+        ):
             yield sent
         return
     assert request.audio_url is not None
     url, note = links.direct_download(request.audio_url)
     if note and note not in answer["warnings"]:
         answer["warnings"].append(note)
-    path = fetch.new_spool_path()
+    path = fetch.new_spool_path(settings.spool_dir)
     if early is not None:
         early.path, progress = path, early.progress
     try:
@@ -130,9 +146,9 @@ def prepared(
 
 
 @contextlib.contextmanager
-def _stored_upload(upload_id: str, engine) -> Iterator[fetch.Spool]:
+def _stored_upload(upload_id: str, engine, settings: Settings) -> Iterator[fetch.Spool]:
     """The source "stored upload": the file sent with the request, spooled from the database."""
-    path = fetch.new_spool_path()
+    path = fetch.new_spool_path(settings.spool_dir)
     try:
         size = uploads.spool(engine, upload_id, path)
         yield fetch.Spool(path=path, size=size, url="upload", server_content_type=None, redirects=0)
@@ -152,7 +168,7 @@ def checked(
     """Validate, measure and if needed convert a spooled file (:func:`relay.convert.prepare`);
     fill ``answer``; yield what to upload (a converted file is removed when the block ends).
     An early upload of the original bytes is withdrawn when what is sent is a converted file."""
-    prepared = convert.prepare(spool.path, settings, request.convert)
+    prepared = convert.prepare(spool.path, settings, request.convert, workdir=settings.spool_dir)
     try:
         answer.update(prepared.as_fields())
         answer["warnings"].extend(w for w in prepared.warnings if w not in answer["warnings"])
@@ -176,12 +192,25 @@ def checked(
 
 
 def upload(
-    spool: fetch.Spool, info: audio.AudioInfo, request: CloneRequest, token: str, settings: Settings, progress=None
+    spool: fetch.Spool,
+    info: audio.AudioInfo,
+    request: CloneRequest,
+    token: str,
+    settings: Settings,
+    progress=None,
+    before_tail: Callable[[], None] | None = None,
 ) -> UploadResult:
-    """Stream the validated file to useapi.net. Never retried here. ``progress(sent, total)``."""
+    """Stream the validated file to useapi.net. Never retried here. ``progress(sent, total)``;
+    ``before_tail()`` runs just before the body's last bytes go (see :meth:`Useapi.upload_body`)."""
     with Useapi(settings, token) as client:
         return client.upload_voice(
-            spool.path, spool.size, info.content_type, request.name, request.user_id, progress=progress
+            spool.path,
+            spool.size,
+            info.content_type,
+            request.name,
+            request.user_id,
+            progress=progress,
+            before_tail=before_tail,
         )
 
 

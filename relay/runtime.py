@@ -10,9 +10,10 @@ from sqlalchemy import Engine
 
 from . import db
 from .jobs import JobStore
+from .runner import Notifier, Pool
 from .settings import Settings
 from .tokens import TokenVault
-from .worker import Notifier, Pool
+from .worker import start_pool
 
 log = logging.getLogger("relay.runtime")
 
@@ -33,7 +34,7 @@ class Runtime:
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
         if workers:
-            runtime.pool = Pool(runtime.store, settings, runtime.vault, runtime.notifier, workers).start()
+            runtime.pool = start_pool(runtime.store, settings, runtime.vault, runtime.notifier, workers)
         return runtime
 
     def close(self, timeout: float = 25.0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
@@ -32,6 +33,19 @@ class Identifier(Text):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# Characters that draw nothing although Unicode does not class them as spaces or format characters.
+_BLANK_LOOKING = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible_name(value: str) -> None:
+    """A voice name must be printable text that shows something: no NUL, tabs or other control
+    characters (they break lists and files downstream), and not made only of invisible characters."""
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValidationError("Must not contain control characters (NUL, tab, line breaks …).")
+    if value and all(unicodedata.category(ch)[0] in "CZM" or ch in _BLANK_LOOKING for ch in value):
+        raise ValidationError("Must contain visible characters, not only spaces or invisible ones.")
+
+
 def _metadata_size(value: dict) -> None:
     size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
     if size > METADATA_MAX_BYTES:
@@ -51,8 +65,11 @@ class CloneRequestSchema(Schema):
     )
     name = Text(
         required=True,
-        validate=validate.Length(min=1, max=100),
-        metadata={"description": "Name for the cloned voice, 1-100 characters after trimming."},
+        validate=[validate.Length(min=1, max=100), _visible_name],
+        metadata={
+            "description": "Name for the cloned voice, 1-100 characters after trimming; no control characters, "
+            "and not only invisible ones."
+        },
     )
     user_id = Identifier(
         load_default=None,
@@ -118,8 +135,9 @@ class CloneRequestSchema(Schema):
             for key, value in data.items()
             if not (key in _OPTIONAL and (value is None or (isinstance(value, str) and not value.strip())))
         }
-        if isinstance(data.get("content_type"), str):
-            data["content_type"] = data["content_type"].strip().lower()
+        for key in ("content_type", "if_exists"):  # case does not matter ("Reuse", "audio/MPEG")
+            if isinstance(data.get(key), str):
+                data[key] = data[key].strip().lower()
         loaded = self.load(data)
         unknown = sorted(key for key in data if key not in self.fields)
         warnings = [f"Unknown field '{key}' was ignored." for key in unknown]
@@ -157,10 +175,13 @@ class AnswerSchema(Schema):
     ok = fields.Boolean(required=True, metadata={"description": "True when the call did what was asked."})
     status = fields.String(
         required=True,
+        allow_none=True,
         validate=validate.OneOf(STATUSES),
         metadata={
-            "description": "ready: the voice can be used; processing: useapi is still cloning (HTTP 202); "
-            "validated: a dry run passed; failed: see error_code."
+            "description": "queued, running, processing: the job goes on (HTTP 202); ready: the voice can be "
+            "used; validated: a dry run passed; failed: the clone failed, see error_code. null: this request "
+            "failed before it reached a job (wrong key or unknown job on status_url), so the clone's state is "
+            "unknown: fix the request, it is not a failed clone."
         },
     )
     cloned_voice_item_id = fields.String(allow_none=True, metadata={"description": "Pass to POST music/song."})

@@ -39,26 +39,33 @@ class Settings:
     account_concurrency: int = 10
     database_url: str | None = field(default=None, repr=False)
     data_dir: str = "./data"
+    spool_dir: str | None = None  # None: the system temporary folder
     default_wait_seconds: float = 25.0
     max_wait_seconds: float = 280.0
     inprocess_workers: int = 2
     worker_concurrency: int = 4
     lease_seconds: float = 30.0
     ready_timeout_seconds: float = 1800.0
-    reconcile_grace_seconds: float = 150.0
+    reconcile_grace_seconds: float = 30.0
     max_attempts: int = 5
     retry_base_seconds: float = 5.0
     poll_interval_seconds: float = 10.0
     idle_poll_seconds: float = 1.0
     callback_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     callback_timeout: float = 15.0
+    callback_first_delay_seconds: float = 2.0
     webhook_secret: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     secret_key_old: str | None = field(default=None, repr=False)
     job_retention_hours: float = 72.0
     public_url: str | None = None
+    trust_forwarded_host: bool = False
+    max_retry_after_seconds: float = 900.0
+    queue_timeout_seconds: float = 3600.0
     host: str = "127.0.0.1"
     port: int = 8000
+    web_concurrency: int | None = None  # gunicorn processes; None: 1 on SQLite, 2 with DATABASE_URL
+    threads: int = 32
     log_level: str = "INFO"
     convert: str = "auto"
     convert_cpu_seconds: float = 60.0
@@ -80,22 +87,19 @@ class Settings:
             try:
                 values[spec.attr] = spec.parse(raw.strip())
             except (ValueError, TypeError) as err:
-                raise SettingsError(f"{spec.env}={_shown(spec, raw)!r} is invalid: {err}") from None
+                raise SettingsError(f"{spec.env}={_shown(spec, raw)!r} is invalid: {_why(spec, err)}") from None
         return cls(**values).validated()
 
     def validated(self) -> Settings:
         """Check ranges and cross-setting rules; return self or raise :class:`SettingsError`."""
         for spec in _SPECS:
             value = getattr(self, spec.attr)
+            if value is None:
+                continue
             if spec.minimum is not None and value < spec.minimum:
                 raise SettingsError(f"{spec.env} must be at least {spec.minimum} (got {value})")
             if spec.maximum is not None and value > spec.maximum:
                 raise SettingsError(f"{spec.env} must be at most {spec.maximum} (got {value})")
-        if self.useapi_token and not self.relay_api_key:
-            raise SettingsError(
-                "USEAPI_TOKEN is set but RELAY_API_KEY is not: anyone could spend your useapi "
-                "credits through this relay. Set RELAY_API_KEY to a long random secret."
-            )
         if self.max_seconds and self.max_seconds < self.min_seconds:
             raise SettingsError("RELAY_MAX_SECONDS must be 0 (off) or at least RELAY_MIN_SECONDS")
         base = urlsplit(self.useapi_base_url)
@@ -107,9 +111,31 @@ class Settings:
             raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
         if self.convert not in ("auto", "off"):
             raise SettingsError("RELAY_CONVERT must be auto or off")
+        if self.database_url is not None:
+            scheme = urlsplit(self.database_url).scheme.lower()
+            if scheme not in _DATABASE_SCHEMES:
+                raise SettingsError(
+                    f"DATABASE_URL must start with postgres://, postgresql:// or sqlite:/// (got {scheme or 'no'} "
+                    "scheme): the relay runs on PostgreSQL or SQLite only"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         return self
+
+    def check_serving(self) -> Settings:
+        """The rules for a process that answers HTTP (not for the CLI's own commands); raise :class:`SettingsError`."""
+        if self.useapi_token and not self.relay_api_key:
+            raise SettingsError(
+                "USEAPI_TOKEN is set but RELAY_API_KEY is not: anyone could spend your useapi "
+                "credits through this relay. Set RELAY_API_KEY to a long random secret."
+            )
+        return self
+
+    def gunicorn_workers(self) -> int:
+        """``WEB_CONCURRENCY``, else 1 on SQLite (writers share one lock best in one process), 2 on PostgreSQL."""
+        if self.web_concurrency is not None:
+            return self.web_concurrency
+        return 2 if self.database_url else 1
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied and validated (settings themselves never change)."""
@@ -146,8 +172,29 @@ def _seconds_list(raw: str) -> tuple[float, ...]:
     return values
 
 
+def _boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use true or false")
+
+
 def _base_url(raw: str) -> str:
     return raw.rstrip("/")
+
+
+_DATABASE_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg", "sqlite")
+
+
+def _why(spec: _Spec, err: Exception) -> str:
+    """The reason a value did not parse, in the operator's terms rather than Python's."""
+    if spec.parse is int:
+        return "expected a whole number"
+    if spec.parse is float:
+        return "expected a number"
+    return str(err)
 
 
 @dataclass(frozen=True)
@@ -183,6 +230,7 @@ _SPECS = (
     _Spec("RELAY_ACCOUNT_CONCURRENCY", "account_concurrency", int, 0, 1000),
     _Spec("DATABASE_URL", "database_url", str, secret=True),
     _Spec("RELAY_DATA_DIR", "data_dir", str),
+    _Spec("RELAY_SPOOL_DIR", "spool_dir", str),
     _Spec("RELAY_DEFAULT_WAIT_SECONDS", "default_wait_seconds", float, 0, 3600),
     _Spec("RELAY_MAX_WAIT_SECONDS", "max_wait_seconds", float, 0, 3600),
     _Spec("RELAY_INPROCESS_WORKERS", "inprocess_workers", int, 0, 64),
@@ -196,13 +244,19 @@ _SPECS = (
     _Spec("RELAY_IDLE_POLL_SECONDS", "idle_poll_seconds", float, 0.01, 60),
     _Spec("RELAY_CALLBACK_SCHEDULE", "callback_schedule", _seconds_list),
     _Spec("RELAY_CALLBACK_TIMEOUT", "callback_timeout", float, 0.1, 120),
+    _Spec("RELAY_CALLBACK_FIRST_DELAY_SECONDS", "callback_first_delay_seconds", float, 0, 60),
     _Spec("RELAY_WEBHOOK_SECRET", "webhook_secret", str, secret=True),
     _Spec("RELAY_SECRET_KEY", "secret_key", str, secret=True),
     _Spec("RELAY_SECRET_KEY_OLD", "secret_key_old", str, secret=True),
     _Spec("RELAY_JOB_RETENTION_HOURS", "job_retention_hours", float, 24, 24 * 365),
     _Spec("RELAY_PUBLIC_URL", "public_url", _base_url),
+    _Spec("RELAY_TRUST_FORWARDED_HOST", "trust_forwarded_host", _boolean),
+    _Spec("RELAY_MAX_RETRY_AFTER_SECONDS", "max_retry_after_seconds", float, 0, 24 * 3600),
+    _Spec("RELAY_QUEUE_TIMEOUT_SECONDS", "queue_timeout_seconds", float, 1, 7 * 24 * 3600),
     _Spec("RELAY_HOST", "host", str),
     _Spec("PORT", "port", int, 0, 65535),
+    _Spec("WEB_CONCURRENCY", "web_concurrency", int, 1, 64),
+    _Spec("RELAY_THREADS", "threads", int, 1, 1024),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
     _Spec("RELAY_CONVERT", "convert", str.lower),
     _Spec("RELAY_CONVERT_CPU_SECONDS", "convert_cpu_seconds", float, 1, 3600),

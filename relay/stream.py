@@ -92,7 +92,9 @@ class EarlyUpload:
 
     ``begin()`` runs once, in the downloading thread, just before the first byte is sent (the
     worker commits its "uploading" phase there). ``send(body, size, content_type)`` runs in a
-    thread of its own and returns the upload's result.
+    thread of its own and returns the upload's result. ``before_release()`` runs in
+    :meth:`finish`, before the held-back tail may go (the worker writes down there that the body
+    is about to complete); if it raises, the upload is abandoned short and that error is raised.
     """
 
     def __init__(
@@ -101,9 +103,10 @@ class EarlyUpload:
         patience: float,
         begin: Callable[[], None],
         send: Callable[[BinaryIO, int, str], object],
+        before_release: Callable[[], None] | None = None,
     ):
         self.min_bytes, self.patience = min_bytes, patience
-        self._begin, self._send = begin, send
+        self._begin, self._send, self._before_release = begin, send, before_release
         self.path = ""  # the spool file being downloaded into, set before the download starts
         self._decided = False
         self._ended = False
@@ -147,6 +150,8 @@ class EarlyUpload:
     def finish(self) -> object:
         """The file is valid: send the rest and return the upload's result (or raise its error)."""
         assert self._body is not None and self._thread is not None
+        if self._before_release is not None:
+            self._before_release()  # raising here leaves the upload to abandon(): short, harmless
         self._ended = True
         self._body.release()
         self._thread.join()

@@ -1,22 +1,31 @@
 """useapi.net: the one client for every TemPolor cloned-voice call the relay makes.
 
 Foreign errors (requests' exceptions, useapi's ``{error, code}`` bodies) are translated here, once,
-into :mod:`relay.errors`. The upload is never retried: a lost answer may still have created a voice.
+into :mod:`relay.errors`. Every answer is parsed against its documented shape; anything else is
+:class:`UpstreamInvalidAnswer`, never "no voices" and never a success without an id. Every call
+has one total deadline (:mod:`relay.deadline`).
+
+The upload is never retried here, and an upload whose whole body was sent but whose answer is
+missing or unreadable says so (``maybe_created``): it may have created a voice.
 """
 
 from __future__ import annotations
 
+import email.utils
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from . import __version__
+from . import __version__, deadline
+from .deadline import DeadlineAdapter
 from .errors import (
     UpstreamError,
+    UpstreamInvalidAnswer,
     UpstreamPaymentRequired,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -30,14 +39,19 @@ VOICES_PATH = "/tempolor/music/cloned-voices/"
 # urllib3 sends a file body in blocks of this size. Its default, 16 KiB, costs a read, a send and a
 # Python round per 16 KiB: a 40 MB upload took 38 ms on loopback with it, 22-24 ms with 64-256 KiB.
 UPLOAD_BLOCK = 256 * 1024
+# The last bytes of an upload wait until the job has written down that the whole body is about to
+# go: until then, a crash or a broken connection leaves a request useapi cannot act on.
+TAIL = 64 * 1024
+# user:<id>-tempolor:<user_id>-voice:<itemId>; the account part may hold e-mail-like characters.
+VOICE_ID = re.compile(r"^user:[A-Za-z0-9_]{1,64}-tempolor:[A-Za-z0-9._@+-]{1,128}-voice:[A-Za-z0-9_-]{1,128}$")
+_MAX_MESSAGE = 300
 
 
-class BlockAdapter(HTTPAdapter):
-    """An adapter whose connections read a file body in :data:`UPLOAD_BLOCK` pieces."""
+class BlockAdapter(DeadlineAdapter):
+    """Connections under the current deadline that read a file body in :data:`UPLOAD_BLOCK` pieces."""
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["blocksize"] = UPLOAD_BLOCK
-        super().init_poolmanager(*args, **kwargs)
+    def __init__(self, **kwargs: Any):
+        super().__init__(blocksize=UPLOAD_BLOCK, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -77,107 +91,194 @@ class Useapi:
         self.session.close()
 
     def upload_voice(
-        self, path: str, size: int, content_type: str, name: str, user_id: str | None, progress=None
+        self, path: str, size: int, content_type: str, name: str, user_id: str | None, progress=None, before_tail=None
     ) -> UploadResult:
         """Stream the file at ``path`` as the raw body of ``POST …/cloned-voices/``.
 
-        ``progress(bytes_sent, size)`` is called as the body goes out."""
+        ``progress(bytes_sent, size)`` is called as the body goes out; see :meth:`upload_body`
+        for ``before_tail``."""
         with open(path, "rb") as handle:
             body = handle if progress is None else _ProgressReader(handle, size, progress)
-            return self.upload_body(body, size, content_type, name, user_id)
+            return self.upload_body(body, size, content_type, name, user_id, before_tail=before_tail)
 
-    def upload_body(self, body: BinaryIO, size: int, content_type: str, name: str, user_id: str | None) -> UploadResult:
+    def upload_body(
+        self,
+        body: BinaryIO,
+        size: int,
+        content_type: str,
+        name: str,
+        user_id: str | None,
+        before_tail=None,
+        total: float | None = None,
+    ) -> UploadResult:
         """``POST …/cloned-voices/`` with ``size`` bytes read from ``body`` as the raw body.
 
-        Whatever ``body.read`` raises (other than a network error) ends the request short of
-        ``size`` bytes and is raised from here."""
+        ``before_tail()`` runs once, just before the last :data:`TAIL` bytes are handed to the
+        connection (the worker writes down "the body is complete" there); if it raises, the
+        request ends short of ``size`` bytes and its error is raised from here, as is anything
+        else ``body.read`` raises. ``total``: the call's deadline (default ``RELAY_UPLOAD_TIMEOUT``).
+
+        Raises :class:`UpstreamError`: ``reached=False`` when the body provably never completed
+        (safe to send again), ``maybe_created=True`` when it did and no readable answer came.
+        """
         params = {"name": name}
         if user_id:
             params["user_id"] = user_id
-        response = self._call(
-            "POST",
-            VOICES_PATH,
-            params=params,
-            data=body,
-            headers={"Content-Type": content_type, "Content-Length": str(size)},
-            timeout=(self.settings.connect_timeout, self.settings.upload_timeout),
-            what="the upload",
-        )
+        counted = _SentCounter(body, size, before_tail)
+        try:
+            response = self._call(
+                "POST",
+                VOICES_PATH,
+                params=params,
+                data=counted,
+                headers={"Content-Type": content_type, "Content-Length": str(size)},
+                timeout=(self.settings.connect_timeout, self.settings.upload_timeout),
+                total=total or self.settings.upload_timeout,
+                what="the upload",
+                sent=counted,
+            )
+        except UpstreamError as err:
+            if counted.complete and err.reached and err.fields.get("upstream_status") is None:
+                err.maybe_created = True  # the whole body went out and no answer came back
+            raise
         payload = _json(response)
+        voice_id, item_id = _text(payload.get("clonedVoiceItemId")), _text(payload.get("itemId"))
+        if response.status_code not in (200, 202) or not voice_id or not VOICE_ID.match(voice_id) or not item_id:
+            raise UpstreamInvalidAnswer(
+                f"useapi.net answered the upload with HTTP {response.status_code} but not with the documented "
+                f"{{itemId, clonedVoiceItemId}} ({_shape(response)}). A voice may have been created: the relay "
+                "checks the account's voices before anything else.",
+                upstream_status=response.status_code,
+                maybe_created=True,
+            )
         return UploadResult(
             status="ready" if response.status_code == 200 else "processing",
             upstream_status=response.status_code,
-            cloned_voice_item_id=_text(payload.get("clonedVoiceItemId")),
-            item_id=_text(payload.get("itemId")),
+            cloned_voice_item_id=voice_id,
+            item_id=item_id,
             message=_text(payload.get("message")) or _text(payload.get("result")),
         )
 
     def list_voices(self, user_id: str | None, cursor: str | None = None) -> dict[str, Any]:
-        """One page of ``GET …/cloned-voices/``: ``{records, hasNext, cursor}``."""
+        """One page of ``GET …/cloned-voices/``: ``{records, hasNext, cursor}``, strictly parsed."""
         params = {key: value for key, value in (("user_id", user_id), ("cursor", cursor)) if value}
-        page = _json(self._call("GET", VOICES_PATH, params=params, what="the voice listing"))
-        records = page.get("records")
-        return {
-            "records": [r for r in records if isinstance(r, dict)] if isinstance(records, list) else [],
-            "hasNext": bool(page.get("hasNext")),
-            "cursor": _text(page.get("cursor")) or None,
-        }
+        response = self._call("GET", VOICES_PATH, params=params, what="the voice listing")
+        page = _json(response)
+        records, has_next, next_cursor = page.get("records"), page.get("hasNext", False), page.get("cursor")
+        if (
+            not isinstance(records, list)
+            or not all(isinstance(r, dict) and _is_voice_id(r.get("clonedVoiceItemId")) for r in records)
+            or not isinstance(has_next, bool)
+            or not (next_cursor is None or isinstance(next_cursor, (str, int)))
+        ):
+            raise _invalid(response, "the voice listing", "{records: [...], hasNext, cursor}")
+        return {"records": records, "hasNext": has_next, "cursor": _text(next_cursor) or None}
 
     def get_voice(self, cloned_voice_item_id: str) -> dict[str, Any] | None:
         """``GET …/cloned-voices/<id>``; ``None`` when useapi has no such voice (404)."""
         response = self._call(
             "GET", VOICES_PATH + quote_id(cloned_voice_item_id), what="the voice lookup", missing_ok=True
         )
-        return None if response.status_code == 404 else _json(response)
+        if response.status_code == 404:
+            return None
+        record = _json(response)
+        status = record.get("status")
+        if response.status_code != 200 or isinstance(status, bool) or not isinstance(status, (int, str)):
+            raise _invalid(response, "the voice lookup", "a voice record with a status")
+        return record
 
     def delete_voice(self, cloned_voice_item_id: str) -> bool:
         """``DELETE …/cloned-voices/<id>``; ``False`` when the voice no longer exists (404)."""
         response = self._call(
             "DELETE", VOICES_PATH + quote_id(cloned_voice_item_id), what="the voice deletion", missing_ok=True
         )
-        return response.status_code != 404
+        if response.status_code == 404:
+            return False
+        done = response.status_code == 204 or (response.status_code == 200 and _json(response).get("result") is True)
+        if not done:
+            raise _invalid(response, "the voice deletion", "{result: true}")
+        return True
 
     def _call(
-        self, method: str, path: str, *, what: str, timeout=None, missing_ok: bool = False, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        timeout=None,
+        total: float | None = None,
+        missing_ok: bool = False,
+        sent: _SentCounter | None = None,
+        **kwargs: Any,
     ) -> requests.Response:
         timeout = timeout or (self.settings.connect_timeout, self.settings.read_timeout)
-        try:
-            response = self.session.request(method, self.base + path, timeout=timeout, **kwargs)
-        except requests.ConnectTimeout:
-            raise UpstreamUnavailable(
-                "useapi.net could not be reached (connect timed out). Try again later.", reached=False
-            ) from None
-        except requests.ReadTimeout:
-            raise UpstreamTimeout(
-                f"useapi.net did not answer {what} within {timeout[1]:g} s. "
-                + (
-                    "The voice may still have been created: list your voices before trying again."
-                    if method == "POST"
-                    else "Try again later."
+        total = total or self.settings.connect_timeout + self.settings.read_timeout
+        with deadline.bounded(total) as limit:
+            try:
+                response = self.session.request(
+                    method, self.base + path, timeout=timeout, allow_redirects=False, **kwargs
                 )
-            ) from None
-        except requests.ConnectionError as err:
-            if isinstance(getattr(err.args[0] if err.args else None, "reason", None), NewConnectionError):
-                raise UpstreamUnavailable(
-                    f"useapi.net could not be reached for {what} (connection failed). Try again later.", reached=False
-                ) from None
-            raise self._lost(err, method, what) from None
-        except requests.RequestException as err:
-            raise self._lost(err, method, what) from None
+            except requests.RequestException as err:
+                raise self._translate(err, method, what, total, limit.expired, sent) from None
         if missing_ok and response.status_code == 404:
             return response
-        if response.status_code not in (200, 201, 202, 204):
-            raise _error_for(response, what, self._token)
+        if not 200 <= response.status_code < 300:
+            raise _error_for(response, what, self._token, method == "POST", self.settings.max_retry_after_seconds)
         return response
 
     @staticmethod
-    def _lost(err: Exception, method: str, what: str) -> UpstreamUnavailable:
-        sent = "The voice may still have been created: list your voices before trying again. "
-        return UpstreamUnavailable(
-            f"The connection to useapi.net failed during {what} ({type(err).__name__}). "
-            + (sent if method == "POST" else "")
-            + "Try again later."
+    def _translate(err, method: str, what: str, total: float, expired: bool, sent) -> UpstreamError:
+        reason = getattr(err.args[0] if err.args else None, "reason", None)
+        never_connected = isinstance(err, requests.ConnectTimeout) or isinstance(
+            reason, (NewConnectionError, ConnectTimeoutError)
         )
+        if never_connected:
+            return UpstreamUnavailable(
+                f"useapi.net could not be reached for {what} (connection failed). Try again later.", reached=False
+            )
+        if sent is not None and not sent.complete:
+            # The body stopped short of its Content-Length: not a request useapi can act on.
+            return UpstreamUnavailable(
+                f"The connection to useapi.net broke while the upload was being sent ({type(err).__name__}); "
+                "nothing was created. Try again later.",
+                reached=False,
+            )
+        maybe = (
+            " The voice may still have been created: the relay checks the account's voices before anything else."
+            if method == "POST"
+            else " Try again later."
+        )
+        if expired or isinstance(err, requests.Timeout):
+            return UpstreamTimeout(f"useapi.net did not answer {what} within {total:g} s.{maybe}")
+        return UpstreamUnavailable(f"The connection to useapi.net failed during {what} ({type(err).__name__}).{maybe}")
+
+
+class _SentCounter:
+    """An upload body that counts what was handed to the connection and holds its last
+    :data:`TAIL` bytes until ``before_tail()`` has run."""
+
+    def __init__(self, body, size: int, before_tail):
+        self.body, self.size, self.sent = body, size, 0
+        self._tail_at = size - min(TAIL, size) if before_tail is not None else size
+        self._before_tail = before_tail
+
+    @property
+    def complete(self) -> bool:
+        return self.sent >= self.size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, amount: int = -1) -> bytes:
+        if self._before_tail is not None and self.sent >= self._tail_at:
+            hook, self._before_tail = self._before_tail, None
+            hook()
+        if self._before_tail is not None:
+            left = self._tail_at - self.sent
+            amount = left if amount is None or amount < 0 else min(amount, left)
+        chunk = self.body.read(amount)
+        self.sent += len(chunk)
+        return chunk
 
 
 class _ProgressReader:
@@ -200,13 +301,14 @@ class _ProgressReader:
             yield chunk
 
 
-def _error_for(response: requests.Response, what: str, token: str) -> UpstreamError:
+def _error_for(
+    response: requests.Response, what: str, token: str, upload: bool, max_retry_after: float
+) -> UpstreamError:
     status = response.status_code
     payload = _json(response)
+    readable = isinstance(payload.get("error"), str)  # useapi's own {error, code}
     said = _text(payload.get("error")) or _text(payload.get("message")) or response.reason or "no details"
-    said = said[:300]
-    if token:  # never pass a token back, even if the upstream echoes it
-        said = said.replace(token, "****")
+    said = scrub(said, token)[:_MAX_MESSAGE]  # scrubbed first: a cut could leave part of a token
     if status == 401:
         return UpstreamUnauthorized(
             f"useapi.net refused the token ({said}). Check the useapi token (X-Useapi-Token or USEAPI_TOKEN).",
@@ -220,13 +322,56 @@ def _error_for(response: requests.Response, what: str, token: str) -> UpstreamEr
         return UpstreamRateLimited(
             f"useapi.net is rate limiting this account ({said}). Wait and try again.",
             upstream_status=status,
-            retry_after=_retry_after(response),
+            retry_after=_retry_after(response, max_retry_after),
         )
+    if 300 <= status < 400:
+        return _invalid(response, what, "an answer, not a redirect", maybe_created=upload)
     if 400 <= status < 500:
         return UpstreamRejected(f"useapi.net rejected {what}: {said} (HTTP {status}).", upstream_status=status)
+    if upload and not readable:
+        # A proxy's error page after the whole body went through: useapi may have taken it.
+        return UpstreamUnavailable(
+            f"useapi.net's side failed with HTTP {status} during {what}, without useapi's own answer. "
+            "The voice may still have been created: the relay checks the account's voices before anything else.",
+            upstream_status=status,
+            maybe_created=True,
+        )
     return UpstreamUnavailable(
         f"useapi.net failed with HTTP {status} ({said}). Try again later.", upstream_status=status
     )
+
+
+def scrub(text: str, token: str | None) -> str:
+    """``text`` without ``token`` in it (useapi may echo what it was sent)."""
+    return text.replace(token, "****") if token else text
+
+
+def _invalid(
+    response: requests.Response, what: str, expected: str, maybe_created: bool = False
+) -> UpstreamInvalidAnswer:
+    return UpstreamInvalidAnswer(
+        f"useapi.net answered {what} with HTTP {response.status_code} and {_shape(response)}, not the documented "
+        f"{expected}. Try again later; if it persists, useapi.net may have changed or be failing.",
+        upstream_status=response.status_code,
+        maybe_created=maybe_created,
+    )
+
+
+def _shape(response: requests.Response) -> str:
+    """What an unexpected answer was, in a few words (never its text: it may echo secrets)."""
+    kind = (response.headers.get("Content-Type") or "no content type").split(";")[0].strip()
+    try:
+        payload = response.json()
+    except ValueError:
+        return f"{len(response.content)} bytes of {kind}"
+    if isinstance(payload, dict):
+        keys = ", ".join(sorted(map(str, payload))[:6])
+        return f"a JSON object with {{{keys}}}" if keys else "an empty JSON object"
+    return f"JSON {type(payload).__name__}"
+
+
+def _is_voice_id(value: Any) -> bool:
+    return isinstance(value, str) and VOICE_ID.match(value) is not None
 
 
 def _json(response: requests.Response) -> dict[str, Any]:
@@ -243,9 +388,20 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def _retry_after(response: requests.Response) -> int | None:
-    value = response.headers.get("Retry-After", "")
-    return int(value) if value.isdigit() else None
+def _retry_after(response: requests.Response, cap: float) -> int | None:
+    """``Retry-After`` in seconds (digits or an HTTP date), never more than ``cap``."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return int(min(max(seconds, 0), cap))
 
 
 def quote_id(cloned_voice_item_id: str) -> str:

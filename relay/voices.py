@@ -7,12 +7,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import InvalidVoiceId
+from .useapi import VOICE_ID as _VOICE_ID
 from .useapi import Useapi
 
 READY, PROCESSING = 30, 0
 VOICE_STATUSES = ("ready", "processing", "failed")
-# user:<id>-tempolor:<user_id>-voice:<itemId>; the account part may hold e-mail-like characters.
-_VOICE_ID = re.compile(r"^user:[A-Za-z0-9_]{1,64}-tempolor:[A-Za-z0-9._@+-]{1,128}-voice:[A-Za-z0-9_-]{1,128}$")
 _ACCOUNT = re.compile(r"-tempolor:(.+)-voice:[^:]*$")
 
 

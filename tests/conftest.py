@@ -64,7 +64,12 @@ def useapi(httpserver):
 
 
 def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
-    """Settings for tests: loopback audio host allowed, short timeouts, quick retries and polls."""
+    """Settings for tests: loopback audio host allowed, short timeouts, quick retries and polls.
+
+    Spool files go to a folder of the test's own (beside ``data_dir``), never the machine's
+    temporary folder, so a test can count what it left behind without seeing other processes'."""
+    spool_dir = Path(data_dir).parent / "spools"
+    spool_dir.mkdir(parents=True, exist_ok=True)
     values = dict(
         relay_api_key=RELAY_KEY,
         useapi_base_url=useapi_base,
@@ -74,6 +79,7 @@ def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
         download_timeout=5,
         upload_timeout=3,
         data_dir=str(data_dir),
+        spool_dir=str(spool_dir),
         default_wait_seconds=10,
         max_wait_seconds=20,
         lease_seconds=3,
@@ -83,6 +89,7 @@ def fast_settings(useapi_base: str, data_dir, **changes) -> Settings:
         reconcile_grace_seconds=0.2,
         max_attempts=3,
         callback_schedule=(0.1, 0.2, 0.3),
+        callback_first_delay_seconds=0,
         callback_timeout=2,
     )
     values.update(changes)

@@ -58,6 +58,13 @@ class FakeUseapi:
         self.list_ready_only = True  # TemPolor lists a voice only once it is ready
         self.refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next uploads
         self.refusals_for: dict[str, list[tuple[int, dict]]] = {}  # the same, per user_id
+        self.refusal_body: dict | None = None  # the body of refusals (default: useapi's own)
+        # faults: the voice is made, then the answer is this (status, body text, content type) …
+        self.upload_answer: tuple[int, str, str] | None = None
+        self.unnamed = False  # … the voice is listed without its name (an interrupted rename)
+        self.ready_after_seconds: float | None = None  # … and becomes ready only after this long
+        self.list_answer: tuple[int, str, str] | None = None  # the voice list answers this instead
+        self.list_calls = 0
 
     def start(self) -> FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
@@ -110,9 +117,8 @@ class FakeUseapi:
             )
         if refusal is not None:
             status, headers = refusal
-            response = _json(
-                {"error": "Too many requests" if status == 429 else "Server error", "code": status}, status
-            )
+            said = "Too many requests" if status == 429 else "Server error"
+            response = _json(self.refusal_body or {"error": said, "code": status}, status)
             response.headers.update(headers)
             return response
         with self.lock:
@@ -123,20 +129,24 @@ class FakeUseapi:
             if not body:
                 return _json({"error": "Empty file received", "code": 400}, 400)
             voice_id = f"user:12345-tempolor:{self.user_id}-voice:{item_id}"
-            ready = self.ready_after_polls == 0
+            ready = self.ready_after_polls == 0 and self.ready_after_seconds is None
             with self.lock:
                 self.accepted += 1
                 self.voices[voice_id] = {
                     "itemId": item_id,
-                    "name": request.args.get("name", ""),
+                    "name": "" if self.unnamed else request.args.get("name", ""),
                     "status": 30 if ready else 0,
-                    "polls_left": self.ready_after_polls,
+                    "polls_left": self.ready_after_polls if self.ready_after_seconds is None else 10**9,
+                    "ready_at": time.time() + (self.ready_after_seconds or 0),
                     "createTime": int(time.time() * 1000),
                     "updateTime": int(time.time() * 1000),
                     "clonedVoiceItemId": voice_id,
                     "vocalUrl": f"https://cdn.example/{item_id}.mp3",
                 }
             time.sleep(self.upload_delay)
+            if self.upload_answer is not None:
+                status, text, kind = self.upload_answer
+                return Response(text, status=status, content_type=kind)
             if ready:
                 return _json({"result": True, "itemId": item_id, "clonedVoiceItemId": voice_id}, 200)
             return _json(
@@ -147,12 +157,24 @@ class FakeUseapi:
             with self.lock:
                 self.in_flight[account] -= 1
 
+    def _ripen(self) -> None:
+        """Voices whose time has come are ready (call with the lock held)."""
+        now = time.time()
+        for voice in self.voices.values():
+            if voice["status"] == 0 and self.ready_after_seconds is not None and now >= voice["ready_at"]:
+                voice["status"] = 30
+
     def _list(self, request: Request) -> Response:
         if not self._authorized(request):
             return _json({"error": "Unauthorized", "code": 401}, 401)
         with self.lock:
+            self.list_calls += 1
+            if self.list_answer is not None:
+                status, text, kind = self.list_answer
+                return Response(text, status=status, content_type=kind)
+            self._ripen()
             records = [
-                {k: v for k, v in voice.items() if k != "polls_left"}
+                {k: v for k, v in voice.items() if k not in ("polls_left", "ready_at")}
                 for voice in self.voices.values()
                 if voice["status"] == 30 or not self.list_ready_only
             ]
@@ -163,6 +185,7 @@ class FakeUseapi:
             return _json({"error": "Unauthorized", "code": 401}, 401)
         voice_id = request.path[len(UPLOAD) :]
         with self.lock:
+            self._ripen()
             voice = self.voices.get(voice_id)
             if voice is None:
                 return _json({"error": f"No record found for {voice_id}", "code": 404}, 404)
@@ -170,7 +193,7 @@ class FakeUseapi:
                 voice["polls_left"] -= 1
                 if voice["polls_left"] <= 0:
                     voice["status"] = 30
-            shown = {k: v for k, v in voice.items() if k != "polls_left"}
+            shown = {k: v for k, v in voice.items() if k not in ("polls_left", "ready_at")}
         return _json({**shown, "status_name": "COMPLETED" if shown["status"] == 30 else "PROCESSING"}, 200)
 
     def _delete(self, request: Request) -> Response:

@@ -23,6 +23,7 @@ class RawServer:
         self.sock.settimeout(0.2)
         self.host, self.port = self.sock.getsockname()[:2]
         self.connections = 0
+        self.requests: list[bytes] = []  # the start of each request received
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -52,8 +53,19 @@ class RawServer:
     def _serve(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError), conn:
             conn.settimeout(5)
-            conn.recv(65536)  # the request; its content does not matter here
-            self.behave(conn, self._stop)
+            received = conn.recv(65536)  # the request's start; most behaviours ignore it
+            self.requests.append(received)
+            self.behave(_Conn(conn, received), self._stop)
+
+
+class _Conn:
+    """The accepted socket, with what was read of the request so far as ``received``."""
+
+    def __init__(self, sock: socket.socket, received: bytes):
+        self._sock, self.received = sock, received
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 def headers(status: str = "200 OK", **fields: str) -> bytes:
@@ -156,5 +168,41 @@ def redirects_to(location_for):
     def behave(conn, stop):
         counter["n"] += 1
         conn.sendall(headers("302 Found", Location=location_for(counter["n"]), Content_Length="0", Connection="close"))
+
+    return behave
+
+
+def drips_headers(interval: float, total: int = 10000):
+    """Starts an answer, then sends its header one byte every ``interval`` seconds: no read ever
+    waits long, and the headers never end."""
+
+    def behave(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(total):
+            if stop.wait(interval):
+                return
+            conn.sendall(b"X")
+
+    return behave
+
+
+def takes_body_then_resets():
+    """Reads the whole request body (by its Content-Length), then resets the connection: the
+    request arrived, its answer is lost."""
+
+    def behave(conn, stop):
+        data = conn.received
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length and not stop.is_set():
+            more = conn.recv(65536)
+            if not more:
+                return
+            body += more
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     return behave

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 from relay.db import utcnow
 
 from .conftest import AUDIO_HOST, HEADERS, JOBS_SECRET_KEY, PG_URL, post, serve_file, wait_until
+from .processes import stop
 
 
 def wait_for_all(store, job_ids, timeout: float) -> None:
@@ -119,8 +119,7 @@ def test_two_worker_processes_on_postgresql_share_the_limit(make_app, job_settin
         wait_for_all(store, ids, timeout=60)
     finally:
         for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(30)
+            stop(worker)
         for log in logs:
             log.close()
     assert fake.max_in_flight["A"] == 3

@@ -66,6 +66,11 @@ def test_without_a_key_configured_the_relay_is_open(make_app, settings, audio_ho
         ({"audio_url": "https://example.com/a.wav", "name": "x", "content_type": "audio/ogg"}, "content_type"),
         ({"audio_url": "https://example.com/a.wav", "name": "x", "metadata": [1, 2]}, "metadata"),
         ({"audio_url": "https://example.com/a.wav", "name": "x", "metadata": {"k": "v" * 5000}}, "4096 bytes"),
+        ({"audio_url": "https://example.com/a.wav", "name": "nul\u0000inside"}, "name: Must not contain control"),
+        ({"audio_url": "https://example.com/a.wav", "name": "tab\there"}, "name: Must not contain control"),
+        ({"audio_url": "https://example.com/a.wav", "name": "\u200b\u200b"}, "name: Must contain visible"),
+        ({"audio_url": "https://example.com/a.wav", "name": "\u3164"}, "name: Must contain visible"),
+        ({"audio_url": "https://example.com/a.wav", "name": "x", "if_exists": "maybe"}, "if_exists"),
         ([1, 2, 3], "must be a JSON object"),
         ("just a string", "must be a JSON object"),
     ],
@@ -89,6 +94,38 @@ def test_unreadable_bodies_are_400(client, raw, says):
         "/v1/voice-clones",
         data=raw,
         headers={"Authorization": f"Bearer {RELAY_KEY}", "Content-Type": "application/json"},
+    )
+    body = assert_error_shape(response, 400, "invalid_request")
+    assert says in body["error_message"]
+
+
+@pytest.mark.parametrize("name", ["Zoë 👩‍🎤", 'Bob "take 2"', "日本語の声", "a\u200bb"])
+def test_names_with_visible_characters_are_taken(client, name):
+    body = {"audio_url": "http://127.0.0.1/x.wav", "name": name}
+    # past the schema: stopped by the URL guard, with the name as given
+    assert clone(client, body).json["error_code"] == "url_not_allowed"
+
+
+def test_if_exists_takes_any_case(client):
+    body = {"audio_url": "http://127.0.0.1/x.wav", "name": "x", "if_exists": " Reuse "}
+    assert clone(client, body).json["error_code"] == "url_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "says"),
+    [
+        ("application/x-www-form-urlencoded", "audio_url=https%3A%2F%2Fexample.com%2Fa.wav&name=x", "sent as a form"),
+        (
+            "multipart/form-data; boundary=b",
+            '--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nx\r\n--b--',
+            "sent as a form",
+        ),
+        ("text/plain", "audio_url: https://example.com/a.wav", "Content-Type: application/json"),
+    ],
+)
+def test_a_body_that_is_not_json_says_to_send_json(client, content_type, data, says):
+    response = client.post(
+        "/v1/voice-clones", data=data, headers={"Authorization": f"Bearer {RELAY_KEY}", "Content-Type": content_type}
     )
     body = assert_error_shape(response, 400, "invalid_request")
     assert says in body["error_message"]
@@ -140,3 +177,26 @@ def test_auth_check_for_connectors(client, headers, status, source):
         assert response.json["ok"] is True and response.json["useapi_token"] == source
     else:
         assert response.json["error_code"] == "unauthorized"
+
+
+def test_auth_check_refuses_a_per_request_token_the_relay_could_not_keep(make_app, settings):
+    # Workers in another process and no RELAY_SECRET_KEY: every clone with this token would be refused.
+    client = make_app(settings.replace(secret_key=None), workers=0).test_client()
+    headers = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": "t-123456789012"}
+    response = client.get("/v1/auth", headers=headers)
+    assert (response.status_code, response.json["error_code"]) == (400, "secret_key_required")
+    assert client.get("/v1/auth", headers={"Authorization": f"Bearer {RELAY_KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        ("/v1/voice-clones/" + "0" * 32, {"Authorization": f"Bearer {RELAY_KEY}"}, 404, "job_not_found"),
+        ("/v1/voice-clones/" + "0" * 32, {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
+        ("/v1/voice-clones/not-a-job", {"Authorization": f"Bearer {RELAY_KEY}"}, 404, "job_not_found"),
+    ],
+)
+def test_a_status_poll_that_reaches_no_job_is_not_a_failed_clone(client, path, headers, status, code):
+    response = client.get(path, headers=headers)
+    assert (response.status_code, response.json["error_code"]) == (status, code)
+    assert response.json["ok"] is False and response.json["status"] is None

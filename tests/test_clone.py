@@ -74,8 +74,10 @@ UPSTREAM_FAILURES = [
     # useapi answered, so it did not take the voice: retried up to RELAY_MAX_ATTEMPTS (3 here)
     (429, {"error": "Too many requests", "code": 429}, 429, "upstream_rate_limited", "Wait", 3),
     (500, {"error": "Internal error", "code": 500}, 502, "upstream_unavailable", "HTTP 500", 3),
-    (503, "<html>Service Unavailable</html>", 502, "upstream_unavailable", "HTTP 503", 3),
+    (503, {"error": "Service Unavailable", "code": 503}, 502, "upstream_unavailable", "HTTP 503", 3),
 ]
+# (An error page that is not useapi's own answer may come from a proxy after the whole body went
+# through: that one is reconciled, never resent — see tests/test_faults.py.)
 
 
 @pytest.mark.parametrize(("status", "payload", "relay_status", "code", "says", "uploads"), UPSTREAM_FAILURES)
@@ -97,8 +99,8 @@ def test_upstream_errors_map_to_the_documented_answer(
     assert len(useapi.log) == uploads
 
 
-def test_upstream_silence_is_reconciled_then_retried_then_a_timeout(make_app, settings, audio_host, useapi):
-    client = make_app(settings.replace(upload_timeout=0.3)).test_client()
+def test_upstream_silence_is_reconciled_never_resent_then_upload_unconfirmed(make_app, settings, audio_host, useapi):
+    client = make_app(settings.replace(upload_timeout=0.3, ready_timeout_seconds=1)).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
 
     def slow(request):
@@ -108,20 +110,11 @@ def test_upstream_silence_is_reconciled_then_retried_then_a_timeout(make_app, se
     expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav").respond_with_handler(slow)
     useapi.expect_request(UPLOAD, method="GET").respond_with_json({"records": [], "hasNext": False, "cursor": ""})
     response = clone(client, {"audio_url": url, "name": "My voice"})
-    assert response.status_code == 504
-    assert response.json["error_code"] == "upstream_timeout"
-    methods = [entry[0].method for entry in useapi.log]
-    # each lost answer is followed by a look at the account before the next upload
-    assert methods == ["POST", "GET", "POST", "GET", "POST", "GET"]
-
-
-def test_upstream_connection_reset_is_upstream_unavailable(make_app, settings, audio_host):
-    url = serve_file(audio_host, "wav_pcm16_mono.wav")
-    with servers.RawServer(servers.resets_mid_body(sent=0), host="127.0.0.1") as upstream:
-        app = make_app(settings.replace(useapi_base_url=upstream.url("/v1"), retry_base_seconds=0.01))
-        response = clone(app.test_client(), {"audio_url": url, "name": "My voice"})
     assert response.status_code == 502
-    assert response.json["error_code"] == "upstream_unavailable"
+    assert response.json["error_code"] == "upload_unconfirmed"
+    methods = [entry[0].method for entry in useapi.log]
+    # the body went out once; after that, only looks at the account's voices until the window closed
+    assert methods[0] == "POST" and set(methods[1:]) == {"GET"} and len(methods) > 2
 
 
 def test_upstream_down_is_retried_then_upstream_unavailable(make_app, settings, audio_host):
@@ -130,7 +123,7 @@ def test_upstream_down_is_retried_then_upstream_unavailable(make_app, settings, 
     client = make_app(settings.replace(useapi_base_url=base)).test_client()
     response = clone(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "My voice"})
     assert (response.status_code, response.json["error_code"]) == (502, "upstream_unavailable")
-    assert "unreachable; retrying" in " ".join(response.json["warnings"])
+    assert "unreachable or the upload broke off before it was complete; retrying" in " ".join(response.json["warnings"])
     assert len(audio_host.log) == 3  # downloaded again for each of the 3 attempts
 
 

@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 
 from relay.schemas import ANSWER_FIELDS
+from relay.settings import Settings
 
-from .conftest import RELAY_KEY, serve_file
+from .conftest import HEADERS, RELAY_KEY, post, serve_file
 from .test_convert import MEDIA
 
 SPEC = Path(__file__).parent.parent / "connector_spec"
@@ -34,23 +35,39 @@ def test_the_blueprint_has_makes_shape_and_no_account_specific_ids():
         assert {"id", "module", "version", "metadata"} <= set(module)
         assert "__IMTCONN__" not in module.get("parameters", {})
         assert "__IMTHOOK__" not in module.get("parameters", {})
-    names = [module["module"] for module in found]
-    assert names[:3] == ["google-drive:watchFilesInAFolder", "http:MakeRequest", "builtin:BasicRouter"]
-    http = found[1]
-    assert http["version"] == 4 and http["mapper"]["url"].endswith("/v1/voice-clones")
-    assert http["mapper"]["stopOnHttpError"] is False  # failures reach the router as answers with ok=false
-    assert http["mapper"]["timeout"] <= 300
-    filters = [module["filter"]["conditions"][0][0] for module in found if "filter" in module]
-    assert {f["a"] for f in filters} == {"{{2.data.ok}}"}
+    names = [module["module"] for module in blueprint["flow"]]
+    assert names == [
+        "google-drive:watchFilesInAFolder",
+        "json:TransformToJSON",
+        "json:TransformToJSON",
+        "http:MakeRequest",
+        "builtin:BasicRouter",
+    ]
+    for http in (m for m in found if m["module"] == "http:MakeRequest"):
+        assert http["version"] == 4
+        assert http["mapper"]["stopOnHttpError"] is False  # failures reach the router as answers with ok=false
+        assert http["mapper"]["timeout"] <= 300
 
 
-def test_the_blueprints_request_is_one_the_relay_takes(client, audio_host, useapi):
-    """Fill the blueprint's IML with what the Drive trigger outputs, and send it."""
-    http = json.loads(BLUEPRINT.read_text())["flow"][1]["mapper"]
-    drive_output = {"1.id": "1AbCdEf", "1.name": "Interview take 3"}
-    body = re.sub(r"\{\{(1\.\w+)\}\}", lambda m: drive_output[m.group(1)], http["jsonStringBodyContent"])
-    sent = json.loads(body)
+def test_the_blueprint_body_is_json_encoded_by_make_never_pasted(client, audio_host):
+    """Every mapped value goes through Make's Transform to JSON: a file name with quotes cannot break the body."""
+    flow = json.loads(BLUEPRINT.read_text())["flow"]
+    drive = {"1.id": "1AbCdEf", "1.name": 'Bob "take 2".m4a'}
+    transformed = {}
+    for module in flow[1:3]:
+        expression = module["mapper"]["object"]
+        value = re.sub(r"\{\{(1\.\w+)\}\}", lambda m: drive[m.group(1)], expression)
+        if expression.startswith("{{trim(replace(1.name;"):
+            # Make's replace() with a regular expression, then trim(): the file extension is dropped
+            assert expression == "{{trim(replace(1.name; /\\.[A-Za-z0-9]{1,5}$/; emptystring))}}"
+            value = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", drive["1.name"]).strip()
+        transformed[f"{module['id']}.json"] = json.dumps(value)  # what Transform to JSON outputs
+    http = flow[3]["mapper"]
+    template = http["jsonStringBodyContent"]
+    assert not re.search(r'"\{\{', template), "a mapped value is pasted inside a JSON string"
+    sent = json.loads(re.sub(r"\{\{(\d+\.json)\}\}", lambda m: transformed[m.group(1)], template))
     assert sent["audio_url"] == "https://drive.google.com/file/d/1AbCdEf/view"
+    assert sent["name"] == 'Bob "take 2"'
     # The Drive host is not reachable here: serve the same bytes locally, keep the rest of the body.
     sent["audio_url"] = serve_file(audio_host, "wav_pcm16_mono.wav")
     sent["dry_run"] = True
@@ -58,19 +75,73 @@ def test_the_blueprints_request_is_one_the_relay_takes(client, audio_host, useap
     assert headers["Authorization"] == "Bearer YOUR_RELAY_API_KEY"
     response = client.post("/v1/voice-clones", json=sent, headers={"Authorization": f"Bearer {RELAY_KEY}"})
     assert response.status_code == 200, response.json
-    for reference in ("ok", "cloned_voice_item_id", "error_code", "error_message"):
-        assert reference in response.json
-    assert response.json["metadata"] == {"drive_file_id": "1AbCdEf"}
+    assert response.json["name"] == 'Bob "take 2"'
+
+
+def passes(module: dict, outputs: dict[int, dict]) -> bool:
+    """Make's filter on ``module``: OR of AND-ed conditions over ``{{N.data.field}}`` of earlier answers."""
+    if "filter" not in module:
+        return True
+
+    def value(text: str):
+        match = re.fullmatch(r"\{\{(\d+)\.data\.(\w+)\}\}", text)
+        return outputs[int(match.group(1))].get(match.group(2)) if match else text
+
+    def holds(condition: dict) -> bool:
+        a, operator, b = value(condition["a"]), condition["o"], condition.get("b")
+        shown = "" if a is None else str(a).lower() if isinstance(a, bool) else str(a)
+        return {
+            "boolean:equal": lambda: shown == b,
+            "boolean:notequal": lambda: shown != b,
+            "text:equal": lambda: shown == b,
+            "text:notequal": lambda: shown != b,
+            "exist": lambda: a is not None and a != "",
+        }[operator]()
+
+    return any(all(holds(c) for c in group) for group in module["filter"]["conditions"])
+
+
+def routes_taken(router: dict, outputs: dict[int, dict]) -> list[str]:
+    return [
+        route["flow"][0]["metadata"]["designer"]["name"]
+        for route in router["routes"]
+        if passes(route["flow"][0], outputs)
+    ]
+
+
+def test_the_blueprint_takes_the_route_that_matches_each_real_answer(make_app, job_settings, fake, audio_host):
+    client = make_app(job_settings).test_client()
+    good, bad = serve_file(audio_host, "wav_pcm16_mono.wav"), serve_file(audio_host, "drive_interstitial.html")
+    router = json.loads(BLUEPRINT.read_text())["flow"][4]
+    ready = post(client, {"audio_url": good, "name": "Ready", "wait_seconds": 20}).json
+    assert ready["status"] == "ready"
+    assert routes_taken(router, {4: ready}) == ["Voice ready: use cloned_voice_item_id"]
+    failed = post(client, {"audio_url": bad, "name": "Not audio", "wait_seconds": 20}).json
+    assert failed["status"] == "failed"
+    assert routes_taken(router, {4: failed}) == ["Failed: branch on error_code"]
+    fake.ready_after_polls = 10_000  # useapi keeps cloning: the relay answers 202 when the wait ends
+    going = post(client, {"audio_url": good, "name": "Slow", "wait_seconds": 0.5}).json
+    assert going["status"] in ("queued", "running", "processing") and going["ok"] is True
+    assert routes_taken(router, {4: going}) == ["Wait 5 minutes (Make's longest sleep)"]
+    poll = router["routes"][1]["flow"][2]
+    still = client.get(going["status_url"], headers=HEADERS).json
+    assert routes_taken(poll, {4: going, 8: still}) == ["Still cloning: check status_url later"]
+    wrong_key = client.get(going["status_url"], headers={"Authorization": "Bearer wrong"}).json
+    assert routes_taken(poll, {4: going, 8: wrong_key}) == ["Failed: branch on error_code"]
+    assert routes_taken(poll, {4: going, 8: ready}) == ["Voice ready: use cloned_voice_item_id"]
 
 
 def test_the_n8n_workflow_waits_for_the_relays_callback():
     workflow = json.loads(N8N.read_text())
+    assert workflow["id"]  # `n8n import:workflow --input=<file>` needs one
     nodes = {node["name"]: node for node in workflow["nodes"]}
     types = [node["type"] for node in workflow["nodes"]]
     assert types == [
         "n8n-nodes-base.manualTrigger",
         "n8n-nodes-base.httpRequest",
+        "n8n-nodes-base.if",
         "n8n-nodes-base.wait",
+        "n8n-nodes-base.set",
         "n8n-nodes-base.if",
     ]
     for node in workflow["nodes"]:
@@ -79,18 +150,30 @@ def test_the_n8n_workflow_waits_for_the_relays_callback():
     http = nodes["Start the clone (relay)"]["parameters"]
     assert http["url"].endswith("/v1/voice-clones") and http["method"] == "POST"
     assert "callback_url: $execution.resumeUrl" in http["jsonBody"]
+    # a relay that refuses at once (401, 422) must reach the branch, not stop the workflow
+    assert http["options"]["response"]["response"]["neverError"] is True
     wait = nodes["Wait for the relay's callback"]["parameters"]
     assert (wait["resume"], wait["httpMethod"]) == ("webhook", "POST")
-    condition = nodes["Cloned?"]["parameters"]["conditions"]["conditions"][0]
-    assert condition["leftValue"] == "={{ $json.body.ok }}"
-    assert "ok" in ANSWER_FIELDS  # the callback body is the answer: body.ok is always there
-    chain = workflow["connections"]
-    order = []
-    name = "When clicking 'Test workflow'"
-    while name in chain:
-        name = chain[name]["main"][0][0]["node"]
-        order.append(name)
-    assert order == ["Start the clone (relay)", "Wait for the relay's callback", "Cloned?"]
+    assert wait["limitWaitTime"] is True and wait["limitType"] == "afterTimeInterval"
+    limit = wait["resumeAmount"] * {"minutes": 60, "hours": 3600}[wait["resumeUnit"]]
+    assert limit > Settings().ready_timeout_seconds
+    going = nodes["Still cloning?"]["parameters"]["conditions"]["conditions"][0]["leftValue"]
+    assert all(status in going for status in ("queued", "running", "processing"))
+    cloned = nodes["Cloned?"]["parameters"]["conditions"]["conditions"]
+    assert [c["leftValue"] for c in cloned] == ["={{ $json.ok }}", "={{ $json.status }}"]
+    assert cloned[1]["rightValue"] == "ready"
+    assert "ok" in ANSWER_FIELDS and "status" in ANSWER_FIELDS  # the answer always has both
+    chain = {
+        name: [[link["node"] for link in group] for group in links["main"]]
+        for name, links in workflow["connections"].items()
+    }
+    assert chain == {
+        "When clicking 'Test workflow'": [["Start the clone (relay)"]],
+        "Start the clone (relay)": [["Still cloning?"]],
+        "Still cloning?": [["Wait for the relay's callback"], ["The relay's answer"]],
+        "Wait for the relay's callback": [["The relay's answer"]],
+        "The relay's answer": [["Cloned?"]],
+    }
 
 
 N8N_BINARY = SPEC / "n8n" / "clone-voice-from-binary.json"
@@ -103,11 +186,18 @@ def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
         "n8n-nodes-base.manualTrigger",
         "n8n-nodes-base.readWriteFile",
         "n8n-nodes-base.httpRequest",
+        "n8n-nodes-base.if",
         "n8n-nodes-base.wait",
+        "n8n-nodes-base.set",
         "n8n-nodes-base.if",
     ]
     for node in workflow["nodes"]:
         assert "credentials" not in node
+    # After the upload, the same routing as the link workflow (immediate refusals, a bounded wait).
+    link = json.loads(N8N.read_text())
+    after = json.dumps([n["parameters"] for n in workflow["nodes"][3:]]).replace("7a2d3b20", "6f1c2a10")
+    assert after == json.dumps([n["parameters"] for n in link["nodes"][2:]])  # node ids aside
+    assert workflow["id"] != link["id"]
     http = next(node for node in workflow["nodes"] if node["type"] == "n8n-nodes-base.httpRequest")["parameters"]
     assert http["contentType"] == "multipart-form-data" and http["url"].endswith("/v1/voice-clones")
     parts = http["bodyParameters"]["parameters"]

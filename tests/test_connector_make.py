@@ -12,6 +12,7 @@ from jsonschema import Draft7Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
+from relay.errors import all_error_classes
 from relay.schemas import ANSWER_FIELDS, VoiceSchema
 
 from .conftest import RELAY_KEY
@@ -19,10 +20,10 @@ from .test_convert import MEDIA
 
 ROOT = Path(__file__).parent.parent
 MAKE = ROOT / "connector_spec" / "make"
-SCHEMAS = ROOT.parent / "shared" / "make-schemas"
+SCHEMAS = Path(__file__).parent / "vendor" / "make-schemas"
 BASE_URI = "https://make-schemas.invalid/"
 
-# Which of Make's schemas checks which file (the SDK's own file associations; see shared/make-schemas/README.md).
+# Which of Make's schemas checks which file (the SDK's own file associations; see tests/vendor/make-schemas/README.md).
 CHECKS = [
     (re.compile(r"\.communication\.iml\.json$"), "api.json"),
     (re.compile(r"\.(params|mappable-params|static-params|interface)\.iml\.json$"), "parameters.json"),
@@ -110,6 +111,36 @@ def test_the_app_waits_as_long_as_make_allows():
     assert clone["body"]["wait_seconds"] == 280  # under the 300 s timeout; the relay clamps to its own limit
     start = json.loads((MAKE / "modules/startVoiceClone/startVoiceClone.communication.iml.json").read_text())
     assert start["body"]["wait_seconds"] == 0 and "callback_url" in start["body"]
+
+
+@pytest.mark.parametrize(
+    ("code", "make_type"),
+    [
+        ("unauthorized", "InvalidAccessTokenError"),
+        ("upstream_unauthorized", "InvalidAccessTokenError"),
+        ("upstream_rate_limited", "RateLimitError"),
+        ("upstream_unavailable", "ConnectionError"),
+        ("upstream_timeout", "ConnectionError"),
+        ("token_unavailable", "ConnectionError"),
+        ("internal_error", "ConnectionError"),
+        ("voice_exists", "DuplicateDataError"),
+        ("upstream_payment_required", "InvalidConfigurationError"),
+        ("not_audio", "DataError"),
+        ("invalid_request", "DataError"),
+        ("job_not_found", "DataError"),
+    ],
+)
+def test_make_gets_an_error_type_per_relay_error(code, make_type):
+    """base.iml.json maps each HTTP status the relay answers to Make's error type, so an error handler can branch."""
+    error = json.loads((MAKE / "general" / "base.iml.json").read_text())["response"]["error"]
+    status = next(cls.http_status for cls in all_error_classes() if cls.error_code == code)
+    assert error[str(status)]["type"] == make_type
+    assert error[str(status)]["message"] == error["message"]
+
+
+def test_every_status_the_relay_answers_has_a_make_error_type():
+    error = json.loads((MAKE / "general" / "base.iml.json").read_text())["response"]["error"]
+    assert {str(cls.http_status) for cls in all_error_classes()} <= set(error)
 
 
 def test_the_connection_is_tested_against_an_auth_checking_endpoint(client):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from relay.settings import _SPECS
 
 from .conftest import AUDIO, AUDIO_HOST, RELAY_KEY, TOKEN, serve_file
 from .fake_useapi import FakeUseapi
+from .processes import stop, wait_until_answering
 
 ROOT = Path(__file__).parent.parent
 PG_URL = os.environ.get("RELAY_TEST_DATABASE_URL")
@@ -203,6 +203,113 @@ def test_relay_clone_of_a_url_goes_through_the_url_guard(audio_host):
     assert json.loads(refused.stdout)["error_code"] == "url_not_allowed"
 
 
+def test_relay_clone_without_a_token_says_which_token_is_missing(tmp_path):
+    env = {"USEAPI_TOKEN": "", "RELAY_API_KEY": ""}
+    result = run_relay("clone", str(AUDIO / "m4a_alac.m4a"), "--name", "x", env=env)
+    assert result.returncode == 1
+    answer = json.loads(result.stdout)
+    assert answer["error_code"] == "missing_upstream_token" and "--token" in answer["error_message"]
+
+
+def test_relay_clone_of_a_missing_file_says_so():
+    result = run_relay("clone", "no/such/voice.m4a", "--name", "x", "--dry-run", env={})
+    assert result.returncode == 1
+    answer = json.loads(result.stdout)
+    assert answer["error_code"] == "invalid_request"
+    assert "No file at 'no/such/voice.m4a'" in answer["error_message"]
+
+
+def test_relay_clone_refuses_what_the_api_refuses():
+    result = run_relay("clone", str(AUDIO / "m4a_alac.m4a"), "--name", "\u200b", "--dry-run", env={})
+    assert (result.returncode, json.loads(result.stdout)["error_code"]) == (1, "invalid_request")
+
+
+def test_the_command_line_needs_no_server_only_settings():
+    # A server token without RELAY_API_KEY would be an open relay: refused for `serve`, not for the shell.
+    env = {"USEAPI_TOKEN": "server-token-0000000000", "RELAY_API_KEY": ""}
+    result = run_relay("clone", str(AUDIO / "m4a_alac.m4a"), "--name", "x", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "validated"
+
+
+def test_relay_clone_waits_until_useapi_has_finished(tmp_path):
+    fake = FakeUseapi(TOKEN).start()
+    fake.ready_after_polls = 2
+    try:
+        env = {"USEAPI_BASE_URL": fake.base_url, "USEAPI_TOKEN": TOKEN, "RELAY_POLL_INTERVAL_SECONDS": "0.05"}
+        result = run_relay("clone", str(AUDIO / "m4a_alac.m4a"), "--name", "Slow", env=env)
+    finally:
+        fake.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["status"] == "ready"
+
+
+def test_relay_clone_still_processing_exits_3_and_says_how_to_follow_it():
+    fake = FakeUseapi(TOKEN).start()
+    fake.ready_after_polls = 3
+    try:
+        env = {"USEAPI_BASE_URL": fake.base_url, "USEAPI_TOKEN": TOKEN, "RELAY_POLL_INTERVAL_SECONDS": "0.05"}
+        result = run_relay("clone", str(AUDIO / "m4a_alac.m4a"), "--name", "Slow", "--wait", "0", env=env)
+        assert result.returncode == 3, result.stdout + result.stderr
+        answer = json.loads(result.stdout)
+        assert (answer["ok"], answer["status"]) == (True, "processing")
+        voice_id = answer["cloned_voice_item_id"]
+        assert f"relay voice {voice_id}" in answer["message"]
+        followed = run_relay("voice", voice_id, "--wait", "30", env=env)
+        assert followed.returncode == 0, followed.stdout + followed.stderr
+        assert json.loads(followed.stdout)["status"] == "ready"
+        gone = run_relay("voice", voice_id.replace("voice:", "voice:0"), env=env)
+    finally:
+        fake.stop()
+    answer = json.loads(gone.stdout)
+    assert (gone.returncode, answer["error_code"], answer["upstream_status"]) == (1, "voice_not_found", 404)
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        # (gunicorn itself parses WEB_CONCURRENCY before it loads the relay: see the README's settings)
+        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
+        ({"DATABASE_URL": "mysql://u@127.0.0.1/relay"}, "DATABASE_URL must start with"),
+        ({"DATABASE_URL": "postgres://u@127.0.0.1:9/relay"}, "cannot reach the database at 127.0.0.1:9"),
+    ],
+)
+def test_the_procfile_web_process_stops_with_one_line_before_listening(env, says, tmp_path):
+    command = ["gunicorn", "-c", "python:relay.gunicorn_conf", "relay:create_app()"]
+    env = {**os.environ, "PORT": str(free_port()), "RELAY_DATA_DIR": str(tmp_path), **env}
+    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    result = subprocess.run([gunicorn, *command[1:]], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "relay:" in line]
+    assert len(errors) == 1 and says in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "Listening" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"WEB_CONCURRENCY": "abc"}, "WEB_CONCURRENCY='abc' is invalid: expected a whole number"),
+        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
+        ({"RELAY_MAX_BYTES": "abc"}, "RELAY_MAX_BYTES='abc' is invalid: expected a whole number"),
+        ({"DATABASE_URL": "mysql://u@127.0.0.1/relay"}, "DATABASE_URL must start with"),
+    ],
+)
+def test_relay_serve_stops_with_one_line_naming_the_setting(env, says):
+    result = run_relay("serve", env={"PORT": str(free_port()), **env})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", [["serve"], ["migrate"], ["worker"]])
+def test_an_unreachable_database_is_one_line_naming_the_host(command, tmp_path):
+    env = {"DATABASE_URL": "postgres://relay@127.0.0.1:9/relay", "PORT": str(free_port())}
+    result = run_relay(*command, env=env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "cannot reach the database at 127.0.0.1:9" in result.stderr and "DATABASE_URL" in result.stderr
+    assert "listening" not in result.stderr
+
+
 # --- the Procfile, for real -----------------------------------------------------------------
 
 
@@ -227,13 +334,9 @@ class Honcho:
         )
 
     def terminate(self, timeout: float = 40) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout)
+            stop(self.process, timeout, group=True)
         finally:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
             self.log.close()
 
 
@@ -274,16 +377,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
     signed_url = serve_file(audio_host, "wav_pcm16_mono.wav", path="/v.wav") + "?X-Amz-Signature=sig-s3cr3t"
     first = Honcho(env, log)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the Procfile processes did not become ready:\n" + log.read_text())
+        wait_until_answering(base + "/readyz", first.process, log, ready=lambda r: r.status_code == 200)
         response = requests.post(
             base + "/v1/voice-clones",
             json={"audio_url": signed_url, "name": "Procfile", "wait_seconds": 0},
@@ -307,7 +401,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
                 answer = requests.get(status_url, headers={"Authorization": f"Bearer {RELAY_KEY}"}, timeout=2).json()
                 if answer["status"] in ("ready", "failed"):
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(0.2)
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 import time
 
 import pytest
@@ -16,15 +15,11 @@ from . import servers
 from .conftest import audio_bytes, serve_file
 
 
-def spool_files() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "relay-*.audio")))
-
-
 @pytest.fixture(autouse=True)
-def no_spool_left_behind():
-    before = spool_files()
+def no_spool_left_behind(settings):
+    """Every download here spools into the test's own folder (``settings.spool_dir``): it must be empty after."""
     yield
-    assert spool_files() - before == set()
+    assert glob.glob(os.path.join(settings.spool_dir, "*")) == []
 
 
 def test_download_streams_the_exact_bytes_to_a_spool_file(audio_host, settings):

@@ -24,7 +24,7 @@ from relay import db
 from relay.jobs import JobStore
 from relay.worker import Notifier
 
-from . import servers
+from . import processes, servers
 from .conftest import (
     AUDIO_HOST,
     HEADERS,
@@ -222,6 +222,40 @@ def test_a_callback_is_retried_until_the_receiver_is_up_and_verifies(
     assert json.loads(seen[-1].get_data())["cloned_voice_item_id"] == final.json["cloned_voice_item_id"]
 
 
+def test_a_callback_is_pending_while_the_job_runs(make_app, job_settings, fake, audio_host, receiver):
+    receiver.expect_request("/hook", method="POST").respond_with_data("", status=200)
+    fake.upload_delay = 0.5
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = post(client, {"audio_url": url, "name": "Hooked", "callback_url": receiver.url_for("/hook")})
+    # answered at once, from the job as it was created: not ended, its callback still to come
+    assert (response.status_code, response.json["callback_status"]) == (202, "pending")
+    path = f"/v1/voice-clones/{response.json['job_id']}"
+    wait_until(lambda: client.get(path, headers=HEADERS).json["callback_status"] == "delivered")
+
+
+def test_the_first_callback_waits_the_first_delay_after_the_job_was_created(
+    make_app, job_settings, fake, audio_host, receiver
+):
+    """A caller that has just got its 202 (n8n saving its waiting execution) must be ready before the callback."""
+    arrived: list[float] = []
+
+    def hook(request: Request) -> Response:
+        arrived.append(time.time())
+        return Response("", status=200)
+
+    receiver.expect_request("/hook", method="POST").respond_with_handler(hook)
+    client = make_app(job_settings.replace(callback_first_delay_seconds=1.0)).test_client()
+    # not audio: the job fails within milliseconds, long before the first delay is over
+    url = serve_file(audio_host, "drive_interstitial.html")
+    before = time.time()
+    response = post(client, {"audio_url": url, "name": "Quick failure", "callback_url": receiver.url_for("/hook")})
+    assert response.status_code == 202
+    path = f"/v1/voice-clones/{response.json['job_id']}"
+    wait_until(lambda: client.get(path, headers=HEADERS).json["callback_status"] == "delivered")
+    assert len(arrived) == 1 and arrived[0] - before >= 1.0
+
+
 def test_a_410_stops_callback_retries(make_app, job_settings, fake, audio_host, receiver):
     receiver.expect_request("/gone").respond_with_data("", status=410)
     client = make_app(job_settings).test_client()
@@ -360,15 +394,14 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
+        self.process.wait()
         self.log.close()
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-        self.log.close()
-        return self.process.returncode
+        try:
+            return processes.stop(self.process)  # SIGTERM; SIGKILL only if it hangs (then not 0)
+        finally:
+            self.log.close()
 
 
 @pytest.mark.parametrize("phase", ["download", "upload", "polling", "callback"])

@@ -46,10 +46,15 @@ def test_the_document_is_valid_openapi_3_1():
     validate(document)
 
 
-def test_the_app_serves_the_document(client):
-    response = client.get("/openapi.json")
+def test_the_app_serves_the_document_naming_itself_as_the_server(client):
+    response = client.get("/openapi.json", base_url="https://relay.example.com")
     assert response.status_code == 200
-    assert response.json == generated()
+    served = [{"url": "https://relay.example.com", "description": "this relay"}]
+    assert response.json == {**generated(), "servers": served}
+
+
+def test_the_committed_document_names_a_server():
+    assert generated()["servers"][0]["url"].startswith("http")
 
 
 @pytest.mark.parametrize(

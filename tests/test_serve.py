@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
 from .conftest import AUDIO_HOST, RELAY_KEY, serve_file
+from .processes import stop, wait_until_answering
 
 
 def free_port() -> int:
@@ -36,22 +36,16 @@ def served(useapi, tmp_path):
         "WEB_CONCURRENCY": "1",
         "RELAY_DATA_DIR": str(tmp_path / "data"),
     }
-    process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(relay_command("serve"), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            requests.get(base + "/healthz", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("relay serve did not start: " + process.communicate()[0].decode())
-    yield base
-    process.terminate()
-    output = process.communicate(timeout=30)[0].decode()
-    assert RELAY_KEY not in output
+            base = f"http://127.0.0.1:{port}"
+            wait_until_answering(base + "/healthz", process, log_path)
+            yield base
+        finally:
+            stop(process)
+    assert RELAY_KEY not in log_path.read_text()
 
 
 def test_relay_serve_answers_a_dry_run_over_http(served, audio_host):

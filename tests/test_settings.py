@@ -40,7 +40,14 @@ def test_values_are_parsed_and_typed():
     ("env", "says"),
     [
         ({"USEAPI_TOKEN": "t" * 20}, "RELAY_API_KEY"),
-        ({"RELAY_MAX_BYTES": "lots"}, "RELAY_MAX_BYTES='lots' is invalid"),
+        ({"RELAY_MAX_BYTES": "lots"}, "RELAY_MAX_BYTES='lots' is invalid: expected a whole number"),
+        ({"RELAY_MIN_SECONDS": "soon"}, "RELAY_MIN_SECONDS='soon' is invalid: expected a number"),
+        ({"WEB_CONCURRENCY": "abc"}, "WEB_CONCURRENCY='abc' is invalid: expected a whole number"),
+        ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY must be at least 1"),
+        ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
+        ({"RELAY_THREADS": "many"}, "RELAY_THREADS='many' is invalid"),
+        ({"DATABASE_URL": "mysql://u:p@db/relay"}, "DATABASE_URL must start with postgres://"),
+        ({"RELAY_SPOOL_DIR": "/nonexistent/spool"}, "RELAY_SPOOL_DIR"),
         ({"RELAY_MAX_BYTES": "0"}, "RELAY_MAX_BYTES must be at least 1"),
         ({"PORT": "70000"}, "PORT must be at most 65535"),
         ({"RELAY_ALLOWED_NETWORKS": "not-a-cidr"}, "RELAY_ALLOWED_NETWORKS"),
@@ -51,9 +58,23 @@ def test_values_are_parsed_and_typed():
 )
 def test_bad_values_stop_with_one_clear_line(env, says):
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env(env)
+        Settings.from_env(env).check_serving()
     assert says in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_server_token_without_a_key_is_refused_only_for_serving():
+    settings = Settings.from_env({"USEAPI_TOKEN": "t" * 20})  # fine for the CLI: it serves nothing
+    with pytest.raises(SettingsError, match="RELAY_API_KEY"):
+        settings.check_serving()
+
+
+@pytest.mark.parametrize(
+    ("env", "workers"),
+    [({}, 1), ({"DATABASE_URL": "postgres://u@h/d"}, 2), ({"WEB_CONCURRENCY": "5"}, 5)],
+)
+def test_gunicorn_processes_follow_web_concurrency_or_the_database(env, workers):
+    assert Settings.from_env(env).gunicorn_workers() == workers
 
 
 def test_secrets_never_appear_in_repr_or_description():
@@ -67,8 +88,11 @@ def test_secrets_never_appear_in_repr_or_description():
 def test_a_malformed_secret_is_not_echoed_in_the_error():
     # A secret never fails to parse, but the error path masks any secret value regardless.
     with pytest.raises(SettingsError) as caught:
-        Settings.from_env({"USEAPI_TOKEN": "tok-secret-value-1234"})
+        Settings.from_env({"USEAPI_TOKEN": "tok-secret-value-1234"}).check_serving()
     assert "tok-secret-value-1234" not in str(caught.value)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"DATABASE_URL": "mysql://relay:db-pass-5678@db.example/relay"})
+    assert "db-pass-5678" not in str(caught.value)
 
 
 def test_settings_are_frozen():

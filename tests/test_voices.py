@@ -142,6 +142,7 @@ def test_an_unknown_voice_is_404(client, useapi):
     )
     response = client.get(f"/v1/voices/{voice_id}", headers=AUTH)
     assert (response.status_code, response.json["error_code"]) == (404, "voice_not_found")
+    assert response.json["upstream_status"] == 404
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,195 @@
+"""Runner: durable work done by threads — claim a due job with a lease, keep the lease alive,
+hand the job to a handler, and keep the process's heartbeat. It knows nothing of voices.
+
+A handler is built per worker thread (``make_handler(worker_id)``) and has ``process(job)``,
+which moves the job one step and writes its outcome, and ``crashed(job)``, called when
+``process`` raised something unexpected. Every write a handler makes is guarded by the lease
+(see :class:`relay.jobs.JobStore`); when it finds the lease gone it raises :class:`LeaseLost` and
+the runner drops the job: whoever holds it now goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .jobs import Job, JobStore
+from .settings import Settings
+
+log = logging.getLogger("relay.worker")
+
+
+class LeaseLost(Exception):
+    """Another worker holds this job now: stop touching it."""
+
+
+class Handler(Protocol):
+    def process(self, job: Job) -> None: ...
+
+    def crashed(self, job: Job) -> None: ...
+
+
+class Notifier:
+    """Wakes waiting requests and idle workers in this process when a job changes."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._work = threading.Condition()
+        self.generation = 0  # how many changes so far: read it before looking at a job
+
+    def job_changed(self) -> None:
+        with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float, since: int) -> None:
+        """Wait for a change after ``since`` (a :attr:`generation` read earlier): return at once
+        if one already happened, so a change between the read and the wait is not missed."""
+        with self._changed:
+            if self.generation == since:
+                self._changed.wait(timeout)
+
+    def work_arrived(self, everyone: bool = False) -> None:
+        """Wake one idle worker (all of them when stopping): one new job needs one worker."""
+        with self._work:
+            if everyone:
+                self._work.notify_all()
+            else:
+                self._work.notify()
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._work:
+            self._work.wait(timeout)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Renewal:
+    """Renews a lease every third of its length while a step runs."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, seconds: float):
+        self.store, self.job_id, self.owner, self.seconds = store, job_id, owner, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{job_id[:8]}")
+
+    def __enter__(self) -> Renewal:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if not self.store.renew(self.job_id, self.owner, self.seconds):
+                    return
+            except Exception:
+                log.exception("lease renewal failed", extra={"fields": {"job_id": self.job_id}})
+
+
+class Pool:
+    """N worker threads in this process, plus a heartbeat and periodic clean-up.
+
+    The pool's id is the process's name in the heartbeat table; jobs whose token is held in this
+    process's memory are claimed only by it (``holder``)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        notifier: Notifier,
+        threads: int,
+        make_handler: Callable[[str], Handler],
+        hourly: Callable[[], Any] | None = None,
+    ):
+        self.store, self.settings, self.notifier = store, settings, notifier
+        self.id = new_worker_id()
+        self.handlers = {f"{self.id}-{n}": make_handler(f"{self.id}-{n}") for n in range(threads)}
+        self._hourly = hourly
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> Pool:
+        # Alive before the first job is accepted, so no other process takes this one's jobs for orphans.
+        self.store.heartbeat(self.id)
+        for worker_id, handler in self.handlers.items():
+            thread = threading.Thread(
+                target=self._loop, args=(worker_id, handler), daemon=True, name=f"relay-{worker_id}"
+            )
+            thread.start()
+            self._threads.append(thread)
+        beat = threading.Thread(target=self._housekeeping, daemon=True, name="relay-heartbeat")
+        beat.start()
+        self._threads.append(beat)
+        return self
+
+    def stop(self, timeout: float = 25.0) -> bool:
+        """Stop claiming; let running steps end within ``timeout``. True when all threads ended."""
+        self._stop.set()
+        self.notifier.work_arrived(everyone=True)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        stopped = not any(thread.is_alive() for thread in self._threads)
+        if stopped:  # gone for good: jobs whose token was in this process's memory are for others to end
+            try:
+                self.store.forget_heartbeat(self.id)
+            except Exception:  # noqa: BLE001 - then they wait until the heartbeat is stale
+                log.warning("could not remove the heartbeat", exc_info=True)
+        return stopped
+
+    def run_once(self, worker_id: str, handler: Handler) -> bool:
+        """Claim and process one due job; False when there was none."""
+        settings = self.settings
+        job = self.store.claim(
+            worker_id,
+            settings.lease_seconds,
+            settings.account_concurrency,
+            holder=self.id,
+            queue_timeout=settings.queue_timeout_seconds,
+        )
+        if job is None:
+            return False
+        log.info("job claimed", extra={"fields": {"job_id": job.id, "phase": job.phase, "worker": worker_id}})
+        with Renewal(self.store, job.id, worker_id, settings.lease_seconds):
+            try:
+                handler.process(job)
+            except LeaseLost:
+                log.warning("lease lost", extra={"fields": {"job_id": job.id, "worker": worker_id}})
+            except Exception:
+                log.exception("job step crashed", extra={"fields": {"job_id": job.id, "phase": job.phase}})
+                handler.crashed(job)
+        self.notifier.job_changed()
+        return True
+
+    def _loop(self, worker_id: str, handler: Handler) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once(worker_id, handler)
+            except Exception:  # a database hiccup: back off, never die
+                log.exception("worker loop error", extra={"fields": {"worker": worker_id}})
+                busy = False
+            if not busy and not self._stop.is_set():
+                self.notifier.wait_for_work(self.settings.idle_poll_seconds)
+
+    def _housekeeping(self) -> None:
+        last_hourly = 0.0
+        while not self._stop.is_set():
+            try:
+                self.store.heartbeat(self.id)
+                if self._hourly is not None and time.monotonic() - last_hourly > 3600:
+                    self._hourly()
+                    last_hourly = time.monotonic()
+            except Exception:
+                log.exception("heartbeat failed")
+            self._stop.wait(5)

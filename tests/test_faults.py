@@ -1,0 +1,468 @@
+"""When the world misbehaves: lost and unreadable upstream answers, dripping peers, stalled leases,
+two accounts, two processes, a full disk. Every case ends with the right error_code or the adopted
+voice, and never with a second upload for one job. Job cases run on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import requests
+from sqlalchemy import func, select, text, update
+
+from relay import db
+from relay.db import utcnow
+
+from . import servers
+from .conftest import (
+    AUDIO_HOST,
+    HEADERS,
+    RELAY_KEY,
+    TOKEN,
+    audio_bytes,
+    post,
+    serve_file,
+    wait_until,
+)
+
+UPLOAD_HELD = 1.0  # the stand-in holds an upload this long; the relay gives up waiting sooner
+
+
+def clone_and_wait(client, body: dict, timeout: float = 20.0, headers=None) -> dict:
+    """POST a clone, then follow its status_url until the job ends; the final answer."""
+    first = post(client, {"wait_seconds": 0, **body}, headers)
+    assert first.status_code in (200, 202), first.json
+    job_id = first.json["job_id"]
+
+    def ended():
+        answer = client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS).json
+        return answer if answer["status"] in ("ready", "failed", "validated") else None
+
+    return wait_until(ended, timeout=timeout)
+
+
+@pytest.fixture
+def lossy(job_settings):
+    """Settings where an upload's answer is lost: the relay stops waiting before useapi answers."""
+    return job_settings.replace(
+        upload_timeout=UPLOAD_HELD / 3, reconcile_grace_seconds=0.05, ready_timeout_seconds=4, poll_interval_seconds=0.1
+    )
+
+
+# --- lost and unreadable upload answers ---------------------------------------------------------
+
+
+def test_a_lost_answer_adopts_the_voice_listed_only_once_ready_without_its_name(make_app, lossy, fake, audio_host):
+    fake.upload_delay = UPLOAD_HELD  # the body arrives, the answer comes after the relay gave up
+    fake.unnamed = True  # the rename never ran
+    fake.ready_after_seconds = 1.5  # and the list shows the voice only once it is ready
+    client = make_app(lossy).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Lost"})
+    assert (answer["status"], answer["error_code"]) == ("ready", None)
+    assert answer["cloned_voice_item_id"] in fake.voices
+    assert any("found and adopted" in w for w in answer["warnings"])
+    assert fake.upload_count() == 1
+    assert fake.list_calls >= 2  # looked, found nothing yet, looked again: never uploaded again
+
+
+def test_a_lost_answer_with_no_voice_ever_ends_upload_unconfirmed(make_app, lossy, fake, audio_host):
+    fake.upload_delay = UPLOAD_HELD
+    fake.ready_after_seconds = 3600  # never listed within the window
+    client = make_app(lossy.replace(ready_timeout_seconds=2)).test_client()
+    started = time.monotonic()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Ghost"})
+    assert (answer["status"], answer["error_code"]) == ("failed", "upload_unconfirmed")
+    assert "GET /v1/voices?name=Ghost" in answer["error_message"]
+    assert fake.upload_count() == 1
+    assert time.monotonic() - started < 10  # the window (2 s) bounds it
+
+
+def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app, job_settings, audio_host):
+    with servers.RawServer(servers.takes_body_then_resets(), host="127.0.0.1") as upstream:
+        settings = job_settings.replace(
+            useapi_base_url=upstream.url("/v1"), ready_timeout_seconds=1.5, reconcile_grace_seconds=0.05
+        )
+        client = make_app(settings).test_client()
+        answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Reset"})
+        seen = list(upstream.requests)
+    assert answer["error_code"] == "upload_unconfirmed"
+    # one upload; every other request was a look at the voice list (reset too)
+    assert sum(1 for entry in seen if entry.startswith(b"POST")) == 1
+    assert sum(1 for entry in seen if entry.startswith(b"GET")) >= 1
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "kind"),
+    [
+        (200, "<html><body>Bad gateway</body></html>", "text/html"),
+        (200, "{}", "application/json"),
+        (202, '{"message": "still processing"}', "application/json"),
+        (502, "<html>proxy error</html>", "text/html"),
+    ],
+    ids=["html-200", "empty-200", "202-without-id", "proxy-502"],
+)
+def test_an_unreadable_upload_answer_is_never_success_and_never_resent(
+    make_app, lossy, fake, audio_host, status, text, kind
+):
+    fake.upload_answer = (status, text, kind)  # the voice was made; the answer does not say so
+    client = make_app(lossy).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Odd"})
+    assert fake.upload_count() == 1
+    assert answer["status"] == "ready" and answer["cloned_voice_item_id"] in fake.voices  # found, adopted
+
+
+def test_an_unreadable_answer_with_no_voice_is_upload_unconfirmed_not_success(make_app, lossy, fake, audio_host):
+    fake.upload_answer = (200, "{}", "application/json")
+    fake.ready_after_seconds = 3600
+    client = make_app(lossy.replace(ready_timeout_seconds=1.5)).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Odd"})
+    assert (answer["ok"], answer["error_code"], answer["cloned_voice_item_id"]) == (False, "upload_unconfirmed", None)
+    assert fake.upload_count() == 1
+
+
+# --- strict parsing of lists and look-ups -------------------------------------------------------
+
+GARBAGE_LISTS = [
+    (200, "<html>maintenance</html>", "text/html"),
+    (200, '{"records": "none"}', "application/json"),
+    (200, '{"records": [{"name": "no id"}], "hasNext": false}', "application/json"),
+    (200, "[]", "application/json"),
+]
+
+
+@pytest.mark.parametrize(("status", "text", "kind"), GARBAGE_LISTS)
+def test_a_garbage_voice_list_is_an_error_never_no_voices(make_app, job_settings, fake, status, text, kind):
+    fake.list_answer = (status, text, kind)
+    client = make_app(job_settings).test_client()
+    response = client.get("/v1/voices", headers=HEADERS)
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
+    assert response.json["ok"] is False
+
+
+def test_if_exists_reuse_with_a_garbage_list_fails_without_uploading(make_app, job_settings, fake, audio_host):
+    fake.list_answer = GARBAGE_LISTS[0]
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    answer = clone_and_wait(client, {"audio_url": url, "name": "Maybe", "if_exists": "reuse"})
+    assert answer["error_code"] == "upstream_invalid_answer"
+    assert fake.upload_count() == 0
+
+
+def test_a_token_echoed_in_a_long_message_never_leaks(make_app, job_settings, fake, audio_host):
+    fake.refusals = [(400, {})]
+    # cut at 300 characters before scrubbing, the message would end with the token's first 12
+    fake.refusal_body = {"error": "x" * 280 + f" token: {TOKEN}", "code": 400}
+    client = make_app(job_settings).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Echo"})
+    assert answer["error_code"] == "upstream_rejected"
+    assert TOKEN[:12] not in json.dumps(answer)
+
+
+def test_a_huge_retry_after_is_capped(make_app, job_settings, fake, audio_host):
+    fake.refusals = [(429, {"Retry-After": "999999999"})]
+    app = make_app(job_settings.replace(max_retry_after_seconds=0.5))
+    answer = clone_and_wait(app.test_client(), {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "R"})
+    assert answer["status"] == "ready"
+    engine = app.extensions["relay.runtime"].engine
+    with engine.connect() as conn:
+        until = conn.scalar(select(func.max(db.accounts.c.backoff_until)))
+    assert until is not None and until < utcnow() + timedelta(seconds=60)
+
+
+# --- leases -------------------------------------------------------------------------------------
+
+
+def test_an_upload_answer_after_the_lease_was_lost_is_recorded_and_never_resent(
+    make_app, job_settings, fake, audio_host
+):
+    fake.upload_delay = 1.5
+    app = make_app(job_settings.replace(upload_timeout=10, lease_seconds=30, reconcile_grace_seconds=0.05))
+    store = app.extensions["relay.runtime"].store
+    client = app.test_client()
+    job_id = post(
+        client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Slow", "wait_seconds": 0}
+    ).json["job_id"]
+    wait_until(lambda: store.get(job_id).body_sent_at is not None)
+    # The database stalls past the lease: another worker takes the job while the upload runs.
+    with store.engine.begin() as conn:
+        conn.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(lease_expires_at=utcnow() - timedelta(1)))
+    intruder = store.claim("intruder", 30)
+    assert intruder is not None and intruder.id == job_id and intruder.phase == "uploading"
+    # The first worker's answer arrives late: it is recorded, and the intruder's lease is gone.
+    job = wait_until(lambda: (j := store.get(job_id)).terminal and j)
+    assert job.answer["status"] == "ready" and job.cloned_voice_item_id in fake.voices
+    assert not store.update(job_id, "intruder", attempts=99)
+    assert fake.upload_count() == 1
+
+
+# --- dripping peers -----------------------------------------------------------------------------
+
+
+def test_an_audio_host_dripping_its_headers_is_cut_off_at_the_download_deadline(make_app, job_settings, fake):
+    with servers.RawServer(servers.drips_headers(0.2)) as host:
+        client = make_app(job_settings.replace(download_timeout=1.5)).test_client()
+        started = time.monotonic()
+        answer = clone_and_wait(client, {"audio_url": host.url("/voice.wav"), "name": "Drip"})
+    assert answer["error_code"] == "download_failed"
+    assert "RELAY_DOWNLOAD_TIMEOUT" in answer["error_message"]
+    assert time.monotonic() - started < 8
+    assert fake.upload_count() == 0
+
+
+def test_a_useapi_dripping_its_answer_is_cut_off_and_reconciled(make_app, job_settings, audio_host, fake):
+    with servers.RawServer(servers.drips_headers(0.2), host="127.0.0.1") as upstream:
+        settings = job_settings.replace(
+            useapi_base_url=upstream.url("/v1"), upload_timeout=1, ready_timeout_seconds=1, read_timeout=1
+        )
+        client = make_app(settings).test_client()
+        started = time.monotonic()
+        answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "D"})
+    assert answer["error_code"] == "upload_unconfirmed"
+    assert time.monotonic() - started < 10
+
+
+def test_a_dripping_callback_receiver_is_a_failed_attempt(make_app, job_settings, fake, audio_host):
+    with servers.RawServer(servers.drips_headers(0.2)) as receiver:
+        settings = job_settings.replace(callback_timeout=0.8, callback_schedule=(0.1,), callback_first_delay_seconds=0)
+        app = make_app(settings)
+        store = app.extensions["relay.runtime"].store
+        url = serve_file(audio_host, "wav_pcm16_mono.wav")
+        job_id = post(app.test_client(), {"audio_url": url, "name": "Cb", "callback_url": receiver.url("/hook")}).json[
+            "job_id"
+        ]
+        job = wait_until(lambda: (j := store.get(job_id)).callback_status == "given_up" and j, timeout=20)
+    assert job.callback_attempts == 2
+    assert "no whole answer within 0.8 s" in job.callback_last_error
+    assert job.callback_url == receiver.url("/hook")  # kept, without any query
+
+
+# --- accounts -----------------------------------------------------------------------------------
+
+
+def test_the_same_idempotency_key_from_two_accounts_makes_two_jobs(make_app, job_settings, fake, audio_host):
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    key = {"Idempotency-Key": "order-42"}
+    first = post(client, {"audio_url": url, "name": "Mine", "user_id": "111"}, key)
+    second = post(client, {"audio_url": url, "name": "Theirs", "user_id": "222"}, key)  # another body: no 422
+    assert first.status_code == second.status_code == 200, (first.json, second.json)
+    assert first.json["job_id"] != second.json["job_id"]
+    assert first.json["cloned_voice_item_id"] != second.json["cloned_voice_item_id"]
+    again = post(client, {"audio_url": url, "name": "Mine", "user_id": "111"}, key)
+    assert again.json["job_id"] == first.json["job_id"]  # within one account, the key still holds
+    assert fake.upload_count() == 2
+
+
+def test_concurrent_reuse_requests_for_one_name_make_one_voice(make_app, job_settings, fake, audio_host):
+    fake.upload_delay = 0.5
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    answers: list[dict] = []
+
+    def one(if_exists: str) -> None:
+        answers.append(post(client, {"audio_url": url, "name": "Shared", "if_exists": if_exists}).json)
+
+    threads = [threading.Thread(target=one, args=("reuse" if n % 2 else "fail",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 8
+    assert fake.upload_count() == 1
+    ids = {a["cloned_voice_item_id"] for a in answers if a["status"] == "ready"}
+    assert len(ids) == 1
+    assert len({a["job_id"] for a in answers}) == 1 or all(a["status"] == "ready" for a in answers)
+
+
+# --- several processes ----------------------------------------------------------------------------
+
+
+def test_per_request_tokens_work_with_two_gunicorn_processes_without_a_secret_key(
+    job_settings, fake, audio_host, tmp_path
+):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": job_settings.database_url,
+        "RELAY_DATA_DIR": str(tmp_path),
+        "RELAY_API_KEY": RELAY_KEY,
+        "USEAPI_BASE_URL": fake.base_url,
+        "RELAY_ALLOWED_NETWORKS": f"{AUDIO_HOST}/32",
+        "RELAY_IDLE_POLL_SECONDS": "0.05",
+        "WEB_CONCURRENCY": "2",
+        "PORT": str(port),
+        "RELAY_BIND_HOST": "127.0.0.1",
+    }
+    env.pop("RELAY_SECRET_KEY", None)
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:relay.gunicorn_conf", "relay:create_app()"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base + "/healthz"), timeout=60, interval=0.2)
+        url = serve_file(audio_host, "wav_pcm16_mono.wav")
+        headers = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+        with requests.Session() as session:
+            results = [
+                session.post(
+                    base + "/v1/voice-clones",
+                    json={"audio_url": url, "name": f"p{n}", "wait_seconds": 15},
+                    headers=headers,
+                    timeout=30,
+                )
+                for n in range(12)
+            ]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(40)
+        log.close()
+    codes = [(r.status_code, r.json()["error_code"]) for r in results]
+    assert codes == [(200, None)] * 12, codes
+    assert fake.upload_count() == 12
+    pids = (tmp_path / "gunicorn.log").read_text().count("Booting worker")
+    assert pids == 2
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+# --- the relay's own faults -------------------------------------------------------------------------
+
+
+def test_an_unusable_spool_directory_is_storage_full_and_logged(
+    make_app, job_settings, fake, audio_host, tmp_path, caplog
+):
+    not_a_folder = tmp_path / "spool"
+    not_a_folder.write_text("a file where the spool folder should be")
+    client = make_app(job_settings.replace(spool_dir=str(not_a_folder))).test_client()
+    with caplog.at_level(logging.ERROR, logger="relay.fetch"):
+        answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Disk"})
+    assert answer["error_code"] == "storage_full"
+    assert "not your link" in answer["error_message"]
+    assert any(getattr(r, "fields", {}).get("path") == str(not_a_folder) for r in caplog.records)
+    assert fake.upload_count() == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root, as CI has): the spool fills it mid-download."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_storage_full_not_a_broken_link(make_app, job_settings, fake, audio_host, tiny_disk):
+    client = make_app(job_settings.replace(spool_dir=str(tiny_disk))).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm24_stereo.wav"), "name": "Full"})
+    assert answer["error_code"] == "storage_full"
+    assert not any(tiny_disk.iterdir())  # the partial spool file was removed
+    assert fake.upload_count() == 0
+
+
+# --- the public base of status_url ----------------------------------------------------------------
+
+
+def test_x_forwarded_host_is_ignored_unless_the_operator_trusts_it(make_app, job_settings, audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    spoof = {"X-Forwarded-Host": "evil.example"}
+    plain = make_app(job_settings).test_client()
+    body = {"audio_url": url, "name": "Host", "dry_run": True}
+    assert "evil.example" not in post(plain, body, spoof).json["status_url"]
+    trusting = make_app(job_settings.replace(trust_forwarded_host=True)).test_client()
+    assert post(trusting, body, spoof).json["status_url"].startswith("http://evil.example/")
+
+
+def test_a_callback_url_resolving_to_a_private_address_is_refused_at_once(make_app, job_settings):
+    client = make_app(job_settings).test_client()
+    url = "https://example.com/a.wav"
+    for callback in ("http://localhost:5678/webhook-waiting/1", "http://127.0.0.1/hook", "http://10.1.2.3/x"):
+        response = post(client, {"audio_url": url, "name": "x", "callback_url": callback})
+        assert (response.status_code, response.json["error_code"]) == (422, "url_not_allowed"), callback
+        assert response.json["error_message"].startswith("callback_url:")
+
+
+def test_signed_queries_are_not_kept_once_the_job_no_longer_needs_them(make_app, job_settings, fake, audio_host):
+    audio_host.expect_request("/signed.wav").respond_with_data(audio_bytes("wav_pcm16_mono.wav"))
+    app = make_app(job_settings)
+    client = app.test_client()
+    answer = clone_and_wait(
+        client, {"audio_url": audio_host.url_for("/signed.wav") + "?X-Amz-Signature=s3cr3t", "name": "Signed"}
+    )
+    assert answer["status"] == "ready"
+    engine = app.extensions["relay.runtime"].engine
+    with engine.connect() as conn:
+        stored = " ".join(str(v) for row in conn.execute(text("SELECT * FROM jobs")) for v in row)
+    assert "s3cr3t" not in stored
+
+
+def test_readyz_notices_a_database_that_went_away(make_app, job_settings):
+    if not job_settings.database_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL server that goes away")
+    admin = db.connect(db.database_url(job_settings.database_url, ""))
+    name = "relay_readyz_gone"
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = job_settings.database_url.rsplit("/", 1)[0] + "/" + name
+    client = make_app(job_settings.replace(database_url=url)).test_client()
+    wait_until(lambda: client.get("/readyz").status_code == 200)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "database unreachable" in response.json["problems"]
+
+
+def test_one_accounts_dripping_links_do_not_hold_up_another_account(make_app, job_settings, fake, audio_host):
+    # Three workers, at most two per account: account A's three dripping links can hold two workers
+    # until the download deadline, never the third.
+    settings = job_settings.replace(inprocess_workers=3, account_concurrency=2, download_timeout=3)
+    app = make_app(settings)
+    client = app.test_client()
+    store = app.extensions["relay.runtime"].store
+    with servers.RawServer(servers.drips_headers(0.2)) as slow:
+        stuck = [
+            post(client, {"audio_url": slow.url(f"/{n}.wav"), "name": f"a{n}", "user_id": "A", "wait_seconds": 0}).json[
+                "job_id"
+            ]
+            for n in range(3)
+        ]
+        wait_until(lambda: slow.connections >= 2)
+        other = post(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "b", "user_id": "B"})
+        assert (other.status_code, other.json["status"]) == (200, "ready")
+        assert not any(store.get(job_id).terminal for job_id in stuck)  # A's links are still dripping
+        finished = wait_until(lambda: all((j := store.get(i)).terminal for i in stuck) and j, timeout=40)
+    assert finished
+    assert {store.get(i).answer["error_code"] for i in stuck} == {"download_failed"}
