@@ -118,6 +118,10 @@ class Settings:
                     f"DATABASE_URL must start with postgres://, postgresql:// or sqlite:/// (got {scheme or 'no'} "
                     "scheme): the relay runs on PostgreSQL or SQLite only"
                 )
+        if self.spool_dir and not _can_be_folder(self.spool_dir):
+            raise SettingsError(
+                f"RELAY_SPOOL_DIR={self.spool_dir!r} is not a folder and cannot become one: name a folder, or unset it"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         return self
@@ -170,6 +174,14 @@ def _seconds_list(raw: str) -> tuple[float, ...]:
     if any(value < 0 for value in values):
         raise ValueError("delays must not be negative")
     return values
+
+
+def _can_be_folder(path: str) -> bool:
+    """True when ``path`` is a folder, or the nearest existing part of it is (so it can be made)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path)
 
 
 def _boolean(raw: str) -> bool:
