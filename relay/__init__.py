@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import api, logs
+    from . import api, logs, web
     from .runtime import Runtime
 
     settings = (Settings.from_env() if settings is None else settings.validated()).check_serving()
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
         settings, settings.inprocess_workers if workers is None else workers
     )
     api.register(app)
+    web.register(app)  # the start page and the console
     return app
 
 

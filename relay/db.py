@@ -101,6 +101,17 @@ heartbeats = Table(
     Column("seen_at", DateTime, nullable=False),
 )
 
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), nullable=False),
+    Column("at", DateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("detail", Text, nullable=True),  # plain words: never a token, a key or a URL's query
+    Index("ix_job_events_job_id", "job_id", "id"),
+)
+
 # Files sent in the request body (multipart or raw), kept until their job no longer needs them, so
 # that any worker process can work the job (relay/uploads.py).
 uploads = Table(
@@ -191,6 +202,12 @@ def scoped_key(account_key: str | None, idempotency_key: str) -> str:
 
 
 def _v5(conn: Connection) -> None:
+    # The timeline of each job that the console shows (relay/events.py).
+    metadata.create_all(conn, tables=[job_events])
+
+
+def _v6(conn: Connection) -> None:
+    # Recordings sent in the request body, until their job no longer needs them (relay/uploads.py).
     metadata.create_all(conn, tables=[uploads, upload_chunks])
 
 
@@ -199,7 +216,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "per-account fairness, limits and back-off", _v2),
     (3, "indexes for queue positions and leases", _v3),
     (4, "uploads that may have been taken, pinned tokens, per-account keys and names", _v4),
-    (5, "uploaded files, stored in chunks until their job is done with them", _v5),
+    (5, "job events: each job's timeline", _v5),
+    (6, "uploaded files, stored in chunks until their job is done with them", _v6),
 ]
 LATEST = MIGRATIONS[-1][0]
 

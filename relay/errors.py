@@ -229,6 +229,17 @@ class QueueTimeout(RelayError):
     error_code, http_status = "queue_timeout", 503
 
 
+# The console (relay/web): only its pages answer these
+class CsrfFailed(RelayError):
+    error_code, http_status = "csrf_failed", 403
+    default_message = "The form's security token is missing or expired: reload the page and send the form again."
+
+
+class LoginRateLimited(RelayError):
+    error_code, http_status = "login_rate_limited", 429
+    default_message = "Too many wrong keys from this address: wait a few minutes, then try again."
+
+
 def all_error_classes() -> list[type[RelayError]]:
     """Every concrete error class, root included, for docs and tests."""
     found: list[type[RelayError]] = []

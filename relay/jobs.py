@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import accounts, heartbeats, jobs, reader, utcnow
+from .db import accounts, heartbeats, job_events, jobs, reader, utcnow
 
 log = logging.getLogger("relay.jobs")
 
@@ -535,9 +535,30 @@ class JobStore:
     def purge(self, older_than: datetime) -> int:
         """Delete finished jobs (callbacks settled) completed before ``older_than``; the count."""
         settled = or_(jobs.c.callback_status.is_(None), jobs.c.callback_status.in_((DELIVERED, GIVEN_UP)))
+        done = and_(jobs.c.phase.in_(TERMINAL), settled, jobs.c.completed_at < older_than)
         with self.engine.begin() as conn:
-            gone = conn.execute(
-                delete(jobs).where(jobs.c.phase.in_(TERMINAL), settled, jobs.c.completed_at < older_than)
-            ).rowcount
+            conn.execute(delete(job_events).where(job_events.c.job_id.in_(select(jobs.c.id).where(done))))
+            gone = conn.execute(delete(jobs).where(done)).rowcount
             conn.execute(delete(heartbeats).where(heartbeats.c.seen_at < older_than))
         return gone
+
+    def resend_callback(self, job_id: str) -> bool:
+        """Deliver a finished job's callback again, from the start of the schedule (same
+        ``webhook-id``). False when the job has not ended, has no callback URL, or a worker is
+        delivering it right now."""
+        now = self.clock()
+        free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.phase.in_(TERMINAL), jobs.c.callback_url.is_not(None), free)
+                .values(
+                    callback_status=PENDING,
+                    callback_attempts=0,
+                    callback_last_error=None,
+                    callback_next_at=now,
+                    next_run_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+        return changed == 1

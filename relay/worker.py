@@ -21,7 +21,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from . import answers, callbacks, fetch, pipeline, uploads, urlguard, voices
+from . import answers, callbacks, events, fetch, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
     CloneFailed,
@@ -110,6 +110,7 @@ class CloneWorker:
 
     def crashed(self, job: Job) -> None:
         """After an unexpected crash in a step: try again later, and give up after many tries."""
+        self._event(job, "crashed", "a step crashed; it is retried (see the relay's logs)")
         try:
             if job.attempts >= self.settings.max_attempts * 3:
                 self._fail(job, RelayError(), dict(job.answer or {}))
@@ -133,6 +134,7 @@ class CloneWorker:
     def _clone(self, job: Job, request: pipeline.CloneRequest, token: str | None, answer: dict) -> None:
         existing = pipeline.existing_voice(request, token, self.settings, answer)
         if existing is not None:  # if_exists=reuse: adopt the account's voice, no upload
+            self._event(job, "reused", f"if_exists=reuse: the account's voice {existing['cloned_voice_item_id']}")
             self._accepted(job, answer, existing["status"], existing["cloned_voice_item_id"], existing["item_id"])
             return
         attempt = job.upload_attempts + 1
@@ -147,17 +149,29 @@ class CloneWorker:
                 upload_attempts=attempt,
                 body_sent_at=None,
             )
+            self._event(job, "upload_started", f"upload attempt {attempt} to useapi.net")
 
         def body_complete() -> None:
             # Committed before the last bytes leave: until then useapi holds an incomplete request.
             self._save(job, body_sent_at=utcnow())
+            self._event(job, "upload_sent", "the whole recording is on its way: from now on it is never sent again")
 
         # A large file may start uploading while it downloads (relay/stream.py): then uploading()
         # runs during the download, and the upload's last bytes wait for early.finish().
         early = pipeline.early_upload(request, token or "", self.settings, uploading, body_complete)
+        source = "the stored upload" if request.upload_id else events.host(request.audio_url)
+        self._event(job, "download_started", f"from {source}")
         # The job's answer is written inside the block, before the spool file is removed (removing
         # 40 MB takes ~1.5 ms that a waiting request need not wait for).
-        with pipeline.prepared(request, self.settings, answer, early=early, engine=self.store.engine) as (spool, info):
+        with pipeline.prepared(request, self.settings, answer, early=early, engine=self.store.engine) as (
+            spool,
+            info,
+        ):
+            self._event(job, "downloaded", f"{info.size} bytes")
+            self._event(job, "audio_valid", events.audio(info))
+            if answer.get("converted"):
+                received = str(answer.get("source_format")).upper()
+                self._event(job, "converted", f"from {received} to {info.format.upper()}")
             if request.dry_run:
                 answer["message"] = pipeline.dry_run_message(request, info)
                 self._finish(job, 200, answer, status="validated")
@@ -173,6 +187,7 @@ class CloneWorker:
             except UpstreamError as err:
                 self._after_failed_upload(job, err, answer, attempt)
                 return
+            self._event(job, "upload_answered", f"HTTP {result.upstream_status}: {result.status}")
             answer.update(
                 cloned_voice_item_id=result.cloned_voice_item_id,
                 item_id=result.item_id,
@@ -182,6 +197,7 @@ class CloneWorker:
 
     def _after_failed_upload(self, job: Job, err: UpstreamError, answer: dict, attempt: int) -> None:
         status = err.fields.get("upstream_status")
+        self._event(job, "upload_failed", f"{err.error_code}{f' (HTTP {status})' if status else ''}: {err.message}")
         if err.maybe_created:
             # The whole body went out and no readable answer came back: a voice may exist. Never
             # send it again; look for it until the window closes.
@@ -198,6 +214,8 @@ class CloneWorker:
                 body_sent_at=job.body_sent_at or utcnow(),
                 next_run_at=utcnow() + timedelta(seconds=self.settings.reconcile_grace_seconds),
             )
+            grace = self.settings.reconcile_grace_seconds
+            self._event(job, "reconcile", f"answer lost: voices are listed in {grace:g} s; never uploaded again")
             return
         retryable = not err.reached or status == 429 or (status or 0) >= 500
         if retryable and attempt < self.settings.max_attempts:
@@ -260,10 +278,12 @@ class CloneWorker:
         if candidates:
             voice = max(candidates, key=lambda v: v["created_at"])
             log.info("adopted voice after lost answer", extra={"fields": {"job_id": job.id}})
+            self._event(job, "reconcile", f"found and adopted {voice['cloned_voice_item_id']}")
             answer.update(cloned_voice_item_id=voice["cloned_voice_item_id"], item_id=voice["item_id"])
             _warn(answer, "The upload's answer was lost; the voice it created was found and adopted.")
             self._accepted(job, answer, voice["status"], voice["cloned_voice_item_id"], voice["item_id"])
             return
+        self._event(job, "reconcile", f"no new voice among {len(found)} on the account yet")
         # useapi may list the voice only once it is ready: look again, less and less often.
         later = min(now + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
         self._save(job, release=True, next_run_at=later)
@@ -321,6 +341,7 @@ class CloneWorker:
             self._later(job, err, until=window_end)
             return
         state = voices.status_name(record.get("status")) if record else "processing"
+        self._event(job, "poll", f"useapi.net says {state}")
         if state == "ready":
             self._finish(job, 200, answer, status="ready")
         elif state == "failed":
@@ -348,6 +369,8 @@ class CloneWorker:
         # The first callback goes no sooner than RELAY_CALLBACK_FIRST_DELAY_SECONDS after the job was
         # created: a caller that has just received its 202 (n8n saving its waiting execution) is ready.
         first_callback = max(now, job.created_at + timedelta(seconds=self.settings.callback_first_delay_seconds))
+        # Recorded before the job's end is visible, so whoever sees the end also sees it on the timeline.
+        self._event(job, answer.get("status") or phase, answer.get("error_code") or answer.get("message"))
         self._save(
             job,
             release=True,
@@ -375,6 +398,7 @@ class CloneWorker:
         delivery = callbacks.deliver(job.callback_url or "", body, job.webhook_id or job.id, self.settings)
         attempts = job.callback_attempts + 1
         fields = {"job_id": job.id, "attempt": attempts, "result": delivery.detail}
+        self._event(job, "callback", f"attempt {attempts}: {delivery.detail}" + (" — delivered" * delivery.delivered))
         delay = (
             None
             if delivery.delivered or delivery.gone
@@ -420,6 +444,9 @@ class CloneWorker:
             self.store.back_off(job.account_key, delay)
         when = utcnow() + timedelta(seconds=delay)
         self._save(job, release=True, next_run_at=min(when, until) if until is not None else when)
+
+    def _event(self, job: Job, kind: str, detail: str | None = None) -> None:
+        events.record(self.store.engine, job.id, kind, detail)  # the console's timeline; never raises
 
     def _save(self, job: Job, release: bool = False, attempt: int = 0, **values: Any) -> None:
         """Write ``values`` under this worker's lease (``release``: and give it up). With

@@ -349,7 +349,7 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
     engine = db.connect(db.database_url(PG_URL, ""))
     db.migrate(engine)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, heartbeats, accounts"))
+        conn.execute(text("TRUNCATE jobs, heartbeats, accounts, job_events"))
     engine.dispose()
     fake = FakeUseapi(TOKEN).start()
     fake.upload_delay = 4  # SIGTERM arrives while the upload is in flight

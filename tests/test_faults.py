@@ -355,17 +355,17 @@ def _answers(url: str) -> bool:
 # --- the relay's own faults -------------------------------------------------------------------------
 
 
-def test_an_unusable_spool_directory_is_storage_full_and_logged(
-    make_app, job_settings, fake, audio_host, tmp_path, caplog
-):
-    not_a_folder = tmp_path / "spool"
-    not_a_folder.write_text("a file where the spool folder should be")
-    client = make_app(job_settings.replace(spool_dir=str(not_a_folder))).test_client()
+def test_a_spool_folder_gone_bad_is_storage_full_and_logged(make_app, job_settings, fake, audio_host, tmp_path, caplog):
+    spool = tmp_path / "spool"
+    client = make_app(job_settings.replace(spool_dir=str(spool))).test_client()
+    if spool.exists():
+        spool.rmdir()
+    spool.write_text("a file where the spool folder was")  # the operator's disk went wrong after the start
     with caplog.at_level(logging.ERROR, logger="relay.fetch"):
         answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Disk"})
     assert answer["error_code"] == "storage_full"
     assert "not your link" in answer["error_message"]
-    assert any(getattr(r, "fields", {}).get("path") == str(not_a_folder) for r in caplog.records)
+    assert any(getattr(r, "fields", {}).get("path") == str(spool) for r in caplog.records)
     assert fake.upload_count() == 0
 
 

@@ -47,7 +47,7 @@ def test_values_are_parsed_and_typed():
         ({"RELAY_THREADS": "0"}, "RELAY_THREADS must be at least 1"),
         ({"RELAY_THREADS": "many"}, "RELAY_THREADS='many' is invalid"),
         ({"DATABASE_URL": "mysql://u:p@db/relay"}, "DATABASE_URL must start with postgres://"),
-        ({"RELAY_SPOOL_DIR": "/nonexistent/spool"}, "RELAY_SPOOL_DIR"),
+        ({"RELAY_SPOOL_DIR": "/etc/hostname/spool"}, "RELAY_SPOOL_DIR"),
         ({"RELAY_MAX_BYTES": "0"}, "RELAY_MAX_BYTES must be at least 1"),
         ({"PORT": "70000"}, "PORT must be at most 65535"),
         ({"RELAY_ALLOWED_NETWORKS": "not-a-cidr"}, "RELAY_ALLOWED_NETWORKS"),
