@@ -253,14 +253,19 @@ def _attached(job, wait: float, generation: int):
 
 def _check_callback_url(callback_url: str) -> None:
     """Refuse a callback_url now rather than give up on it later: every address its host resolves
-    to must be public (or in ``RELAY_ALLOWED_NETWORKS``)."""
+    to must be public (or in ``RELAY_ALLOWED_NETWORKS``). A name that does not resolve right now
+    is accepted with a warning (DNS may be down for a moment; delivery checks again)."""
     try:
         with deadline.bounded(settings().connect_timeout):
             urlguard.check(callback_url, settings().allowed_networks, deadline.resolve)
     except UrlNotAllowed as err:
         raise UrlNotAllowed(f"callback_url: {err.message}") from None
-    except DownloadFailed as err:  # the name does not resolve (or not in time)
-        raise UrlNotAllowed(f"callback_url: {err.message.replace('Check the link.', 'Check the URL.')}") from None
+    except DownloadFailed:
+        # The name does not resolve now (or not in time): a DNS hiccup is no reason to refuse a
+        # clone. Every delivery checks the addresses again, and retries on its schedule.
+        g.answer["warnings"].append(
+            "callback_url's host could not be resolved just now; the callback is checked again when it is sent."
+        )
 
 
 def _name_key(account: str | None, name: str) -> str:

@@ -466,3 +466,11 @@ def test_one_accounts_dripping_links_do_not_hold_up_another_account(make_app, jo
         finished = wait_until(lambda: all((j := store.get(i)).terminal for i in stuck) and j, timeout=40)
     assert finished
     assert {store.get(i).answer["error_code"] for i in stuck} == {"download_failed"}
+
+
+def test_a_callback_host_that_does_not_resolve_now_is_accepted_with_a_warning(make_app, job_settings, audio_host):
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = post(client, {"audio_url": url, "name": "x", "dry_run": True, "callback_url": "https://unknown.invalid/h"})
+    assert response.status_code in (200, 202), response.json
+    assert any("could not be resolved" in w for w in response.json["warnings"])
