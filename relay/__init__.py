@@ -4,9 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from flask import Flask  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from .settings import Settings  # noqa: E402
+
+if TYPE_CHECKING:  # Flask is imported when an app is built, not by `python -m relay.convert`
+    from flask import Flask
 
 
 def create_app(settings: Settings | None = None, workers: int | None = None) -> Flask:
@@ -16,6 +19,7 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
     in-process worker pool starts. ``app.extensions["relay.runtime"].close()`` stops it.
     Gunicorn target: ``relay:create_app()``.
     """
+    from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import api, logs, web

@@ -17,7 +17,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, answers, db, deadline, pipeline, urlguard, voices
+from . import __version__, answers, bodies, db, deadline, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
     DownloadFailed,
@@ -48,6 +48,7 @@ HEARTBEAT_STALE_SECONDS = 30
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 _clone_schema = CloneRequestSchema()
+_LATER_FIELDS = {"convert": "auto", "upload_id": None}
 _voice_query_schema = VoiceQuerySchema()
 
 
@@ -144,9 +145,14 @@ def auth_check():
 @bp.post("/v1/voice-clones")
 def create_voice_clone():
     authenticate()
-    body, warnings = _load(_clone_schema)
+    with bodies.clone_body(settings(), _clone_schema, _load) as (body, warnings, upload):
+        return _create_voice_clone(body, warnings, upload)
+
+
+def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload | None):
     wait_seconds = body.pop("wait_seconds")
     callback_url = body.pop("callback_url")
+    body.setdefault("audio_url", None)
     clone_request = pipeline.CloneRequest(**body, warnings=warnings)
     g.answer.update(
         name=clone_request.name,
@@ -155,7 +161,7 @@ def create_voice_clone():
         metadata=clone_request.metadata,
         warnings=list(warnings),
     )
-    g.log["audio_url"] = urlguard.redact(clone_request.audio_url)
+    g.log["audio_url"] = "upload" if upload else urlguard.redact(clone_request.audio_url or "")
     given_token = request.headers.get("X-Useapi-Token", "").strip() or None
     pipeline.check_before_work(clone_request, given_token or settings().useapi_token, settings())
     if callback_url:
@@ -168,7 +174,12 @@ def create_voice_clone():
     account = account_key(token, clone_request.user_id)
     key = _idempotency_key(account)
     stored_request = clone_request.as_dict()
-    request_hash = _hash({**stored_request, "callback_url": callback_url})
+    # Fields added later count only when they differ from their defaults, so a key's hash stays
+    # the same across versions; a file's identity is its content.
+    hashed = {k: v for k, v in stored_request.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    if upload is not None:
+        hashed["file_sha256"] = upload.sha256
+    request_hash = _hash({**hashed, "callback_url": callback_url})
     name_key = None if clone_request.dry_run else _name_key(account, clone_request.name)
     exclusive = clone_request.if_exists != "create" and name_key is not None
     if exclusive and key is None:
@@ -177,9 +188,12 @@ def create_voice_clone():
         if running is not None:
             return _attached(running, wait, runtime.notifier.generation)
     job_id = uuid.uuid4().hex
+    existing = runtime.store.get_by_key(key) if key and upload is not None else None
+    if upload is not None and existing is None:  # a repeat needs no second copy of the file
+        stored_request["upload_id"] = bodies.store(runtime, upload, job_id).id
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     generation = runtime.notifier.generation  # before the job exists: no change to it is missed
-    job, created = runtime.store.create(
+    job, created = (existing, False) if existing is not None else runtime.store.create(
         job_id,
         request=stored_request,
         status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
@@ -200,6 +214,8 @@ def create_voice_clone():
     )
     if not created:
         runtime.vault.forget(job_id)
+        if stored_request.get("upload_id"):  # the job that holds this key has its own copy
+            uploads.delete_upload(runtime.engine, stored_request["upload_id"])
         if job.matched == "name":
             return _attached(job, wait, generation)
         if job.request_hash != request_hash:

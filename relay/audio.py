@@ -141,6 +141,10 @@ def sniff(head: bytes, body: bytes | None = None) -> str:
         return "amr"
     if head[:4] == b"caff":
         return "caf"
+    if head[:16] == _ASF_GUID:
+        return "asf"
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free") and head[:4] != b"RIFF":
+        return "mov"  # QuickTime files older than the ftyp box
     if head[:4] == b".snd":
         return "au"
     if head[:4] == b"wvpk":
@@ -157,7 +161,10 @@ def sniff(head: bytes, body: bytes | None = None) -> str:
     return _not_audio_kind(head)
 
 
+_ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
 _UNSUPPORTED_NAMES = {
+    "asf": "Windows Media (WMA/ASF)",
+    "mov": "QuickTime MOV",
     "ogg-opus": "Ogg Opus",
     "ogg-vorbis": "Ogg Vorbis",
     "ogg-flac": "Ogg FLAC",

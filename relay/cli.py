@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     clone.add_argument("--name", required=True, help="name of the cloned voice")
     clone.add_argument("--user-id", default=None, help="useapi.net TemPolor account")
     clone.add_argument("--if-exists", choices=("create", "reuse", "fail"), default="create")
+    clone.add_argument("--convert", choices=("auto", "never"), default="auto", help="convert other formats (auto)")
     clone.add_argument("--dry-run", action="store_true", help="validate only; upload nothing")
     clone.add_argument("--token", default=None, help="useapi.net token (default USEAPI_TOKEN)")
     clone.add_argument(
@@ -127,6 +128,7 @@ def _clone(settings: Settings, args: argparse.Namespace) -> int:
                     "user_id": args.user_id,
                     "if_exists": args.if_exists,
                     "dry_run": args.dry_run,
+                    "convert": args.convert,
                 }
             )
         except ValidationError as err:
@@ -238,10 +240,12 @@ def _follow(answer: dict, token: str, settings: Settings, wait: float, just_uplo
 
 
 def _source(source: str, local: bool, request, settings: Settings, answer: dict):
-    """The audio as a spool: a local file is probed where it lies, a URL is downloaded safely."""
+    """The audio as a spool: a local file is checked (and converted if needed) where it lies, a URL
+    is downloaded safely."""
     import contextlib
+    import os
 
-    from . import audio, pipeline
+    from . import pipeline
     from .fetch import Spool
 
     if not local:
@@ -249,9 +253,9 @@ def _source(source: str, local: bool, request, settings: Settings, answer: dict)
 
     @contextlib.contextmanager
     def local():
-        info = audio.probe(source, settings.min_seconds, settings.max_seconds)
-        answer.update(info.as_fields())
-        yield Spool(path=source, size=info.size, url=source, server_content_type=None, redirects=0), info
+        spool = Spool(path=source, size=os.path.getsize(source), url=source, server_content_type=None, redirects=0)
+        with pipeline.checked(spool, request, settings, answer) as (sent, info):
+            yield sent, info
 
     return local()
 

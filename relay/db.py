@@ -15,12 +15,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -110,6 +112,26 @@ job_events = Table(
     Index("ix_job_events_job_id", "job_id", "id"),
 )
 
+# Files sent in the request body (multipart or raw), kept until their job no longer needs them, so
+# that any worker process can work the job (relay/uploads.py).
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("complete", Boolean, nullable=False, default=False),  # all chunks written
+    Column("created_at", DateTime, nullable=False),
+)
+
+upload_chunks = Table(
+    "upload_chunks",
+    metadata,
+    Column("upload_id", String(32), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
 schema_migrations = Table(
     "schema_migrations",
     metadata,
@@ -184,12 +206,18 @@ def _v5(conn: Connection) -> None:
     metadata.create_all(conn, tables=[job_events])
 
 
+def _v6(conn: Connection) -> None:
+    # Recordings sent in the request body, until their job no longer needs them (relay/uploads.py).
+    metadata.create_all(conn, tables=[uploads, upload_chunks])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
     (3, "indexes for queue positions and leases", _v3),
     (4, "uploads that may have been taken, pinned tokens, per-account keys and names", _v4),
     (5, "job events: each job's timeline", _v5),
+    (6, "uploaded files, stored in chunks until their job is done with them", _v6),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -111,6 +111,11 @@ class TokenUnavailable(RelayError):
     )
 
 
+class UploadStorageFull(RelayError):
+    error_code, http_status = "upload_storage_full", 503
+    default_message = "The relay holds too many uploaded files waiting for their jobs. Retry in a minute."
+
+
 class CloneFailed(RelayError):
     error_code, http_status = "clone_failed", 422
     default_message = "useapi.net reports that cloning this voice failed. Try another recording."
@@ -155,6 +160,17 @@ class AudioTooShort(RelayError):
 
 class AudioTooLong(RelayError):
     error_code, http_status = "audio_too_long", 422
+
+
+class AudioSilent(RelayError):
+    error_code, http_status = "audio_silent", 422
+    default_message = "The recording is silent: nothing to clone."
+
+
+class DecodeLimitExceeded(RelayError):
+    """Decoding or converting the file tripped a limit (CPU, memory, wall time, output size)."""
+
+    error_code, http_status = "decode_limit_exceeded", 422
 
 
 # useapi.net

@@ -42,6 +42,10 @@ _ANSWER_EXAMPLE: dict[str, Any] = {
     "audio_duration_seconds": 2.046,
     "audio_sample_rate": 22050,
     "audio_channels": 2,
+    "source_format": "m4a",
+    "converted": False,
+    "audio_peak_dbfs": -1.2,
+    "audio_rms_dbfs": -21.3,
     "dry_run": False,
     "reused": False,
     "request_id": "3f0c2b9e5d6a4f1e8b7c9d0a1b2c3d4e",
@@ -82,6 +86,10 @@ _FAILED_EXAMPLE = {
     "audio_duration_seconds": None,
     "audio_sample_rate": None,
     "audio_channels": None,
+    "source_format": None,
+    "converted": None,
+    "audio_peak_dbfs": None,
+    "audio_rms_dbfs": None,
     "warnings": [],
 }
 _FAILED_EXAMPLE["message"] = _FAILED_EXAMPLE["error_message"]
@@ -154,8 +162,8 @@ def build_spec() -> dict[str, Any]:
         openapi_version="3.1.0",
         plugins=[MarshmallowPlugin()],
         info={
-            "description": "Clone a voice at useapi.net (TemPolor) from an audio URL with one JSON call and one "
-            "flat answer. Every failure uses the Answer shape with an `error_code`:\n\n" + error_table(),
+            "description": "Clone a voice at useapi.net (TemPolor) from an audio URL or a file with one call and "
+            "one flat answer. Every failure uses the Answer shape with an `error_code`:\n\n" + error_table(),
         },
         components={
             "securitySchemes": {
@@ -384,7 +392,52 @@ def build_spec() -> dict[str, Any]:
                 }
             },
         )
-    return spec.to_dict()
+    return _with_file_forms(spec.to_dict())
+
+
+RAW_QUERY = ("name", "user_id", "dry_run", "wait_seconds", "callback_url", "if_exists", "convert", "metadata")
+
+
+def _with_file_forms(document: dict) -> dict:
+    """Add the two file forms of ``POST /v1/voice-clones`` beside JSON: multipart (the file in part
+    ``file``, the other fields as text) and the raw recording as the body (fields in the query)."""
+    fields = document["components"]["schemas"]["CloneRequest"]["properties"]
+    form_fields = {name: dict(value) for name, value in fields.items() if name != "audio_url"}
+    form_fields["metadata"] = {"type": "string", "description": "A JSON object written as text (up to 4 KB)."}
+    form_fields["file"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "The recording: WAV, MP3, FLAC, M4A, or any format the relay converts (see the README).",
+    }
+    operation = document["paths"]["/v1/voice-clones"]["post"]
+    content = operation["requestBody"]["content"]
+    content["multipart/form-data"] = {
+        "schema": {"type": "object", "properties": form_fields, "required": ["file", "name"]},
+        "encoding": {"file": {"contentType": "audio/*, video/*, application/octet-stream"}},
+    }
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    for media_type in ("application/octet-stream", "audio/*", "video/*"):
+        content[media_type] = binary
+    for name in RAW_QUERY:
+        schema = dict(form_fields[name])
+        description = schema.pop("description", "")
+        operation["parameters"].append(
+            {
+                "in": "query",
+                "name": name,
+                "required": False,
+                "schema": schema,
+                "description": "Used only when the body is the raw recording (audio/*, video/*, "
+                f"application/octet-stream){'; then required' if name == 'name' else ''}. {description}".strip(),
+            }
+        )
+    operation["summary"] = "Clone a voice from an audio URL or a file"
+    operation["description"] += (
+        " The recording comes three ways: JSON with `audio_url`; `multipart/form-data` with the file in the "
+        "part `file` and the other fields as form fields (`metadata` as JSON text); or the raw recording as "
+        "the body (`audio/*`, `video/*`, `application/octet-stream`) with the fields in the query string."
+    )
+    return document
 
 
 def to_yaml(document: dict[str, Any]) -> str:

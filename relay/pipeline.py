@@ -7,11 +7,13 @@ phases, and each step is usable on its own (tests, the command line).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import audio, fetch, links, stream, urlguard, voices
+from . import audio, convert, fetch, links, stream, uploads, urlguard, voices
 from .errors import MissingUpstreamToken, VoiceExists
 from .settings import Settings
 from .useapi import UploadResult, Useapi
@@ -21,14 +23,16 @@ from .useapi import UploadResult, Useapi
 class CloneRequest:
     """A validated clone request (see :class:`relay.schemas.CloneRequestSchema`). Holds no token."""
 
-    audio_url: str
+    audio_url: str | None  # None when the recording came in the request body (``upload_id``)
     name: str
     user_id: str | None = None
     content_type: str | None = None
     dry_run: bool = False
     if_exists: str = "create"
+    convert: str = "auto"
     metadata: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    upload_id: str | None = None  # a file sent in the request, stored by relay/uploads.py
 
     def as_dict(self) -> dict[str, Any]:
         # A shallow copy: the caller JSON-encodes it at once, so asdict()'s deep copy is not needed.
@@ -37,7 +41,8 @@ class CloneRequest:
 
 def check_before_work(request: CloneRequest, token: str | None, settings: Settings) -> None:
     """The checks that need no download: the literal URL and the presence of a token."""
-    urlguard.check_literal(links.direct_download(request.audio_url)[0], settings.allowed_networks)
+    if request.audio_url is not None:
+        urlguard.check_literal(links.direct_download(request.audio_url)[0], settings.allowed_networks)
     if not request.dry_run and not token:
         raise MissingUpstreamToken()
 
@@ -102,14 +107,29 @@ def early_upload(
 
 @contextlib.contextmanager
 def prepared(
-    request: CloneRequest, settings: Settings, answer: dict, progress=None, early: stream.EarlyUpload | None = None
+    request: CloneRequest,
+    settings: Settings,
+    answer: dict,
+    progress=None,
+    early: stream.EarlyUpload | None = None,
+    engine=None,
 ) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
     """Download and validate the audio; fill ``answer``'s audio fields and warnings; yield the
     spool file and what was learned. The file is removed when the block ends.
 
-    With ``early``, a large file starts uploading while it downloads; inside the block call
-    ``early.finish()`` to complete that upload. If the block is left any other way (the download
-    or the validation failed, or the caller raised), the upload is abandoned short of its length."""
+    The audio comes from ``request.audio_url``, or from the stored upload ``request.upload_id``
+    (read from the database ``engine``). With ``early``, a large file starts uploading while it
+    downloads; inside the block call ``early.finish()`` to complete that upload. If the block is
+    left any other way (the download or the validation failed, or the caller raised), the upload
+    is abandoned short of its length."""
+    if request.upload_id is not None:
+        with (
+            _stored_upload(request.upload_id, engine, settings) as spool,
+            checked(spool, request, settings, answer) as sent,
+        ):
+            yield sent
+        return
+    assert request.audio_url is not None
     url, note = links.direct_download(request.audio_url)
     if note and note not in answer["warnings"]:
         answer["warnings"].append(note)
@@ -118,18 +138,57 @@ def prepared(
         early.path, progress = path, early.progress
     try:
         with fetch.download(url, settings, progress=progress, path=path) as spool:
-            info = audio.probe(spool.path, settings.min_seconds, settings.max_seconds)
-            answer.update(info.as_fields())
-            hint = request.content_type
-            if hint and audio.format_for_content_type(hint) != info.format:
-                answer["warnings"].append(
-                    f"content_type {hint} does not match the file, which is {info.format.upper()}; "
-                    f"sent as {info.content_type}."
-                )
-            yield spool, info
+            with checked(spool, request, settings, answer, early) as (sent, info):
+                yield sent, info
     finally:
         if early is not None:
             early.abandon()
+
+
+@contextlib.contextmanager
+def _stored_upload(upload_id: str, engine, settings: Settings) -> Iterator[fetch.Spool]:
+    """The source "stored upload": the file sent with the request, spooled from the database."""
+    path = fetch.new_spool_path(settings.spool_dir)
+    try:
+        size = uploads.spool(engine, upload_id, path)
+        yield fetch.Spool(path=path, size=size, url="upload", server_content_type=None, redirects=0)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def checked(
+    spool: fetch.Spool,
+    request: CloneRequest,
+    settings: Settings,
+    answer: dict,
+    early: stream.EarlyUpload | None = None,
+) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
+    """Validate, measure and if needed convert a spooled file (:func:`relay.convert.prepare`);
+    fill ``answer``; yield what to upload (a converted file is removed when the block ends).
+    An early upload of the original bytes is withdrawn when what is sent is a converted file."""
+    prepared = convert.prepare(spool.path, settings, request.convert, workdir=settings.spool_dir)
+    try:
+        answer.update(prepared.as_fields())
+        answer["warnings"].extend(w for w in prepared.warnings if w not in answer["warnings"])
+        info = prepared.info
+        hint = request.content_type
+        if hint and not prepared.converted and audio.format_for_content_type(hint) != info.format:
+            answer["warnings"].append(
+                f"content_type {hint} does not match the file, which is {info.format.upper()}; "
+                f"sent as {info.content_type}."
+            )
+        if not prepared.converted:
+            yield spool, info
+            return
+        if early is not None:
+            early.withdraw()  # its bytes are not what will be sent; the converted file goes up instead
+        yield dataclasses.replace(spool, path=prepared.path, size=info.size), info
+    finally:
+        if prepared.converted:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(prepared.path)
 
 
 def upload(

@@ -14,6 +14,7 @@ from .voices import VOICE_STATUSES
 
 METADATA_MAX_BYTES = 4096
 IF_EXISTS = ("create", "reuse", "fail")
+CONVERT_MODES = ("auto", "never")
 
 
 class Text(fields.String):
@@ -109,6 +110,14 @@ class CloneRequestSchema(Schema):
             "instead of uploading (reused: true); fail: 409 voice_exists if such a voice exists."
         },
     )
+    convert = fields.String(
+        load_default="auto",
+        validate=validate.OneOf(CONVERT_MODES),
+        metadata={
+            "description": "auto: a recording in another format (Ogg/Opus, WebM, AAC, AIFF, AMR, 3GP, CAF, WMA, "
+            "a video…) is converted to one useapi takes; never: refuse it (unsupported_audio_format)."
+        },
+    )
     metadata = fields.Dict(
         load_default=None,
         allow_none=True,
@@ -135,7 +144,16 @@ class CloneRequestSchema(Schema):
         return loaded, warnings
 
 
-_OPTIONAL = ("user_id", "content_type", "dry_run", "wait_seconds", "callback_url", "if_exists", "metadata")
+_OPTIONAL = (
+    "user_id",
+    "content_type",
+    "dry_run",
+    "wait_seconds",
+    "callback_url",
+    "if_exists",
+    "convert",
+    "metadata",
+)
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -180,10 +198,30 @@ class AnswerSchema(Schema):
     upstream_status = fields.Integer(allow_none=True, metadata={"description": "HTTP status useapi.net answered."})
     audio_format = fields.String(allow_none=True, metadata={"description": "wav, mp3, flac or m4a (from the bytes)."})
     audio_content_type = fields.String(allow_none=True, metadata={"description": "Content-Type sent upstream."})
-    audio_bytes = fields.Integer(allow_none=True, metadata={"description": "Size of the downloaded file."})
+    audio_bytes = fields.Integer(
+        allow_none=True, metadata={"description": "Size of the file sent (the received file unless converted)."}
+    )
     audio_duration_seconds = fields.Float(allow_none=True, metadata={"description": "Duration in seconds."})
     audio_sample_rate = fields.Integer(allow_none=True, metadata={"description": "Samples per second."})
     audio_channels = fields.Integer(allow_none=True, metadata={"description": "1 mono, 2 stereo."})
+    source_format = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "What was received, from the bytes: wav, mp3, flac, m4a, mp4, opus, ogg, webm, mkv, "
+            "aac, aiff, aifc, amr, 3gp, 3g2, caf, wma, mov, avi…"
+        },
+    )
+    converted = fields.Boolean(
+        allow_none=True,
+        metadata={"description": "True when the relay converted the recording; audio_* then describe what was sent."},
+    )
+    audio_peak_dbfs = fields.Float(
+        allow_none=True,
+        metadata={"description": "Loudest sample, dBFS (0 = full scale; -120 = digital silence)."},
+    )
+    audio_rms_dbfs = fields.Float(
+        allow_none=True, metadata={"description": "Average level (RMS over the whole recording), dBFS."}
+    )
     dry_run = fields.Boolean(required=True, metadata={"description": "True when nothing was uploaded on purpose."})
     reused = fields.Boolean(
         required=True, metadata={"description": "True when if_exists=reuse answered with an existing voice."}

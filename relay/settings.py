@@ -70,6 +70,13 @@ class Settings:
     port: int = 8000
     web_concurrency: int | None = None  # gunicorn processes; None: 1 on SQLite, 2 with DATABASE_URL
     log_level: str = "INFO"
+    convert: str = "auto"
+    convert_cpu_seconds: float = 60.0
+    convert_memory_mb: int = 1024
+    convert_timeout: float = 120.0
+    convert_max_seconds: float = 3600.0
+    silence_dbfs: float = -60.0
+    upload_store_bytes: int = 512 * MiB
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -109,6 +116,8 @@ class Settings:
             )
         if self.secret_key is not None and len(self.secret_key) < 16:
             raise SettingsError("RELAY_SECRET_KEY must be at least 16 characters (use a long random secret)")
+        if self.convert not in ("auto", "off"):
+            raise SettingsError("RELAY_CONVERT must be auto or off")
         if self.database_url is not None:
             scheme = urlsplit(self.database_url).scheme.lower()
             if scheme not in _DATABASE_SCHEMES:
@@ -276,4 +285,11 @@ _SPECS = (
     _Spec("PORT", "port", int, 0, 65535),
     _Spec("WEB_CONCURRENCY", "web_concurrency", int, 1, 64),
     _Spec("RELAY_LOG_LEVEL", "log_level", str.upper),
+    _Spec("RELAY_CONVERT", "convert", str.lower),
+    _Spec("RELAY_CONVERT_CPU_SECONDS", "convert_cpu_seconds", float, 1, 3600),
+    _Spec("RELAY_CONVERT_MEMORY_MB", "convert_memory_mb", int, 64, 65536),
+    _Spec("RELAY_CONVERT_TIMEOUT", "convert_timeout", float, 1, 3600),
+    _Spec("RELAY_CONVERT_MAX_SECONDS", "convert_max_seconds", float, 1, 24 * 3600),
+    _Spec("RELAY_SILENCE_DBFS", "silence_dbfs", float, -120, 0),
+    _Spec("RELAY_UPLOAD_STORE_BYTES", "upload_store_bytes", int, 0, 1024 * 1024 * MiB),
 )

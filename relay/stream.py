@@ -160,6 +160,13 @@ class EarlyUpload:
             raise self._error
         return self._result
 
+    def withdraw(self) -> None:
+        """Abandon the upload and forget it: :attr:`started` is False again, so the caller
+        uploads another file (a converted one) the ordinary way."""
+        self.abandon()
+        self._body = self._thread = None
+        self._ended = False
+
     def abandon(self) -> None:
         """Stop the upload short of its declared length (no-op when none started or it finished)."""
         if self._body is None or self._thread is None or self._ended:

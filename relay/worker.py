@@ -21,7 +21,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from . import answers, callbacks, events, fetch, pipeline, urlguard, voices
+from . import answers, callbacks, events, fetch, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
     CloneFailed,
@@ -66,6 +66,7 @@ def start_pool(store: JobStore, settings: Settings, vault: TokenVault, notifier:
         store.purge(utcnow() - timedelta(hours=settings.job_retention_hours))
         # Spool files of a process killed mid-job (SIGKILL leaves no chance to clean up).
         fetch.sweep_stale_spools(settings.download_timeout + settings.upload_timeout + 600, settings.spool_dir)
+        uploads.sweep(store.engine, utcnow() - timedelta(minutes=10))  # files no job needs (a crash between)
 
     return Pool(
         store,
@@ -158,12 +159,19 @@ class CloneWorker:
         # A large file may start uploading while it downloads (relay/stream.py): then uploading()
         # runs during the download, and the upload's last bytes wait for early.finish().
         early = pipeline.early_upload(request, token or "", self.settings, uploading, body_complete)
-        self._event(job, "download_started", f"from {events.host(request.audio_url)}")
+        source = "the stored upload" if request.upload_id else events.host(request.audio_url)
+        self._event(job, "download_started", f"from {source}")
         # The job's answer is written inside the block, before the spool file is removed (removing
         # 40 MB takes ~1.5 ms that a waiting request need not wait for).
-        with pipeline.prepared(request, self.settings, answer, early=early) as (spool, info):
+        with pipeline.prepared(request, self.settings, answer, early=early, engine=self.store.engine) as (
+            spool,
+            info,
+        ):
             self._event(job, "downloaded", f"{info.size} bytes")
             self._event(job, "audio_valid", events.audio(info))
+            if answer.get("converted"):
+                received = str(answer.get("source_format")).upper()
+                self._event(job, "converted", f"from {received} to {info.format.upper()}")
             if request.dry_run:
                 answer["message"] = pipeline.dry_run_message(request, info)
                 self._finish(job, 200, answer, status="validated")
@@ -452,6 +460,8 @@ class CloneWorker:
             written = write(job.id, self.id, **values)
         if not written:
             raise LeaseLost(job.id)
+        if values.get("phase") in (UPLOADED, READY, FAILED) and job.request.get("upload_id"):
+            uploads.delete_upload(self.store.engine, job.request["upload_id"])  # useapi has it, or it is over
         for key, value in values.items():
             if hasattr(job, key):
                 setattr(job, key, value)

@@ -161,7 +161,7 @@ def database_url(request, tmp_path):
     engine = db.connect(db.database_url(PG_URL, ""))
     db.migrate(engine)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, heartbeats, accounts, job_events"))
+        conn.execute(text("TRUNCATE jobs, heartbeats, accounts, job_events, uploads, upload_chunks"))
     engine.dispose()
     return PG_URL
 

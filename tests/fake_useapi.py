@@ -109,6 +109,8 @@ class FakeUseapi:
                     "name": request.args.get("name"),
                     "user_id": account,
                     "bytes": len(body),
+                    "content_type": request.headers.get("Content-Type"),
+                    "body": body if len(body) <= 4 * 1024 * 1024 else None,
                     "started": started,
                     "at": time.time(),
                 }

@@ -115,10 +115,10 @@ def test_if_exists_takes_any_case(client):
     ("content_type", "data", "says"),
     [
         ("application/x-www-form-urlencoded", "audio_url=https%3A%2F%2Fexample.com%2Fa.wav&name=x", "sent as a form"),
-        (
+        (  # a form is taken (the recording as a file), but this one has neither a file nor a link
             "multipart/form-data; boundary=b",
             '--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nx\r\n--b--',
-            "sent as a form",
+            "part named 'file'",
         ),
         ("text/plain", "audio_url: https://example.com/a.wav", "Content-Type: application/json"),
     ],

@@ -169,7 +169,7 @@ def test_metadata_is_echoed_untouched(client, audio_host):
     ("fixture", "code", "status"),
     [
         ("drive_interstitial.html", "not_audio", 422),
-        ("opus.opus", "unsupported_audio_format", 422),
+        ("random.bin", "not_audio", 422),
         ("wav_short.wav", "audio_too_short", 422),
         ("m4a_truncated.m4a", "audio_corrupt", 422),
         ("empty.bin", "not_audio", 422),

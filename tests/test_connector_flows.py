@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from relay.schemas import ANSWER_FIELDS
 from relay.settings import Settings
 
 from .conftest import HEADERS, RELAY_KEY, post, serve_file
+from .test_convert import MEDIA
 
 SPEC = Path(__file__).parent.parent / "connector_spec"
 BLUEPRINT = SPEC / "make" / "blueprints" / "drive-folder-to-cloned-voice.json"
@@ -172,3 +174,89 @@ def test_the_n8n_workflow_waits_for_the_relays_callback():
         "Wait for the relay's callback": [["The relay's answer"]],
         "The relay's answer": [["Cloned?"]],
     }
+
+
+N8N_BINARY = SPEC / "n8n" / "clone-voice-from-binary.json"
+
+
+def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
+    workflow = json.loads(N8N_BINARY.read_text())
+    types = [node["type"] for node in workflow["nodes"]]
+    assert types == [
+        "n8n-nodes-base.manualTrigger",
+        "n8n-nodes-base.readWriteFile",
+        "n8n-nodes-base.httpRequest",
+        "n8n-nodes-base.if",
+        "n8n-nodes-base.wait",
+        "n8n-nodes-base.set",
+        "n8n-nodes-base.if",
+    ]
+    for node in workflow["nodes"]:
+        assert "credentials" not in node
+    # After the upload, the same routing as the link workflow (immediate refusals, a bounded wait).
+    link = json.loads(N8N.read_text())
+    after = json.dumps([n["parameters"] for n in workflow["nodes"][3:]]).replace("7a2d3b20", "6f1c2a10")
+    assert after == json.dumps([n["parameters"] for n in link["nodes"][2:]])  # node ids aside
+    assert workflow["id"] != link["id"]
+    http = next(node for node in workflow["nodes"] if node["type"] == "n8n-nodes-base.httpRequest")["parameters"]
+    assert http["contentType"] == "multipart-form-data" and http["url"].endswith("/v1/voice-clones")
+    parts = http["bodyParameters"]["parameters"]
+    binary = [p for p in parts if p.get("parameterType") == "formBinaryData"]
+    assert binary == [{"parameterType": "formBinaryData", "name": "file", "inputDataFieldName": "data"}]
+    fields = {p["name"]: p["value"] for p in parts if p.get("parameterType") != "formBinaryData"}
+    assert fields["callback_url"] == "={{ $execution.resumeUrl }}"
+    # What n8n sends for a binary item read from disk: the file as part "file", the fields as text.
+    sent = {name: value for name, value in fields.items() if not value.startswith("=")}
+    sent.update(metadata=json.dumps({"file": "voice-note.ogg"}), dry_run="true", wait_seconds="20")
+    sent["file"] = (io.BytesIO((MEDIA / "voice_note.opus").read_bytes()), "voice-note.ogg")
+    response = client.post(
+        "/v1/voice-clones",
+        data=sent,
+        content_type="multipart/form-data",
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},
+    )
+    assert response.status_code == 200, response.json
+    assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
+    assert response.json["metadata"] == {"file": "voice-note.ogg"}
+
+
+FILE_BLUEPRINT = SPEC / "make" / "blueprints" / "drive-file-to-cloned-voice.json"
+
+
+def test_the_file_blueprint_downloads_the_file_and_sends_it_as_multipart(client):
+    blueprint = json.loads(FILE_BLUEPRINT.read_text())
+    found = list(modules(blueprint["flow"]))
+    assert [m["module"] for m in found][:4] == [
+        "google-drive:watchFilesInAFolder",
+        "google-drive:getAFile",
+        "http:MakeRequest",
+        "builtin:BasicRouter",
+    ]
+    ids = [module["id"] for module in found]
+    assert len(ids) == len(set(ids))
+    for module in found:
+        assert "__IMTCONN__" not in module.get("parameters", {})
+    http = found[2]["mapper"]
+    assert http["contentType"] == "multipart" and http["stopOnHttpError"] is False and http["timeout"] <= 300
+    filters = [module["filter"]["conditions"][0][0] for module in found if "filter" in module]
+    assert {f["a"] for f in filters} == {"{{3.data.ok}}"}
+    # Fill the fields the way Make does with what Drive's two modules output, and send them.
+    outputs = {"1.id": "1AbCdEf", "1.name": "Interview take 3", "2.fileName": "take-3.ogg"}
+    data = (MEDIA / "voice_note.opus").read_bytes()
+    sent = {}
+    for field in http["multipartBodyContent"]:
+        if field["multipartFieldType"] == "file":
+            assert field["data"] == "{{2.data}}"
+            sent[field["name"]] = (io.BytesIO(data), outputs[field["fileName"].strip("{}")])
+        else:
+            sent[field["name"]] = re.sub(r"\{\{([\w.]+)\}\}", lambda m: outputs[m.group(1)], field["value"])
+    sent.update(dry_run="true", wait_seconds="20")  # a test: validate only, wait less than Make's 280 s
+    response = client.post(
+        "/v1/voice-clones",
+        data=sent,
+        content_type="multipart/form-data",
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},
+    )
+    assert response.status_code == 200, response.json
+    assert response.json["metadata"] == {"drive_file_id": "1AbCdEf"}
+    assert (response.json["source_format"], response.json["converted"]) == ("opus", True)

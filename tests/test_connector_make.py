@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -13,6 +14,9 @@ from referencing.jsonschema import DRAFT7
 
 from relay.errors import all_error_classes
 from relay.schemas import ANSWER_FIELDS, VoiceSchema
+
+from .conftest import RELAY_KEY
+from .test_convert import MEDIA
 
 ROOT = Path(__file__).parent.parent
 MAKE = ROOT / "connector_spec" / "make"
@@ -70,6 +74,7 @@ def test_the_modules_the_issue_asks_for_exist():
     kinds = {name: module["moduleType"] for name, module in modules.items()}
     assert kinds == {
         "cloneVoice": "action",
+        "cloneVoiceFromFile": "action",
         "startVoiceClone": "action",
         "getCloneJob": "action",
         "listVoices": "search",
@@ -79,7 +84,9 @@ def test_the_modules_the_issue_asks_for_exist():
     assert modules["watchVoiceCloneFinished"]["webhook"] == "voiceCloneFinished"
 
 
-@pytest.mark.parametrize("module", ["cloneVoice", "startVoiceClone", "getCloneJob", "watchVoiceCloneFinished"])
+@pytest.mark.parametrize(
+    "module", ["cloneVoice", "cloneVoiceFromFile", "startVoiceClone", "getCloneJob", "watchVoiceCloneFinished"]
+)
 def test_answer_interfaces_and_samples_match_the_answer_field_for_field(module):
     folder = MAKE / "modules" / module
     interface = json.loads((folder / f"{module}.interface.iml.json").read_text())
@@ -155,3 +162,41 @@ def test_sensitive_headers_are_sanitized_in_makes_logs():
     for path in (MAKE / "general/base.iml.json", MAKE / "connections/relay/relay.communication.iml.json"):
         sanitize = json.loads(path.read_text())["log"]["sanitize"]
         assert {"request.headers.authorization", "request.headers.x-useapi-token"} <= set(sanitize)
+
+
+def test_the_file_module_sends_a_multipart_request_the_relay_takes(client):
+    """Fill the module's body the way Make does (a mapped file, every other field as text) and send it."""
+    communication = json.loads(
+        (MAKE / "modules/cloneVoiceFromFile/cloneVoiceFromFile.communication.iml.json").read_text()
+    )
+    assert communication["type"] == "multipart/form-data"
+    params = json.loads((MAKE / "modules/cloneVoiceFromFile/cloneVoiceFromFile.mappable-params.iml.json").read_text())
+    assert {p["name"]: p["type"] for p in params if p["name"] in ("fileName", "data")} == {
+        "fileName": "filename",
+        "data": "buffer",
+    }
+    given = {
+        "fileName": "voice-note.ogg",
+        "data": (MEDIA / "voice_note.opus").read_bytes(),
+        "name": "From Make",
+        "user_id": "",  # unmapped fields arrive empty
+        "if_exists": "create",
+        "dry_run": "true",
+        "convert": "auto",
+        "metadata": '{"row": 7}',
+    }
+    form = {}
+    for key, value in communication["body"].items():
+        if isinstance(value, dict):  # the file: value and file name
+            form[key] = (io.BytesIO(given["data"]), given["fileName"])
+        elif isinstance(value, str):
+            form[key] = re.sub(r"\{\{parameters\.(\w+)\}\}", lambda m: given[m.group(1)], value)
+        else:
+            form[key] = str(value)
+    form["wait_seconds"] = "20"  # the test client is not Make: it need not wait 280 s
+    headers = {"Authorization": f"Bearer {RELAY_KEY}"}
+    response = client.post("/v1/voice-clones", data=form, content_type="multipart/form-data", headers=headers)
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert (body["status"], body["source_format"], body["converted"]) == ("validated", "opus", True)
+    assert body["metadata"] == {"row": 7}

@@ -51,6 +51,7 @@ EVENT_LABELS = {
     "download_started": "Download started",
     "downloaded": "Downloaded",
     "audio_valid": "Audio validated",
+    "converted": "Converted",
     "upload_started": "Upload started",
     "upload_sent": "Upload body complete",
     "upload_answered": "Upload answered",

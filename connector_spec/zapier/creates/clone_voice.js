@@ -29,16 +29,20 @@ module.exports = {
   noun: 'Voice',
   display: {
     label: 'Clone Voice',
-    description: 'Clones a voice at useapi.net (TemPolor) from a link to a recording; continues when the clone is ready.',
+    description: 'Clones a voice at useapi.net (TemPolor) from a recording (a file or a link); continues when the clone is ready.',
   },
   operation: {
     inputFields: [
       {
         key: 'audio_url',
-        label: 'Audio URL',
+        label: 'Audio File',
         required: true,
-        type: 'string',
-        helpText: 'Public link to the recording (direct link, Google Drive or Dropbox share link). WAV, MP3, FLAC or M4A.',
+        // A file field: map a file from any step (Gmail attachment, Drive file, form upload) or type a
+        // link. Zapier hands the app a public URL for it either way, which the relay downloads.
+        type: 'file',
+        helpText:
+          'The recording: a file from an earlier step, or a public link (direct, Google Drive or Dropbox). ' +
+          'WAV, MP3, FLAC, M4A, or a voice note, browser recording or video (Ogg/Opus, WebM, AAC, AMR, MP4, MOV…), which the relay converts.',
       },
       { key: 'name', label: 'Voice Name', required: true, type: 'string', helpText: '1-100 characters.' },
       {

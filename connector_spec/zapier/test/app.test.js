@@ -100,6 +100,18 @@ test('Clone Voice starts with a callback URL and resumes with the callback body'
   assert.equal(resumed.job_id, started.job_id);
 });
 
+test('Clone Voice takes a file field: the URL Zapier hands over for a voice note is converted', { skip: !live || !process.env.FILE_URL }, async () => {
+  // Zapier gives an app a URL for a file field (a Gmail attachment, a Drive file); the relay
+  // downloads it, recognises Ogg Opus and converts it. A dry run: checked, nothing uploaded.
+  const bundle = { authData, inputData: { audio_url: process.env.FILE_URL, name: 'Zapier File', dry_run: true } };
+  const started = await appTester(App.creates.clone_voice.operation.perform, bundle);
+  const final = await waitForJob(started.status_url);
+  assert.equal(final.status, 'validated');
+  assert.equal(final.source_format, 'opus');
+  assert.equal(final.converted, true);
+  assert.equal(final.audio_format, 'flac');
+});
+
 test('Find Voice finds the voice by name, New Cloned Voice lists it, Delete Voice removes it twice safely', { skip: !live }, async () => {
   const found = await appTester(App.searches.find_voice.operation.perform, { authData, inputData: { name: 'from zapier' } });
   assert.equal(found.length, 1);
