@@ -193,24 +193,28 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         stored_request["upload_id"] = bodies.store(runtime, upload, job_id).id
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     generation = runtime.notifier.generation  # before the job exists: no change to it is missed
-    job, created = (existing, False) if existing is not None else runtime.store.create(
-        job_id,
-        request=stored_request,
-        status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
-        token_kind=token_kind,
-        token_sealed=sealed,
-        token_fingerprint=fingerprint,
-        # A token kept in this process's memory: only this process's workers can do the job.
-        token_holder=runtime.pool.id if token_kind == MEMORY and runtime.pool is not None else None,
-        idempotency_key=key,
-        request_hash=request_hash,
-        answer=g.answer,
-        callback_url=callback_url,
-        webhook_id=f"msg_{job_id}",
-        account_key=account,
-        name_key=name_key,
-        exclusive_key=name_key if exclusive else None,
-        dry_run=clone_request.dry_run,
+    job, created = (
+        (existing, False)
+        if existing is not None
+        else runtime.store.create(
+            job_id,
+            request=stored_request,
+            status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
+            token_kind=token_kind,
+            token_sealed=sealed,
+            token_fingerprint=fingerprint,
+            # A token kept in this process's memory: only this process's workers can do the job.
+            token_holder=runtime.pool.id if token_kind == MEMORY and runtime.pool is not None else None,
+            idempotency_key=key,
+            request_hash=request_hash,
+            answer=g.answer,
+            callback_url=callback_url,
+            webhook_id=f"msg_{job_id}",
+            account_key=account,
+            name_key=name_key,
+            exclusive_key=name_key if exclusive else None,
+            dry_run=clone_request.dry_run,
+        )
     )
     if not created:
         runtime.vault.forget(job_id)

@@ -80,6 +80,9 @@ jobs = Table(
     # job of the same name instead of making a second voice; exclusive_key (unique) settles races.
     Column("name_key", String(64), nullable=True),
     Column("exclusive_key", String(64), nullable=True, unique=True),
+    # The voice this job's own upload made (answered, or found after a lost answer); unique, so two
+    # jobs whose answers were lost can never both adopt one voice. Reused voices are not set here.
+    Column("made_voice_id", String(300), nullable=True, unique=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
     Index("ix_jobs_name_key", "name_key"),
     Index("ix_jobs_callback_next_at", "callback_next_at"),
@@ -211,6 +214,16 @@ def _v6(conn: Connection) -> None:
     metadata.create_all(conn, tables=[uploads, upload_chunks])
 
 
+def _v7(conn: Connection) -> None:
+    found = inspect(conn)
+    if "made_voice_id" not in {column["name"] for column in found.get_columns("jobs")}:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN made_voice_id VARCHAR(300)"))
+    unique = [c["column_names"] for c in found.get_unique_constraints("jobs")]
+    unique += [index["column_names"] for index in found.get_indexes("jobs") if index.get("unique")]
+    if ["made_voice_id"] not in unique:
+        conn.execute(text("CREATE UNIQUE INDEX ux_jobs_made_voice_id ON jobs (made_voice_id)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
@@ -218,6 +231,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "uploads that may have been taken, pinned tokens, per-account keys and names", _v4),
     (5, "job events: each job's timeline", _v5),
     (6, "uploaded files, stored in chunks until their job is done with them", _v6),
+    (7, "one job per voice it made", _v7),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -77,6 +77,7 @@ class Job:
     token_holder: str | None = None
     name_key: str | None = None
     exclusive_key: str | None = None
+    made_voice_id: str | None = None
     # Not columns: the place in its account's queue, known when the job was just written; and,
     # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)
@@ -504,11 +505,18 @@ class JobStore:
         return result.rowcount == 1
 
     def voice_taken(self, cloned_voice_item_id: str, job_id: str) -> bool:
-        """True when another job already holds this voice (so two lost uploads never adopt one voice)."""
+        """True when another job already holds this voice (a cheap first look; ``made_voice_id``'s
+        unique index is what finally keeps two lost uploads from adopting one voice)."""
         with reader(self.engine) as conn:
             found = conn.scalar(
                 select(jobs.c.id)
-                .where(jobs.c.cloned_voice_item_id == cloned_voice_item_id, jobs.c.id != job_id)
+                .where(
+                    or_(
+                        jobs.c.cloned_voice_item_id == cloned_voice_item_id,
+                        jobs.c.made_voice_id == cloned_voice_item_id,
+                    ),
+                    jobs.c.id != job_id,
+                )
                 .limit(1)
             )
         return found is not None

@@ -52,17 +52,13 @@ def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int) -
                 f"({limit / 1048576:.0f} MiB). Retry in a minute, or send a link (audio_url) instead.",
                 retry_after=60,
             )
-        conn.execute(
-            insert(uploads).values(id=upload_id, size=size, sha256="", complete=False, created_at=utcnow())
-        )
+        conn.execute(insert(uploads).values(id=upload_id, size=size, sha256="", complete=False, created_at=utcnow()))
         seq = 0
         while chunk := source.read(CHUNK):
             digest.update(chunk)
             conn.execute(insert(upload_chunks).values(upload_id=upload_id, seq=seq, data=chunk))
             seq += 1
-        conn.execute(
-            uploads.update().where(uploads.c.id == upload_id).values(sha256=digest.hexdigest(), complete=True)
-        )
+        conn.execute(uploads.update().where(uploads.c.id == upload_id).values(sha256=digest.hexdigest(), complete=True))
     return Stored(upload_id, size, digest.hexdigest())
 
 

@@ -21,6 +21,8 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from . import answers, callbacks, events, fetch, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
@@ -193,7 +195,9 @@ class CloneWorker:
                 item_id=result.item_id,
                 upstream_status=result.upstream_status,
             )
-            self._accepted(job, answer, result.status, result.cloned_voice_item_id, result.item_id, attempt=attempt)
+            self._accepted(
+                job, answer, result.status, result.cloned_voice_item_id, result.item_id, attempt=attempt, made=True
+            )
 
     def _after_failed_upload(self, job: Job, err: UpstreamError, answer: dict, attempt: int) -> None:
         status = err.fields.get("upstream_status")
@@ -281,7 +285,12 @@ class CloneWorker:
             self._event(job, "reconcile", f"found and adopted {voice['cloned_voice_item_id']}")
             answer.update(cloned_voice_item_id=voice["cloned_voice_item_id"], item_id=voice["item_id"])
             _warn(answer, "The upload's answer was lost; the voice it created was found and adopted.")
-            self._accepted(job, answer, voice["status"], voice["cloned_voice_item_id"], voice["item_id"])
+            try:
+                self._accepted(job, answer, voice["status"], voice["cloned_voice_item_id"], voice["item_id"], made=True)
+            except IntegrityError:  # another job adopted it a moment ago: it is not this job's voice
+                self._event(job, "reconcile", f"{voice['cloned_voice_item_id']} was taken by another job")
+                later = min(now + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
+                self._save(job, release=True, next_run_at=later)
             return
         self._event(job, "reconcile", f"no new voice among {len(found)} on the account yet")
         # useapi may list the voice only once it is ready: look again, less and less often.
@@ -289,12 +298,28 @@ class CloneWorker:
         self._save(job, release=True, next_run_at=later)
 
     def _accepted(
-        self, job: Job, answer: dict, status: str, voice_id: str | None, item_id: str | None, attempt: int = 0
+        self,
+        job: Job,
+        answer: dict,
+        status: str,
+        voice_id: str | None,
+        item_id: str | None,
+        attempt: int = 0,
+        made: bool = False,
     ) -> None:
-        """useapi has the voice: ready now, or poll it. ``attempt``: the upload that brought it."""
+        """useapi has the voice: ready now, or poll it. ``attempt``: the upload that brought it;
+        ``made``: this job's upload made the voice (not a reused one), so no other job may own it."""
+        made_voice = {"made_voice_id": voice_id} if made and voice_id else {}
         if status == "ready":
             self._finish(
-                job, 200, answer, status="ready", attempt=attempt, cloned_voice_item_id=voice_id, item_id=item_id
+                job,
+                200,
+                answer,
+                status="ready",
+                attempt=attempt,
+                made_voice=made_voice,
+                cloned_voice_item_id=voice_id,
+                item_id=item_id,
             )
             return
         answer["message"] = pipeline.PROCESSING_MESSAGE
@@ -309,6 +334,7 @@ class CloneWorker:
             cloned_voice_item_id=voice_id,
             item_id=item_id,
             next_run_at=utcnow() + timedelta(seconds=self.settings.poll_interval_seconds),
+            **made_voice,
         )
 
     def _poll(self, job: Job, token: str | None, answer: dict) -> None:
@@ -352,19 +378,30 @@ class CloneWorker:
 
     # --- endings --------------------------------------------------------------------------
 
-    def _finish(self, job: Job, http_status: int, answer: dict, status: str, attempt: int = 0, **ids: Any) -> None:
+    def _finish(
+        self,
+        job: Job,
+        http_status: int,
+        answer: dict,
+        status: str,
+        attempt: int = 0,
+        made_voice: dict | None = None,
+        **ids: Any,
+    ) -> None:
         answer = {**answer, **{k: v for k, v in ids.items() if v is not None}}
         answer.update(ok=True, status=status, error_code=None, error_message=None)
         if status == "ready" and not answer.get("reused"):
             answer["message"] = pipeline.READY_MESSAGE
-        self._end(job, READY, http_status, answer, attempt)
+        self._end(job, READY, http_status, answer, attempt, made_voice)
 
     def _fail(self, job: Job, err: RelayError, answer: dict) -> None:
         http_status, answer = answers.failure(err, answer)
         log.info("job failed", extra={"fields": {"job_id": job.id, "error_code": err.error_code}})
         self._end(job, FAILED, http_status, answer)
 
-    def _end(self, job: Job, phase: str, http_status: int, answer: dict, attempt: int = 0) -> None:
+    def _end(
+        self, job: Job, phase: str, http_status: int, answer: dict, attempt: int = 0, made_voice: dict | None = None
+    ) -> None:
         now = utcnow()
         # The first callback goes no sooner than RELAY_CALLBACK_FIRST_DELAY_SECONDS after the job was
         # created: a caller that has just received its 202 (n8n saving its waiting execution) is ready.
@@ -389,6 +426,7 @@ class CloneWorker:
             callback_status=PENDING if job.callback_url else None,
             callback_next_at=first_callback if job.callback_url else None,
             next_run_at=first_callback if job.callback_url else None,  # nothing left to do: off the due index
+            **(made_voice or {}),
         )
         self.vault.forget(job.id)
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})

@@ -476,3 +476,21 @@ def test_a_callback_host_that_does_not_resolve_now_is_accepted_with_a_warning(ma
     )
     assert response.status_code in (200, 202), response.json
     assert any("could not be resolved" in w for w in response.json["warnings"])
+
+
+def test_two_jobs_can_never_own_the_voice_one_upload_made(make_app, job_settings, fake, audio_host):
+    # The last guard behind the reconciler's look-up: a voice made (or adopted) by one job cannot be
+    # written as made by another, even by two workers adopting at the same moment.
+    from sqlalchemy.exc import IntegrityError
+
+    app = make_app(job_settings, workers=0)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    ids = [post(client, {"audio_url": url, "name": f"v{n}", "wait_seconds": 0}).json["job_id"] for n in range(2)]
+    engine = app.extensions["relay.runtime"].engine
+    voice = f"user:12345-tempolor:{fake.user_id}-voice:shared"
+    with engine.begin() as conn:
+        conn.execute(update(db.jobs).where(db.jobs.c.id == ids[0]).values(made_voice_id=voice))
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(update(db.jobs).where(db.jobs.c.id == ids[1]).values(made_voice_id=voice))
+    assert app.extensions["relay.runtime"].store.voice_taken(voice, ids[1])
