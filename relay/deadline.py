@@ -25,7 +25,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 _local = threading.local()
 # Name look-ups run here so a hung resolver costs a pool thread, not the caller's deadline.
-_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="relay-dns")
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="relay-dns")
 
 
 class Deadline:
@@ -90,6 +90,7 @@ def resolve(host: str, port: int, limit: Deadline | None = None) -> list[str]:
     try:
         infos = future.result(timeout=None if limit is None else limit.remaining())
     except concurrent.futures.TimeoutError:
+        future.cancel()  # still queued: never run it (a caller that gave up must not hold the pool)
         raise TimeoutError(f"resolving {host} took too long") from None
     seen: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
@@ -213,9 +214,21 @@ class DeadlineAdapter(HTTPAdapter):
                 sock.setsockopt(*option)
             return sock
 
+        def get_conn(pool, timeout=None):
+            # A kept-alive connection goes under the deadline of the call that reuses it.
+            conn = HTTPConnectionPool._get_conn(pool, timeout)
+            sock, limit = getattr(conn, "sock", None), current()
+            if sock is not None and limit is not None:
+                limit.adopt(sock)
+            return conn
+
         http_conn = type("DeadlineHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn})
         https_conn = type("DeadlineHTTPSConnection", (HTTPSConnection,), {"_new_conn": new_conn})
         self.poolmanager.pool_classes_by_scheme = {
-            "http": type("DeadlineHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("DeadlineHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+            "http": type(
+                "DeadlineHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn, "_get_conn": get_conn}
+            ),
+            "https": type(
+                "DeadlineHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn, "_get_conn": get_conn}
+            ),
         }

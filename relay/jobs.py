@@ -225,7 +225,7 @@ _IN_FLIGHT = select(func.count()).where(
     jobs.c.lease_expires_at > bindparam("now"),
     jobs.c.phase.not_in(TERMINAL),
 )
-_ACCOUNT_LOCK = select(func.pg_advisory_xact_lock(724390119, func.hashtext(bindparam("account"))))
+_ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(bindparam("account"))))
 
 
 @dataclass(eq=False)
@@ -454,9 +454,12 @@ class JobStore:
             if candidate is None:
                 return None
             if account_limit and candidate.account_key and candidate.phase not in TERMINAL and not candidate.expired:
-                # Claims of this account wait for each other here; then count what is really in flight.
-                conn.execute(_ACCOUNT_LOCK, {"account": candidate.account_key})
-                if conn.scalar(_IN_FLIGHT, {"account": candidate.account_key, "now": params["now"]}) >= account_limit:
+                # One claim per account at a time (another claimer holding it: try another account,
+                # never wait — two claimers each holding one account's lock would deadlock); then
+                # count what is really in flight.
+                locked = conn.scalar(_ACCOUNT_LOCK, {"account": candidate.account_key})
+                in_flight = locked and conn.scalar(_IN_FLIGHT, {"account": candidate.account_key, "now": params["now"]})
+                if not locked or in_flight >= account_limit:
                     skip.append(candidate.account_key)
                     continue
             return conn.execute(_LEASE_BY_ID, {**params, "job": candidate.id}).first()
@@ -503,6 +506,15 @@ class JobStore:
         with self.engine.begin() as conn:
             result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(**values))
         return result.rowcount == 1
+
+    def uploads_in_doubt(self, account_key: str | None, job_id: str) -> int:
+        """How many other jobs of the account have an upload whose outcome is not known yet."""
+        with reader(self.engine) as conn:
+            return conn.scalar(
+                select(func.count()).where(
+                    jobs.c.account_key == account_key, jobs.c.id != job_id, jobs.c.phase == UPLOADING
+                )
+            )
 
     def voice_taken(self, cloned_voice_item_id: str, job_id: str) -> bool:
         """True when another job already holds this voice (a cheap first look; ``made_voice_id``'s

@@ -220,6 +220,8 @@ class Useapi:
                 )
             except requests.RequestException as err:
                 raise self._translate(err, method, what, total, limit.expired, sent) from None
+        if limit.expired:  # the watchdog cut the answer short: whatever arrived is not the answer
+            raise self._translate(requests.Timeout(), method, what, total, True, sent)
         if missing_ok and response.status_code == 404:
             return response
         if not 200 <= response.status_code < 300:

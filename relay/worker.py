@@ -279,8 +279,8 @@ class CloneWorker:
             and (not voice["name"] or voice["name"].strip().casefold() == wanted)
             and not self.store.voice_taken(voice["cloned_voice_item_id"], job.id)
         ]
-        if candidates:
-            voice = max(candidates, key=lambda v: v["created_at"])
+        voice = self._unambiguous(job, candidates, wanted)
+        if voice is not None:
             log.info("adopted voice after lost answer", extra={"fields": {"job_id": job.id}})
             self._event(job, "reconcile", f"found and adopted {voice['cloned_voice_item_id']}")
             answer.update(cloned_voice_item_id=voice["cloned_voice_item_id"], item_id=voice["item_id"])
@@ -296,6 +296,19 @@ class CloneWorker:
         # useapi may list the voice only once it is ready: look again, less and less often.
         later = min(now + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
         self._save(job, release=True, next_run_at=later)
+
+    def _unambiguous(self, job: Job, candidates: list[dict], wanted: str) -> dict | None:
+        """The voice this job's lost upload made, when the list says so beyond doubt: the newest
+        one with the job's name; or the only unnamed one while no other upload of the account is in
+        doubt (an unnamed voice could be another job's — then wait for the names to show)."""
+        named = [v for v in candidates if v["name"] and v["name"].strip().casefold() == wanted]
+        if named:
+            return max(named, key=lambda v: v["created_at"])
+        if len(candidates) == 1 and not self.store.uploads_in_doubt(job.account_key, job.id):
+            return candidates[0]
+        if candidates:
+            self._event(job, "reconcile", f"{len(candidates)} unnamed voice(s) could be another upload's: waiting")
+        return None
 
     def _accepted(
         self,

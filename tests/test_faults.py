@@ -494,3 +494,21 @@ def test_two_jobs_can_never_own_the_voice_one_upload_made(make_app, job_settings
     with pytest.raises(IntegrityError), engine.begin() as conn:
         conn.execute(update(db.jobs).where(db.jobs.c.id == ids[1]).values(made_voice_id=voice))
     assert app.extensions["relay.runtime"].store.voice_taken(voice, ids[1])
+
+
+def test_two_lost_uploads_of_one_account_never_take_each_others_unnamed_voice(make_app, lossy, fake, audio_host):
+    # Both answers are lost and both voices are listed without a name: which is whose cannot be
+    # known, so neither job guesses (each would otherwise grab the newest, the other's).
+    fake.upload_delay = UPLOAD_HELD
+    fake.unnamed = True
+    fake.ready_after_seconds = 0.2
+    app = make_app(lossy.replace(ready_timeout_seconds=2.5))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    ids = [post(client, {"audio_url": url, "name": name, "wait_seconds": 0}).json["job_id"] for name in ("Al", "Bo")]
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: all(store.get(i).terminal for i in ids), timeout=20)
+    ended = [store.get(i).answer for i in ids]
+    assert [a["error_code"] for a in ended] == ["upload_unconfirmed", "upload_unconfirmed"]
+    assert all(a["cloned_voice_item_id"] is None for a in ended)
+    assert fake.upload_count() == 2
