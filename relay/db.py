@@ -80,8 +80,8 @@ jobs = Table(
     # job of the same name instead of making a second voice; exclusive_key (unique) settles races.
     Column("name_key", String(64), nullable=True),
     Column("exclusive_key", String(64), nullable=True, unique=True),
-    # The voice this job's own upload made (answered, or found after a lost answer); unique, so two
-    # jobs whose answers were lost can never both adopt one voice. Reused voices are not set here.
+    # The voice this job adopted after its upload's answer was lost; unique, so two jobs whose
+    # answers were lost can never both adopt one voice. (Answered and reused voices are not set here.)
     Column("made_voice_id", String(300), nullable=True, unique=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
     Index("ix_jobs_name_key", "name_key"),
@@ -231,7 +231,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "uploads that may have been taken, pinned tokens, per-account keys and names", _v4),
     (5, "job events: each job's timeline", _v5),
     (6, "uploaded files, stored in chunks until their job is done with them", _v6),
-    (7, "one job per voice it made", _v7),
+    (7, "one job per adopted voice", _v7),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -195,9 +195,7 @@ class CloneWorker:
                 item_id=result.item_id,
                 upstream_status=result.upstream_status,
             )
-            self._accepted(
-                job, answer, result.status, result.cloned_voice_item_id, result.item_id, attempt=attempt, made=True
-            )
+            self._accepted(job, answer, result.status, result.cloned_voice_item_id, result.item_id, attempt=attempt)
 
     def _after_failed_upload(self, job: Job, err: UpstreamError, answer: dict, attempt: int) -> None:
         status = err.fields.get("upstream_status")
@@ -321,7 +319,8 @@ class CloneWorker:
         made: bool = False,
     ) -> None:
         """useapi has the voice: ready now, or poll it. ``attempt``: the upload that brought it;
-        ``made``: this job's upload made the voice (not a reused one), so no other job may own it."""
+        ``made``: adopted after a lost answer — a guess, so no other job's guess may take it too
+        (an upload's own answer needs no such guard: useapi named the voice itself)."""
         made_voice = {"made_voice_id": voice_id} if made and voice_id else {}
         if status == "ready":
             self._finish(
