@@ -237,8 +237,7 @@ class AnswerSchema(Schema):
     queue_position = fields.Integer(
         allow_none=True,
         metadata={
-            "description": "While queued behind the account's other jobs: 1 = next; 1001 = 1000 or more "
-            "ahead. Else null."
+            "description": "While queued behind the account's other jobs: 1 = next; 101 = 100 or more ahead. Else null."
         },
     )
     callback_status = fields.String(
