@@ -131,12 +131,20 @@ def test_the_blueprint_takes_the_route_that_matches_each_real_answer(make_app, j
     assert routes_taken(poll, {4: going, 8: ready}) == ["Voice ready: use cloned_voice_item_id"]
 
 
+def node_types(workflow: dict) -> list[str]:
+    """The workflow's node types in order, once every node is checked to be a whole n8n node with
+    nothing account-specific (no credentials) baked in."""
+    for node in workflow["nodes"]:
+        assert {"parameters", "id", "name", "type", "typeVersion", "position"} <= set(node)
+        assert "credentials" not in node
+    return [node["type"] for node in workflow["nodes"]]
+
+
 def test_the_n8n_workflow_waits_for_the_relays_callback():
     workflow = json.loads(N8N.read_text())
     assert workflow["id"]  # `n8n import:workflow --input=<file>` needs one
     nodes = {node["name"]: node for node in workflow["nodes"]}
-    types = [node["type"] for node in workflow["nodes"]]
-    assert types == [
+    assert node_types(workflow) == [
         "n8n-nodes-base.manualTrigger",
         "n8n-nodes-base.httpRequest",
         "n8n-nodes-base.if",
@@ -144,9 +152,6 @@ def test_the_n8n_workflow_waits_for_the_relays_callback():
         "n8n-nodes-base.set",
         "n8n-nodes-base.if",
     ]
-    for node in workflow["nodes"]:
-        assert {"parameters", "id", "name", "type", "typeVersion", "position"} <= set(node)
-        assert "credentials" not in node  # nothing account-specific baked in
     http = nodes["Start the clone (relay)"]["parameters"]
     assert http["url"].endswith("/v1/voice-clones") and http["method"] == "POST"
     assert "callback_url: $execution.resumeUrl" in http["jsonBody"]
@@ -181,8 +186,7 @@ N8N_BINARY = SPEC / "n8n" / "clone-voice-from-binary.json"
 
 def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
     workflow = json.loads(N8N_BINARY.read_text())
-    types = [node["type"] for node in workflow["nodes"]]
-    assert types == [
+    assert node_types(workflow) == [
         "n8n-nodes-base.manualTrigger",
         "n8n-nodes-base.readWriteFile",
         "n8n-nodes-base.httpRequest",
@@ -191,8 +195,6 @@ def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
         "n8n-nodes-base.set",
         "n8n-nodes-base.if",
     ]
-    for node in workflow["nodes"]:
-        assert "credentials" not in node
     # After the upload, the same routing as the link workflow (immediate refusals, a bounded wait).
     link = json.loads(N8N.read_text())
     after = json.dumps([n["parameters"] for n in workflow["nodes"][3:]]).replace("7a2d3b20", "6f1c2a10")
