@@ -252,7 +252,7 @@ def _attached(job, wait: float, generation: int):
         f"A clone of a voice named {job.request.get('name')!r} was already running for this account (job "
         f"{job.id}); this answer follows it instead of making a second voice."
     )
-    return _job_answer(_wait_for(job, wait, generation) if wait > 0 else job, note)
+    return _job_answer(_wait_within_budget(job, wait, generation), note)
 
 
 def _check_callback_url(callback_url: str) -> None:

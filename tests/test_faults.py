@@ -512,3 +512,26 @@ def test_two_lost_uploads_of_one_account_never_take_each_others_unnamed_voice(ma
     assert [a["error_code"] for a in ended] == ["upload_unconfirmed", "upload_unconfirmed"]
     assert all(a["cloned_voice_item_id"] is None for a in ended)
     assert fake.upload_count() == 2
+
+
+def test_a_request_attached_to_a_running_job_of_the_same_name_keeps_to_the_waiter_budget(
+    make_app, job_settings, fake, audio_host
+):
+    fake.upload_delay = 1.0
+    app = make_app(job_settings)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(client, {"audio_url": url, "name": "Busy", "if_exists": "reuse", "wait_seconds": 0}).json
+    waiters = app.extensions["relay.runtime"].waiters
+    taken = 0
+    while waiters.acquire(blocking=False):  # every waiter slot is held by other requests
+        taken += 1
+    try:
+        started = time.monotonic()
+        attached = post(client, {"audio_url": url, "name": "Busy", "if_exists": "reuse", "wait_seconds": 10})
+        assert time.monotonic() - started < 5  # answered at once, not after waiting up to 10 s
+    finally:
+        for _ in range(taken):
+            waiters.release()
+    assert attached.status_code == 202 and attached.json["job_id"] == first["job_id"]
+    assert any("RELAY_MAX_WAITERS" in w for w in attached.json["warnings"])
