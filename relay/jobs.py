@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import accounts, heartbeats, job_events, jobs, reader, utcnow
@@ -228,6 +228,22 @@ _IN_FLIGHT = select(func.count()).where(
 _ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(bindparam("account"))))
 
 
+WORK_CHANNEL = "relay_work"
+_NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', :jobs)")
+
+
+def _announce(conn, count: int) -> None:
+    """On PostgreSQL, tell idle workers in every process that ``count`` jobs arrive when this
+    transaction commits (see :class:`relay.runner.WorkListener`); elsewhere they share the process."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY, {"jobs": str(count)})
+
+
+class Contended(Exception):
+    """Nothing was claimed only because other claimers held the accounts with due work at that
+    moment: try again in a few milliseconds, not after an idle poll."""
+
+
 @dataclass(eq=False)
 class _NewJob:
     """A job waiting to be written with others; ``done`` is set once it was (or failed)."""
@@ -294,6 +310,7 @@ class _GroupInsert:
                 try:
                     with self.store.engine.begin() as conn:
                         conn.execute(_INSERT_MANY, [new.row for new in group])
+                        _announce(conn, len(group))
                     for new in group:
                         new.result = Job.from_values(new.row), True
                 except IntegrityError:  # an idempotency key already taken: one by one, then
@@ -360,6 +377,7 @@ class JobStore:
         try:
             with self.engine.begin() as conn:
                 created = conn.execute(_INSERT, row).first()
+                _announce(conn, 1)
         except IntegrityError:
             key, exclusive = row.get("idempotency_key"), row.get("exclusive_key")
             existing = self.get_by_key(key) if key else None
@@ -425,7 +443,9 @@ class JobStore:
         memory. Unfinished work is only taken from accounts with fewer than ``account_limit``
         jobs in flight (0: no limit). On SQLite claims are serialized (``BEGIN IMMEDIATE``); on
         PostgreSQL only claims of one account are (an advisory lock per account), so the limit
-        holds across processes while accounts never wait for each other.
+        holds across processes while accounts never wait for each other. Raises
+        :class:`Contended` when due work was passed over only because another claim of its
+        account was under way.
         """
         now = self.clock()
         params = {
@@ -449,9 +469,12 @@ class JobStore:
     @staticmethod
     def _claim_pg(conn, params: dict[str, Any], account_limit: int):
         skip: list[str] = []
+        contended = False
         for _ in range(8):  # each round rules out one account that turned out to be full
             candidate = conn.execute(_pick(bool(account_limit), True), {**params, "skip": skip}).first()
             if candidate is None:
+                if contended:
+                    raise Contended()
                 return None
             if account_limit and candidate.account_key and candidate.phase not in TERMINAL and not candidate.expired:
                 # One claim per account at a time (another claimer holding it: try another account,
@@ -460,9 +483,12 @@ class JobStore:
                 locked = conn.scalar(_ACCOUNT_LOCK, {"account": candidate.account_key})
                 in_flight = locked and conn.scalar(_IN_FLIGHT, {"account": candidate.account_key, "now": params["now"]})
                 if not locked or in_flight >= account_limit:
+                    contended = contended or not locked
                     skip.append(candidate.account_key)
                     continue
             return conn.execute(_LEASE_BY_ID, {**params, "job": candidate.id}).first()
+        if contended:
+            raise Contended()
         return None
 
     def back_off(self, account_key: str | None, seconds: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from . import audio, convert, fetch, links, stream, uploads, urlguard, voices
 from .errors import MissingUpstreamToken, VoiceExists
 from .settings import Settings
-from .useapi import UploadResult, Useapi
+from .useapi import UploadBody, UploadResult, Useapi
 
 
 @dataclass
@@ -90,12 +90,11 @@ def early_upload(
     if request.dry_run or not settings.stream_min_bytes:
         return None
 
-    def send(body, size: int, content_type: str) -> UploadResult:
+    def send(growing: stream.GrowingFile, size: int, content_type: str) -> UploadResult:
         with Useapi(settings, token) as client:
             # The body follows the download, so the call may last as long as both together.
             return client.upload_body(
-                body,
-                size,
+                UploadBody(growing.file, size, source=growing),
                 content_type,
                 request.name,
                 request.user_id,

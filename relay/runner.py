@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .jobs import Job, JobStore
+from .jobs import WORK_CHANNEL, Contended, Job, JobStore
 from .settings import Settings
 
 log = logging.getLogger("relay.worker")
@@ -56,7 +57,8 @@ class Notifier:
                 self._changed.wait(timeout)
 
     def work_arrived(self, everyone: bool = False) -> None:
-        """Wake one idle worker (all of them when stopping): one new job needs one worker."""
+        """Wake one idle worker (all of them when stopping); a worker that claims a job wakes
+        the next (see :meth:`Pool.run_once`)."""
         with self._work:
             if everyone:
                 self._work.notify_all()
@@ -97,6 +99,39 @@ class Renewal:
                 log.exception("lease renewal failed", extra={"fields": {"job_id": self.job_id}})
 
 
+class WorkListener:
+    """On PostgreSQL, wakes this process's idle workers when any process writes new jobs
+    (``LISTEN``; the insert's transaction sends ``NOTIFY`` on commit), so a worker process picks
+    up a job within milliseconds rather than at its next idle poll. One connection of its own;
+    when it breaks, workers fall back to polling until it is back."""
+
+    RECONNECT_SECONDS = 5.0
+
+    def __init__(self, store: JobStore, notifier: Notifier, stop: threading.Event):
+        self.store, self.notifier, self._stop = store, notifier, stop
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._listen()
+            except Exception:  # noqa: BLE001 - the database went away: poll until it is back
+                log.warning("work notifications interrupted; workers poll meanwhile", exc_info=True)
+            self._stop.wait(self.RECONNECT_SECONDS)
+
+    def _listen(self) -> None:
+        raw = self.store.engine.raw_connection()
+        conn = raw.driver_connection
+        raw.detach()  # a connection of its own for good, not one lent by the pool
+        try:
+            conn.autocommit = True
+            conn.execute(f"LISTEN {WORK_CHANNEL}")
+            while not self._stop.is_set():
+                for _note in conn.notifies(timeout=1.0):
+                    self.notifier.work_arrived()  # one worker; each that claims wakes the next
+        finally:
+            raw.close()
+
+
 class Pool:
     """N worker threads in this process, plus a heartbeat and periodic clean-up.
 
@@ -131,6 +166,11 @@ class Pool:
         beat = threading.Thread(target=self._housekeeping, daemon=True, name="relay-heartbeat")
         beat.start()
         self._threads.append(beat)
+        if self.store.engine.dialect.name == "postgresql":
+            listener = WorkListener(self.store, self.notifier, self._stop)
+            thread = threading.Thread(target=listener.run, daemon=True, name="relay-work-listener")
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self, timeout: float = 25.0) -> bool:
@@ -160,6 +200,9 @@ class Pool:
         )
         if job is None:
             return False
+        # More may be due: wake one more idle worker, which does the same — a backlog is taken up
+        # at the pace claims succeed, without waking every thread of every process at once.
+        self.notifier.work_arrived()
         log.info("job claimed", extra={"fields": {"job_id": job.id, "phase": job.phase, "worker": worker_id}})
         with Renewal(self.store, job.id, worker_id, settings.lease_seconds):
             try:
@@ -176,6 +219,9 @@ class Pool:
         while not self._stop.is_set():
             try:
                 busy = self.run_once(worker_id, handler)
+            except Contended:  # another claim of the same account was under way: its turn is brief
+                self._stop.wait(random.uniform(0.002, 0.02))
+                continue
             except Exception:  # a database hiccup: back off, never die
                 log.exception("worker loop error", extra={"fields": {"worker": worker_id}})
                 busy = False

@@ -16,6 +16,7 @@ download as before.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
@@ -32,28 +33,38 @@ class Withheld(Exception):  # noqa: N818 - it is an outcome, not a fault
 
 
 class GrowingFile:
-    """A reader of a spool file that is still being written. :meth:`read` waits for bytes that
-    have not arrived, never returns the last :data:`TAIL` bytes before :meth:`release`, and raises
-    :class:`Withheld` once :meth:`abort` was called (or ``patience`` seconds pass with nothing new)."""
+    """A spool file that is still being written, read by the upload. :meth:`ready` waits for
+    bytes that have not arrived, never offers the last :data:`TAIL` bytes before :meth:`release`,
+    and raises :class:`Withheld` once :meth:`abort` was called (or ``patience`` seconds pass with
+    nothing new).
+
+    The download thread reports each write (:meth:`wrote`) under a lock, but wakes the upload only
+    when it waits and what it asked for is there: one hand-off per upload step (a megabyte), not
+    one per downloaded chunk."""
 
     def __init__(self, path: str, size: int, patience: float):
         self.size = size
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._tail = min(TAIL, size // 2)
         self._patience = patience
         self._changed = threading.Condition()
         self._written = 0
-        self._sent = 0
+        self._sent = 0  # for read()
         self._released = False
         self._aborted = False
+        self._wants = 0  # a waiting reader needs bytes up to here (0: nobody waits)
 
     def __len__(self) -> int:
         return self.size
 
+    def _limit(self) -> int:
+        return min(self._written, self.size if self._released else self.size - self._tail)
+
     def wrote(self, total: int) -> None:
         with self._changed:
             self._written = total
-            self._changed.notify_all()
+            if self._wants and (self._limit() >= self._wants or total >= self.size):
+                self._changed.notify_all()
 
     def release(self) -> None:
         with self._changed:
@@ -65,36 +76,51 @@ class GrowingFile:
             self._aborted = True
             self._changed.notify_all()
 
-    def read(self, amount: int = -1) -> bytes:
+    def ready(self, position: int, want: int, least: int | None = None) -> int:
+        """Wait until at least ``least`` (default: ``want``) bytes after ``position`` may be sent,
+        or all that ever will before :meth:`release`; how many (at most ``want``), 0 at the end."""
+        least = want if least is None else min(least, want)
         with self._changed:
-            while True:
-                if self._aborted:
-                    raise Withheld()
-                limit = self.size if self._released else self.size - self._tail
-                ready = min(self._written, limit) - self._sent
-                if ready > 0 or self._sent >= self.size:
-                    break
-                if not self._changed.wait(self._patience):
-                    raise Withheld()  # the download side went quiet: never send the rest
-        if self._sent >= self.size:
+            try:
+                while True:
+                    if self._aborted:
+                        raise Withheld()
+                    if position >= self.size:
+                        return 0
+                    limit = self._limit()
+                    if limit - position >= least or (limit > position and self._written >= self.size):
+                        return min(limit - position, want)
+                    self._wants = position + min(least, self.size - position)
+                    if not self._changed.wait(self._patience):
+                        if self._limit() <= position:
+                            raise Withheld()  # the download side went quiet: never send the rest
+                        return self._limit() - position  # a slow download: send what there is
+            finally:
+                self._wants = 0
+
+    def read(self, amount: int = -1) -> bytes:
+        want = self.size - self._sent if amount is None or amount < 0 else amount
+        count = self.ready(self._sent, want, least=1) if want else 0
+        if not count:
             return b""
-        chunk = self._file.read(ready if amount is None or amount < 0 else min(amount, ready))
+        chunk = os.pread(self.file.fileno(), count, self._sent)
         self._sent += len(chunk)
         return chunk
 
     def close(self) -> None:
-        self._file.close()
+        self.file.close()
 
 
 class EarlyUpload:
     """Watches a download (pass :meth:`progress` to :func:`relay.fetch.download`) and starts the
     upload as soon as the file qualifies.
 
-    ``begin()`` runs once, in the downloading thread, just before the first byte is sent (the
-    worker commits its "uploading" phase there). ``send(body, size, content_type)`` runs in a
-    thread of its own and returns the upload's result. ``before_release()`` runs in
-    :meth:`finish`, before the held-back tail may go (the worker writes down there that the body
-    is about to complete); if it raises, the upload is abandoned short and that error is raised.
+    ``begin()`` runs once, in the upload's thread, just before the first byte is sent (the
+    worker commits its "uploading" phase there; the download goes on meanwhile).
+    ``send(growing_file, size, content_type)`` runs in that thread and returns the upload's
+    result. ``before_release()`` runs in :meth:`finish`, before the held-back tail may go (the
+    worker writes down there that the body is about to complete); if it raises, the upload is
+    abandoned short and that error is raised.
     """
 
     def __init__(
@@ -132,7 +158,6 @@ class EarlyUpload:
                 kind = audio.sniff_start(handle.read(_HEAD))
             if kind not in audio.CONTENT_TYPES:
                 return  # the validation after the download says what is wrong
-            self._begin()
             self.content_type = audio.CONTENT_TYPES[kind][0]
             self._body = GrowingFile(self.path, declared, self.patience)
             self._thread = threading.Thread(target=self._run, name="early-upload", daemon=True)
@@ -143,6 +168,7 @@ class EarlyUpload:
     def _run(self) -> None:
         assert self._body is not None and self.content_type is not None
         try:
+            self._begin()  # here, not in the download thread: its write does not hold the download up
             self._result = self._send(self._body, self._body.size, self.content_type)
         except BaseException as err:  # noqa: BLE001 - handed to finish()
             self._error = err

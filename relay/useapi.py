@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -98,25 +99,23 @@ class Useapi:
         ``progress(bytes_sent, size)`` is called as the body goes out; see :meth:`upload_body`
         for ``before_tail``."""
         with open(path, "rb") as handle:
-            body = handle if progress is None else _ProgressReader(handle, size, progress)
-            return self.upload_body(body, size, content_type, name, user_id, before_tail=before_tail)
+            body = UploadBody(handle, size, before_tail=before_tail, progress=progress)
+            return self.upload_body(body, content_type, name, user_id)
 
     def upload_body(
         self,
-        body: BinaryIO,
-        size: int,
+        body: UploadBody,
         content_type: str,
         name: str,
         user_id: str | None,
-        before_tail=None,
         total: float | None = None,
     ) -> UploadResult:
-        """``POST …/cloned-voices/`` with ``size`` bytes read from ``body`` as the raw body.
+        """``POST …/cloned-voices/`` with ``body`` (see :class:`UploadBody`) as the raw body.
 
-        ``before_tail()`` runs once, just before the last :data:`TAIL` bytes are handed to the
-        connection (the worker writes down "the body is complete" there); if it raises, the
-        request ends short of ``size`` bytes and its error is raised from here, as is anything
-        else ``body.read`` raises. ``total``: the call's deadline (default ``RELAY_UPLOAD_TIMEOUT``).
+        If the body's ``before_tail()`` (run just before the last :data:`TAIL` bytes go; the worker
+        writes down "the body is complete" there) raises, the request ends short of its length and
+        that error is raised from here, as is anything else producing the body raises.
+        ``total``: the call's deadline (default ``RELAY_UPLOAD_TIMEOUT``).
 
         Raises :class:`UpstreamError`: ``reached=False`` when the body provably never completed
         (safe to send again), ``maybe_created=True`` when it did and no readable answer came.
@@ -124,7 +123,7 @@ class Useapi:
         params = {"name": name}
         if user_id:
             params["user_id"] = user_id
-        counted = _SentCounter(body, size, before_tail)
+        counted, size = body, body.size
         try:
             response = self._call(
                 "POST",
@@ -208,7 +207,7 @@ class Useapi:
         timeout=None,
         total: float | None = None,
         missing_ok: bool = False,
-        sent: _SentCounter | None = None,
+        sent: UploadBody | None = None,
         **kwargs: Any,
     ) -> requests.Response:
         timeout = timeout or (self.settings.connect_timeout, self.settings.read_timeout)
@@ -255,14 +254,20 @@ class Useapi:
         return UpstreamUnavailable(f"The connection to useapi.net failed during {what} ({type(err).__name__}).{maybe}")
 
 
-class _SentCounter:
-    """An upload body that counts what was handed to the connection and holds its last
-    :data:`TAIL` bytes until ``before_tail()`` has run."""
+class UploadBody:
+    """An upload's body: ``size`` bytes of the file ``handle``, handed to the connection as
+    :class:`relay.deadline.FileRange` pieces of at most :data:`STEP` bytes (sent with
+    ``sendfile`` on a plain connection). It counts what the connection has taken, reports it
+    (``progress(sent, size)``, once per piece), and holds the last :data:`TAIL` bytes until
+    ``before_tail()`` has run. ``source``: a file still being written (:class:`relay.stream.GrowingFile`),
+    whose ``ready(position, want)`` says how much may go now."""
 
-    def __init__(self, body, size: int, before_tail):
-        self.body, self.size, self.sent = body, size, 0
+    STEP = 1024 * 1024
+
+    def __init__(self, handle: BinaryIO, size: int, before_tail=None, progress=None, source=None):
+        self.handle, self.size, self.sent = handle, size, 0
         self._tail_at = size - min(TAIL, size) if before_tail is not None else size
-        self._before_tail = before_tail
+        self._before_tail, self._progress, self._source = before_tail, progress, source
 
     @property
     def complete(self) -> bool:
@@ -271,36 +276,21 @@ class _SentCounter:
     def __len__(self) -> int:
         return self.size
 
-    def read(self, amount: int = -1) -> bytes:
-        if self._before_tail is not None and self.sent >= self._tail_at:
-            hook, self._before_tail = self._before_tail, None
-            hook()
-        if self._before_tail is not None:
-            left = self._tail_at - self.sent
-            amount = left if amount is None or amount < 0 else min(amount, left)
-        chunk = self.body.read(amount)
-        self.sent += len(chunk)
-        return chunk
-
-
-class _ProgressReader:
-    """A file wrapper that reports how much of it has been read (sent)."""
-
-    def __init__(self, handle, size: int, progress):
-        self.handle, self.size, self.progress, self.sent = handle, size, progress, 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def read(self, amount: int = -1) -> bytes:
-        chunk = self.handle.read(amount)
-        self.sent += len(chunk)
-        self.progress(self.sent, self.size)
-        return chunk
-
-    def __iter__(self):
-        while chunk := self.read(64 * 1024):
-            yield chunk
+    def __iter__(self) -> Iterator[deadline.FileRange]:
+        while self.sent < self.size:
+            if self._before_tail is not None and self.sent >= self._tail_at:
+                hook, self._before_tail = self._before_tail, None
+                hook()
+            end = self._tail_at if self._before_tail is not None else self.size
+            count = min(end - self.sent, self.STEP)
+            if self._source is not None:
+                count = self._source.ready(self.sent, count)
+                if not count:
+                    raise OSError(f"the file ended at byte {self.sent} of {self.size}")
+            yield deadline.FileRange(self.handle, self.sent, count, UPLOAD_BLOCK)
+            self.sent += count  # the connection took the piece: the generator resumes after send()
+            if self._progress is not None:
+                self._progress(self.sent, self.size)
 
 
 def _error_for(

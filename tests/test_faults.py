@@ -194,11 +194,15 @@ def test_an_upload_answer_after_the_lease_was_lost_is_recorded_and_never_resent(
         client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Slow", "wait_seconds": 0}
     ).json["job_id"]
     wait_until(lambda: store.get(job_id).body_sent_at is not None)
-    # The database stalls past the lease: another worker takes the job while the upload runs.
+    # The database stalls past the lease: another worker takes the job while the upload runs (in
+    # one statement, as a claim does, so none of the app's own idle workers takes it first).
     with store.engine.begin() as conn:
-        conn.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(lease_expires_at=utcnow() - timedelta(1)))
-    intruder = store.claim("intruder", 30)
-    assert intruder is not None and intruder.id == job_id and intruder.phase == "uploading"
+        taken = conn.execute(
+            update(db.jobs)
+            .where(db.jobs.c.id == job_id, db.jobs.c.phase == "uploading")
+            .values(lease_owner="intruder", lease_expires_at=utcnow() + timedelta(seconds=30))
+        ).rowcount
+    assert taken == 1
     # The first worker's answer arrives late: it is recorded, and the intruder's lease is gone.
     job = wait_until(lambda: (j := store.get(job_id)).terminal and j)
     assert job.answer["status"] == "ready" and job.cloned_voice_item_id in fake.voices
