@@ -225,10 +225,18 @@ class DeadlineAdapter(HTTPAdapter):
     ``address``/``port``: connect there whatever the URL says (an address the URL guard checked;
     TLS still verifies the URL's host name). ``blocksize``: how much of a file body each send takes.
     A body that yields :class:`FileRange` pieces is sent from its file without Python copying it.
+    ``max_idle``: a kept-alive connection idle longer than this many seconds is not reused.
     """
 
-    def __init__(self, address: str | None = None, port: int | None = None, blocksize: int | None = None, **kwargs):
-        self._address, self._port, self._blocksize = address, port, blocksize
+    def __init__(
+        self,
+        address: str | None = None,
+        port: int | None = None,
+        blocksize: int | None = None,
+        max_idle: float | None = None,
+        **kwargs,
+    ):
+        self._address, self._port, self._blocksize, self._max_idle = address, port, blocksize, max_idle
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
@@ -260,13 +268,24 @@ class DeadlineAdapter(HTTPAdapter):
                 sock.setsockopt(*option)
             return sock
 
+        max_idle = self._max_idle
+
         def get_conn(pool, timeout=None):
-            # A kept-alive connection goes under the deadline of the call that reuses it.
             conn = HTTPConnectionPool._get_conn(pool, timeout)
-            sock, limit = getattr(conn, "sock", None), current()
+            sock = getattr(conn, "sock", None)
+            if sock is not None and max_idle is not None and time.monotonic() - conn.relay_idle_since > max_idle:
+                # Idle long enough that the peer may be closing it: a new connection, not a race.
+                conn.close()
+                sock = None
+            limit = current()
             if sock is not None and limit is not None:
-                limit.adopt(sock)
+                limit.adopt(sock)  # a kept-alive connection goes under the deadline of the call reusing it
             return conn
+
+        def put_conn(pool, conn):
+            if conn is not None:
+                conn.relay_idle_since = time.monotonic()
+            HTTPConnectionPool._put_conn(pool, conn)
 
         http_conn = type(
             "DeadlineHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn, "send": _send(HTTPConnection)}
@@ -276,9 +295,13 @@ class DeadlineAdapter(HTTPAdapter):
         )
         self.poolmanager.pool_classes_by_scheme = {
             "http": type(
-                "DeadlineHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn, "_get_conn": get_conn}
+                "DeadlineHTTPPool",
+                (HTTPConnectionPool,),
+                {"ConnectionCls": http_conn, "_get_conn": get_conn, "_put_conn": put_conn},
             ),
             "https": type(
-                "DeadlineHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn, "_get_conn": get_conn}
+                "DeadlineHTTPSPool",
+                (HTTPSConnectionPool,),
+                {"ConnectionCls": https_conn, "_get_conn": get_conn, "_put_conn": put_conn},
             ),
         }

@@ -1,8 +1,10 @@
 """Events: what happened to each job, and when — the timeline the console shows.
 
-Workers call :func:`record` at each step (download, validation, upload, reconciliation, polls, the
-end, every callback attempt). An event is a courtesy to the person reading the console: recording
-one never fails a job (a database error is logged and dropped). Details are plain words; anything
+Workers note an event at each step (download, validation, upload, reconciliation, polls, the
+end, every callback attempt) and write the ones noted since their last write of the job in that
+write's transaction: a clone's timeline costs no transactions of its own. An event is a courtesy
+to the person reading the console: recording one never fails a job (a database error is logged
+and dropped). Details are plain words; anything
 that looks like a URL loses its query string here, so a signed link or a token in a query never
 reaches the table. Events are deleted with their job (:meth:`relay.jobs.JobStore.purge`).
 """
@@ -32,13 +34,26 @@ class Event:
     detail: str | None
 
 
+def row(job_id: str, kind: str, detail: str | None = None) -> dict:
+    """One event, stamped now, ready to be written (with :func:`record_rows` or in the
+    transaction of a job's own write: see :meth:`relay.jobs.JobStore.update`)."""
+    return {"job_id": job_id, "at": utcnow(), "kind": kind[:32], "detail": scrub(detail)}
+
+
 def record(engine: Engine, job_id: str, kind: str, detail: str | None = None) -> None:
-    """Add one event to ``job_id``'s timeline (never raises)."""
+    """Add one event to ``job_id``'s timeline now (never raises)."""
+    record_rows(engine, [row(job_id, kind, detail)])
+
+
+def record_rows(engine: Engine, rows: list[dict]) -> None:
+    """Write events made by :func:`row` (never raises)."""
+    if not rows:
+        return
     try:
         with engine.begin() as conn:
-            conn.execute(insert(job_events).values(job_id=job_id, at=utcnow(), kind=kind[:32], detail=scrub(detail)))
+            conn.execute(insert(job_events), rows)
     except Exception:  # noqa: BLE001 - a timeline entry is never worth a failed job
-        log.warning("event not recorded", exc_info=True, extra={"fields": {"job_id": job_id, "kind": kind}})
+        log.warning("events not recorded", exc_info=True, extra={"fields": {"job_id": rows[0]["job_id"]}})
 
 
 def for_job(engine: Engine, job_id: str) -> list[Event]:

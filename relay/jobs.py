@@ -239,6 +239,11 @@ def _announce(conn, count: int) -> None:
         conn.execute(_NOTIFY, {"jobs": str(count)})
 
 
+def _add_events(conn, events: list[dict] | None) -> None:
+    if events:
+        conn.execute(insert(job_events), events)
+
+
 class Contended(Exception):
     """Nothing was claimed only because other claimers held the accounts with due work at that
     moment: try again in a few milliseconds, not after an idle poll."""
@@ -403,7 +408,7 @@ class JobStore:
             row = conn.execute(statement, {"key": key}).first()
         return Job.from_row(row) if row else None
 
-    def record_upload(self, job_id: str, attempt: int, **values: Any) -> bool:
+    def record_upload(self, job_id: str, attempt: int, events: list[dict] | None = None, **values: Any) -> bool:
         """Write what upload number ``attempt`` brought back, whoever holds the lease now: a late
         answer is never thrown away (a worker that lost its lease mid-upload still records the
         voice), and the lease is released so a worker reconciling meanwhile stops at its next write.
@@ -415,6 +420,7 @@ class JobStore:
                 .where(jobs.c.id == job_id, jobs.c.phase == UPLOADING, jobs.c.upload_attempts == attempt)
                 .values(**values)
             )
+            _add_events(conn, events)
         return result.rowcount == 1
 
     def get(self, job_id: str) -> Job | None:
@@ -519,18 +525,21 @@ class JobStore:
         now = self.clock()
         return self._guarded(job_id, owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
 
-    def update(self, job_id: str, owner: str, **values: Any) -> bool:
-        """Write ``values`` if ``owner`` still holds the lease."""
-        return self._guarded(job_id, owner, **values)
+    def update(self, job_id: str, owner: str, events: list[dict] | None = None, **values: Any) -> bool:
+        """Write ``values`` if ``owner`` still holds the lease. ``events``: timeline rows
+        (:func:`relay.events.row`) written in the same transaction, whatever the lease says
+        (they say what this worker did)."""
+        return self._guarded(job_id, owner, events, **values)
 
-    def release(self, job_id: str, owner: str, **values: Any) -> bool:
-        """Write ``values`` and give the lease up."""
-        return self._guarded(job_id, owner, lease_owner=None, lease_expires_at=None, **values)
+    def release(self, job_id: str, owner: str, events: list[dict] | None = None, **values: Any) -> bool:
+        """Write ``values`` and give the lease up (``events`` as for :meth:`update`)."""
+        return self._guarded(job_id, owner, events, lease_owner=None, lease_expires_at=None, **values)
 
-    def _guarded(self, job_id: str, owner: str, **values: Any) -> bool:
+    def _guarded(self, job_id: str, owner: str, events: list[dict] | None = None, **values: Any) -> bool:
         values = _encode({"updated_at": self.clock(), **values})
         with self.engine.begin() as conn:
             result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(**values))
+            _add_events(conn, events)
         return result.rowcount == 1
 
     def uploads_in_doubt(self, account_key: str | None, job_id: str) -> int:

@@ -12,7 +12,9 @@ missing or unreadable says so (``maybe_created``): it may have created a voice.
 from __future__ import annotations
 
 import email.utils
+import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,11 +50,34 @@ VOICE_ID = re.compile(r"^user:[A-Za-z0-9_]{1,64}-tempolor:[A-Za-z0-9._@+-]{1,128
 _MAX_MESSAGE = 300
 
 
+# Connections to useapi are kept alive between calls and clones (a new TLS connection costs
+# round trips to useapi's edge on every clone otherwise), up to this long idle: peers close idle
+# connections after a while, and a reuse racing that close would fail an upload for nothing.
+KEEP_IDLE_SECONDS = 20.0
+_POOL_SIZE = 64  # connections kept per host; more clones at once open (and close) extra ones
+
+
 class BlockAdapter(DeadlineAdapter):
     """Connections under the current deadline that read a file body in :data:`UPLOAD_BLOCK` pieces."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(blocksize=UPLOAD_BLOCK, **kwargs)
+
+
+_shared: dict[int, BlockAdapter] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_adapter() -> BlockAdapter:
+    """This process's one adapter for useapi: its connections are reused by every client."""
+    pid = os.getpid()  # a forked process (gunicorn's workers) must not share its parent's sockets
+    with _shared_lock:
+        adapter = _shared.get(pid)
+        if adapter is None:
+            adapter = _shared[pid] = BlockAdapter(
+                max_idle=KEEP_IDLE_SECONDS, pool_connections=4, pool_maxsize=_POOL_SIZE
+            )
+        return adapter
 
 
 @dataclass(frozen=True)
@@ -75,7 +100,7 @@ class Useapi:
         self._token = token
         self.session = requests.Session()
         self.session.trust_env = False  # the operator's base URL is used as configured
-        adapter = BlockAdapter()
+        adapter = shared_adapter()
         for scheme in ("https://", "http://"):
             self.session.mount(scheme, adapter)
         self.session.headers.update(
@@ -89,7 +114,7 @@ class Useapi:
         self.close()
 
     def close(self) -> None:
-        self.session.close()
+        """Nothing to release: the connections belong to the process's :func:`shared_adapter`."""
 
     def upload_voice(
         self, path: str, size: int, content_type: str, name: str, user_id: str | None, progress=None, before_tail=None

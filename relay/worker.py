@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -87,10 +88,20 @@ class CloneWorker:
         self.store, self.settings, self.vault, self.notifier = store, settings, vault, notifier
         self.id = worker_id
         self.policy = RetryPolicy.of(settings)
+        # Timeline events noted since the job's last write, written in the next write's transaction
+        # (the early upload's thread notes and writes too, hence the lock).
+        self._events: list[dict] = []
+        self._events_lock = threading.Lock()
 
     # --- the state machine ----------------------------------------------------------------
 
     def process(self, job: Job) -> None:
+        try:
+            self._process(job)
+        finally:  # noted after the last write (or before a crash): written on their own
+            events.record_rows(self.store.engine, self._take_events())
+
+    def _process(self, job: Job) -> None:
         if job.terminal:
             self._deliver_callback(job)
             return
@@ -162,7 +173,8 @@ class CloneWorker:
         # runs during the download, and the upload's last bytes wait for early.finish().
         early = pipeline.early_upload(request, token or "", self.settings, uploading, body_complete)
         source = "the stored upload" if request.upload_id else events.host(request.audio_url)
-        self._event(job, "download_started", f"from {source}")
+        # Written at once: a long download shows on the console while it lasts.
+        self._event(job, "download_started", f"from {source}", now=True)
         # The job's answer is written inside the block, before the spool file is removed (removing
         # 40 MB takes ~1.5 ms that a waiting request need not wait for).
         with pipeline.prepared(request, self.settings, answer, early=early, engine=self.store.engine) as (
@@ -495,19 +507,35 @@ class CloneWorker:
         when = utcnow() + timedelta(seconds=delay)
         self._save(job, release=True, next_run_at=min(when, until) if until is not None else when)
 
-    def _event(self, job: Job, kind: str, detail: str | None = None) -> None:
-        events.record(self.store.engine, job.id, kind, detail)  # the console's timeline; never raises
+    def _event(self, job: Job, kind: str, detail: str | None = None, now: bool = False) -> None:
+        """Note an event for the console's timeline; it is written with the job's next write
+        (``now``: at once, with any noted before it). Never raises."""
+        with self._events_lock:
+            self._events.append(events.row(job.id, kind, detail))
+        if now:
+            events.record_rows(self.store.engine, self._take_events())
+
+    def _take_events(self) -> list[dict]:
+        with self._events_lock:
+            taken, self._events = self._events, []
+        return taken
 
     def _save(self, job: Job, release: bool = False, attempt: int = 0, **values: Any) -> None:
         """Write ``values`` under this worker's lease (``release``: and give it up). With
         ``attempt``, the write records what upload number ``attempt`` brought back, and holds
         whoever has the lease now (see :meth:`JobStore.record_upload`)."""
-        if attempt:
-            written = self.store.record_upload(job.id, attempt, **values)
-            release = True
-        else:
-            write = self.store.release if release else self.store.update
-            written = write(job.id, self.id, **values)
+        noted = self._take_events()
+        try:
+            if attempt:
+                written = self.store.record_upload(job.id, attempt, events=noted, **values)
+                release = True
+            else:
+                write = self.store.release if release else self.store.update
+                written = write(job.id, self.id, events=noted, **values)
+        except BaseException:
+            with self._events_lock:  # not written: keep them for the next write
+                self._events[:0] = noted
+            raise
         if not written:
             raise LeaseLost(job.id)
         if values.get("phase") in (UPLOADED, READY, FAILED) and job.request.get("upload_id"):

@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+import requests
 
 from relay import deadline
 from relay.errors import UpstreamTimeout
@@ -57,3 +58,72 @@ def test_a_look_up_that_gave_up_does_not_hold_the_resolver(monkeypatch):
     time.sleep(1.2)  # the ones already running finish
     with deadline.bounded(2):
         assert deadline.resolve("localhost", 80)
+
+
+# --- kept-alive connections to useapi --------------------------------------------------------------
+
+
+def answers_every_request(received: list[bytes]):
+    """A keep-alive useapi stand-in: reads each request whole and answers it, on one connection."""
+
+    def behave(conn, stop):
+        data = conn.received
+        while not stop.is_set():
+            while b"\r\n\r\n" not in data:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                data += more
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            while len(data) < length:
+                more = conn.recv(1 << 20)
+                if not more:
+                    return
+                data += more
+            body, data = data[:length], data[length:]
+            received.append(body)
+            n = len(received)
+            answer = (
+                f'{{"result": true, "itemId": "{n}", "clonedVoiceItemId": "user:1-tempolor:x-voice:{n}"}}'.encode()
+                if head.startswith(b"POST")
+                else PAGE
+            )
+            conn.sendall(servers.headers(Content_Type="application/json", Content_Length=str(len(answer))) + answer)
+
+    return behave
+
+
+def test_uploads_of_successive_clones_share_one_connection_and_send_every_byte(tmp_path):
+    recording = tmp_path / "voice.wav"
+    recording.write_bytes(bytes(range(256)) * 12_289)  # ~3 MiB: several pieces, a partial last one
+    received: list[bytes] = []
+    with servers.RawServer(answers_every_request(received), host="127.0.0.1") as upstream:
+        settings = fast_settings(upstream.url("/v1"), tmp_path)
+        for _ in range(3):  # three clones, each with its own client, as the workers make them
+            with Useapi(settings, "token") as client:
+                size = recording.stat().st_size
+                result = client.upload_voice(str(recording), size, "audio/wav", "Kept", None)
+                assert result.status == "ready"
+        assert upstream.connections == 1
+    assert received == [recording.read_bytes()] * 3
+
+
+def test_a_connection_idle_longer_than_its_limit_is_not_reused(tmp_path):
+    received: list[bytes] = []
+    with servers.RawServer(answers_every_request(received), host="127.0.0.1") as upstream:
+        with requests.Session() as session:
+            session.mount("http://", deadline.DeadlineAdapter(max_idle=0.2))
+            assert session.get(upstream.url("/a"), timeout=5).status_code == 200
+            assert session.get(upstream.url("/b"), timeout=5).status_code == 200
+            assert upstream.connections == 1
+            time.sleep(0.3)
+            assert session.get(upstream.url("/c"), timeout=5).status_code == 200
+            assert upstream.connections == 2

@@ -19,9 +19,10 @@ from datetime import timedelta
 
 import pytest
 import requests
+import sqlalchemy
 from sqlalchemy import func, select, text, update
 
-from relay import db
+from relay import db, events
 from relay.db import utcnow
 
 from . import servers
@@ -539,3 +540,37 @@ def test_a_request_attached_to_a_running_job_of_the_same_name_keeps_to_the_waite
             waiters.release()
     assert attached.status_code == 202 and attached.json["job_id"] == first["job_id"]
     assert any("RELAY_MAX_WAITERS" in w for w in attached.json["warnings"])
+
+
+# --- the timeline -------------------------------------------------------------------------------
+
+
+def test_a_clone_writes_its_whole_timeline_in_order_with_its_own_writes(make_app, job_settings, fake, audio_host):
+    app = make_app(job_settings)
+    engine = app.extensions["relay.runtime"].engine
+    alone = []  # transactions that wrote events and nothing else
+
+    @sqlalchemy.event.listens_for(engine, "before_cursor_execute")
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE
+            conn.info.setdefault("statements", []).append(statement.split()[0:3])
+
+    @sqlalchemy.event.listens_for(engine, "commit")
+    def committed(conn):
+        done = conn.info.pop("statements", [])
+        if done and all(words[:3] == ["INSERT", "INTO", "job_events"] for words in done):
+            alone.append(len(done))
+
+    answer = clone_and_wait(app.test_client(), {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "T"})
+    assert answer["status"] == "ready"
+    kinds = [event.kind for event in events.for_job(engine, answer["job_id"])]
+    assert kinds == [
+        "download_started",
+        "downloaded",
+        "audio_valid",
+        "upload_started",
+        "upload_sent",
+        "upload_answered",
+        "ready",
+    ]
+    assert alone == [1]  # only the download's start is written on its own (a long download shows)
