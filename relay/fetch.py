@@ -9,6 +9,7 @@ body streams to disk; memory use does not grow with the file.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import tempfile
@@ -165,28 +166,67 @@ def _raise_for_status(response: requests.Response, target: urlguard.Target) -> N
 
 def _stream(response: requests.Response, sink, settings: Settings, due, target, progress=None) -> int:
     limit = settings.max_bytes
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise DownloadTooLarge(_too_large(int(declared), limit))
+    text = response.headers.get("Content-Length")
+    declared = int(text) if text and text.isdigit() else None
+    if declared is not None and declared > limit:
+        raise DownloadTooLarge(_too_large(declared, limit))
     size = 0
-    raw = response.raw
+    read_into = _body_reader(response)
+    view = memoryview(bytearray(CHUNK))  # one buffer for the whole body: no allocation per chunk
     try:
-        # read1 returns what has arrived (up to CHUNK), so the deadline is checked even against a
-        # server that drips one byte at a time; each read still waits at most the read timeout.
-        while chunk := raw.read1(CHUNK):
-            size += len(chunk)
+        # Each read waits at most the read timeout; the deadline's watchdog ends the download of a
+        # server that drips bytes (its socket is shut, the read returns, the check below sees it).
+        while got := read_into(view):
+            size += got
             if size > limit:
                 raise DownloadTooLarge(_too_large(None, limit))
-            _write(sink, chunk)
+            _write(sink, view[:got])
             if progress is not None:
-                progress(size, int(declared) if declared and declared.isdigit() else None)
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
+                progress(size, declared)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as err:
         if due.expired:
             raise _too_slow(settings) from None
         raise DownloadFailed(f"The download from {target.host} broke off after {size} bytes: {_reason(err)}.") from None
     if due.expired:  # the watchdog shut the socket: what looked like the end was the deadline
         raise _too_slow(settings)
     return size
+
+
+def _body_reader(response: requests.Response) -> Callable[[memoryview], int]:
+    """``read_into(buffer) -> bytes read`` (0 at the end) for the response's body, returning what
+    has arrived (so an early upload follows a slow download closely). A body of a declared length,
+    sent as is, goes straight from the socket into the buffer; anything else (chunked, compressed
+    by the host anyway, no length) is read and decoded by urllib3."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    plain = getattr(response.raw, "_fp", None)
+    if (
+        encoding in ("", "identity")
+        and isinstance(plain, http.client.HTTPResponse)
+        and not plain.chunked
+        and plain.length is not None
+        and plain.fp is not None
+    ):
+        stream, left = plain.fp, plain.length
+
+        def direct(view: memoryview) -> int:
+            nonlocal left
+            if left <= 0:
+                return 0
+            got = stream.readinto1(view[: min(len(view), left)])
+            if not got:  # closed before the length it announced
+                raise http.client.IncompleteRead(b"", left)
+            left -= got
+            return got
+
+        return direct
+    raw = response.raw
+
+    def decoded(view: memoryview) -> int:
+        chunk = raw.read1(len(view), decode_content=True)
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
+    return decoded
 
 
 def _write(sink, chunk: bytes) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +145,15 @@ def test_stale_spools_of_killed_processes_are_swept_and_live_ones_kept(tmp_path)
     os.utime(other, (old, old))
     assert fetch.sweep_stale_spools(3600, str(tmp_path)) == 1
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_body_the_host_compresses_anyway_is_stored_decoded(settings):
+    original = bytes(range(256)) * 400
+
+    def gzipped(conn, stop):
+        body = gzip.compress(original)
+        conn.sendall(servers.headers(Content_Encoding="gzip", Content_Length=str(len(body))) + body)
+
+    with servers.RawServer(gzipped) as server:
+        with fetch.download(server.url(), settings) as spool:
+            assert Path(spool.path).read_bytes() == original
