@@ -261,6 +261,11 @@ def source_name(kind: str, head: bytes) -> str:
 # --- PCM WAV, measured here --------------------------------------------------------------------
 
 
+def warm_up() -> None:
+    """Import what measuring a WAV needs (numpy, ~40 ms), so a process's first clone does not wait for it."""
+    import numpy  # noqa: F401
+
+
 def wav_levels(path: str) -> Levels | None:
     """Levels of a PCM or float WAV, read in blocks into one reused buffer (no FFmpeg; memory
     stays at a few MB whatever the file's size); ``None`` for any other WAV encoding (ADPCM, µ-law…)."""

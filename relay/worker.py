@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from . import answers, callbacks, events, fetch, pipeline, uploads, urlguard, voices
+from . import answers, callbacks, convert, events, fetch, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
     CloneFailed,
@@ -71,6 +71,7 @@ def start_pool(store: JobStore, settings: Settings, vault: TokenVault, notifier:
         fetch.sweep_stale_spools(settings.download_timeout + settings.upload_timeout + 600, settings.spool_dir)
         uploads.sweep(store.engine, utcnow() - timedelta(minutes=10))  # files no job needs (a crash between)
 
+    threading.Thread(target=convert.warm_up, daemon=True, name="relay-warm-up").start()
     return Pool(
         store,
         settings,
