@@ -334,7 +334,8 @@ def _wait_for(job, seconds: float, generation: int):
     """The job once it has ended, or as it is when ``seconds`` have passed.
 
     ``job`` is the job as the request last saw it, at notifier ``generation``: the store is read
-    again only after a change in this process, or every 0.25 s (a worker elsewhere may finish it).
+    again only after a change of this job (in this process, or on PostgreSQL in any), or every
+    0.25 s (a worker elsewhere may finish it while notifications are down, or on SQLite).
     """
     runtime = _runtime()
     deadline = time.monotonic() + seconds
@@ -345,7 +346,7 @@ def _wait_for(job, seconds: float, generation: int):
         if runtime.stopping.is_set():  # SIGTERM: answer now, before the host's SIGKILL cuts the request
             g.not_waited = STOPPING_WARNING
             break
-        runtime.notifier.wait_for_change(min(remaining, 0.25), since=generation)
+        runtime.notifier.wait_for_change(min(remaining, 0.25), since=generation, job_id=job.id)
         generation = runtime.notifier.generation
         job = runtime.store.get(job.id) or job
     return job

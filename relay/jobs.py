@@ -228,8 +228,10 @@ _IN_FLIGHT = select(func.count()).where(
 _ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(bindparam("account"))))
 
 
-WORK_CHANNEL = "relay_work"
+WORK_CHANNEL = "relay_work"  # new jobs (payload: how many)
+CHANGE_CHANNEL = "relay_job"  # a job's step ended (payload: its id)
 _NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', :jobs)")
+_NOTIFY_CHANGE = text(f"SELECT pg_notify('{CHANGE_CHANNEL}', :job)")
 
 
 def _announce(conn, count: int) -> None:
@@ -242,6 +244,13 @@ def _announce(conn, count: int) -> None:
 def _add_events(conn, events: list[dict] | None) -> None:
     if events:
         conn.execute(insert(job_events), events)
+
+
+def _announce_change(conn, job_id: str) -> None:
+    """On PostgreSQL, wake the requests waiting for ``job_id`` in every process when this
+    transaction commits (see :class:`relay.runner.Listener`)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY_CHANGE, {"job": job_id})
 
 
 class Contended(Exception):
@@ -421,6 +430,7 @@ class JobStore:
                 .values(**values)
             )
             _add_events(conn, events)
+            _announce_change(conn, job_id)
         return result.rowcount == 1
 
     def get(self, job_id: str) -> Job | None:
@@ -532,7 +542,8 @@ class JobStore:
         return self._guarded(job_id, owner, events, **values)
 
     def release(self, job_id: str, owner: str, events: list[dict] | None = None, **values: Any) -> bool:
-        """Write ``values`` and give the lease up (``events`` as for :meth:`update`)."""
+        """Write ``values`` and give the lease up (``events`` as for :meth:`update`); requests
+        waiting for the job in other processes are woken."""
         return self._guarded(job_id, owner, events, lease_owner=None, lease_expires_at=None, **values)
 
     def _guarded(self, job_id: str, owner: str, events: list[dict] | None = None, **values: Any) -> bool:
@@ -540,6 +551,8 @@ class JobStore:
         with self.engine.begin() as conn:
             result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(**values))
             _add_events(conn, events)
+            if "lease_owner" in values and values["lease_owner"] is None:
+                _announce_change(conn, job_id)
         return result.rowcount == 1
 
     def uploads_in_doubt(self, account_key: str | None, job_id: str) -> int:

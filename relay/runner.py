@@ -17,10 +17,11 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .jobs import WORK_CHANNEL, Contended, Job, JobStore
+from .jobs import CHANGE_CHANNEL, WORK_CHANNEL, Contended, Job, JobStore
 from .settings import Settings
 
 log = logging.getLogger("relay.worker")
@@ -37,24 +38,50 @@ class Handler(Protocol):
 
 
 class Notifier:
-    """Wakes waiting requests and idle workers in this process when a job changes."""
+    """Wakes waiting requests and idle workers in this process when a job changes.
+
+    A waiting request wakes only for a change of its own job (or one that concerns every job): with
+    many requests waiting, each change costs one of them a database read, not all of them."""
+
+    REMEMBERED = 4096  # jobs whose last change is remembered; older ones count as changed
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._work = threading.Condition()
         self.generation = 0  # how many changes so far: read it before looking at a job
+        self._touched: OrderedDict[str, int] = OrderedDict()  # job id -> generation of its last change
+        self._forgotten = 0  # the newest generation no longer in _touched
+        self._everyone = 0  # the last change that concerns every job
 
-    def job_changed(self) -> None:
+    def job_changed(self, job_id: str | None = None) -> None:
+        """``job_id`` changed (None: anything may have, e.g. the process is stopping)."""
         with self._changed:
             self.generation += 1
+            if job_id is None:
+                self._everyone = self.generation
+            else:
+                self._touched[job_id] = self.generation
+                self._touched.move_to_end(job_id)
+                if len(self._touched) > self.REMEMBERED:
+                    _, self._forgotten = self._touched.popitem(last=False)
             self._changed.notify_all()
 
-    def wait_for_change(self, timeout: float, since: int) -> None:
-        """Wait for a change after ``since`` (a :attr:`generation` read earlier): return at once
-        if one already happened, so a change between the read and the wait is not missed."""
+    def _concerns(self, job_id: str | None, since: int) -> bool:
+        if job_id is None:
+            return self.generation > since
+        return max(self._everyone, self._forgotten, self._touched.get(job_id, 0)) > since
+
+    def wait_for_change(self, timeout: float, since: int, job_id: str | None = None) -> None:
+        """Wait for a change of ``job_id`` (None: of any job) after ``since`` (a :attr:`generation`
+        read earlier): return at once if one already happened, so a change between the read and
+        the wait is not missed; else at the latest after ``timeout``."""
+        end = time.monotonic() + timeout
         with self._changed:
-            if self.generation == since:
-                self._changed.wait(timeout)
+            while not self._concerns(job_id, since):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self._changed.wait(left)
 
     def work_arrived(self, everyone: bool = False) -> None:
         """Wake one idle worker (all of them when stopping); a worker that claims a job wakes
@@ -99,36 +126,54 @@ class Renewal:
                 log.exception("lease renewal failed", extra={"fields": {"job_id": self.job_id}})
 
 
-class WorkListener:
-    """On PostgreSQL, wakes this process's idle workers when any process writes new jobs
-    (``LISTEN``; the insert's transaction sends ``NOTIFY`` on commit), so a worker process picks
-    up a job within milliseconds rather than at its next idle poll. One connection of its own;
-    when it breaks, workers fall back to polling until it is back."""
+class Listener:
+    """On PostgreSQL, carries changes between processes: new jobs wake this process's idle workers
+    and a job's change wakes the requests waiting for it here, within milliseconds rather than at
+    their next poll. The writes' transactions send ``NOTIFY`` (see :mod:`relay.jobs`) and this
+    thread ``LISTEN``s on a connection of its own; when it breaks, workers and waiters fall back to
+    polling until it is back."""
 
     RECONNECT_SECONDS = 5.0
 
-    def __init__(self, store: JobStore, notifier: Notifier, stop: threading.Event):
-        self.store, self.notifier, self._stop = store, notifier, stop
+    def __init__(self, engine, notifier: Notifier):
+        self.engine, self.notifier = engine, notifier
+        self._stop = threading.Event()
+        self.listening = threading.Event()  # set while notifications arrive
+        self._thread = threading.Thread(target=self._run, daemon=True, name="relay-listener")
 
-    def run(self) -> None:
+    def start(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(3)
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._listen()
             except Exception:  # noqa: BLE001 - the database went away: poll until it is back
-                log.warning("work notifications interrupted; workers poll meanwhile", exc_info=True)
+                log.warning("notifications interrupted; workers and waiters poll meanwhile", exc_info=True)
             self._stop.wait(self.RECONNECT_SECONDS)
 
     def _listen(self) -> None:
-        raw = self.store.engine.raw_connection()
+        raw = self.engine.raw_connection()
         conn = raw.driver_connection
         raw.detach()  # a connection of its own for good, not one lent by the pool
         try:
             conn.autocommit = True
             conn.execute(f"LISTEN {WORK_CHANNEL}")
+            conn.execute(f"LISTEN {CHANGE_CHANNEL}")
+            self.listening.set()
             while not self._stop.is_set():
-                for _note in conn.notifies(timeout=1.0):
-                    self.notifier.work_arrived()  # one worker; each that claims wakes the next
+                for note in conn.notifies(timeout=1.0):
+                    if note.channel == WORK_CHANNEL:
+                        self.notifier.work_arrived()  # one worker; each that claims wakes the next
+                    else:
+                        self.notifier.job_changed(note.payload or None)
         finally:
+            self.listening.clear()
             raw.close()
 
 
@@ -166,11 +211,6 @@ class Pool:
         beat = threading.Thread(target=self._housekeeping, daemon=True, name="relay-heartbeat")
         beat.start()
         self._threads.append(beat)
-        if self.store.engine.dialect.name == "postgresql":
-            listener = WorkListener(self.store, self.notifier, self._stop)
-            thread = threading.Thread(target=listener.run, daemon=True, name="relay-work-listener")
-            thread.start()
-            self._threads.append(thread)
         return self
 
     def stop(self, timeout: float = 25.0) -> bool:
@@ -212,7 +252,7 @@ class Pool:
             except Exception:
                 log.exception("job step crashed", extra={"fields": {"job_id": job.id, "phase": job.phase}})
                 handler.crashed(job)
-        self.notifier.job_changed()
+        self.notifier.job_changed(job.id)
         return True
 
     def _loop(self, worker_id: str, handler: Handler) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from . import db
 from .jobs import JobStore
-from .runner import Notifier, Pool
+from .runner import Listener, Notifier, Pool
 from .settings import Settings
 from .tokens import TokenVault
 from .worker import start_pool
@@ -27,6 +27,7 @@ class Runtime:
     vault: TokenVault
     notifier: Notifier
     pool: Pool | None = None
+    listener: Listener | None = None  # PostgreSQL: changes made by other processes
     # Requests waiting for their clone in this process (RELAY_MAX_WAITERS): the rest answer 202 at once.
     waiters: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
     # Set when the web process is told to stop (relay/server.py): waiting requests answer at once.
@@ -39,6 +40,8 @@ class Runtime:
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
         runtime.waiters = threading.BoundedSemaphore(settings.waiter_budget)
+        if engine.dialect.name == "postgresql":
+            runtime.listener = Listener(engine, runtime.notifier).start()
         if workers:
             runtime.pool = start_pool(runtime.store, settings, runtime.vault, runtime.notifier, workers)
         return runtime
@@ -48,4 +51,7 @@ class Runtime:
         if self.pool is not None:
             self.pool.stop(timeout)
             self.pool = None
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
         db.dispose(self.engine)

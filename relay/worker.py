@@ -545,7 +545,7 @@ class CloneWorker:
             if hasattr(job, key):
                 setattr(job, key, value)
         if release:  # the step is over: wake requests waiting on this job (once, not per write)
-            self.notifier.job_changed()
+            self.notifier.job_changed(job.id)
 
 
 def _warn(answer: dict, note: str) -> None:

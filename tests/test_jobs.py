@@ -484,3 +484,55 @@ def test_kill_9_during_an_early_upload_leaves_it_incomplete_and_ends_with_one_up
     assert job.phase == "ready", job.answer
     assert fake.upload_count() == 1 and fake.uploads[0]["bytes"] == len(audio_bytes("wav_pcm24_stereo.wav"))
     assert dripping.connections == 2
+
+
+# --- wake-ups ---------------------------------------------------------------------------------
+
+
+def test_a_waiting_request_wakes_for_its_own_job_and_not_for_others():
+    notifier = Notifier()
+    since = notifier.generation
+    woke = threading.Event()
+
+    def waiter():
+        notifier.wait_for_change(10, since, job_id="mine")
+        woke.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    for n in range(50):
+        notifier.job_changed(f"other-{n}")
+    assert not woke.wait(0.2)  # 50 changes of other jobs: still waiting
+    notifier.job_changed("mine")
+    assert woke.wait(5)
+    thread.join(5)
+    # A change before the wait began is not missed; one that concerns every job wakes everyone.
+    notifier.wait_for_change(10, since, job_id="mine")
+    since = notifier.generation
+    notifier.job_changed()
+    notifier.wait_for_change(10, since, job_id="anyone")
+
+
+def test_a_job_forgotten_by_a_busy_notifier_counts_as_changed():
+    notifier = Notifier()
+    since = notifier.generation
+    notifier.job_changed("old")
+    for n in range(Notifier.REMEMBERED + 1):
+        notifier.job_changed(f"job-{n}")
+    notifier.wait_for_change(10, since, job_id="old")  # returns at once: "old" may have changed
+
+
+def test_other_processes_wake_at_once_for_new_jobs_and_changes(make_app, job_settings, fake, audio_host):
+    if not job_settings.database_url.startswith("postgresql"):
+        pytest.skip("notifications between processes are PostgreSQL's LISTEN/NOTIFY")
+    web = make_app(job_settings, workers=0)  # a web process: no workers of its own
+    # A worker process that would poll for work only every 60 s: a new job must wake it.
+    worker = make_app(job_settings.replace(idle_poll_seconds=60), workers=1)
+    waiter = web.extensions["relay.runtime"]
+    for app in (web, worker):
+        wait_until(app.extensions["relay.runtime"].listener.listening.is_set)
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    answer = post(web.test_client(), {"audio_url": url, "name": "Across", "wait_seconds": 20}).json
+    assert answer["status"] == "ready" and fake.upload_count() == 1  # taken at once, not after 60 s
+    # The web process, which works no job itself, learnt of the job's end from the notification.
+    assert waiter.notifier.generation > 0
