@@ -1162,6 +1162,7 @@ def bench_drain(work: Path, jobs: int, upstream_seconds: float, concurrency: int
                 time.sleep(0.2)
             counter = parts.counter()
             elapsed, uploads = counter.get("last", time.time()) - started, counter["n"]
+            statuses: list[str] = []
             with requests.Session() as session:  # then every job must have ended ready
                 while time.monotonic() < deadline:
                     statuses = [

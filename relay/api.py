@@ -334,8 +334,8 @@ def _wait_for(job, seconds: float, generation: int):
     """The job once it has ended, or as it is when ``seconds`` have passed.
 
     ``job`` is the job as the request last saw it, at notifier ``generation``: the store is read
-    again only after a change of this job (in this process, or on PostgreSQL in any), or every
-    0.25 s (a worker elsewhere may finish it while notifications are down, or on SQLite).
+    again after a change of this job (in this process, or on PostgreSQL in any), and besides every
+    :func:`_poll_interval` (a worker in another process may end it unannounced).
     """
     runtime = _runtime()
     deadline = time.monotonic() + seconds
@@ -346,10 +346,18 @@ def _wait_for(job, seconds: float, generation: int):
         if runtime.stopping.is_set():  # SIGTERM: answer now, before the host's SIGKILL cuts the request
             g.not_waited = STOPPING_WARNING
             break
-        runtime.notifier.wait_for_change(min(remaining, 0.25), since=generation, job_id=job.id)
+        runtime.notifier.wait_for_change(min(remaining, _poll_interval(runtime)), since=generation, job_id=job.id)
         generation = runtime.notifier.generation
         job = runtime.store.get(job.id) or job
     return job
+
+
+def _poll_interval(runtime) -> float:
+    """How often a waiting request reads its job unprompted: rarely while other processes' changes
+    arrive as notifications (PostgreSQL), four times a second otherwise (SQLite, or the listening
+    connection is down)."""
+    listener = runtime.listener
+    return 2.0 if listener is not None and listener.listening.is_set() else 0.25
 
 
 def _job_answer(job, note: str | None = None):

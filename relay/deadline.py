@@ -14,6 +14,7 @@ import contextlib
 import heapq
 import itertools
 import os
+import select
 import socket
 import ssl
 import threading
@@ -192,10 +193,11 @@ class FileRange:
         return self.count
 
     def send_to(self, sock: socket.socket) -> None:
+        """Hand all ``count`` bytes to the kernel, or raise. Returns as soon as the last byte is
+        handed over (``socket.sendfile`` would then wait once more for the socket to be writable,
+        up to its timeout, and could report a timeout for a body that was in fact sent whole)."""
         if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
-            sent = sock.sendfile(self.file, self.offset, self.count)
-            if sent != self.count:
-                raise OSError(f"the file ended after {sent} of {self.count} bytes")
+            _sendfile(sock, self.file.fileno(), self.offset, self.count)
             return
         position, end, fd = self.offset, self.offset + self.count, self.file.fileno()
         while position < end:
@@ -204,6 +206,23 @@ class FileRange:
                 raise OSError(f"the file ended at byte {position}")
             sock.sendall(chunk)
             position += len(chunk)
+
+
+def _sendfile(sock: socket.socket, fd: int, offset: int, count: int) -> None:
+    timeout = sock.gettimeout()  # a timeout makes the socket non-blocking underneath
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    position, end = offset, offset + count
+    while position < end:
+        try:
+            sent = os.sendfile(sock.fileno(), fd, position, end - position)
+        except BlockingIOError:  # the send buffer is full: wait for room, within the timeout
+            if not poller.poll(None if timeout is None else timeout * 1000):
+                raise TimeoutError("timed out sending the body") from None
+            continue
+        if not sent:
+            raise OSError(f"the file ended at byte {position}")
+        position += sent
 
 
 def _send(base):

@@ -171,7 +171,9 @@ def _stream(response: requests.Response, sink, settings: Settings, due, target, 
     if declared is not None and declared > limit:
         raise DownloadTooLarge(_too_large(declared, limit))
     size = 0
-    read_into = _body_reader(response)
+    read_into, exact = _body_reader(response)
+    # Only a body sent as is has the declared length on disk (an early upload declares it too).
+    length = declared if exact else None
     view = memoryview(bytearray(CHUNK))  # one buffer for the whole body: no allocation per chunk
     try:
         # Each read waits at most the read timeout; the deadline's watchdog ends the download of a
@@ -182,7 +184,7 @@ def _stream(response: requests.Response, sink, settings: Settings, due, target, 
                 raise DownloadTooLarge(_too_large(None, limit))
             _write(sink, view[:got])
             if progress is not None:
-                progress(size, declared)
+                progress(size, length)
     except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as err:
         if due.expired:
             raise _too_slow(settings) from None
@@ -192,11 +194,12 @@ def _stream(response: requests.Response, sink, settings: Settings, due, target, 
     return size
 
 
-def _body_reader(response: requests.Response) -> Callable[[memoryview], int]:
+def _body_reader(response: requests.Response) -> tuple[Callable[[memoryview], int], bool]:
     """``read_into(buffer) -> bytes read`` (0 at the end) for the response's body, returning what
     has arrived (so an early upload follows a slow download closely). A body of a declared length,
     sent as is, goes straight from the socket into the buffer; anything else (chunked, compressed
-    by the host anyway, no length) is read and decoded by urllib3."""
+    by the host anyway, no length) is read and decoded by urllib3. The flag: the body on disk will
+    have the declared length."""
     encoding = response.headers.get("Content-Encoding", "").strip().lower()
     plain = getattr(response.raw, "_fp", None)
     if (
@@ -218,7 +221,7 @@ def _body_reader(response: requests.Response) -> Callable[[memoryview], int]:
             left -= got
             return got
 
-        return direct
+        return direct, True
     raw = response.raw
 
     def decoded(view: memoryview) -> int:
@@ -226,7 +229,7 @@ def _body_reader(response: requests.Response) -> Callable[[memoryview], int]:
         view[: len(chunk)] = chunk
         return len(chunk)
 
-    return decoded
+    return decoded, False
 
 
 def _write(sink, chunk: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
 import threading
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
@@ -230,15 +231,7 @@ _ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(b
 
 WORK_CHANNEL = "relay_work"  # new jobs (payload: how many)
 CHANGE_CHANNEL = "relay_job"  # a job's step ended (payload: its id)
-_NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', :jobs)")
-_NOTIFY_CHANGE = text(f"SELECT pg_notify('{CHANGE_CHANNEL}', :job)")
-
-
-def _announce(conn, count: int) -> None:
-    """On PostgreSQL, tell idle workers in every process that ``count`` jobs arrive when this
-    transaction commits (see :class:`relay.runner.WorkListener`); elsewhere they share the process."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(_NOTIFY, {"jobs": str(count)})
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 def _add_events(conn, events: list[dict] | None) -> None:
@@ -246,11 +239,66 @@ def _add_events(conn, events: list[dict] | None) -> None:
         conn.execute(insert(job_events), events)
 
 
-def _announce_change(conn, job_id: str) -> None:
-    """On PostgreSQL, wake the requests waiting for ``job_id`` in every process when this
-    transaction commits (see :class:`relay.runner.Listener`)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(_NOTIFY_CHANGE, {"job": job_id})
+class _Announcer:
+    """Tells the other processes (on PostgreSQL; see :class:`relay.runner.Listener`) about new jobs
+    and ended steps, once the writes that made them have committed: from a thread of its own, a
+    batch per transaction. A ``NOTIFY`` inside the job's own transaction would hold PostgreSQL's
+    notification lock until that commit ended, so every job write of every process would queue
+    behind the others' commits. The thread ends when idle for a while and starts again when needed."""
+
+    IDLE_SECONDS = 5.0
+    BATCH = 200
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.enabled = engine.dialect.name == "postgresql"
+        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def jobs_arrived(self, count: int) -> None:
+        self._put(WORK_CHANNEL, str(count))
+
+    def job_changed(self, job_id: str) -> None:
+        self._put(CHANGE_CHANNEL, job_id)
+
+    def _put(self, channel: str, payload: str) -> None:
+        if not self.enabled:
+            return
+        with self._lock:  # with _run's exit under the same lock, no message is ever left behind
+            self._queue.put((channel, payload))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="relay-announcer")
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=self.IDLE_SECONDS)]
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._send(batch)
+
+    def _send(self, batch: list[tuple[str, str]]) -> None:
+        arrived = sum(int(payload) for channel, payload in batch if channel == WORK_CHANNEL)
+        changed = dict.fromkeys(payload for channel, payload in batch if channel == CHANGE_CHANNEL)
+        notes = [{"channel": WORK_CHANNEL, "payload": str(arrived)}] if arrived else []
+        notes += [{"channel": CHANGE_CHANNEL, "payload": job_id} for job_id in changed]
+        try:
+            with self.engine.begin() as conn:
+                for note in notes:
+                    conn.execute(_NOTIFY, note)
+        except Exception:  # noqa: BLE001 - others then find out by polling, a little later
+            log.warning("notifications not sent; other processes poll meanwhile", exc_info=True)
 
 
 class Contended(Exception):
@@ -324,7 +372,7 @@ class _GroupInsert:
                 try:
                     with self.store.engine.begin() as conn:
                         conn.execute(_INSERT_MANY, [new.row for new in group])
-                        _announce(conn, len(group))
+                    self.store.announcer.jobs_arrived(len(group))
                     for new in group:
                         new.result = Job.from_values(new.row), True
                 except IntegrityError:  # an idempotency key already taken: one by one, then
@@ -369,6 +417,7 @@ class JobStore:
         self.engine = engine
         self.clock = clock
         self._intake = _GroupInsert(self)
+        self.announcer = _Announcer(engine)
 
     # --- creating and reading -------------------------------------------------------------
 
@@ -391,7 +440,7 @@ class JobStore:
         try:
             with self.engine.begin() as conn:
                 created = conn.execute(_INSERT, row).first()
-                _announce(conn, 1)
+            self.announcer.jobs_arrived(1)
         except IntegrityError:
             key, exclusive = row.get("idempotency_key"), row.get("exclusive_key")
             existing = self.get_by_key(key) if key else None
@@ -430,7 +479,7 @@ class JobStore:
                 .values(**values)
             )
             _add_events(conn, events)
-            _announce_change(conn, job_id)
+        self.announcer.job_changed(job_id)
         return result.rowcount == 1
 
     def get(self, job_id: str) -> Job | None:
@@ -551,8 +600,8 @@ class JobStore:
         with self.engine.begin() as conn:
             result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(**values))
             _add_events(conn, events)
-            if "lease_owner" in values and values["lease_owner"] is None:
-                _announce_change(conn, job_id)
+        if "lease_owner" in values and values["lease_owner"] is None:
+            self.announcer.job_changed(job_id)
         return result.rowcount == 1
 
     def uploads_in_doubt(self, account_key: str | None, job_id: str) -> int:

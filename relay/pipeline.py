@@ -178,6 +178,8 @@ def checked(
                 f"content_type {hint} does not match the file, which is {info.format.upper()}; "
                 f"sent as {info.content_type}."
             )
+        if early is not None and early.started and early.size != spool.size:
+            early.withdraw()  # it declared another length than the file has: send the file afterwards
         if not prepared.converted:
             yield spool, info
             return

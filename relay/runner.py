@@ -10,6 +10,7 @@ the runner drops the job: whoever holds it now goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -71,17 +72,18 @@ class Notifier:
             return self.generation > since
         return max(self._everyone, self._forgotten, self._touched.get(job_id, 0)) > since
 
-    def wait_for_change(self, timeout: float, since: int, job_id: str | None = None) -> None:
+    def wait_for_change(self, timeout: float, since: int, job_id: str | None = None) -> bool:
         """Wait for a change of ``job_id`` (None: of any job) after ``since`` (a :attr:`generation`
         read earlier): return at once if one already happened, so a change between the read and
-        the wait is not missed; else at the latest after ``timeout``."""
+        the wait is not missed; else at the latest after ``timeout``. True when one happened."""
         end = time.monotonic() + timeout
         with self._changed:
             while not self._concerns(job_id, since):
                 left = end - time.monotonic()
                 if left <= 0:
-                    return
+                    return False
                 self._changed.wait(left)
+            return True
 
     def work_arrived(self, everyone: bool = False) -> None:
         """Wake one idle worker (all of them when stopping); a worker that claims a job wakes
@@ -174,7 +176,9 @@ class Listener:
                         self.notifier.job_changed(note.payload or None)
         finally:
             self.listening.clear()
-            raw.close()
+            with contextlib.suppress(Exception):
+                conn.close()  # the driver's own close: no reset of a connection that may be broken
+            raw.invalidate()  # and SQLAlchemy's record of it, without touching the connection again
 
 
 class Pool:
@@ -256,11 +260,18 @@ class Pool:
         return True
 
     def _loop(self, worker_id: str, handler: Handler) -> None:
+        contended = 0
         while not self._stop.is_set():
             try:
                 busy = self.run_once(worker_id, handler)
-            except Contended:  # another claim of the same account was under way: its turn is brief
-                self._stop.wait(random.uniform(0.002, 0.02))
+                contended = 0
+            except Contended:
+                # Another claim of the same account was under way: its turn is brief, so try again
+                # soon — sooner than an idle poll, later each time (a claimer stuck holding the lock
+                # must not make every idle worker spin).
+                contended += 1
+                pause = min(0.005 * 2**contended, self.settings.idle_poll_seconds)
+                self._stop.wait(random.uniform(pause / 2, pause))
                 continue
             except Exception:  # a database hiccup: back off, never die
                 log.exception("worker loop error", extra={"fields": {"worker": worker_id}})

@@ -40,10 +40,10 @@ class Runtime:
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
         runtime.waiters = threading.BoundedSemaphore(settings.waiter_budget)
-        if engine.dialect.name == "postgresql":
-            runtime.listener = Listener(engine, runtime.notifier).start()
         if workers:
             runtime.pool = start_pool(runtime.store, settings, runtime.vault, runtime.notifier, workers)
+        if engine.dialect.name == "postgresql":
+            runtime.listener = Listener(engine, runtime.notifier).start()
         return runtime
 
     def close(self, timeout: float = 25.0) -> None:

@@ -94,7 +94,7 @@ class GrowingFile:
                     if not self._changed.wait(self._patience):
                         if self._limit() <= position:
                             raise Withheld()  # the download side went quiet: never send the rest
-                        return self._limit() - position  # a slow download: send what there is
+                        return min(self._limit() - position, want)  # a slow download: send what there is
             finally:
                 self._wants = 0
 
@@ -140,6 +140,8 @@ class EarlyUpload:
         self._thread: threading.Thread | None = None
         self._result: object = None
         self._error: BaseException | None = None
+        self._begin_over = threading.Event()  # begin() returned or raised
+        self._begun = False  # begin() committed: the tail may be released after it
         self.content_type: str | None = None
 
     @property
@@ -168,14 +170,32 @@ class EarlyUpload:
     def _run(self) -> None:
         assert self._body is not None and self.content_type is not None
         try:
-            self._begin()  # here, not in the download thread: its write does not hold the download up
+            try:
+                self._begin()  # here, not in the download thread: its write does not hold the download up
+                self._begun = True
+            finally:
+                self._begin_over.set()
             self._result = self._send(self._body, self._body.size, self.content_type)
         except BaseException as err:  # noqa: BLE001 - handed to finish()
             self._error = err
 
+    @property
+    def size(self) -> int | None:
+        """The length the upload declares (the download's ``Content-Length``), once started."""
+        return None if self._body is None else self._body.size
+
     def finish(self) -> object:
         """The file is valid: send the rest and return the upload's result (or raise its error)."""
         assert self._body is not None and self._thread is not None
+        # "uploading" (begin) must be committed before "body complete" (before_release): written
+        # the other way round, the first would erase the second while useapi holds the upload.
+        if not self._begin_over.wait(self.patience):  # still writing "uploading": send nothing more
+            self._ended = True
+            self._body.abort()
+            raise RuntimeError(f"the upload's start was not written within {self.patience:g} s")
+        if not self._begun:  # begin() failed: nothing was sent
+            self.abandon()
+            raise self._error or RuntimeError("the early upload ended before it began")
         if self._before_release is not None:
             self._before_release()  # raising here leaves the upload to abandon(): short, harmless
         self._ended = True

@@ -50,9 +50,12 @@ VOICE_ID = re.compile(r"^user:[A-Za-z0-9_]{1,64}-tempolor:[A-Za-z0-9._@+-]{1,128
 _MAX_MESSAGE = 300
 
 
-# Connections to useapi are kept alive between calls and clones (a new TLS connection costs
-# round trips to useapi's edge on every clone otherwise), up to this long idle: peers close idle
-# connections after a while, and a reuse racing that close would fail an upload for nothing.
+# Connections to useapi are kept alive between look-ups (voice lists, status polls) of every clone
+# (a new TLS connection costs round trips to useapi's edge each time), up to this long idle: peers
+# close idle connections after a while. Uploads never reuse one: if useapi's edge closed a reused
+# connection just as a whole body went out, the relay could not tell that from a voice created
+# with its answer lost, and would have to reconcile (and maybe fail with upload_unconfirmed) for
+# nothing. A fresh connection that breaks after the whole body is a real doubt; a stale one is not.
 KEEP_IDLE_SECONDS = 20.0
 _POOL_SIZE = 64  # connections kept per host; more clones at once open (and close) extra ones
 
@@ -64,18 +67,19 @@ class BlockAdapter(DeadlineAdapter):
         super().__init__(blocksize=UPLOAD_BLOCK, **kwargs)
 
 
-_shared: dict[int, BlockAdapter] = {}
+_shared: dict[tuple[int, bool], BlockAdapter] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_adapter() -> BlockAdapter:
-    """This process's one adapter for useapi: its connections are reused by every client."""
-    pid = os.getpid()  # a forked process (gunicorn's workers) must not share its parent's sockets
+def shared_adapter(uploads: bool = False) -> BlockAdapter:
+    """This process's adapter for useapi's look-ups, whose connections every client reuses, or
+    (``uploads``) the one for uploads, which opens a new connection for each."""
+    key = (os.getpid(), uploads)  # a forked process (gunicorn's workers) must not share its parent's sockets
     with _shared_lock:
-        adapter = _shared.get(pid)
+        adapter = _shared.get(key)
         if adapter is None:
-            adapter = _shared[pid] = BlockAdapter(
-                max_idle=KEEP_IDLE_SECONDS, pool_connections=4, pool_maxsize=_POOL_SIZE
+            adapter = _shared[key] = BlockAdapter(
+                max_idle=0.0 if uploads else KEEP_IDLE_SECONDS, pool_connections=4, pool_maxsize=_POOL_SIZE
             )
         return adapter
 
@@ -98,14 +102,16 @@ class Useapi:
         self.settings = settings
         self.base = settings.useapi_base_url
         self._token = token
-        self.session = requests.Session()
-        self.session.trust_env = False  # the operator's base URL is used as configured
-        adapter = shared_adapter()
-        for scheme in ("https://", "http://"):
-            self.session.mount(scheme, adapter)
-        self.session.headers.update(
-            {"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"}
-        )
+        # One session for look-ups and one for uploads (see KEEP_IDLE_SECONDS): same headers, pools
+        # of the process (sessions are cheap; the connections are what is kept).
+        self.session, self._uploads = requests.Session(), requests.Session()
+        for session, uploads in ((self.session, False), (self._uploads, True)):
+            session.trust_env = False  # the operator's base URL is used as configured
+            session.headers.update(
+                {"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"}
+            )
+            for scheme in ("https://", "http://"):
+                session.mount(scheme, shared_adapter(uploads))
 
     def __enter__(self) -> Useapi:
         return self
@@ -153,6 +159,7 @@ class Useapi:
             response = self._call(
                 "POST",
                 VOICES_PATH,
+                session=self._uploads,
                 params=params,
                 data=counted,
                 headers={"Content-Type": content_type, "Content-Length": str(size)},
@@ -233,13 +240,14 @@ class Useapi:
         total: float | None = None,
         missing_ok: bool = False,
         sent: UploadBody | None = None,
+        session: requests.Session | None = None,
         **kwargs: Any,
     ) -> requests.Response:
         timeout = timeout or (self.settings.connect_timeout, self.settings.read_timeout)
         total = total or self.settings.connect_timeout + self.settings.read_timeout
         with deadline.bounded(total) as limit:
             try:
-                response = self.session.request(
+                response = (session or self.session).request(
                     method, self.base + path, timeout=timeout, allow_redirects=False, **kwargs
                 )
             except requests.RequestException as err:

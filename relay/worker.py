@@ -130,7 +130,7 @@ class CloneWorker:
                 self._fail(job, RelayError(), dict(job.answer or {}))
             else:
                 delay = self.policy.delay(job.attempts)
-                self.store.release(job.id, self.id, next_run_at=utcnow() + timedelta(seconds=delay))
+                self._save(job, release=True, next_run_at=utcnow() + timedelta(seconds=delay))
         except Exception:  # the database itself may be what failed; the lease will expire
             log.exception("could not reschedule job", extra={"fields": {"job_id": job.id}})
 

@@ -495,8 +495,8 @@ def test_a_waiting_request_wakes_for_its_own_job_and_not_for_others():
     woke = threading.Event()
 
     def waiter():
-        notifier.wait_for_change(10, since, job_id="mine")
-        woke.set()
+        if notifier.wait_for_change(10, since, job_id="mine"):
+            woke.set()
 
     thread = threading.Thread(target=waiter)
     thread.start()
@@ -507,10 +507,11 @@ def test_a_waiting_request_wakes_for_its_own_job_and_not_for_others():
     assert woke.wait(5)
     thread.join(5)
     # A change before the wait began is not missed; one that concerns every job wakes everyone.
-    notifier.wait_for_change(10, since, job_id="mine")
+    assert notifier.wait_for_change(10, since, job_id="mine")
     since = notifier.generation
+    assert not notifier.wait_for_change(0.05, since, job_id="anyone")
     notifier.job_changed()
-    notifier.wait_for_change(10, since, job_id="anyone")
+    assert notifier.wait_for_change(10, since, job_id="anyone")
 
 
 def test_a_job_forgotten_by_a_busy_notifier_counts_as_changed():
@@ -519,7 +520,8 @@ def test_a_job_forgotten_by_a_busy_notifier_counts_as_changed():
     notifier.job_changed("old")
     for n in range(Notifier.REMEMBERED + 1):
         notifier.job_changed(f"job-{n}")
-    notifier.wait_for_change(10, since, job_id="old")  # returns at once: "old" may have changed
+    assert notifier.wait_for_change(10, since, job_id="old")  # "old" may have changed: look
+    assert not notifier.wait_for_change(0.05, notifier.generation, job_id="old")
 
 
 def test_other_processes_wake_at_once_for_new_jobs_and_changes(make_app, job_settings, fake, audio_host):

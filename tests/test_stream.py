@@ -3,6 +3,7 @@ the whole file is valid (relay/stream.py), on both databases."""
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 
@@ -137,3 +138,47 @@ def test_only_accepted_formats_start_early_and_send_every_byte_once(tmp_path, na
     if content_type is not None:
         assert early.finish() == (content_type, len(data), data)
     early.abandon()  # after finish, or with nothing started: nothing happens
+
+
+def test_the_uploading_write_is_done_before_the_tail_is_released(tmp_path):
+    # begin() ("uploading", in the upload's thread) and before_release() ("body complete", in the
+    # download's) are two writes of one row: the second must never be overwritten by the first.
+    order: list[str] = []
+    path = tmp_path / "spool"
+    data = audio_bytes("wav_pcm24_stereo.wav")
+    path.write_bytes(data)
+
+    def begin():
+        order.append("begin-start")
+        time.sleep(0.3)  # a database write that takes a while
+        order.append("begin-committed")
+
+    def send(body, size, content_type):
+        position = 0
+        while count := body.ready(position, 65536, least=1):
+            position += count
+        return position
+
+    early = EarlyUpload(10_000, 5.0, begin, send, lambda: order.append("before_release"))
+    early.path = str(path)
+    early.progress(len(data), len(data))
+    assert early.started
+    assert early.finish() == len(data)
+    assert order == ["begin-start", "begin-committed", "before_release"]
+
+
+def test_a_body_the_host_compresses_is_uploaded_whole_not_at_its_compressed_length(make_app, job_settings, fake):
+    client = make_app(job_settings.replace(stream_min_bytes=1000)).test_client()
+    body = audio_bytes("flac_mono.flac")
+    packed = gzip.compress(body)  # about half: the declared length is not the file's
+
+    def gzipped(conn, stop):
+        conn.sendall(servers.headers(Content_Encoding="gzip", Content_Length=str(len(packed)), Connection="close"))
+        for start in range(0, len(packed), 2_000):
+            conn.sendall(packed[start : start + 2_000])
+            time.sleep(0.02)
+
+    with servers.RawServer(gzipped) as host:
+        response = post(client, {"audio_url": host.url("/a.flac"), "name": "Packed", "wait_seconds": 20})
+    assert response.json["status"] == "ready", response.json
+    assert [upload["bytes"] for upload in fake.uploads] == [len(body)]
