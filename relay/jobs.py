@@ -304,22 +304,23 @@ class _GroupInsert:
 
     def _write_group(self, group: list[_NewJob]) -> None:
         try:
-            if len(group) == 1:
-                group[0].result = self.store._insert_one(group[0].row)
-            else:
-                try:
-                    with self.store.engine.begin() as conn:
-                        conn.execute(_INSERT_MANY, [new.row for new in group])
-                        _announce(conn, len(group))
-                    for new in group:
-                        new.result = Job.from_values(new.row), True
-                except IntegrityError:  # an idempotency key already taken: one by one, then
-                    for new in group:
-                        try:
-                            new.result = self.store._insert_one(new.row)
-                        except Exception as err:  # noqa: BLE001 - handed to the request it belongs to
-                            new.error = err
-            self._place(group)
+            try:
+                # One transaction: the rows, the wake-up and the queue positions (counted on the
+                # writer's connection, so no second checkout and round trip per group).
+                with self.store.engine.begin() as conn:
+                    conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
+                    _announce(conn, len(group))
+                    created = [Job.from_values(new.row) for new in group]
+                    self._place(created, conn)
+                for new, job in zip(group, created, strict=True):
+                    new.result = job, True
+            except IntegrityError:  # an idempotency key (or a name) already taken: one by one, then
+                for new in group:
+                    try:
+                        new.result = self.store._insert_one(new.row)
+                    except Exception as err:  # noqa: BLE001 - handed to the request it belongs to
+                        new.error = err
+                self._place([new.result[0] for new in group if new.result is not None and new.result[1]])
         except Exception as err:  # noqa: BLE001 - every waiting request gets the failure
             for new in group:
                 if new.result is None and new.error is None:
@@ -328,23 +329,25 @@ class _GroupInsert:
             for new in group:
                 new.done.set()
 
-    def _place(self, group: list[_NewJob]) -> None:
-        """Queue positions of the group's new jobs: one count per account, then their order."""
-        placed: dict[str | None, list[Job]] = {}
-        for new in group:
-            if new.result is not None and new.result[1]:
-                placed.setdefault(new.result[0].account_key, []).append(new.result[0])
-        for account, created in placed.items():
-            if account is None:
-                continue
-            created.sort(key=lambda job: job.created_at)
-            try:
-                first = self.store.queue_position(created[0])
-            except Exception:  # noqa: BLE001 - a position is a courtesy: the answer asks again
-                log.warning("queue position unavailable", exc_info=True)
-                continue
+    def _place(self, created: list[Job], conn=None) -> None:
+        """Queue positions of new jobs: one count per account, then their order. ``conn``: the
+        transaction that wrote them (a failed count then fails it, as a lost connection would)."""
+        placed: dict[str, list[Job]] = {}
+        for job in created:
+            if job.account_key is not None:
+                placed.setdefault(job.account_key, []).append(job)
+        for jobs_of_account in placed.values():
+            jobs_of_account.sort(key=lambda job: job.created_at)
+            if conn is not None:
+                first = self.store._queue_position(conn, jobs_of_account[0])
+            else:
+                try:
+                    first = self.store.queue_position(jobs_of_account[0])
+                except Exception:  # noqa: BLE001 - a position is a courtesy: the answer asks again
+                    log.warning("queue position unavailable", exc_info=True)
+                    continue
             if first is not None:
-                for rank, job in enumerate(created):
+                for rank, job in enumerate(jobs_of_account):
                     job.queue_position = min(first + rank, QUEUE_COUNT_LIMIT + 1)
 
 
@@ -509,9 +512,12 @@ class JobStore:
         if job.terminal or job.phase != RECEIVED or not job.account_key:
             return None
         with reader(self.engine) as conn:
-            ahead = conn.scalar(
-                _QUEUE_AHEAD, {"account": job.account_key, "now": self.clock(), "created": job.created_at}
-            )
+            return self._queue_position(conn, job)
+
+    def _queue_position(self, conn, job: Job) -> int | None:
+        if job.terminal or job.phase != RECEIVED or not job.account_key:
+            return None
+        ahead = conn.scalar(_QUEUE_AHEAD, {"account": job.account_key, "now": self.clock(), "created": job.created_at})
         return (ahead or 0) + 1
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
