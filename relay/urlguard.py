@@ -176,6 +176,11 @@ def _embedded(address: IPAddress) -> list[IPAddress]:
     return found
 
 
+def is_address(host: str) -> bool:
+    """True when ``host`` (as :func:`check_literal` returns it) is an IP address, not a name."""
+    return _literal_address(host) is not None
+
+
 def _literal_address(host: str) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
