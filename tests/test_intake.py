@@ -11,12 +11,13 @@ import contextlib
 import sqlite3
 import threading
 
+import psycopg
 import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from relay import db
-from relay.jobs import QUEUE_COUNT_LIMIT, JobStore, _GroupInsert
+from relay.jobs import QUEUE_COUNT_LIMIT, WORK_CHANNEL, JobStore, _GroupInsert
 
 from .conftest import wait_until
 
@@ -135,3 +136,26 @@ def test_queue_positions_are_counted_up_to_the_limit(store, jobs_ahead, shown):
     job, created = new_job(store, 10_000)
     assert created and job.queue_position == shown
     assert store.queue_position(store.get(job.id)) == shown
+
+
+def test_new_jobs_wake_workers_of_other_processes_in_the_same_round_trip_as_their_count(store):
+    """PostgreSQL: a group's NOTIFY (how many jobs arrived) goes out with its queue count."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the cross-process wake-up is a PostgreSQL case")
+    url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {WORK_CHANNEL}")
+        statements = count_statements(store)
+        job, created = new_job(store, 100)
+        assert created and job.queue_position == 1
+        assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == ["1"]
+        assert statements == ["INSERT", "SELECT"]  # the row; then the wake-up and the count together
+        results = piled_up(store, [{}] * 4)  # 1 writing, then a group of 4
+        assert [n.payload for n in listener.notifies(timeout=10, stop_after=2)] == ["1", "4"]
+    assert sorted(job.queue_position for job, _created in results) == [2, 3, 4, 5, 6]
+
+
+def count_statements(store: JobStore) -> list[str]:
+    seen: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: seen.append(args[2].split()[0]))
+    return seen
