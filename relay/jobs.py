@@ -236,6 +236,25 @@ _NOTIFY_AND_QUEUE_AHEAD = select(
 )
 
 
+# PostgreSQL intake (see _GroupInsert._write_group_pg): a group's rows, passed as one JSON array,
+# its wake-up, and how many of its first account's waiting jobs are ahead (as _QUEUE_AHEAD counts).
+_JOB_COLUMNS = ", ".join(column.name for column in jobs.c)
+_PG_INTAKE = text(
+    f"WITH new AS (INSERT INTO jobs ({_JOB_COLUMNS}) SELECT {_JOB_COLUMNS} "
+    "FROM json_populate_recordset(NULL::jobs, CAST(:rows AS json))) "
+    f"SELECT pg_notify('{WORK_CHANNEL}', :jobs) AS notified, (SELECT count(*) FROM (SELECT id FROM jobs "
+    f"WHERE account_key = :account AND phase = '{RECEIVED}' "
+    "AND (lease_expires_at IS NULL OR lease_expires_at < :now) AND created_at < :created "
+    f"LIMIT {QUEUE_COUNT_LIMIT}) AS waiting) AS ahead"
+)
+
+
+def _json_moment(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _announce(conn, count: int) -> None:
     """On PostgreSQL, tell idle workers in every process that ``count`` jobs arrive when this
     transaction commits (see :class:`relay.runner.WorkListener`); elsewhere they share the process."""
@@ -309,12 +328,15 @@ class _GroupInsert:
     def _write_group(self, group: list[_NewJob]) -> None:
         try:
             try:
-                # One transaction: the rows, the wake-up and the queue positions (counted on the
-                # writer's connection, so no second checkout and round trip per group).
-                with self.store.engine.begin() as conn:
-                    conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
-                    created = [Job.from_values(new.row) for new in group]
-                    self._place(created, conn, announce=len(group))
+                created = [Job.from_values(new.row) for new in group]
+                if self.store.engine.dialect.name == "postgresql":
+                    self._write_group_pg(group, created)
+                else:
+                    # One transaction: the rows, the wake-up and the queue positions (counted on
+                    # the writer's connection, so no second checkout and round trip per group).
+                    with self.store.engine.begin() as conn:
+                        conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
+                        self._place(created, conn, announce=len(group))
                 for new, job in zip(group, created, strict=True):
                     new.result = job, True
             except IntegrityError:  # an idempotency key (or a name) already taken: one by one, then
@@ -331,6 +353,29 @@ class _GroupInsert:
         finally:
             for new in group:
                 new.done.set()
+
+    def _write_group_pg(self, group: list[_NewJob], created: list[Job]) -> None:
+        """PostgreSQL: the group's rows, its wake-up and the queue count of its first account in
+        one statement, committed on its own (autocommit): one round trip instead of four
+        (BEGIN, INSERT, NOTIFY and count, COMMIT). A statement is atomic: all rows or none."""
+        first = min((job for job in created if job.account_key), key=lambda job: job.created_at, default=None)
+        params = {
+            "rows": json.dumps([new.row for new in group], default=_json_moment, ensure_ascii=False),
+            "jobs": str(len(group)),
+            "account": first.account_key if first else "",
+            "now": self.store.clock(),
+            "created": first.created_at if first else _EPOCH,
+        }
+        with self.store.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            ahead = conn.execute(_PG_INTAKE, params).one().ahead
+        if first is None:
+            return
+        same = sorted((job for job in created if job.account_key == first.account_key), key=lambda job: job.created_at)
+        for rank, job in enumerate(same):
+            job.queue_position = min(ahead + 1 + rank, QUEUE_COUNT_LIMIT + 1)
+        # Jobs of other accounts in the same group (rare): counted after the commit, as a courtesy.
+        self._place([job for job in created if job.account_key not in (None, first.account_key)])
 
     def _place(self, created: list[Job], conn=None, announce: int = 0) -> None:
         """Queue positions of new jobs: one count per account, then their order. ``conn``: the

@@ -81,16 +81,22 @@ def piled_up(store: JobStore, extra: list[dict]) -> list:
     return results
 
 
-def count_commits(store: JobStore) -> list[int]:
-    commits = [0]
-    event.listen(store.engine, "commit", lambda _conn: commits.__setitem__(0, commits[0] + 1))
-    return commits
+def count_writes(store: JobStore) -> list[int]:
+    """How many statements insert into jobs (each is, or ends, a transaction of its own)."""
+    writes = [0]
+
+    def seen(_conn, _cursor, statement, *_args):
+        if "INSERT INTO jobs" in statement:
+            writes[0] += 1
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    return writes
 
 
 def test_jobs_that_arrive_together_share_transactions_and_keep_their_order(store):
-    commits = count_commits(store)
+    writes = count_writes(store)
     results = piled_up(store, [{}] * 69)  # 1 writing, then 69 waiting: groups of 64 and 5
-    assert commits[0] == 3
+    assert writes[0] == 3
     jobs = sorted((job for job, created in results if created), key=lambda job: job.created_at)
     assert len(jobs) == 70 and jobs[0].id == f"{0:032x}"
     assert [job.queue_position for job in jobs] == list(range(1, 71))
@@ -138,8 +144,9 @@ def test_queue_positions_are_counted_up_to_the_limit(store, jobs_ahead, shown):
     assert store.queue_position(store.get(job.id)) == shown
 
 
-def test_new_jobs_wake_workers_of_other_processes_in_the_same_round_trip_as_their_count(store):
-    """PostgreSQL: a group's NOTIFY (how many jobs arrived) goes out with its queue count."""
+def test_new_jobs_are_written_and_announced_in_one_round_trip_on_postgresql(store):
+    """PostgreSQL: a group's rows, its NOTIFY (how many jobs arrived) and its queue count go in one
+    statement."""
     if store.engine.dialect.name != "postgresql":
         pytest.skip("the cross-process wake-up is a PostgreSQL case")
     url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -149,7 +156,7 @@ def test_new_jobs_wake_workers_of_other_processes_in_the_same_round_trip_as_thei
         job, created = new_job(store, 100)
         assert created and job.queue_position == 1
         assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == ["1"]
-        assert statements == ["INSERT", "SELECT"]  # the row; then the wake-up and the count together
+        assert statements == ["WITH"]  # the row, the wake-up and the count: one statement, committed alone
         results = piled_up(store, [{}] * 4)  # 1 writing, then a group of 4
         assert [n.payload for n in listener.notifies(timeout=10, stop_after=2)] == ["1", "4"]
     assert sorted(job.queue_position for job, _created in results) == [2, 3, 4, 5, 6]
