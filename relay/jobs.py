@@ -230,10 +230,6 @@ _ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(b
 
 WORK_CHANNEL = "relay_work"
 _NOTIFY = text(f"SELECT pg_notify('{WORK_CHANNEL}', :jobs)")
-# PostgreSQL: the wake-up of a group of new jobs and the count ahead of its first, in one round trip.
-_NOTIFY_AND_QUEUE_AHEAD = select(
-    func.pg_notify(WORK_CHANNEL, bindparam("jobs")).label("notified"), _QUEUE_AHEAD.scalar_subquery().label("ahead")
-)
 
 
 # PostgreSQL intake (see _GroupInsert._write_group_pg): a group's rows, passed as one JSON array,
@@ -336,7 +332,8 @@ class _GroupInsert:
                     # the writer's connection, so no second checkout and round trip per group).
                     with self.store.engine.begin() as conn:
                         conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
-                        self._place(created, conn, announce=len(group))
+                        _announce(conn, len(group))
+                        self._place(created, conn)
                 for new, job in zip(group, created, strict=True):
                     new.result = job, True
             except IntegrityError:  # an idempotency key (or a name) already taken: one by one, then
@@ -377,24 +374,16 @@ class _GroupInsert:
         # Jobs of other accounts in the same group (rare): counted after the commit, as a courtesy.
         self._place([job for job in created if job.account_key not in (None, first.account_key)])
 
-    def _place(self, created: list[Job], conn=None, announce: int = 0) -> None:
+    def _place(self, created: list[Job], conn=None) -> None:
         """Queue positions of new jobs: one count per account, then their order. ``conn``: the
-        transaction that wrote them (a failed count then fails it, as a lost connection would),
-        which also announces ``announce`` new jobs (see :func:`_announce`) — on PostgreSQL in the
-        same statement as the first count, one round trip for both."""
+        transaction that wrote them (a failed count then fails it, as a lost connection would)."""
         placed: dict[str, list[Job]] = {}
         for job in created:
             if job.account_key is not None:
                 placed.setdefault(job.account_key, []).append(job)
-        if announce and (conn.dialect.name != "postgresql" or not placed):
-            _announce(conn, announce)
-            announce = 0
         for jobs_of_account in placed.values():
             jobs_of_account.sort(key=lambda job: job.created_at)
-            if announce:
-                first = self.store._queue_position(conn, jobs_of_account[0], announce=announce)
-                announce = 0
-            elif conn is not None:
+            if conn is not None:
                 first = self.store._queue_position(conn, jobs_of_account[0])
             else:
                 try:
@@ -570,18 +559,11 @@ class JobStore:
         with reader(self.engine) as conn:
             return self._queue_position(conn, job)
 
-    def _queue_position(self, conn, job: Job, announce: int = 0) -> int | None:
-        """:meth:`queue_position` on ``conn``; with ``announce`` (PostgreSQL), that many new jobs
-        are announced (:func:`_announce`) by the same statement."""
+    def _queue_position(self, conn, job: Job) -> int | None:
+        """:meth:`queue_position`, read on ``conn`` (the transaction that wrote ``job``, say)."""
         if job.terminal or job.phase != RECEIVED or not job.account_key:
-            if announce:
-                _announce(conn, announce)
             return None
-        params = {"account": job.account_key, "now": self.clock(), "created": job.created_at}
-        if announce:
-            ahead = conn.execute(_NOTIFY_AND_QUEUE_AHEAD, {**params, "jobs": str(announce)}).one().ahead
-        else:
-            ahead = conn.scalar(_QUEUE_AHEAD, params)
+        ahead = conn.scalar(_QUEUE_AHEAD, {"account": job.account_key, "now": self.clock(), "created": job.created_at})
         return (ahead or 0) + 1
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
