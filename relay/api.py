@@ -255,13 +255,29 @@ def _attached(job, wait: float, generation: int):
     return _job_answer(_wait_within_budget(job, wait, generation), note)
 
 
+# Callback URLs found acceptable lately, with when that check ends: a connector sends every clone to
+# the same webhook, so its host is resolved once a minute, not once per clone. Safe against DNS
+# rebinding because this check is only an early refusal: every delivery checks the addresses again
+# and connects to the one it checked (relay/callbacks.py). Only passes are kept.
+CALLBACK_CHECK_TTL = 60.0
+_CALLBACK_CHECKS_MAX = 1024
+_callback_checked: dict[tuple, float] = {}
+
+
 def _check_callback_url(callback_url: str) -> None:
     """Refuse a callback_url now rather than give up on it later: every address its host resolves
     to must be public (or in ``RELAY_ALLOWED_NETWORKS``). A name that does not resolve right now
     is accepted with a warning (DNS may be down for a moment; delivery checks again)."""
+    allowed = settings().allowed_networks
+    key = (callback_url, allowed)
+    now = time.monotonic()
+    if _callback_checked.get(key, 0.0) > now:
+        return
     try:
-        with deadline.bounded(settings().connect_timeout):
-            urlguard.check(callback_url, settings().allowed_networks, deadline.resolve)
+        _scheme, host, _port = urlguard.check_literal(callback_url, allowed)
+        if not urlguard.is_address(host):  # a name: resolve it, every address must be allowed
+            with deadline.bounded(settings().connect_timeout):
+                urlguard.check(callback_url, allowed, deadline.resolve)
     except UrlNotAllowed as err:
         raise UrlNotAllowed(f"callback_url: {err.message}") from None
     except DownloadFailed:
@@ -270,6 +286,10 @@ def _check_callback_url(callback_url: str) -> None:
         g.answer["warnings"].append(
             "callback_url's host could not be resolved just now; the callback is checked again when it is sent."
         )
+        return
+    if len(_callback_checked) >= _CALLBACK_CHECKS_MAX:
+        _callback_checked.clear()
+    _callback_checked[key] = now + CALLBACK_CHECK_TTL
 
 
 def _name_key(account: str | None, name: str) -> str:

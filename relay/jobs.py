@@ -7,6 +7,7 @@ useapi), so whoever resumes a job after a crash knows what may already have happ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -231,7 +232,25 @@ _ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(b
 
 WORK_CHANNEL = "relay_work"  # new jobs (payload: how many)
 CHANGE_CHANNEL = "relay_job"  # a job's step ended (payload: its id)
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+
+
+# PostgreSQL intake (see _GroupInsert._write_group_pg): a group's rows, passed as one JSON array,
+# and how many of its first account's waiting jobs are ahead (as _QUEUE_AHEAD counts).
+_JOB_COLUMNS = ", ".join(column.name for column in jobs.c)
+_PG_INTAKE = text(
+    f"WITH new AS (INSERT INTO jobs ({_JOB_COLUMNS}) SELECT {_JOB_COLUMNS} "
+    "FROM json_populate_recordset(NULL::jobs, CAST(:rows AS json))) "
+    "SELECT (SELECT count(*) FROM (SELECT id FROM jobs "
+    f"WHERE account_key = :account AND phase = '{RECEIVED}' "
+    "AND (lease_expires_at IS NULL OR lease_expires_at < :now) AND created_at < :created "
+    f"LIMIT {QUEUE_COUNT_LIMIT}) AS waiting) AS ahead"
+)
+
+
+def _json_moment(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _add_events(conn, events: list[dict] | None) -> None:
@@ -262,43 +281,84 @@ class _Announcer:
     def job_changed(self, job_id: str) -> None:
         self._put(CHANGE_CHANNEL, job_id)
 
+    def close(self, timeout: float = 3.0) -> None:
+        """Send what is queued, then stop (before the engine is disposed: a later send would open
+        a connection nobody closes)."""
+        with self._lock:
+            self.enabled, thread = False, self._thread
+        if thread is not None:
+            self._queue.put(("", ""))  # wakes it at once
+            thread.join(timeout)
+
     def _put(self, channel: str, payload: str) -> None:
-        if not self.enabled:
-            return
         with self._lock:  # with _run's exit under the same lock, no message is ever left behind
+            if not self.enabled:
+                return
             self._queue.put((channel, payload))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="relay-announcer")
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            try:
-                batch = [self._queue.get(timeout=self.IDLE_SECONDS)]
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._thread = None
-                        return
-                continue
-            while len(batch) < self.BATCH:
+        conn = None  # the thread's own connection: closed when it ends, whatever became of the engine
+        try:
+            while True:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch = [self._queue.get(timeout=self.IDLE_SECONDS)]
                 except queue.Empty:
-                    break
-            self._send(batch)
+                    batch = []
+                if not batch or not self.enabled:
+                    with self._lock:
+                        if self._queue.empty() or not self.enabled:
+                            while True:  # closing: what is queued still goes out
+                                try:
+                                    batch.append(self._queue.get_nowait())
+                                except queue.Empty:
+                                    break
+                            conn = self._send(conn, [item for item in batch if item[0]])
+                            self._thread = None
+                            return
+                    continue
+                while len(batch) < self.BATCH:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                conn = self._send(conn, batch)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
-    def _send(self, batch: list[tuple[str, str]]) -> None:
+    def _connect(self):
+        """A driver connection of the thread's own, out of the engine's pool (which may be
+        disposed while the thread still runs): it closes it itself."""
+        raw = self.engine.raw_connection()
+        conn = raw.driver_connection
+        raw.detach()
+        conn.autocommit = True
+        return conn
+
+    def _send(self, conn, batch: list[tuple[str, str]]):
+        """Send ``batch`` in one transaction on ``conn`` (opened if None); the connection to use next."""
+        if not batch:
+            return conn
         arrived = sum(int(payload) for channel, payload in batch if channel == WORK_CHANNEL)
         changed = dict.fromkeys(payload for channel, payload in batch if channel == CHANGE_CHANNEL)
         notes = [{"channel": WORK_CHANNEL, "payload": str(arrived)}] if arrived else []
         notes += [{"channel": CHANGE_CHANNEL, "payload": job_id} for job_id in changed]
         try:
-            with self.engine.begin() as conn:
+            conn = conn or self._connect()
+            with conn.transaction():
                 for note in notes:
-                    conn.execute(_NOTIFY, note)
+                    conn.execute("SELECT pg_notify(%(channel)s, %(payload)s)", note)
+            return conn
         except Exception:  # noqa: BLE001 - others then find out by polling, a little later
             log.warning("notifications not sent; other processes poll meanwhile", exc_info=True)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            return None
 
 
 class Contended(Exception):
@@ -366,22 +426,26 @@ class _GroupInsert:
 
     def _write_group(self, group: list[_NewJob]) -> None:
         try:
-            if len(group) == 1:
-                group[0].result = self.store._insert_one(group[0].row)
-            else:
-                try:
+            try:
+                created = [Job.from_values(new.row) for new in group]
+                if self.store.engine.dialect.name == "postgresql":
+                    self._write_group_pg(group, created)
+                else:
+                    # One transaction: the rows and the queue positions (counted on the writer's
+                    # connection, so no second checkout and round trip per group).
                     with self.store.engine.begin() as conn:
-                        conn.execute(_INSERT_MANY, [new.row for new in group])
-                    self.store.announcer.jobs_arrived(len(group))
-                    for new in group:
-                        new.result = Job.from_values(new.row), True
-                except IntegrityError:  # an idempotency key already taken: one by one, then
-                    for new in group:
-                        try:
-                            new.result = self.store._insert_one(new.row)
-                        except Exception as err:  # noqa: BLE001 - handed to the request it belongs to
-                            new.error = err
-            self._place(group)
+                        conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
+                        self._place(created, conn)
+                    self.store.announcer.jobs_arrived(len(group))  # once committed
+                for new, job in zip(group, created, strict=True):
+                    new.result = job, True
+            except IntegrityError:  # an idempotency key (or a name) already taken: one by one, then
+                for new in group:
+                    try:
+                        new.result = self.store._insert_one(new.row)
+                    except Exception as err:  # noqa: BLE001 - handed to the request it belongs to
+                        new.error = err
+                self._place([new.result[0] for new in group if new.result is not None and new.result[1]])
         except Exception as err:  # noqa: BLE001 - every waiting request gets the failure
             for new in group:
                 if new.result is None and new.error is None:
@@ -390,23 +454,48 @@ class _GroupInsert:
             for new in group:
                 new.done.set()
 
-    def _place(self, group: list[_NewJob]) -> None:
-        """Queue positions of the group's new jobs: one count per account, then their order."""
-        placed: dict[str | None, list[Job]] = {}
-        for new in group:
-            if new.result is not None and new.result[1]:
-                placed.setdefault(new.result[0].account_key, []).append(new.result[0])
-        for account, created in placed.items():
-            if account is None:
-                continue
-            created.sort(key=lambda job: job.created_at)
-            try:
-                first = self.store.queue_position(created[0])
-            except Exception:  # noqa: BLE001 - a position is a courtesy: the answer asks again
-                log.warning("queue position unavailable", exc_info=True)
-                continue
+    def _write_group_pg(self, group: list[_NewJob], created: list[Job]) -> None:
+        """PostgreSQL: the group's rows and the queue count of its first account in one statement,
+        committed on its own (autocommit): one round trip instead of four (BEGIN, INSERT, count,
+        COMMIT). A statement is atomic: all rows or none. Other processes are told once it committed."""
+        first = min((job for job in created if job.account_key), key=lambda job: job.created_at, default=None)
+        params = {
+            "rows": json.dumps([new.row for new in group], default=_json_moment, ensure_ascii=False),
+            "account": first.account_key if first else "",
+            "now": self.store.clock(),
+            "created": first.created_at if first else _EPOCH,
+        }
+        with self.store.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            ahead = conn.execute(_PG_INTAKE, params).one().ahead
+        self.store.announcer.jobs_arrived(len(group))
+        if first is None:
+            return
+        same = sorted((job for job in created if job.account_key == first.account_key), key=lambda job: job.created_at)
+        for rank, job in enumerate(same):
+            job.queue_position = min(ahead + 1 + rank, QUEUE_COUNT_LIMIT + 1)
+        # Jobs of other accounts in the same group (rare): counted after the commit, as a courtesy.
+        self._place([job for job in created if job.account_key not in (None, first.account_key)])
+
+    def _place(self, created: list[Job], conn=None) -> None:
+        """Queue positions of new jobs: one count per account, then their order. ``conn``: the
+        transaction that wrote them (a failed count then fails it, as a lost connection would)."""
+        placed: dict[str, list[Job]] = {}
+        for job in created:
+            if job.account_key is not None:
+                placed.setdefault(job.account_key, []).append(job)
+        for jobs_of_account in placed.values():
+            jobs_of_account.sort(key=lambda job: job.created_at)
+            if conn is not None:
+                first = self.store._queue_position(conn, jobs_of_account[0])
+            else:
+                try:
+                    first = self.store.queue_position(jobs_of_account[0])
+                except Exception:  # noqa: BLE001 - a position is a courtesy: the answer asks again
+                    log.warning("queue position unavailable", exc_info=True)
+                    continue
             if first is not None:
-                for rank, job in enumerate(created):
+                for rank, job in enumerate(jobs_of_account):
                     job.queue_position = min(first + rank, QUEUE_COUNT_LIMIT + 1)
 
 
@@ -574,9 +663,13 @@ class JobStore:
         if job.terminal or job.phase != RECEIVED or not job.account_key:
             return None
         with reader(self.engine) as conn:
-            ahead = conn.scalar(
-                _QUEUE_AHEAD, {"account": job.account_key, "now": self.clock(), "created": job.created_at}
-            )
+            return self._queue_position(conn, job)
+
+    def _queue_position(self, conn, job: Job) -> int | None:
+        """:meth:`queue_position`, read on ``conn`` (the transaction that wrote ``job``, say)."""
+        if job.terminal or job.phase != RECEIVED or not job.account_key:
+            return None
+        ahead = conn.scalar(_QUEUE_AHEAD, {"account": job.account_key, "now": self.clock(), "created": job.created_at})
         return (ahead or 0) + 1
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:

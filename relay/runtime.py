@@ -54,4 +54,5 @@ class Runtime:
         if self.listener is not None:
             self.listener.stop()
             self.listener = None
+        self.store.announcer.close()
         db.dispose(self.engine)

@@ -9,6 +9,7 @@ gap between "resolve to check" and "resolve to connect".
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ MAX_URL_LENGTH = 4096
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_FORBIDDEN_CHARACTERS = re.compile(r"[\x00-\x20\\\x7f]")  # control characters, space, backslash, DEL
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def check_literal(url: str, allowed: Iterable[Network] = ()) -> tuple[str, str, 
         raise UrlNotAllowed("The URL is empty.")
     if len(url) > MAX_URL_LENGTH:
         raise UrlNotAllowed(f"The URL is longer than {MAX_URL_LENGTH} characters.")
-    if any(ord(ch) < 0x21 or ch in "\\\x7f" for ch in url):
+    if _FORBIDDEN_CHARACTERS.search(url):
         raise UrlNotAllowed("The URL contains spaces, backslashes or control characters; encode them first.")
     try:
         parts = urlsplit(url)
@@ -174,6 +176,11 @@ def _embedded(address: IPAddress) -> list[IPAddress]:
     if int(address) >> 32 == 0 and int(address) > 0xFFFF:
         found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     return found
+
+
+def is_address(host: str) -> bool:
+    """True when ``host`` (as :func:`check_literal` returns it) is an IP address, not a name."""
+    return _literal_address(host) is not None
 
 
 def _literal_address(host: str) -> IPAddress | None:

@@ -11,12 +11,13 @@ import contextlib
 import sqlite3
 import threading
 
+import psycopg
 import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from relay import db
-from relay.jobs import QUEUE_COUNT_LIMIT, JobStore, _GroupInsert
+from relay.jobs import QUEUE_COUNT_LIMIT, WORK_CHANNEL, JobStore, _GroupInsert
 
 from .conftest import wait_until
 
@@ -80,16 +81,22 @@ def piled_up(store: JobStore, extra: list[dict]) -> list:
     return results
 
 
-def count_commits(store: JobStore) -> list[int]:
-    commits = [0]
-    event.listen(store.engine, "commit", lambda _conn: commits.__setitem__(0, commits[0] + 1))
-    return commits
+def count_writes(store: JobStore) -> list[int]:
+    """How many statements insert into jobs (each is, or ends, a transaction of its own)."""
+    writes = [0]
+
+    def seen(_conn, _cursor, statement, *_args):
+        if "INSERT INTO jobs" in statement:
+            writes[0] += 1
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    return writes
 
 
 def test_jobs_that_arrive_together_share_transactions_and_keep_their_order(store):
-    commits = count_commits(store)
+    writes = count_writes(store)
     results = piled_up(store, [{}] * 69)  # 1 writing, then 69 waiting: groups of 64 and 5
-    assert commits[0] == 3
+    assert writes[0] == 3
     jobs = sorted((job for job, created in results if created), key=lambda job: job.created_at)
     assert len(jobs) == 70 and jobs[0].id == f"{0:032x}"
     assert [job.queue_position for job in jobs] == list(range(1, 71))
@@ -135,3 +142,37 @@ def test_queue_positions_are_counted_up_to_the_limit(store, jobs_ahead, shown):
     job, created = new_job(store, 10_000)
     assert created and job.queue_position == shown
     assert store.queue_position(store.get(job.id)) == shown
+
+
+def test_new_jobs_are_written_in_one_round_trip_and_announced_on_postgresql(store):
+    """PostgreSQL: a group's rows and its queue count go in one statement; once it committed, the
+    other processes are told how many jobs arrived (NOTIFY, sent by the store's announcer thread)."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("the cross-process wake-up is a PostgreSQL case")
+    url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {WORK_CHANNEL}")
+        statements = count_statements(store)
+        job, created = new_job(store, 100)
+        assert created and job.queue_position == 1
+        assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == ["1"]
+        # the row and the count: one statement, committed alone (the NOTIFY comes after, apart)
+        assert [word for thread, word in statements if thread != "relay-announcer"] == ["WITH"]
+        results = piled_up(store, [{}] * 4)  # 1 writing, then a group of 4
+        announced = 0
+        for note in listener.notifies(timeout=10):
+            announced += int(note.payload)  # one notification per batch: "1" and "4", or "5"
+            if announced >= 5:
+                break
+        assert announced == 5
+    assert sorted(job.queue_position for job, _created in results) == [2, 3, 4, 5, 6]
+
+
+def count_statements(store: JobStore) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    event.listen(
+        store.engine,
+        "before_cursor_execute",
+        lambda *args: seen.append((threading.current_thread().name, args[2].split()[0])),
+    )
+    return seen
