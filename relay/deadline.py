@@ -292,7 +292,7 @@ class DeadlineAdapter(HTTPAdapter):
         def get_conn(pool, timeout=None):
             conn = HTTPConnectionPool._get_conn(pool, timeout)
             sock = getattr(conn, "sock", None)
-            if sock is not None and max_idle is not None and time.monotonic() - conn.relay_idle_since > max_idle:
+            if sock is not None and max_idle is not None and time.monotonic() - conn.relay_idle_since >= max_idle:
                 # Idle long enough that the peer may be closing it: a new connection, not a race.
                 conn.close()
                 sock = None
@@ -303,6 +303,8 @@ class DeadlineAdapter(HTTPAdapter):
 
         def put_conn(pool, conn):
             if conn is not None:
+                if max_idle == 0:  # never reused: closed now rather than left open in the pool
+                    conn.close()
                 conn.relay_idle_since = time.monotonic()
             HTTPConnectionPool._put_conn(pool, conn)
 

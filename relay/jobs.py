@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from .db import accounts, heartbeats, job_events, jobs, reader, utcnow
 
@@ -291,20 +291,26 @@ class _Announcer:
             thread.join(timeout)
 
     def _put(self, channel: str, payload: str) -> None:
+        """Never raises: the write it follows has committed, and its request must hear so."""
         with self._lock:  # with _run's exit under the same lock, no message is ever left behind
             if not self.enabled:
                 return
             self._queue.put((channel, payload))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True, name="relay-announcer")
-                self._thread.start()
+                thread = threading.Thread(target=self._run, daemon=True, name="relay-announcer")
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had now: the next message tries again
+                    log.warning("notifications delayed: no thread for them", exc_info=True)
+                    return
+                self._thread = thread
 
     def _run(self) -> None:
         conn = None  # the thread's own connection: closed when it ends, whatever became of the engine
         try:
             while True:
-                try:
-                    batch = [self._queue.get(timeout=self.IDLE_SECONDS)]
+                try:  # once closing, what is left is sent at once and the thread ends
+                    batch = [self._queue.get(timeout=self.IDLE_SECONDS if self.enabled else 0)]
                 except queue.Empty:
                     batch = []
                 if not batch or not self.enabled:
@@ -331,13 +337,12 @@ class _Announcer:
                     conn.close()
 
     def _connect(self):
-        """A driver connection of the thread's own, out of the engine's pool (which may be
-        disposed while the thread still runs): it closes it itself."""
-        raw = self.engine.raw_connection()
-        conn = raw.driver_connection
-        raw.detach()
-        conn.autocommit = True
-        return conn
+        """A connection of the thread's own, outside the engine's pool (no pool slot to wait for;
+        the pool may be disposed while the thread still runs): it closes it itself."""
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg.connect(url, autocommit=True, connect_timeout=10)
 
     def _send(self, conn, batch: list[tuple[str, str]]):
         """Send ``batch`` in one transaction on ``conn`` (opened if None); the connection to use next."""
@@ -439,7 +444,7 @@ class _GroupInsert:
                     self.store.announcer.jobs_arrived(len(group))  # once committed
                 for new, job in zip(group, created, strict=True):
                     new.result = job, True
-            except IntegrityError:  # an idempotency key (or a name) already taken: one by one, then
+            except (IntegrityError, DataError, UnicodeError):  # a key taken, a bad row: one by one, then
                 for new in group:
                     try:
                         new.result = self.store._insert_one(new.row)

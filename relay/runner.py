@@ -269,7 +269,7 @@ class Pool:
                 # Another claim of the same account was under way: its turn is brief, so try again
                 # soon — sooner than an idle poll, later each time (a claimer stuck holding the lock
                 # must not make every idle worker spin).
-                contended += 1
+                contended = min(contended + 1, 16)
                 pause = min(0.005 * 2**contended, self.settings.idle_poll_seconds)
                 self._stop.wait(random.uniform(pause / 2, pause))
                 continue

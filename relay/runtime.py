@@ -40,10 +40,15 @@ class Runtime:
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
         runtime.waiters = threading.BoundedSemaphore(settings.waiter_budget)
-        if workers:
-            runtime.pool = start_pool(runtime.store, settings, runtime.vault, runtime.notifier, workers)
-        if engine.dialect.name == "postgresql":
+        if engine.dialect.name == "postgresql":  # before the pool: no notification is missed
             runtime.listener = Listener(engine, runtime.notifier).start()
+        if workers:
+            try:
+                runtime.pool = start_pool(runtime.store, settings, runtime.vault, runtime.notifier, workers)
+            except BaseException:
+                if runtime.listener is not None:
+                    runtime.listener.stop()
+                raise
         return runtime
 
     def close(self, timeout: float = 25.0) -> None:

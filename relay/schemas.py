@@ -38,6 +38,7 @@ class Identifier(Text):
 _BLANK_LOOKING = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 # Unicode's control characters (category Cc) are exactly these 65: one search instead of a lookup per character.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _visible_name(value: str) -> None:
@@ -45,6 +46,8 @@ def _visible_name(value: str) -> None:
     characters (they break lists and files downstream), and not made only of invisible characters."""
     if _CONTROL.search(value):
         raise ValidationError("Must not contain control characters (NUL, tab, line breaks …).")
+    if _SURROGATE.search(value):  # half of a UTF-16 pair: not a character, and not storable as UTF-8
+        raise ValidationError("Must be valid Unicode text (it contains half of a UTF-16 surrogate pair).")
     if value and all(unicodedata.category(ch)[0] in "CZM" or ch in _BLANK_LOOKING for ch in value):
         raise ValidationError("Must contain visible characters, not only spaces or invisible ones.")
 

@@ -178,6 +178,9 @@ class EarlyUpload:
             self._result = self._send(self._body, self._body.size, self.content_type)
         except BaseException as err:  # noqa: BLE001 - handed to finish()
             self._error = err
+        finally:
+            if self._ended and self._body is not None:  # given up on while this thread was stuck
+                self._body.close()
 
     @property
     def size(self) -> int | None:

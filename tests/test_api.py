@@ -70,6 +70,7 @@ def test_without_a_key_configured_the_relay_is_open(make_app, settings, audio_ho
         ({"audio_url": "https://example.com/a.wav", "name": "tab\there"}, "name: Must not contain control"),
         ({"audio_url": "https://example.com/a.wav", "name": "\u200b\u200b"}, "name: Must contain visible"),
         ({"audio_url": "https://example.com/a.wav", "name": "\u3164"}, "name: Must contain visible"),
+        ({"audio_url": "https://example.com/a.wav", "name": "A\ud800"}, "name: Must be valid Unicode"),
         ({"audio_url": "https://example.com/a.wav", "name": "x", "if_exists": "maybe"}, "if_exists"),
         ([1, 2, 3], "must be a JSON object"),
         ("just a string", "must be a JSON object"),
