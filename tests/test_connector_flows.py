@@ -211,12 +211,7 @@ def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
     sent = {name: value for name, value in fields.items() if not value.startswith("=")}
     sent.update(metadata=json.dumps({"file": "voice-note.ogg"}), dry_run="true", wait_seconds="20")
     sent["file"] = (io.BytesIO((MEDIA / "voice_note.opus").read_bytes()), "voice-note.ogg")
-    response = client.post(
-        "/v1/voice-clones",
-        data=sent,
-        content_type="multipart/form-data",
-        headers={"Authorization": f"Bearer {RELAY_KEY}"},
-    )
+    response = post_form(client, sent)
     assert response.status_code == 200, response.json
     assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
     assert response.json["metadata"] == {"file": "voice-note.ogg"}
@@ -253,12 +248,17 @@ def test_the_file_blueprint_downloads_the_file_and_sends_it_as_multipart(client)
         else:
             sent[field["name"]] = re.sub(r"\{\{([\w.]+)\}\}", lambda m: outputs[m.group(1)], field["value"])
     sent.update(dry_run="true", wait_seconds="20")  # a test: validate only, wait less than Make's 280 s
-    response = client.post(
+    response = post_form(client, sent)
+    assert response.status_code == 200, response.json
+    assert response.json["metadata"] == {"drive_file_id": "1AbCdEf"}
+    assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
+
+
+def post_form(client, sent: dict):
+    """POST ``sent`` as multipart/form-data, as Make's and n8n's HTTP modules send a file."""
+    return client.post(
         "/v1/voice-clones",
         data=sent,
         content_type="multipart/form-data",
         headers={"Authorization": f"Bearer {RELAY_KEY}"},
     )
-    assert response.status_code == 200, response.json
-    assert response.json["metadata"] == {"drive_file_id": "1AbCdEf"}
-    assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
