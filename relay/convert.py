@@ -122,10 +122,13 @@ class Prepared:
         }
 
 
-def prepare(path: str, settings, convert: str = "auto", workdir: str | None = None) -> Prepared:
+def prepare(
+    path: str, settings, convert: str = "auto", workdir: str | None = None, meter: LevelMeter | None = None
+) -> Prepared:
     """Decide what to send for the spooled file at ``path``; convert it when needed.
 
     ``convert``: the request's ``auto`` or ``never`` (``RELAY_CONVERT=off`` is ``never`` for all).
+    ``meter``: what measured the file while it downloaded (a WAV is then not read again).
     A converted file is written into ``workdir`` (default: the temporary directory); the caller
     removes ``Prepared.path`` when it differs from ``path``. Raises the :mod:`relay.audio`
     refusals, :class:`AudioSilent`, :class:`AudioTooLong` and :class:`DecodeLimitExceeded`.
@@ -144,7 +147,8 @@ def prepare(path: str, settings, convert: str = "auto", workdir: str | None = No
         audio.probe(path, settings.min_seconds, settings.max_seconds)  # raises the refusal, as without conversion
         raise UnsupportedAudioFormat(audio_bytes=os.path.getsize(path))  # pragma: no cover - probe raised
     if info is not None and kind == "wav":
-        levels = wav_levels(path)
+        levels = meter.levels(os.path.getsize(path)) if meter is not None else None
+        levels = levels or wav_levels(path)
         if levels is None:  # not plain PCM: let FFmpeg decode it, in the child
             levels = _levels_of(_run_child(path, None, "wav", settings, convert=False))
         return _checked(Prepared(path, info, source, False, levels), settings)
@@ -269,49 +273,189 @@ def warm_up() -> None:
 def wav_levels(path: str) -> Levels | None:
     """Levels of a PCM or float WAV, read in blocks into one reused buffer (no FFmpeg; memory
     stays at a few MB whatever the file's size); ``None`` for any other WAV encoding (ADPCM, µ-law…)."""
-    import numpy as np
-
     layout = _wav_layout(path)
     if layout is None:
         return None
     offset, length, tag, bits, block_align = layout
-    width = bits // 8
-    if length < block_align or width * 8 != bits:
+    meter = _LevelSum.for_format(tag, bits, block_align, length)
+    if meter is None:
         return None
-    if tag == 3 and bits in (32, 64):
-        dtype, full = ("<f4" if bits == 32 else "<f8"), 1.0
-    elif tag == 1 and bits in (8, 16, 24, 32):
-        dtype, full = {8: "u1", 16: "<i2", 24: "u1", 32: "<i4"}[bits], float(1 << (bits - 1))
-    else:
-        return None
-    count = length // width
-    buffer = bytearray(_WAV_BLOCK * width)
-    peak = total = clipped = 0.0
+    buffer = bytearray(_WAV_BLOCK * meter.width)
     with open(path, "rb") as handle:
         handle.seek(offset)
-        left = count * width
+        left = meter.count * meter.width
         while left > 0:
             got = handle.readinto(memoryview(buffer)[: min(len(buffer), left)])
             if not got:
                 break
-            got -= got % width
+            got -= got % meter.width
             left -= got
-            raw = np.frombuffer(buffer, dtype=dtype, count=got // np.dtype(dtype).itemsize)
-            if bits == 24:
-                triples = raw.reshape(-1, 3).astype(np.int32)
-                raw = (triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)) << 8 >> 8  # sign-extend
-            elif bits == 8:
-                raw = raw.astype(np.int16) - 128
-            if not raw.size:
-                continue
-            top = max(float(raw.max()), -float(raw.min()))  # on the samples as they are: no copy
-            peak = max(peak, top)
-            # float32 for 8/16-bit samples (exact, and BLAS's fastest dot); float64 for wider ones
-            values = raw.astype(np.float32 if bits <= 16 else np.float64)
-            total += float(np.dot(values, values))
-            if top >= full * 0.999:
-                clipped += float(np.count_nonzero(np.abs(values) >= full * 0.999))
-    return Levels(min(peak / full, 1.0), math.sqrt(total / count) / full, clipped / count)
+            meter.add(memoryview(buffer)[:got])
+    return meter.levels()
+
+
+class _LevelSum:
+    """Peak, sum of squares and clipped samples of PCM or float samples, added block by block."""
+
+    def __init__(self, dtype: str, bits: int, full: float, count: int):
+        self.dtype, self.bits, self.full, self.count = dtype, bits, full, count
+        self.width = bits // 8
+        self.peak = self.total = self.clipped = 0.0
+        self._values = None  # reused for the samples as floats (a fresh 1 MB array costs page faults)
+
+    @classmethod
+    def for_format(cls, tag: int, bits: int, block_align: int, length: int) -> _LevelSum | None:
+        """For ``length`` bytes of samples in this format; None for what is not measured here."""
+        width = bits // 8
+        if length < block_align or width * 8 != bits:
+            return None
+        if tag == 3 and bits in (32, 64):
+            return cls("<f4" if bits == 32 else "<f8", bits, 1.0, length // width)
+        if tag == 1 and bits in (8, 16, 24, 32):
+            dtype = {8: "u1", 16: "<i2", 24: "u1", 32: "<i4"}[bits]
+            return cls(dtype, bits, float(1 << (bits - 1)), length // width)
+        return None
+
+    def add(self, data) -> None:
+        """Whole samples (``len(data)`` a multiple of :attr:`width`)."""
+        import numpy as np
+
+        raw = np.frombuffer(data, dtype=self.dtype)
+        if self.bits == 24:
+            triples = raw.reshape(-1, 3).astype(np.int32)
+            raw = (triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)) << 8 >> 8  # sign-extend
+        elif self.bits == 8:
+            raw = raw.astype(np.int16) - 128
+        if not raw.size:
+            return
+        top = max(float(raw.max()), -float(raw.min()))  # on the samples as they are: no copy
+        self.peak = max(self.peak, top)
+        # float32 for 8/16-bit samples (exact, and BLAS's fastest dot); float64 for wider ones
+        if self._values is None or len(self._values) < raw.size:
+            self._values = np.empty(raw.size, np.float32 if self.bits <= 16 else np.float64)
+        values = self._values[: raw.size]
+        np.copyto(values, raw, casting="unsafe")
+        self.total += float(np.dot(values, values))
+        if top >= self.full * 0.999:
+            self.clipped += float(np.count_nonzero(np.abs(values) >= self.full * 0.999))
+
+    def levels(self) -> Levels:
+        full, count = self.full, self.count
+        return Levels(min(self.peak / full, 1.0), math.sqrt(self.total / count) / full, self.clipped / count)
+
+
+class LevelMeter:
+    """Measures a PCM WAV while it downloads (:func:`relay.fetch.download`'s ``tap``), from the
+    bytes just received, so the file is not read again afterwards. :meth:`levels` gives what
+    :func:`wav_levels` would give for the file — or ``None`` when the stream was not one it
+    measures (then the file is measured as before)."""
+
+    HEAD_LIMIT = 64 * 1024  # a WAV whose samples start later is measured from the file
+
+    def __init__(self) -> None:
+        self.fed = 0
+        self._head = bytearray()
+        self._failed = False
+        self._sum: _LevelSum | None = None
+        self._offset = 0  # where the samples start
+        self._declared = 0  # the data chunk's length (0: up to the end of the file)
+        self._taken = 0  # sample bytes measured so far
+        self._carry = b""  # the start of a sample split between two pieces
+        self._format = (0, 0, 0)  # format tag, bits per sample, block align
+
+    def feed(self, piece: memoryview) -> None:
+        """The next ``piece`` of the file, as written. Never raises: a surprise ends the measuring."""
+        if self._failed:
+            return
+        start = self.fed
+        self.fed += len(piece)
+        try:
+            if self._sum is None:
+                self._head += piece
+                if not self._parse_head():
+                    return
+                piece, start, self._head = memoryview(self._head), 0, bytearray()
+            self._measure(piece, start)
+        except Exception:  # noqa: BLE001 - the file is then measured after the download
+            self._failed = True
+
+    def _parse_head(self) -> bool:
+        """True once the samples' format and start are known (fails the meter if they are not)."""
+        head = bytes(self._head)
+        if len(head) >= 12 and (head[:4] != b"RIFF" or head[8:12] != b"WAVE"):
+            self._failed = True
+            return False
+        position, fmt = 12, None
+        while position + 8 <= len(head):
+            chunk_id = head[position : position + 4]
+            (chunk_size,) = struct.unpack("<I", head[position + 4 : position + 8])
+            body = position + 8
+            if chunk_id == b"fmt ":
+                if body + min(chunk_size, 40) > len(head):
+                    break
+                fields_ = head[body : body + min(chunk_size, 40)]
+                if len(fields_) < 16:
+                    self._failed = True
+                    return False
+                tag, _channels, _rate, _bps, block_align, bits = struct.unpack("<HHIIHH", fields_[:16])
+                if tag == 0xFFFE and len(fields_) >= 26:
+                    tag = struct.unpack("<H", fields_[24:26])[0]
+                fmt = (tag, bits, block_align)
+            elif chunk_id == b"data":
+                if fmt is None:
+                    self._failed = True
+                    return False
+                self._offset, self._declared, self._format = body, chunk_size, fmt
+                # The count is settled in levels(), once the file's size is known.
+                self._sum = _LevelSum.for_format(*fmt, length=max(fmt[2], 1))
+                if self._sum is None:
+                    self._failed = True
+                    return False
+                return True
+            position = body + chunk_size + (chunk_size & 1)
+        if len(head) > self.HEAD_LIMIT:
+            self._failed = True
+        return False
+
+    def _measure(self, piece: memoryview, start: int) -> None:
+        """Measure the sample bytes of ``piece`` (which starts at file offset ``start``)."""
+        assert self._sum is not None
+        begin = max(self._offset - start, 0)
+        end = len(piece)
+        if self._declared not in (0, 0xFFFFFFFF):
+            end = min(end, self._offset + self._declared - start)
+        if end <= begin:
+            return
+        data = piece[begin:end]
+        width = self._sum.width
+        if self._carry:
+            need = width - len(self._carry)
+            self._carry += bytes(data[:need])
+            data = data[need:]
+            if len(self._carry) == width:
+                self._sum.add(self._carry)
+                self._taken += width
+                self._carry = b""
+        whole = len(data) - len(data) % width
+        if whole:
+            self._sum.add(data[:whole])
+            self._taken += whole
+        if whole < len(data):
+            self._carry = bytes(data[whole:])
+
+    def levels(self, size: int) -> Levels | None:
+        """The file's levels, ``size`` its length in bytes; None when not measured here."""
+        meter = self._sum
+        if self._failed or meter is None or size != self.fed:
+            return None
+        length = size - self._offset
+        if self._declared not in (0, 0xFFFFFFFF):
+            length = min(self._declared, length)
+        check = _LevelSum.for_format(*self._format, length) if length > 0 else None
+        if check is None or self._taken != check.count * meter.width:
+            return None
+        meter.count = check.count
+        return meter.levels()
 
 
 def _wav_layout(path: str) -> tuple[int, int, int, int, int] | None:

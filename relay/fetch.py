@@ -70,18 +70,20 @@ def download(
     resolve: urlguard.Resolver | None = None,
     progress: Progress | None = None,
     path: str | None = None,
+    tap: Callable[[memoryview], None] | None = None,
 ) -> Iterator[Spool]:
     """Download ``url`` into a spool file, yield it, and remove the file afterwards.
 
     ``progress(bytes_so_far, declared_total_or_None)`` is called as the body arrives, each time
     after those bytes were handed to the operating system (so another reader of ``path`` sees
     them). ``path``: a file from :func:`new_spool_path` to write into (removed all the same).
+    ``tap(piece)`` sees each piece of the body as it is written (it must not keep the view).
     Raises :class:`UrlNotAllowed`, :class:`DownloadFailed` or :class:`DownloadTooLarge`.
     """
     path = path or new_spool_path(settings.spool_dir)
     try:
         with open(path, "wb", buffering=0) as sink, deadline.bounded(settings.download_timeout) as limit:
-            spool = _download_into(sink, path, url, settings, resolve, progress, limit)
+            spool = _download_into(sink, path, url, settings, resolve, progress, limit, tap)
         yield spool
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -107,7 +109,7 @@ def sweep_stale_spools(older_than_seconds: float, directory: str | None = None) 
     return removed
 
 
-def _download_into(sink, path: str, url: str, settings: Settings, resolve, progress, limit) -> Spool:
+def _download_into(sink, path: str, url: str, settings: Settings, resolve, progress, limit, tap=None) -> Spool:
     for hop in range(settings.max_redirects + 1):
         target = urlguard.check(url, settings.allowed_networks, resolve or deadline.resolve)
         with pinned_session(target) as session:
@@ -117,7 +119,7 @@ def _download_into(sink, path: str, url: str, settings: Settings, resolve, progr
                     url = urljoin(url, response.headers["Location"])
                     continue
                 _raise_for_status(response, target)
-                size = _stream(response, sink, settings, limit, target, progress)
+                size = _stream(response, sink, settings, limit, target, progress, tap)
                 return Spool(
                     path=path,
                     size=size,
@@ -164,7 +166,7 @@ def _raise_for_status(response: requests.Response, target: urlguard.Target) -> N
     raise DownloadFailed(f"The audio host answered HTTP {status} for {where}. {hint}")
 
 
-def _stream(response: requests.Response, sink, settings: Settings, due, target, progress=None) -> int:
+def _stream(response: requests.Response, sink, settings: Settings, due, target, progress=None, tap=None) -> int:
     limit = settings.max_bytes
     text = response.headers.get("Content-Length")
     declared = int(text) if text and text.isdigit() else None
@@ -185,6 +187,8 @@ def _stream(response: requests.Response, sink, settings: Settings, due, target, 
             _write(sink, view[:got])
             if progress is not None:
                 progress(size, length)
+            if tap is not None:  # after progress: an early upload need not wait for it
+                tap(view[:got])
     except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as err:
         if due.expired:
             raise _too_slow(settings) from None

@@ -135,9 +135,10 @@ def prepared(
     path = fetch.new_spool_path(settings.spool_dir)
     if early is not None:
         early.path, progress = path, early.progress
+    meter = convert.LevelMeter()  # a WAV is measured as it arrives, not read again afterwards
     try:
-        with fetch.download(url, settings, progress=progress, path=path) as spool:
-            with checked(spool, request, settings, answer, early) as (sent, info):
+        with fetch.download(url, settings, progress=progress, path=path, tap=meter.feed) as spool:
+            with checked(spool, request, settings, answer, early, meter) as (sent, info):
                 yield sent, info
     finally:
         if early is not None:
@@ -163,11 +164,13 @@ def checked(
     settings: Settings,
     answer: dict,
     early: stream.EarlyUpload | None = None,
+    meter: convert.LevelMeter | None = None,
 ) -> Iterator[tuple[fetch.Spool, audio.AudioInfo]]:
-    """Validate, measure and if needed convert a spooled file (:func:`relay.convert.prepare`);
-    fill ``answer``; yield what to upload (a converted file is removed when the block ends).
-    An early upload of the original bytes is withdrawn when what is sent is a converted file."""
-    prepared = convert.prepare(spool.path, settings, request.convert, workdir=settings.spool_dir)
+    """Validate, measure and if needed convert a spooled file (:func:`relay.convert.prepare`;
+    ``meter``: what measured it while it downloaded); fill ``answer``; yield what to upload (a
+    converted file is removed when the block ends). An early upload of the original bytes is
+    withdrawn when what is sent is a converted file."""
+    prepared = convert.prepare(spool.path, settings, request.convert, workdir=settings.spool_dir, meter=meter)
     try:
         answer.update(prepared.as_fields())
         answer["warnings"].extend(w for w in prepared.warnings if w not in answer["warnings"])

@@ -310,3 +310,70 @@ def convert_wav_header(data_bytes: int, channels: int, rate: int, bits: int) -> 
         + b"data"
         + struct.pack("<I", data_bytes)
     )
+
+
+def _pcm_wav(path, codec: str, layout: str = "mono", metadata: dict | None = None) -> str:
+    """A WAV written by FFmpeg's muxer (through PyAV) in ``codec``: half a second of a loud sine."""
+    import numpy as np
+
+    with av.open(str(path), "w", format="wav") as out:
+        if metadata:
+            out.metadata.update(metadata)
+        stream = out.add_stream(codec, rate=16000, layout=layout)
+        t = np.arange(8000) / 16000
+        tone = (0.999 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        channels = len(stream.layout.channels)
+        frame = av.AudioFrame.from_ndarray(np.tile(tone, (channels, 1)), format="fltp", layout=layout)
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return str(path)
+
+
+def _metered(path: str, pieces: list[int]) -> convert.Levels | None:
+    """What the download's level meter says of ``path`` fed in pieces of these sizes (cycled)."""
+    with open(path, "rb") as handle:
+        data = memoryview(handle.read())
+    meter = convert.LevelMeter()
+    position, n = 0, 0
+    while position < len(data):
+        size = pieces[n % len(pieces)]
+        meter.feed(data[position : position + size])
+        position, n = position + size, n + 1
+    return meter.levels(len(data))
+
+
+@pytest.mark.parametrize("pieces", [[1], [3, 1, 7], [4097, 2, 65536], [1 << 20]])
+def test_a_wav_measured_while_it_downloads_gets_the_levels_of_the_file(tmp_path, pieces):
+    files = [str(AUDIO / name) for name in ("wav_pcm16_mono.wav", "wav_pcm24_stereo.wav", "wav_truncated.wav")]
+    files += [str(MEDIA / name) for name in ("clipped.wav", "quiet.wav", "near_silence.wav")]
+    files += [
+        _pcm_wav(tmp_path / f"{codec}.wav", codec)
+        for codec in ("pcm_u8", "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le")
+    ]
+    # Chunks before the samples (LIST INFO), and the extensible format of a multichannel file.
+    files.append(_pcm_wav(tmp_path / "tagged.wav", "pcm_s16le", metadata={"title": "x" * 3000}))
+    files.append(_pcm_wav(tmp_path / "surround.wav", "pcm_s24le", layout="5.1"))
+    for path in files:
+        expected = convert.wav_levels(path)
+        got = _metered(path, pieces)
+        assert expected is not None and got is not None, path
+        assert (got.peak, got.clipped) == (expected.peak, expected.clipped), path
+        assert got.rms == pytest.approx(expected.rms, rel=1e-6), path
+        assert (got.peak_dbfs, got.rms_dbfs) == (expected.peak_dbfs, expected.rms_dbfs), path
+
+
+def test_the_level_meter_leaves_what_it_does_not_measure_to_the_file(tmp_path):
+    # Not plain PCM (µ-law), not a WAV, samples past its look-ahead, or not the whole file.
+    assert _metered(str(MEDIA / "mulaw.wav"), [1000]) is None
+    assert _metered(str(AUDIO / "flac_mono.flac"), [1000]) is None
+    far = _pcm_wav(tmp_path / "far.wav", "pcm_s16le", metadata={"comment": "y" * 70_000})
+    assert _metered(far, [4096]) is None and convert.wav_levels(far) is not None
+    path = str(AUDIO / "wav_pcm16_mono.wav")
+    meter = convert.LevelMeter()
+    with open(path, "rb") as handle:
+        data = handle.read()
+    meter.feed(memoryview(data)[:-10])
+    assert meter.levels(len(data)) is None  # it saw less than the file has

@@ -157,3 +157,23 @@ def test_a_body_the_host_compresses_anyway_is_stored_decoded(settings):
     with servers.RawServer(gzipped) as server:
         with fetch.download(server.url(), settings) as spool:
             assert Path(spool.path).read_bytes() == original
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_wav_is_measured_as_it_arrives_sent_as_is_or_compressed(settings, compressed):
+    from relay import convert
+
+    original = audio_bytes("wav_pcm24_stereo.wav")
+
+    def host(conn, stop):
+        body = gzip.compress(original) if compressed else original
+        extra = {"Content_Encoding": "gzip"} if compressed else {}
+        head = servers.headers(Content_Length=str(len(body)), **extra)
+        conn.sendall(head + body[:1001])  # pieces that split samples and the header
+        time.sleep(0.05)
+        conn.sendall(body[1001:])
+
+    meter = convert.LevelMeter()
+    with servers.RawServer(host) as server, fetch.download(server.url(), settings, tap=meter.feed) as spool:
+        measured = meter.levels(spool.size)
+        assert measured is not None and measured == convert.wav_levels(spool.path)
