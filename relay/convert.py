@@ -317,7 +317,13 @@ class _LevelSum:
         return None
 
     def add(self, data) -> None:
-        """Whole samples (``len(data)`` a multiple of :attr:`width`)."""
+        """Whole samples (``len(data)`` a multiple of :attr:`width`), in blocks of at most
+        ``_WAV_BLOCK`` samples (the float copy stays small and in cache)."""
+        step = _WAV_BLOCK * self.width
+        for start in range(0, len(data), step):
+            self._add(data[start : start + step])
+
+    def _add(self, data) -> None:
         import numpy as np
 
         raw = np.frombuffer(data, dtype=self.dtype)
