@@ -84,6 +84,8 @@ class Job:
     # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)
     matched: str | None = field(default=None, compare=False)
+    # For a job just claimed: whether more work was due when it was (another worker may take it).
+    more_due: bool = field(default=False, compare=False)
 
     @property
     def terminal(self) -> bool:
@@ -102,7 +104,7 @@ class Job:
         return cls(**values)
 
 
-_COLUMN_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ("queue_position", "matched"))
+_COLUMN_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ("queue_position", "matched", "more_due"))
 
 
 def _encode(values: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +149,7 @@ _QUEUE_AHEAD = select(func.count()).select_from(
 
 
 @functools.cache
-def _pick(limited: bool, pinned_accounts: bool):
+def _pick(limited: bool, pinned_accounts: bool, lock: bool = True):
     """The next due job: unfinished work of an account that may take more (under its limit, not
     backing off) — or whose wait in the queue is over, to be failed —, or a finished job whose
     callback is due. Accounts take turns (least recently served first). A job whose token lives
@@ -183,14 +185,15 @@ def _pick(limited: bool, pinned_accounts: bool):
             and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING),
         ),
     )
-    return (
+    pick = (
         select(jobs.c.id, jobs.c.account_key, jobs.c.phase, _queue_expired().label("expired"))
         .select_from(jobs.outerjoin(accounts, accounts.c.account_key == jobs.c.account_key))
         .where(due, free)
         .order_by(func.coalesce(accounts.c.last_claimed_at, _EPOCH), jobs.c.next_run_at, jobs.c.created_at)
         .limit(1)
-        .with_for_update(of=jobs, skip_locked=True)
     )
+    # lock=False: only to learn whether anything (else) is due, taking no row.
+    return pick.with_for_update(of=jobs, skip_locked=True) if lock else pick
 
 
 def _queue_expired():
@@ -617,13 +620,22 @@ class JobStore:
             "queue_cutoff": now - timedelta(seconds=queue_timeout),
         }
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
+            postgres = conn.dialect.name == "postgresql"
+            if postgres:
                 row = self._claim_pg(conn, params, account_limit)
             else:
                 row = conn.execute(_claim_statement(bool(account_limit)), params).first()
-            if row is not None and row.account_key and row.phase not in TERMINAL:
+            if row is None:
+                return None
+            if row.account_key and row.phase not in TERMINAL:
                 self._touch_account(conn, row.account_key, last_claimed_at=now)
-        return Job.from_row(row) if row else None
+            # Is more due? Then the claimer wakes another worker; if not, none wakes for nothing
+            # (an empty claim is a write transaction that queues behind every other one).
+            extra = {"skip": []} if postgres else {}
+            more = conn.execute(_pick(bool(account_limit), postgres, False), {**params, **extra}).first()
+        job = Job.from_row(row)
+        job.more_due = more is not None
+        return job
 
     @staticmethod
     def _claim_pg(conn, params: dict[str, Any], account_limit: int):

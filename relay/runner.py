@@ -85,18 +85,19 @@ class Notifier:
                 self._changed.wait(left)
             return True
 
-    def work_arrived(self, everyone: bool = False) -> None:
-        """Wake one idle worker (all of them when stopping); a worker that claims a job wakes
-        the next (see :meth:`Pool.run_once`)."""
+    def work_arrived(self, everyone: bool = False, count: int = 1) -> None:
+        """Wake ``count`` idle workers (all of them when stopping); a worker that claims a job
+        while more is due wakes the next (see :meth:`Pool.run_once`)."""
         with self._work:
             if everyone:
                 self._work.notify_all()
             else:
-                self._work.notify()
+                self._work.notify(count)
 
-    def wait_for_work(self, timeout: float) -> None:
+    def wait_for_work(self, timeout: float) -> bool:
+        """Wait until woken by :meth:`work_arrived` (True) or for ``timeout`` seconds (False)."""
         with self._work:
-            self._work.wait(timeout)
+            return self._work.wait(timeout)
 
 
 def new_worker_id() -> str:
@@ -170,8 +171,9 @@ class Listener:
             self.listening.set()
             while not self._stop.is_set():
                 for note in conn.notifies(timeout=1.0):
-                    if note.channel == WORK_CHANNEL:
-                        self.notifier.work_arrived()  # one worker; each that claims wakes the next
+                    if note.channel == WORK_CHANNEL:  # the payload: how many jobs arrived
+                        arrived = int(note.payload) if note.payload.isdigit() else 1
+                        self.notifier.work_arrived(count=min(max(arrived, 1), 64))
                     else:
                         self.notifier.job_changed(note.payload or None)
         finally:
@@ -244,9 +246,10 @@ class Pool:
         )
         if job is None:
             return False
-        # More may be due: wake one more idle worker, which does the same — a backlog is taken up
-        # at the pace claims succeed, without waking every thread of every process at once.
-        self.notifier.work_arrived()
+        if job.more_due:
+            # Wake one more idle worker, which does the same: a backlog is taken up at the pace
+            # claims succeed, without waking every thread at once (nor any for nothing).
+            self.notifier.work_arrived()
         log.info("job claimed", extra={"fields": {"job_id": job.id, "phase": job.phase, "worker": worker_id}})
         with Renewal(self.store, job.id, worker_id, settings.lease_seconds):
             try:

@@ -366,6 +366,37 @@ def test_two_claims_never_get_the_same_job(job_settings, fake):
     assert sorted(claimed) == [f"{n:032x}" for n in range(30)]
 
 
+def test_a_claim_says_whether_more_work_is_due(job_settings):
+    store = store_for(job_settings)
+    db.migrate(store.engine)
+    try:
+        for n in range(2):
+            store.create(f"{n:032x}", request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        first, second = store.claim("w1", 30, 10), store.claim("w2", 30, 10)
+        assert first.more_due and not second.more_due and store.claim("w3", 30, 10) is None
+        # One account at its limit: its next job is not work another worker could take now.
+        for n in range(2, 4):
+            request = {"audio_url": "x", "name": "x"}
+            store.create(f"{n:032x}", request=request, token_kind="server", answer={}, account_key="a")
+        only = store.claim("w4", 30, account_limit=1)
+        assert only.account_key == "a" and not only.more_due and store.claim("w5", 30, account_limit=1) is None
+    finally:
+        store.engine.dispose()
+
+
+def test_work_wakes_as_many_idle_workers_as_jobs_arrived():
+    notifier = Notifier()
+    woken: list[bool] = []
+    threads = [threading.Thread(target=lambda: woken.append(notifier.wait_for_work(1.0))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(notifier._work._waiters) == 3)  # all three are waiting
+    notifier.work_arrived(count=2)
+    for thread in threads:
+        thread.join(5)
+    assert sorted(woken) == [False, True, True]  # two woke at once, the third only at its timeout
+
+
 class WorkerProcess:
     """`relay worker` in its own process, so a test can kill -9 it mid-step."""
 
