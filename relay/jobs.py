@@ -629,8 +629,10 @@ class JobStore:
                 return None
             if row.account_key and row.phase not in TERMINAL:
                 self._touch_account(conn, row.account_key, last_claimed_at=now)
-            # Is more due? Then the claimer wakes another worker; if not, none wakes for nothing
-            # (an empty claim is a write transaction that queues behind every other one).
+        # Is more due? Then the claimer wakes another worker; if not, none wakes for nothing (an
+        # empty claim is a write transaction that queues behind every other one). Asked after the
+        # commit, without a lock: claims of the account need not wait for the answer.
+        with reader(self.engine) as conn:
             extra = {"skip": []} if postgres else {}
             more = conn.execute(_pick(bool(account_limit), postgres, False), {**params, **extra}).first()
         job = Job.from_row(row)

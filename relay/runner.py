@@ -85,14 +85,14 @@ class Notifier:
                 self._changed.wait(left)
             return True
 
-    def work_arrived(self, everyone: bool = False, count: int = 1) -> None:
-        """Wake ``count`` idle workers (all of them when stopping); a worker that claims a job
-        while more is due wakes the next (see :meth:`Pool.run_once`)."""
+    def work_arrived(self, everyone: bool = False) -> None:
+        """Wake one idle worker (all of them when stopping); a worker that claims a job while
+        more is due wakes the next (see :meth:`Pool.run_once`)."""
         with self._work:
             if everyone:
                 self._work.notify_all()
             else:
-                self._work.notify(count)
+                self._work.notify()
 
     def wait_for_work(self, timeout: float) -> bool:
         """Wait until woken by :meth:`work_arrived` (True) or for ``timeout`` seconds (False)."""
@@ -171,9 +171,10 @@ class Listener:
             self.listening.set()
             while not self._stop.is_set():
                 for note in conn.notifies(timeout=1.0):
-                    if note.channel == WORK_CHANNEL:  # the payload: how many jobs arrived
-                        arrived = int(note.payload) if note.payload.isdigit() else 1
-                        self.notifier.work_arrived(count=min(max(arrived, 1), 64))
+                    if note.channel == WORK_CHANNEL:
+                        # One worker per process: it wakes the next while its claim sees more due
+                        # (waking one per job in every process would set them all on the same few).
+                        self.notifier.work_arrived()
                     else:
                         self.notifier.job_changed(note.payload or None)
         finally:

@@ -384,19 +384,6 @@ def test_a_claim_says_whether_more_work_is_due(job_settings):
         store.engine.dispose()
 
 
-def test_work_wakes_as_many_idle_workers_as_jobs_arrived():
-    notifier = Notifier()
-    woken: list[bool] = []
-    threads = [threading.Thread(target=lambda: woken.append(notifier.wait_for_work(1.0))) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(notifier._work._waiters) == 3)  # all three are waiting
-    notifier.work_arrived(count=2)
-    for thread in threads:
-        thread.join(5)
-    assert sorted(woken) == [False, True, True]  # two woke at once, the third only at its timeout
-
-
 class WorkerProcess:
     """`relay worker` in its own process, so a test can kill -9 it mid-step."""
 
