@@ -609,19 +609,11 @@ class JobStore:
         :class:`Contended` when due work was passed over only because another claim of its
         account was under way.
         """
-        now = self.clock()
-        params = {
-            "now": now,
-            "owner": owner,
-            "lease_until": now + timedelta(seconds=lease_seconds),
-            "account_limit": account_limit,
-            "holder": holder or "",
-            "alive_after": now - timedelta(seconds=HOLDER_STALE_SECONDS),
-            "queue_cutoff": now - timedelta(seconds=queue_timeout),
-        }
+        params = self._claim_params(account_limit, holder, queue_timeout)
+        now = params["now"]
+        params.update(owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
         with self.engine.begin() as conn:
-            postgres = conn.dialect.name == "postgresql"
-            if postgres:
+            if conn.dialect.name == "postgresql":
                 row = self._claim_pg(conn, params, account_limit)
             else:
                 row = conn.execute(_claim_statement(bool(account_limit)), params).first()
@@ -629,15 +621,31 @@ class JobStore:
                 return None
             if row.account_key and row.phase not in TERMINAL:
                 self._touch_account(conn, row.account_key, last_claimed_at=now)
-        # Is more due? Then the claimer wakes another worker; if not, none wakes for nothing (an
-        # empty claim is a write transaction that queues behind every other one). Asked after the
-        # commit, without a lock: claims of the account need not wait for the answer.
-        with reader(self.engine) as conn:
-            extra = {"skip": []} if postgres else {}
-            more = conn.execute(_pick(bool(account_limit), postgres, False), {**params, **extra}).first()
         job = Job.from_row(row)
-        job.more_due = more is not None
+        # Is more due? Then the claimer wakes another worker; if not, none wakes for nothing.
+        job.more_due = self._due(params, account_limit)
         return job
+
+    def due(self, account_limit: int = 0, *, holder: str | None = None, queue_timeout: float = 3600.0) -> bool:
+        """Whether :meth:`claim` (same arguments) would find a job now. A read: no lock, no write
+        transaction (an empty claim is one, and queues behind every other write)."""
+        return self._due(self._claim_params(account_limit, holder, queue_timeout), account_limit)
+
+    def _claim_params(self, account_limit: int, holder: str | None, queue_timeout: float) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "now": now,
+            "account_limit": account_limit,
+            "holder": holder or "",
+            "alive_after": now - timedelta(seconds=HOLDER_STALE_SECONDS),
+            "queue_cutoff": now - timedelta(seconds=queue_timeout),
+        }
+
+    def _due(self, params: dict[str, Any], account_limit: int) -> bool:
+        with reader(self.engine) as conn:
+            postgres = conn.dialect.name == "postgresql"
+            extra = {"skip": []} if postgres else {}
+            return conn.execute(_pick(bool(account_limit), postgres, False), {**params, **extra}).first() is not None
 
     @staticmethod
     def _claim_pg(conn, params: dict[str, Any], account_limit: int):

@@ -50,6 +50,7 @@ class Notifier:
         self._changed = threading.Condition()
         self._work = threading.Condition()
         self.generation = 0  # how many changes so far: read it before looking at a job
+        self.work_generation = 0  # how many work_arrived() so far: read it before claiming
         self._touched: OrderedDict[str, int] = OrderedDict()  # job id -> generation of its last change
         self._forgotten = 0  # the newest generation no longer in _touched
         self._everyone = 0  # the last change that concerns every job
@@ -89,14 +90,19 @@ class Notifier:
         """Wake one idle worker (all of them when stopping); a worker that claims a job while
         more is due wakes the next (see :meth:`Pool.run_once`)."""
         with self._work:
+            self.work_generation += 1
             if everyone:
                 self._work.notify_all()
             else:
                 self._work.notify()
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """Wait until woken by :meth:`work_arrived` (True) or for ``timeout`` seconds (False)."""
+    def wait_for_work(self, timeout: float, since: int | None = None) -> bool:
+        """Wait until woken by :meth:`work_arrived` (True) or for ``timeout`` seconds (False).
+        ``since``: a :attr:`work_generation` read before looking for work — if work arrived
+        after it, return at once (True), so a wake-up between the look and the wait is not lost."""
         with self._work:
+            if since is not None and self.work_generation != since:
+                return True
             return self._work.wait(timeout)
 
 
@@ -266,9 +272,13 @@ class Pool:
     def _loop(self, worker_id: str, handler: Handler) -> None:
         contended = 0
         while not self._stop.is_set():
+            seen = self.notifier.work_generation
             try:
                 busy = self.run_once(worker_id, handler)
                 contended = 0
+                # After a job, claim again at once only if something is due (a read): an empty
+                # claim is a write transaction that queues behind every other write.
+                busy = busy and self._due()
             except Contended:
                 # Another claim of the same account was under way: its turn is brief, so try again
                 # soon — sooner than an idle poll, later each time (a claimer stuck holding the lock
@@ -281,7 +291,13 @@ class Pool:
                 log.exception("worker loop error", extra={"fields": {"worker": worker_id}})
                 busy = False
             if not busy and not self._stop.is_set():
-                self.notifier.wait_for_work(self.settings.idle_poll_seconds)
+                self.notifier.wait_for_work(self.settings.idle_poll_seconds, since=seen)
+
+    def _due(self) -> bool:
+        settings = self.settings
+        return self.store.due(
+            settings.account_concurrency, holder=self.id, queue_timeout=settings.queue_timeout_seconds
+        )
 
     def _housekeeping(self) -> None:
         last_hourly = 0.0

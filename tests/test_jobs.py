@@ -384,6 +384,64 @@ def test_a_claim_says_whether_more_work_is_due(job_settings):
         store.engine.dispose()
 
 
+class CountingStore(JobStore):
+    """The real store, counting claims (each is a write transaction)."""
+
+    claims = 0
+
+    def claim(self, *args, **kwargs):
+        self.claims += 1
+        return super().claim(*args, **kwargs)
+
+
+class TwoSteps:
+    """A step that leaves its job due again at once (as a clone leaves a callback to deliver)."""
+
+    def __init__(self, store: JobStore, worker_id: str, done: list[str]):
+        self.store, self.worker_id, self.done = store, worker_id, done
+
+    def process(self, job) -> None:
+        self.done.append(job.phase)
+        if job.phase == "received":
+            self.store.release(job.id, self.worker_id, phase="downloaded", next_run_at=db.utcnow())
+        else:
+            self.store.release(job.id, self.worker_id, phase="ready", next_run_at=None)
+
+    def crashed(self, job) -> None:  # pragma: no cover - the steps above do not crash
+        raise AssertionError("crashed")
+
+
+def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
+    from relay.runner import Pool
+
+    store = CountingStore(db.connect(db.database_url(job_settings.database_url, job_settings.data_dir)))
+    db.migrate(store.engine)
+    done: list[str] = []
+    notifier = Notifier()
+    # An idle poll far longer than the test: whatever happens soon happens because it was due.
+    settings = job_settings.replace(idle_poll_seconds=30)
+    pool = Pool(store, settings, notifier, 1, lambda worker_id: TwoSteps(store, worker_id, done)).start()
+    try:
+        wait_until(lambda: store.claims == 1)  # its first look, at start: nothing yet
+        store.claims = 0
+        store.create("a" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        notifier.work_arrived()
+        # Its second step was due the moment the first ended: taken at once, not at the next poll.
+        wait_until(lambda: done == ["received", "downloaded"], timeout=5)
+        wait_until(lambda: store.get("a" * 32).phase == "ready", timeout=5)
+        time.sleep(0.3)
+        # Two claims that found work; after the last step nothing was due, so no third (empty) one.
+        assert store.claims == 2
+        # Work that arrives while the worker is busy or about to wait is not missed either.
+        store.create("b" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        notifier.work_arrived()
+        wait_until(lambda: store.get("b" * 32).phase == "ready", timeout=5)
+    finally:
+        pool.stop(5)
+        store.announcer.close()
+        store.engine.dispose()
+
+
 class WorkerProcess:
     """`relay worker` in its own process, so a test can kill -9 it mid-step."""
 
