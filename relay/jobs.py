@@ -258,7 +258,30 @@ def _json_moment(value: Any) -> str:
 
 def _add_events(conn, events: list[dict] | None) -> None:
     if events:
-        conn.execute(insert(job_events), events)
+        conn.execute(_INSERT_EVENTS, events)
+
+
+_INSERT_EVENTS = insert(job_events)
+_GUARDS = {  # which row a write may change: the lease holder's, or the row of one upload attempt
+    "lease": lambda: (jobs.c.id == bindparam("_job"), jobs.c.lease_owner == bindparam("_owner")),
+    "attempt": lambda: (
+        jobs.c.id == bindparam("_job"),
+        jobs.c.phase == UPLOADING,
+        jobs.c.upload_attempts == bindparam("_attempt"),
+    ),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _set(guard: str, columns: tuple[str, ...]):
+    """``UPDATE jobs SET <columns> WHERE <guard>``, built once per shape: building a statement
+    (and its cache key) costs more than running it."""
+    values = {column: bindparam(f"_v_{column}", type_=jobs.c[column].type) for column in columns}
+    return update(jobs).where(*_GUARDS[guard]()).values(values)
+
+
+def _set_params(values: dict[str, Any], **where: Any) -> dict[str, Any]:
+    return {**where, **{f"_v_{column}": value for column, value in values.items()}}
 
 
 class _Announcer:
@@ -569,12 +592,9 @@ class JobStore:
         voice), and the lease is released so a worker reconciling meanwhile stops at its next write.
         False when the job has moved past that attempt."""
         values = _encode({"updated_at": self.clock(), "lease_owner": None, "lease_expires_at": None, **values})
+        statement = _set("attempt", tuple(sorted(values)))
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.phase == UPLOADING, jobs.c.upload_attempts == attempt)
-                .values(**values)
-            )
+            result = conn.execute(statement, _set_params(values, _job=job_id, _attempt=attempt))
             _add_events(conn, events)
         self.announcer.job_changed(job_id)
         return result.rowcount == 1
@@ -717,8 +737,9 @@ class JobStore:
 
     def _guarded(self, job_id: str, owner: str, events: list[dict] | None = None, **values: Any) -> bool:
         values = _encode({"updated_at": self.clock(), **values})
+        statement = _set("lease", tuple(sorted(values)))
         with self.engine.begin() as conn:
-            result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(**values))
+            result = conn.execute(statement, _set_params(values, _job=job_id, _owner=owner))
             _add_events(conn, events)
         if "lease_owner" in values and values["lease_owner"] is None:
             self.announcer.job_changed(job_id)
