@@ -280,6 +280,13 @@ def _set(guard: str, columns: tuple[str, ...]):
     return update(jobs).where(*_GUARDS[guard]()).values(values)
 
 
+@functools.lru_cache(maxsize=8)
+def _set_account(columns: tuple[str, ...]):
+    """``UPDATE accounts SET <columns>`` of one account, built once per shape."""
+    values = {column: bindparam(f"_v_{column}", type_=accounts.c[column].type) for column in columns}
+    return update(accounts).where(accounts.c.account_key == bindparam("_account")).values(values)
+
+
 def _set_params(values: dict[str, Any], **where: Any) -> dict[str, Any]:
     return {**where, **{f"_v_{column}": value for column, value in values.items()}}
 
@@ -700,7 +707,7 @@ class JobStore:
 
     @staticmethod
     def _touch_account(conn, account_key: str, **values: Any) -> None:
-        changed = conn.execute(update(accounts).where(accounts.c.account_key == account_key).values(**values)).rowcount
+        changed = conn.execute(_set_account(tuple(sorted(values))), _set_params(values, _account=account_key)).rowcount
         if not changed:
             conn.execute(insert(accounts).values(account_key=account_key, **values))
 
