@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
@@ -545,6 +546,9 @@ class JobStore:
         self.clock = clock
         self._intake = _GroupInsert(self)
         self.announcer = _Announcer(engine)
+        # Told the id of a job whose step just ended (its releasing write committed): the runtime
+        # wakes this process's requests waiting for it at once, before the step's loose ends.
+        self.on_change: Callable[[str], None] | None = None
 
     # --- creating and reading -------------------------------------------------------------
 
@@ -603,7 +607,7 @@ class JobStore:
         with self.engine.begin() as conn:
             result = conn.execute(statement, _set_params(values, _job=job_id, _attempt=attempt))
             _add_events(conn, events)
-        self.announcer.job_changed(job_id)
+        self._step_ended(job_id)
         return result.rowcount == 1
 
     def get(self, job_id: str) -> Job | None:
@@ -749,8 +753,13 @@ class JobStore:
             result = conn.execute(statement, _set_params(values, _job=job_id, _owner=owner))
             _add_events(conn, events)
         if "lease_owner" in values and values["lease_owner"] is None:
-            self.announcer.job_changed(job_id)
+            self._step_ended(job_id)
         return result.rowcount == 1
+
+    def _step_ended(self, job_id: str) -> None:
+        self.announcer.job_changed(job_id)  # other processes
+        if self.on_change is not None:
+            self.on_change(job_id)  # this one
 
     def uploads_in_doubt(self, account_key: str | None, job_id: str) -> int:
         """How many other jobs of the account have an upload whose outcome is not known yet."""

@@ -39,6 +39,7 @@ class Runtime:
         engine = db.connect(db.database_url(settings.database_url, settings.data_dir))
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
+        runtime.store.on_change = runtime.notifier.job_changed  # a step's end wakes its waiters here at once
         runtime.waiters = threading.BoundedSemaphore(settings.waiter_budget)
         if engine.dialect.name == "postgresql":  # before the pool: no notification is missed
             runtime.listener = Listener(engine, runtime.notifier).start()

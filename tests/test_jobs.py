@@ -384,6 +384,24 @@ def test_a_claim_says_whether_more_work_is_due(job_settings):
         store.engine.dispose()
 
 
+def test_the_end_of_a_step_is_told_once_committed(job_settings):
+    store = store_for(job_settings)
+    db.migrate(store.engine)
+    seen: list[tuple[str, str]] = []
+    # What a waiting request does when told: read the job (another connection) — it is already there.
+    store.on_change = lambda job_id: seen.append((job_id, store.get(job_id).phase))
+    try:
+        store.create("c" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        job = store.claim("w1", 30)
+        store.update(job.id, "w1", phase="uploading", upload_attempts=1)  # holds on: nothing told
+        assert seen == []
+        store.record_upload(job.id, 1, phase="ready", next_run_at=None)
+        assert seen == [("c" * 32, "ready")]
+    finally:
+        store.announcer.close()
+        store.engine.dispose()
+
+
 class CountingStore(JobStore):
     """The real store, counting claims (each is a write transaction)."""
 
