@@ -276,9 +276,12 @@ class Pool:
             try:
                 busy = self.run_once(worker_id, handler)
                 contended = 0
-                # After a job, claim again at once only if something is due (a read): an empty
-                # claim is a write transaction that queues behind every other write.
-                busy = busy and self._due()
+                if busy:
+                    # After a job, claim again at once only if something is due (a read): an empty
+                    # claim is a write transaction that queues behind every other write. Work that
+                    # arrived before this read is in it; only later arrivals cut the wait short.
+                    seen = self.notifier.work_generation
+                    busy = self._due()
             except Contended:
                 # Another claim of the same account was under way: its turn is brief, so try again
                 # soon — sooner than an idle poll, later each time (a claimer stuck holding the lock
