@@ -376,12 +376,16 @@ class LevelMeter:
         start = self.fed
         self.fed += len(piece)
         try:
-            if self._sum is None:
-                self._head += piece
+            if self._sum is None:  # still looking for the samples: keep at most HEAD_LIMIT bytes
+                room = max(self.HEAD_LIMIT - len(self._head), 0)
+                self._head += piece[:room]
                 if not self._parse_head():
                     return
-                piece, start, self._head = memoryview(self._head), 0, bytearray()
-            self._measure(piece, start)
+                head, self._head = self._head, bytearray()
+                self._measure(memoryview(head), 0)
+                piece, start = piece[room:], start + room
+            if len(piece):
+                self._measure(piece, start)
         except Exception:  # noqa: BLE001 - the file is then measured after the download
             self._failed = True
 
@@ -419,7 +423,7 @@ class LevelMeter:
                     return False
                 return True
             position = body + chunk_size + (chunk_size & 1)
-        if len(head) > self.HEAD_LIMIT:
+        if len(head) >= self.HEAD_LIMIT:
             self._failed = True
         return False
 
