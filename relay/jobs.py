@@ -85,8 +85,6 @@ class Job:
     # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)
     matched: str | None = field(default=None, compare=False)
-    # For a job just claimed: whether more work was due when it was (another worker may take it).
-    more_due: bool = field(default=False, compare=False)
 
     @property
     def terminal(self) -> bool:
@@ -105,7 +103,7 @@ class Job:
         return cls(**values)
 
 
-_COLUMN_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ("queue_position", "matched", "more_due"))
+_COLUMN_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ("queue_position", "matched"))
 
 
 def _encode(values: dict[str, Any]) -> dict[str, Any]:
@@ -652,15 +650,17 @@ class JobStore:
                 return None
             if row.account_key and row.phase not in TERMINAL:
                 self._touch_account(conn, row.account_key, last_claimed_at=now)
-        job = Job.from_row(row)
-        # Is more due? Then the claimer wakes another worker; if not, none wakes for nothing.
-        job.more_due = self._due(params, account_limit)
-        return job
+        return Job.from_row(row)
 
     def due(self, account_limit: int = 0, *, holder: str | None = None, queue_timeout: float = 3600.0) -> bool:
         """Whether :meth:`claim` (same arguments) would find a job now. A read: no lock, no write
-        transaction (an empty claim is one, and queues behind every other write)."""
-        return self._due(self._claim_params(account_limit, holder, queue_timeout), account_limit)
+        transaction (an empty claim is one, and queues behind every other write). It may say yes
+        for work another claim is about to take, never no for work that is due."""
+        params = self._claim_params(account_limit, holder, queue_timeout)
+        with reader(self.engine) as conn:
+            postgres = conn.dialect.name == "postgresql"
+            extra = {"skip": []} if postgres else {}
+            return conn.execute(_pick(bool(account_limit), postgres, False), {**params, **extra}).first() is not None
 
     def _claim_params(self, account_limit: int, holder: str | None, queue_timeout: float) -> dict[str, Any]:
         now = self.clock()
@@ -671,12 +671,6 @@ class JobStore:
             "alive_after": now - timedelta(seconds=HOLDER_STALE_SECONDS),
             "queue_cutoff": now - timedelta(seconds=queue_timeout),
         }
-
-    def _due(self, params: dict[str, Any], account_limit: int) -> bool:
-        with reader(self.engine) as conn:
-            postgres = conn.dialect.name == "postgresql"
-            extra = {"skip": []} if postgres else {}
-            return conn.execute(_pick(bool(account_limit), postgres, False), {**params, **extra}).first() is not None
 
     @staticmethod
     def _claim_pg(conn, params: dict[str, Any], account_limit: int):

@@ -253,12 +253,13 @@ class Pool:
         )
         if job is None:
             return False
-        if job.more_due:
-            # Wake one more idle worker, which does the same: a backlog is taken up at the pace
-            # claims succeed, without waking every thread at once (nor any for nothing).
-            self.notifier.work_arrived()
         log.info("job claimed", extra={"fields": {"job_id": job.id, "phase": job.phase, "worker": worker_id}})
         with Renewal(self.store, job.id, worker_id, settings.lease_seconds):
+            # More due? Wake one more idle worker, which does the same: a backlog is taken up at
+            # the pace claims succeed, without waking every thread at once (nor any for nothing).
+            # Asked once the lease is being renewed, and never at the job's expense.
+            if self._due(default=True):
+                self.notifier.work_arrived()
             try:
                 handler.process(job)
             except LeaseLost:
@@ -281,7 +282,7 @@ class Pool:
                     # claim is a write transaction that queues behind every other write. Work that
                     # arrived before this read is in it; only later arrivals cut the wait short.
                     seen = self.notifier.work_generation
-                    busy = self._due()
+                    busy = self._due(default=False)
             except Contended:
                 # Another claim of the same account was under way: its turn is brief, so try again
                 # soon — sooner than an idle poll, later each time (a claimer stuck holding the lock
@@ -296,11 +297,16 @@ class Pool:
             if not busy and not self._stop.is_set():
                 self.notifier.wait_for_work(self.settings.idle_poll_seconds, since=seen)
 
-    def _due(self) -> bool:
+    def _due(self, default: bool) -> bool:
+        """Whether work is due now (a read); ``default`` when the database cannot say."""
         settings = self.settings
-        return self.store.due(
-            settings.account_concurrency, holder=self.id, queue_timeout=settings.queue_timeout_seconds
-        )
+        try:
+            return self.store.due(
+                settings.account_concurrency, holder=self.id, queue_timeout=settings.queue_timeout_seconds
+            )
+        except Exception:  # noqa: BLE001 - a hint only: the idle poll finds what it misses
+            log.warning("could not tell whether work is due", exc_info=True)
+            return default
 
     def _housekeeping(self) -> None:
         last_hourly = 0.0

@@ -377,3 +377,23 @@ def test_the_level_meter_leaves_what_it_does_not_measure_to_the_file(tmp_path):
         data = handle.read()
     meter.feed(memoryview(data)[:-10])
     assert meter.levels(len(data)) is None  # it saw less than the file has
+
+
+def test_a_float_wav_holding_nan_is_refused_as_damaged_however_it_arrived(tmp_path):
+    import struct
+
+    import numpy as np
+
+    samples = np.full(16000, 0.25, dtype="<f4")
+    samples[0] = np.nan  # one sample that is not a number, where a block starts or not
+    body = samples.tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
+    data = b"RIFF" + struct.pack("<I", 4 + 24 + 8 + len(body)) + b"WAVE"
+    data += b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(body)) + body
+    path = tmp_path / "nan.wav"
+    path.write_bytes(data)
+    for pieces in ([1], [46, 3], [4096], [1 << 20]):
+        assert _metered(str(path), pieces) is None  # the meter leaves it to the file...
+    with pytest.raises(RelayError) as refused:  # ...which is refused, whatever the pieces were
+        convert.prepare(str(path), SETTINGS, workdir=str(tmp_path))
+    assert refused.value.error_code == "audio_corrupt"

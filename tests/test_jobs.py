@@ -366,20 +366,22 @@ def test_two_claims_never_get_the_same_job(job_settings, fake):
     assert sorted(claimed) == [f"{n:032x}" for n in range(30)]
 
 
-def test_a_claim_says_whether_more_work_is_due(job_settings):
+def test_a_read_says_whether_a_claim_would_find_work(job_settings):
     store = store_for(job_settings)
     db.migrate(store.engine)
     try:
         for n in range(2):
             store.create(f"{n:032x}", request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
-        first, second = store.claim("w1", 30, 10), store.claim("w2", 30, 10)
-        assert first.more_due and not second.more_due and store.claim("w3", 30, 10) is None
+        assert store.claim("w1", 30, 10) is not None and store.due(10)
+        assert store.claim("w2", 30, 10) is not None and not store.due(10)
+        assert store.claim("w3", 30, 10) is None
         # One account at its limit: its next job is not work another worker could take now.
         for n in range(2, 4):
             request = {"audio_url": "x", "name": "x"}
             store.create(f"{n:032x}", request=request, token_kind="server", answer={}, account_key="a")
+        assert store.due(1)
         only = store.claim("w4", 30, account_limit=1)
-        assert only.account_key == "a" and not only.more_due and store.claim("w5", 30, account_limit=1) is None
+        assert only.account_key == "a" and not store.due(1) and store.claim("w5", 30, account_limit=1) is None
     finally:
         store.engine.dispose()
 
@@ -454,6 +456,33 @@ def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
         store.create("b" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
         notifier.work_arrived()
         wait_until(lambda: store.get("b" * 32).phase == "ready", timeout=5)
+    finally:
+        pool.stop(5)
+        store.announcer.close()
+        store.engine.dispose()
+
+
+class BlindStore(JobStore):
+    """The real store, except that it cannot tell whether work is due (its read fails)."""
+
+    def due(self, *args, **kwargs):
+        raise RuntimeError("the read failed")
+
+
+def test_a_failed_look_for_more_work_never_strands_the_claimed_job(job_settings):
+    from relay.runner import Pool
+
+    store = BlindStore(db.connect(db.database_url(job_settings.database_url, job_settings.data_dir)))
+    db.migrate(store.engine)
+    done: list[str] = []
+    notifier = Notifier()
+    pool = Pool(store, job_settings.replace(idle_poll_seconds=0.2), notifier, 1, lambda w: TwoSteps(store, w, done))
+    try:
+        store.create("d" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        pool.start()
+        # Both steps run (the second found by the idle poll), the lease never left dangling.
+        wait_until(lambda: store.get("d" * 32).phase == "ready", timeout=10)
+        assert done == ["received", "downloaded"] and store.get("d" * 32).lease_owner is None
     finally:
         pool.stop(5)
         store.announcer.close()
