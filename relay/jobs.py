@@ -261,29 +261,25 @@ def _add_events(conn, events: list[dict] | None) -> None:
 
 
 _INSERT_EVENTS = insert(job_events)
-_GUARDS = {  # which row a write may change: the lease holder's, or the row of one upload attempt
-    "lease": lambda: (jobs.c.id == bindparam("_job"), jobs.c.lease_owner == bindparam("_owner")),
+_GUARDS = {  # which row a write may change: the lease holder's job, one upload attempt's, an account
+    "lease": lambda: (jobs, jobs.c.id == bindparam("_job"), jobs.c.lease_owner == bindparam("_owner")),
     "attempt": lambda: (
+        jobs,
         jobs.c.id == bindparam("_job"),
         jobs.c.phase == UPLOADING,
         jobs.c.upload_attempts == bindparam("_attempt"),
     ),
+    "account": lambda: (accounts, accounts.c.account_key == bindparam("_account")),
 }
 
 
 @functools.lru_cache(maxsize=256)
 def _set(guard: str, columns: tuple[str, ...]):
-    """``UPDATE jobs SET <columns> WHERE <guard>``, built once per shape: building a statement
-    (and its cache key) costs more than running it."""
-    values = {column: bindparam(f"_v_{column}", type_=jobs.c[column].type) for column in columns}
-    return update(jobs).where(*_GUARDS[guard]()).values(values)
-
-
-@functools.lru_cache(maxsize=8)
-def _set_account(columns: tuple[str, ...]):
-    """``UPDATE accounts SET <columns>`` of one account, built once per shape."""
-    values = {column: bindparam(f"_v_{column}", type_=accounts.c[column].type) for column in columns}
-    return update(accounts).where(accounts.c.account_key == bindparam("_account")).values(values)
+    """``UPDATE <table> SET <columns> WHERE <guard>``, built once per shape: building a statement
+    (and its cache key) costs more than running it. Values go in as ``_v_<column>``."""
+    table, *where = _GUARDS[guard]()
+    values = {column: bindparam(f"_v_{column}", type_=table.c[column].type) for column in columns}
+    return update(table).where(*where).values(values)
 
 
 def _set_params(values: dict[str, Any], **where: Any) -> dict[str, Any]:
@@ -705,7 +701,8 @@ class JobStore:
 
     @staticmethod
     def _touch_account(conn, account_key: str, **values: Any) -> None:
-        changed = conn.execute(_set_account(tuple(sorted(values))), _set_params(values, _account=account_key)).rowcount
+        statement = _set("account", tuple(sorted(values)))
+        changed = conn.execute(statement, _set_params(values, _account=account_key)).rowcount
         if not changed:
             conn.execute(insert(accounts).values(account_key=account_key, **values))
 

@@ -178,7 +178,7 @@ class Listener:
             while not self._stop.is_set():
                 for note in conn.notifies(timeout=1.0):
                     if note.channel == WORK_CHANNEL:
-                        # One worker per process: it wakes the next while its claim sees more due
+                        # One worker per process: it wakes the next while a read finds more due
                         # (waking one per job in every process would set them all on the same few).
                         self.notifier.work_arrived()
                     else:

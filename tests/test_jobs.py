@@ -6,6 +6,7 @@ server (`.ci/run` starts one); elsewhere those cases are skipped, visibly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,8 +43,13 @@ WEBHOOK_SECRET = JOBS_WEBHOOK_SECRET
 SECRET_KEY = JOBS_SECRET_KEY
 
 
-def store_for(settings) -> JobStore:
-    return JobStore(db.connect(db.database_url(settings.database_url, settings.data_dir)))
+def store_for(settings, kind: type[JobStore] = JobStore) -> JobStore:
+    return kind(db.connect(db.database_url(settings.database_url, settings.data_dir)))
+
+
+def add_job(store: JobStore, job_id: str, **values) -> None:
+    """A bare job, due at once (what the queue tests need of one)."""
+    store.create(job_id, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={}, **values)
 
 
 # --- waiting --------------------------------------------------------------------------------
@@ -348,7 +354,7 @@ def test_two_claims_never_get_the_same_job(job_settings, fake):
     store = store_for(job_settings)
     db.migrate(store.engine)
     for n in range(30):
-        store.create(f"{n:032x}", request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        add_job(store, f"{n:032x}")
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -371,14 +377,13 @@ def test_a_read_says_whether_a_claim_would_find_work(job_settings):
     db.migrate(store.engine)
     try:
         for n in range(2):
-            store.create(f"{n:032x}", request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+            add_job(store, f"{n:032x}")
         assert store.claim("w1", 30, 10) is not None and store.due(10)
         assert store.claim("w2", 30, 10) is not None and not store.due(10)
         assert store.claim("w3", 30, 10) is None
         # One account at its limit: its next job is not work another worker could take now.
         for n in range(2, 4):
-            request = {"audio_url": "x", "name": "x"}
-            store.create(f"{n:032x}", request=request, token_kind="server", answer={}, account_key="a")
+            add_job(store, f"{n:032x}", account_key="a")
         assert store.due(1)
         only = store.claim("w4", 30, account_limit=1)
         assert only.account_key == "a" and not store.due(1) and store.claim("w5", 30, account_limit=1) is None
@@ -393,7 +398,7 @@ def test_the_end_of_a_step_is_told_once_committed(job_settings):
     # What a waiting request does when told: read the job (another connection) — it is already there.
     store.on_change = lambda job_id: seen.append((job_id, store.get(job_id).phase))
     try:
-        store.create("c" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        add_job(store, "c" * 32)
         job = store.claim("w1", 30)
         store.update(job.id, "w1", phase="uploading", upload_attempts=1)  # holds on: nothing told
         assert seen == []
@@ -431,20 +436,30 @@ class TwoSteps:
         raise AssertionError("crashed")
 
 
-def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
+@contextlib.contextmanager
+def two_step_pool(settings, kind: type[JobStore], start: bool = True):
+    """One worker thread running :class:`TwoSteps` on a real store: ``(store, notifier, done, pool)``."""
     from relay.runner import Pool
 
-    store = CountingStore(db.connect(db.database_url(job_settings.database_url, job_settings.data_dir)))
+    store = store_for(settings, kind)
     db.migrate(store.engine)
     done: list[str] = []
     notifier = Notifier()
-    # An idle poll far longer than the test: whatever happens soon happens because it was due.
-    settings = job_settings.replace(idle_poll_seconds=30)
-    pool = Pool(store, settings, notifier, 1, lambda worker_id: TwoSteps(store, worker_id, done)).start()
+    pool = Pool(store, settings, notifier, 1, lambda worker_id: TwoSteps(store, worker_id, done))
     try:
+        yield store, notifier, done, pool.start() if start else pool
+    finally:
+        pool.stop(5)
+        store.announcer.close()
+        store.engine.dispose()
+
+
+def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
+    # An idle poll far longer than the test: whatever happens soon happens because it was due.
+    with two_step_pool(job_settings.replace(idle_poll_seconds=30), CountingStore) as (store, notifier, done, _):
         wait_until(lambda: store.claims == 1)  # its first look, at start: nothing yet
         store.claims = 0
-        store.create("a" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        add_job(store, "a" * 32)
         notifier.work_arrived()
         # Its second step was due the moment the first ended: taken at once, not at the next poll.
         wait_until(lambda: done == ["received", "downloaded"], timeout=5)
@@ -453,13 +468,9 @@ def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
         # Two claims that found work; after the last step nothing was due, so no third (empty) one.
         assert store.claims == 2
         # Work that arrives while the worker is busy or about to wait is not missed either.
-        store.create("b" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+        add_job(store, "b" * 32)
         notifier.work_arrived()
         wait_until(lambda: store.get("b" * 32).phase == "ready", timeout=5)
-    finally:
-        pool.stop(5)
-        store.announcer.close()
-        store.engine.dispose()
 
 
 class BlindStore(JobStore):
@@ -470,23 +481,12 @@ class BlindStore(JobStore):
 
 
 def test_a_failed_look_for_more_work_never_strands_the_claimed_job(job_settings):
-    from relay.runner import Pool
-
-    store = BlindStore(db.connect(db.database_url(job_settings.database_url, job_settings.data_dir)))
-    db.migrate(store.engine)
-    done: list[str] = []
-    notifier = Notifier()
-    pool = Pool(store, job_settings.replace(idle_poll_seconds=0.2), notifier, 1, lambda w: TwoSteps(store, w, done))
-    try:
-        store.create("d" * 32, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={})
+    with two_step_pool(job_settings.replace(idle_poll_seconds=0.2), BlindStore, start=False) as (store, _, done, pool):
+        add_job(store, "d" * 32)
         pool.start()
         # Both steps run (the second found by the idle poll), the lease never left dangling.
         wait_until(lambda: store.get("d" * 32).phase == "ready", timeout=10)
         assert done == ["received", "downloaded"] and store.get("d" * 32).lease_owner is None
-    finally:
-        pool.stop(5)
-        store.announcer.close()
-        store.engine.dispose()
 
 
 class WorkerProcess:
