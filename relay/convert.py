@@ -35,6 +35,7 @@ import struct
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import audio
@@ -396,40 +397,24 @@ class LevelMeter:
     def _parse_head(self) -> bool:
         """True once the samples' format and start are known (fails the meter if they are not)."""
         head = bytes(self._head)
-        if len(head) >= 12 and (head[:4] != b"RIFF" or head[8:12] != b"WAVE"):
+
+        def read(offset: int, count: int) -> bytes:
+            if offset + count > len(head):
+                raise _NotYet
+            return head[offset : offset + count]
+
+        try:
+            found = _wav_chunks(read)
+        except _NotYet:
+            self._failed = len(head) >= self.HEAD_LIMIT
+            return False
+        # The count is settled in levels(), once the file's size is known.
+        self._sum = None if found is None else _LevelSum.for_format(*found[2], length=max(found[2][2], 1))
+        if found is None or self._sum is None:
             self._failed = True
             return False
-        position, fmt = 12, None
-        while position + 8 <= len(head):
-            chunk_id = head[position : position + 4]
-            (chunk_size,) = struct.unpack("<I", head[position + 4 : position + 8])
-            body = position + 8
-            if chunk_id == b"fmt ":
-                if body + min(chunk_size, 40) > len(head):
-                    break
-                fields_ = head[body : body + min(chunk_size, 40)]
-                if len(fields_) < 16:
-                    self._failed = True
-                    return False
-                tag, _channels, _rate, _bps, block_align, bits = struct.unpack("<HHIIHH", fields_[:16])
-                if tag == 0xFFFE and len(fields_) >= 26:
-                    tag = struct.unpack("<H", fields_[24:26])[0]
-                fmt = (tag, bits, block_align)
-            elif chunk_id == b"data":
-                if fmt is None:
-                    self._failed = True
-                    return False
-                self._offset, self._declared, self._format = body, chunk_size, fmt
-                # The count is settled in levels(), once the file's size is known.
-                self._sum = _LevelSum.for_format(*fmt, length=max(fmt[2], 1))
-                if self._sum is None:
-                    self._failed = True
-                    return False
-                return True
-            position = body + chunk_size + (chunk_size & 1)
-        if len(head) >= self.HEAD_LIMIT:
-            self._failed = True
-        return False
+        self._offset, self._declared, self._format = found
+        return True
 
     def _measure(self, piece: memoryview, start: int) -> None:
         """Measure the sample bytes of ``piece`` (which starts at file offset ``start``)."""
@@ -475,31 +460,44 @@ class LevelMeter:
 def _wav_layout(path: str) -> tuple[int, int, int, int, int] | None:
     """``(data offset, data length, format tag, bits per sample, block align)`` of a WAV."""
     size = os.path.getsize(path)
-    fmt = None
     with open(path, "rb") as handle:
-        handle.seek(12)
-        while True:
-            header = handle.read(8)
-            if len(header) < 8:
+        found = _wav_chunks(lambda offset, count: os.pread(handle.fileno(), count, offset))
+    if found is None:
+        return None
+    offset, declared, fmt = found
+    length = size - offset if declared in (0, 0xFFFFFFFF) else min(declared, size - offset)
+    return offset, length, *fmt
+
+
+class _NotYet(Exception):
+    """The bytes asked for have not arrived yet (a WAV followed while it downloads)."""
+
+
+def _wav_chunks(read: Callable[[int, int], bytes]) -> tuple[int, int, tuple[int, int, int]] | None:
+    """Walk a WAV's chunks: ``(data offset, declared data size, (format tag, bits per sample,
+    block align))``, or None when it is not a WAV with its ``fmt`` before its ``data``.
+    ``read(offset, count)`` gives those bytes (fewer only at the end of the file)."""
+    riff = read(0, 12)
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        return None
+    position, fmt = 12, None
+    while True:
+        header = read(position, 8)
+        if len(header) < 8:
+            return None
+        chunk_id, (chunk_size,) = header[:4], struct.unpack("<I", header[4:])
+        body = position + 8
+        if chunk_id == b"fmt ":
+            fields_ = read(body, min(chunk_size, 40))
+            if len(fields_) < 16:
                 return None
-            chunk_id, chunk_size = header[:4], struct.unpack("<I", header[4:])[0]
-            if chunk_id == b"fmt ":
-                body = handle.read(min(chunk_size, 40))
-                if len(body) < 16:
-                    return None
-                tag, _channels, _rate, _bps, block_align, bits = struct.unpack("<HHIIHH", body[:16])
-                if tag == 0xFFFE and len(body) >= 26:
-                    tag = struct.unpack("<H", body[24:26])[0]  # the sub-format GUID's first two bytes
-                fmt = (tag, bits, block_align)
-                handle.seek(chunk_size - len(body) + (chunk_size & 1), os.SEEK_CUR)
-                continue
-            if chunk_id == b"data":
-                if fmt is None:
-                    return None
-                offset = handle.tell()
-                length = size - offset if chunk_size in (0, 0xFFFFFFFF) else min(chunk_size, size - offset)
-                return offset, length, *fmt
-            handle.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
+            tag, _channels, _rate, _bps, block_align, bits = struct.unpack("<HHIIHH", fields_[:16])
+            if tag == 0xFFFE and len(fields_) >= 26:
+                tag = struct.unpack("<H", fields_[24:26])[0]  # the sub-format GUID's first two bytes
+            fmt = (tag, bits, block_align)
+        elif chunk_id == b"data":
+            return None if fmt is None else (body, chunk_size, fmt)
+        position = body + chunk_size + (chunk_size & 1)
 
 
 # --- the child process ---------------------------------------------------------------------------
