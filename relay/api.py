@@ -193,29 +193,37 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         stored_request["upload_id"] = bodies.store(runtime, upload, job_id).id
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     generation = runtime.notifier.generation  # before the job exists: no change to it is missed
-    job, created = (
-        (existing, False)
-        if existing is not None
-        else runtime.store.create(
-            job_id,
-            request=stored_request,
-            status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
-            token_kind=token_kind,
-            token_sealed=sealed,
-            token_fingerprint=fingerprint,
-            # A token kept in this process's memory: only this process's workers can do the job.
-            token_holder=runtime.pool.id if token_kind == MEMORY and runtime.pool is not None else None,
-            idempotency_key=key,
-            request_hash=request_hash,
-            answer=g.answer,
-            callback_url=callback_url,
-            webhook_id=f"msg_{job_id}",
-            account_key=account,
-            name_key=name_key,
-            exclusive_key=name_key if exclusive else None,
-            dry_run=clone_request.dry_run,
-        )
-    )
+    if existing is not None:
+        job, created = existing, False
+    else:
+        # An idle worker of this process gets its job from the insert's own transaction (SQLite):
+        # no claim and no wake-up of its own on the way to the download.
+        reserved = runtime.pool.reserve() if runtime.pool is not None else None
+        claim = reserved[1] if reserved is not None else None
+        try:
+            job, created = runtime.store.create(
+                job_id,
+                claim=claim,
+                request=stored_request,
+                status_url=f"{_public_base()}/v1/voice-clones/{job_id}",
+                token_kind=token_kind,
+                token_sealed=sealed,
+                token_fingerprint=fingerprint,
+                # A token kept in this process's memory: only this process's workers can do the job.
+                token_holder=runtime.pool.id if token_kind == MEMORY and runtime.pool is not None else None,
+                idempotency_key=key,
+                request_hash=request_hash,
+                answer=g.answer,
+                callback_url=callback_url,
+                webhook_id=f"msg_{job_id}",
+                account_key=account,
+                name_key=name_key,
+                exclusive_key=name_key if exclusive else None,
+                dry_run=clone_request.dry_run,
+            )
+        finally:
+            if reserved is not None:  # what it claimed, or nothing: then the worker looks for itself
+                reserved[0].hand(claim.job if claim is not None else None)
     if not created:
         runtime.vault.forget(job_id)
         if stored_request.get("upload_id"):  # the job that holds this key has its own copy
@@ -224,8 +232,8 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
             return _attached(job, wait, generation)
         if job.request_hash != request_hash:
             raise IdempotencyKeyReused()
-    else:
-        runtime.notifier.work_arrived()
+    elif claim is None or (claim.job is not None and claim.job.id != job.id):
+        runtime.notifier.work_arrived()  # the new job waits for a worker (the reserved one, if any, took an older one)
     g.log["job_id"] = job.id
     return _job_answer(_wait_within_budget(job, wait, generation))
 

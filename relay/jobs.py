@@ -400,10 +400,27 @@ class Contended(Exception):
 
 
 @dataclass(eq=False)
+class Claim:
+    """A claim made by the transaction that inserts a new job, for an idle worker of this process
+    (:meth:`JobStore.create`): what :meth:`JobStore.claim` would be given, and, once that
+    transaction has committed, the job it leased (None when nothing was due for that worker, or
+    the job was not written in a group). The claim takes the queue's next job, as any claim would:
+    the new one, or one that waited longer."""
+
+    owner: str
+    lease_seconds: float
+    account_limit: int = 0
+    holder: str | None = None
+    queue_timeout: float = 3600.0
+    job: Job | None = None
+
+
+@dataclass(eq=False)
 class _NewJob:
     """A job waiting to be written with others; ``done`` is set once it was (or failed)."""
 
     row: dict[str, Any]
+    claim: Claim | None = None
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False  # woken to write the next group rather than because it was written
     result: tuple[Job, bool] | None = None
@@ -466,10 +483,23 @@ class _GroupInsert:
                 else:
                     # One transaction: the rows and the queue positions (counted on the writer's
                     # connection, so no second checkout and round trip per group).
+                    claimed: dict[str, tuple[_NewJob, Job]] = {}
                     with self.store.engine.begin() as conn:
                         conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
+                        # Idle workers waiting for these jobs are given theirs by this transaction:
+                        # no claim of their own, no wake-up before it (one write instead of three).
+                        for new in group:
+                            if new.claim is not None:
+                                row = self.store._lease_next(conn, new.claim)
+                                if row is not None:
+                                    claimed[row.id] = new, Job.from_row(row)
+                        created = [claimed[job.id][1] if job.id in claimed else job for job in created]
                         self._place(created, conn)
-                    self.store.announcer.jobs_arrived(len(group))  # once committed
+                    for new, job in claimed.values():  # once committed
+                        assert new.claim is not None
+                        new.claim.job = job
+                    if len(group) > len(claimed):
+                        self.store.announcer.jobs_arrived(len(group) - len(claimed))
                 for new, job in zip(group, created, strict=True):
                     new.result = job, True
             except (IntegrityError, DataError, UnicodeError):  # a key taken, a bad row: one by one, then
@@ -515,7 +545,7 @@ class _GroupInsert:
         transaction that wrote them (a failed count then fails it, as a lost connection would)."""
         placed: dict[str, list[Job]] = {}
         for job in created:
-            if job.account_key is not None:
+            if job.account_key is not None and job.lease_owner is None:  # a job claimed at once waits for nobody
                 placed.setdefault(job.account_key, []).append(job)
         for jobs_of_account in placed.values():
             jobs_of_account.sort(key=lambda job: job.created_at)
@@ -546,19 +576,21 @@ class JobStore:
 
     # --- creating and reading -------------------------------------------------------------
 
-    def create(self, job_id: str, **values: Any) -> tuple[Job, bool]:
+    def create(self, job_id: str, claim: Claim | None = None, **values: Any) -> tuple[Job, bool]:
         """Insert a new job; ``(job, True)``. With an idempotency key already taken: ``(existing, False)``.
 
         The job is committed when this returns. Jobs created at the same moment by other threads
         of this process are written in the same transaction (see :class:`_GroupInsert`); the job
-        comes back with its ``queue_position``."""
+        comes back with its ``queue_position``. ``claim``: on SQLite, that transaction also
+        claims the queue's next job for an idle worker (:class:`Claim`); the new job then comes
+        back leased if it was the one claimed."""
         row = {
             **_DEFAULTS,
             **_encode(
                 {"id": job_id, "phase": RECEIVED, "attempts": 0, "upload_attempts": 0, "callback_attempts": 0, **values}
             ),
         }
-        return self._intake.write(_NewJob(row))
+        return self._intake.write(_NewJob(row, claim))
 
     def _insert_one(self, row: dict[str, Any]) -> tuple[Job, bool]:
         """One job in a transaction of its own."""
@@ -634,19 +666,22 @@ class JobStore:
         :class:`Contended` when due work was passed over only because another claim of its
         account was under way.
         """
-        params = self._claim_params(account_limit, holder, queue_timeout)
-        now = params["now"]
-        params.update(owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                row = self._claim_pg(conn, params, account_limit)
-            else:
-                row = conn.execute(_claim_statement(bool(account_limit)), params).first()
-            if row is None:
-                return None
-            if row.account_key and row.phase not in TERMINAL:
-                self._touch_account(conn, row.account_key, last_claimed_at=now)
-        return Job.from_row(row)
+            row = self._lease_next(conn, Claim(owner, lease_seconds, account_limit, holder, queue_timeout))
+        return None if row is None else Job.from_row(row)
+
+    def _lease_next(self, conn, claim: Claim):
+        """The claim itself, in ``conn``'s transaction: the leased row, or None."""
+        params = self._claim_params(claim.account_limit, claim.holder, claim.queue_timeout)
+        now = params["now"]
+        params.update(owner=claim.owner, lease_until=now + timedelta(seconds=claim.lease_seconds))
+        if conn.dialect.name == "postgresql":
+            row = self._claim_pg(conn, params, claim.account_limit)
+        else:
+            row = conn.execute(_claim_statement(bool(claim.account_limit)), params).first()
+        if row is not None and row.account_key and row.phase not in TERMINAL:
+            self._touch_account(conn, row.account_key, last_claimed_at=now)
+        return row
 
     def due(self, account_limit: int = 0, *, holder: str | None = None, queue_timeout: float = 3600.0) -> bool:
         """Whether :meth:`claim` (same arguments) would find a job now. A read: no lock, no write

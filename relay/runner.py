@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .jobs import CHANGE_CHANNEL, WORK_CHANNEL, Contended, Job, JobStore
+from .jobs import CHANGE_CHANNEL, WORK_CHANNEL, Claim, Contended, Job, JobStore
 from .settings import Settings
 
 log = logging.getLogger("relay.worker")
@@ -38,6 +38,28 @@ class Handler(Protocol):
     def crashed(self, job: Job) -> None: ...
 
 
+HANDOFF_PATIENCE = 60.0  # a reserved worker waits this long at most for the insert that reserved it
+
+
+class Spot:
+    """An idle worker thread's place in line (:meth:`Notifier.wait_for_work`): woken by
+    :meth:`Notifier.work_arrived`, or reserved by a request (:meth:`Notifier.reserve`) and then
+    handed the job the request's insert claimed for it (:meth:`hand`)."""
+
+    __slots__ = ("worker_id", "reserved", "job", "_called")
+
+    def __init__(self, worker_id: str = ""):
+        self.worker_id = worker_id
+        self.reserved = False
+        self.job: Job | None = None
+        self._called = threading.Event()
+
+    def hand(self, job: Job | None) -> None:
+        """Give the reserved worker ``job``, leased to it; None: nothing was, it looks for work itself."""
+        self.job = job
+        self._called.set()
+
+
 class Notifier:
     """Wakes waiting requests and idle workers in this process when a job changes.
 
@@ -47,8 +69,10 @@ class Notifier:
     REMEMBERED = 4096  # jobs whose last change is remembered; older ones count as changed
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._work = threading.Condition()
+        self._changed = threading.Lock()
+        self._waiting: dict[str | None, list[threading.Event]] = {}  # job id (None: any) -> waiting requests
+        self._work = threading.Lock()
+        self._idle: list[Spot] = []  # workers waiting for work, the most recently idle last
         self.generation = 0  # how many changes so far: read it before looking at a job
         self.work_generation = 0  # how many work_arrived() so far: read it before claiming
         self._touched: OrderedDict[str, int] = OrderedDict()  # job id -> generation of its last change
@@ -61,12 +85,15 @@ class Notifier:
             self.generation += 1
             if job_id is None:
                 self._everyone = self.generation
+                woken = [event for events in self._waiting.values() for event in events]
             else:
                 self._touched[job_id] = self.generation
                 self._touched.move_to_end(job_id)
                 if len(self._touched) > self.REMEMBERED:
                     _, self._forgotten = self._touched.popitem(last=False)
-            self._changed.notify_all()
+                woken = self._waiting.get(job_id, []) + self._waiting.get(None, [])
+        for event in woken:
+            event.set()
 
     def _concerns(self, job_id: str | None, since: int) -> bool:
         if job_id is None:
@@ -76,15 +103,23 @@ class Notifier:
     def wait_for_change(self, timeout: float, since: int, job_id: str | None = None) -> bool:
         """Wait for a change of ``job_id`` (None: of any job) after ``since`` (a :attr:`generation`
         read earlier): return at once if one already happened, so a change between the read and
-        the wait is not missed; else at the latest after ``timeout``. True when one happened."""
-        end = time.monotonic() + timeout
+        the wait is not missed; else at the latest after ``timeout``. True when one happened.
+        Only the requests waiting for the job that changed are woken."""
         with self._changed:
-            while not self._concerns(job_id, since):
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-            return True
+            if self._concerns(job_id, since):
+                return True
+            event = threading.Event()
+            self._waiting.setdefault(job_id, []).append(event)
+        try:
+            event.wait(timeout)
+        finally:
+            with self._changed:
+                waiting = self._waiting[job_id]
+                waiting.remove(event)
+                if not waiting:
+                    del self._waiting[job_id]
+        with self._changed:
+            return self._concerns(job_id, since)
 
     def work_arrived(self, everyone: bool = False) -> None:
         """Wake one idle worker (all of them when stopping); a worker that claims a job while
@@ -92,18 +127,44 @@ class Notifier:
         with self._work:
             self.work_generation += 1
             if everyone:
-                self._work.notify_all()
+                woken, self._idle = self._idle, []
             else:
-                self._work.notify()
+                woken = [self._idle.pop()] if self._idle else []
+        for spot in woken:
+            spot._called.set()
 
-    def wait_for_work(self, timeout: float, since: int | None = None) -> bool:
-        """Wait until woken by :meth:`work_arrived` (True) or for ``timeout`` seconds (False).
-        ``since``: a :attr:`work_generation` read before looking for work — if work arrived
-        after it, return at once (True), so a wake-up between the look and the wait is not lost."""
+    def wait_for_work(self, timeout: float, since: int | None = None, spot: Spot | None = None) -> bool:
+        """Wait until woken by :meth:`work_arrived` or handed a job (True), or for ``timeout``
+        seconds (False). ``since``: a :attr:`work_generation` read before looking for work — if
+        work arrived after it, return at once (True), so a wake-up between the look and the wait
+        is not lost. ``spot``: the worker's own (its :attr:`Spot.job` is what it was handed)."""
+        spot = spot or Spot()
         with self._work:
             if since is not None and self.work_generation != since:
                 return True
-            return self._work.wait(timeout)
+            spot.reserved, spot.job = False, None
+            spot._called.clear()
+            self._idle.append(spot)
+        if spot._called.wait(timeout):
+            return True
+        with self._work:
+            if spot in self._idle:  # nobody called it
+                self._idle.remove(spot)
+                return False
+            reserved = spot.reserved
+        if reserved:  # reserved as the wait ended: the insert that did so is committing
+            spot._called.wait(HANDOFF_PATIENCE)
+        return True
+
+    def reserve(self) -> Spot | None:
+        """Take an idle worker out of line for a job about to be inserted (None: none is idle).
+        The caller must :meth:`Spot.hand` it something, even None, or it waits ``HANDOFF_PATIENCE``."""
+        with self._work:
+            if not self._idle:
+                return None
+            spot = self._idle.pop()
+            spot.reserved = True
+            return spot
 
 
 def new_worker_id() -> str:
@@ -241,6 +302,25 @@ class Pool:
                 log.warning("could not remove the heartbeat", exc_info=True)
         return stopped
 
+    def reserve(self) -> tuple[Spot, Claim] | None:
+        """An idle worker, and the claim an insert may make for it (see :meth:`JobStore.create`);
+        None when no worker is idle or the pool is stopping. The caller hands the spot what the
+        claim leased (``spot.hand(claim.job)``), whatever happened."""
+        if self._stop.is_set():
+            return None
+        spot = self.notifier.reserve()
+        if spot is None:
+            return None
+        settings = self.settings
+        claim = Claim(
+            spot.worker_id,
+            settings.lease_seconds,
+            settings.account_concurrency,
+            holder=self.id,
+            queue_timeout=settings.queue_timeout_seconds,
+        )
+        return spot, claim
+
     def run_once(self, worker_id: str, handler: Handler) -> bool:
         """Claim and process one due job; False when there was none."""
         settings = self.settings
@@ -253,6 +333,12 @@ class Pool:
         )
         if job is None:
             return False
+        self._run(worker_id, handler, job)
+        return True
+
+    def _run(self, worker_id: str, handler: Handler, job: Job) -> None:
+        """Process ``job``, leased to ``worker_id``, while its lease is renewed."""
+        settings = self.settings
         log.info("job claimed", extra={"fields": {"job_id": job.id, "phase": job.phase, "worker": worker_id}})
         with Renewal(self.store, job.id, worker_id, settings.lease_seconds):
             # More due? Wake one more idle worker, which does the same: a backlog is taken up at
@@ -268,14 +354,21 @@ class Pool:
                 log.exception("job step crashed", extra={"fields": {"job_id": job.id, "phase": job.phase}})
                 handler.crashed(job)
         self.notifier.job_changed(job.id)
-        return True
 
     def _loop(self, worker_id: str, handler: Handler) -> None:
+        spot = Spot(worker_id)
         contended = 0
-        while not self._stop.is_set():
+        while True:
+            handed, spot.job = spot.job, None  # a job an insert claimed for this worker: always done
+            if handed is None and self._stop.is_set():
+                return
             seen = self.notifier.work_generation
             try:
-                busy = self.run_once(worker_id, handler)
+                if handed is not None:
+                    self._run(worker_id, handler, handed)
+                    busy = True
+                else:
+                    busy = self.run_once(worker_id, handler)
                 contended = 0
                 if busy:
                     # After a job, claim again at once only if something is due (a read): an empty
@@ -295,7 +388,7 @@ class Pool:
                 log.exception("worker loop error", extra={"fields": {"worker": worker_id}})
                 busy = False
             if not busy and not self._stop.is_set():
-                self.notifier.wait_for_work(self.settings.idle_poll_seconds, since=seen)
+                self.notifier.wait_for_work(self.settings.idle_poll_seconds, since=seen, spot=spot)
 
     def _due(self, default: bool) -> bool:
         """Whether work is due now (a read); ``default`` when the database cannot say."""

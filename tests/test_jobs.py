@@ -21,8 +21,9 @@ from sqlalchemy import text
 from standardwebhooks import Webhook
 from werkzeug import Request, Response
 
-from relay import db
-from relay.jobs import JobStore
+from relay import answers, db
+from relay.jobs import Claim, JobStore
+from relay.runner import Spot
 from relay.worker import Notifier
 
 from . import processes, servers
@@ -47,9 +48,12 @@ def store_for(settings, kind: type[JobStore] = JobStore) -> JobStore:
     return kind(db.connect(db.database_url(settings.database_url, settings.data_dir)))
 
 
+BARE = {"request": {"audio_url": "x", "name": "x"}, "token_kind": "server", "answer": {}}
+
+
 def add_job(store: JobStore, job_id: str, **values) -> None:
     """A bare job, due at once (what the queue tests need of one)."""
-    store.create(job_id, request={"audio_url": "x", "name": "x"}, token_kind="server", answer={}, **values)
+    store.create(job_id, **BARE, **values)
 
 
 # --- waiting --------------------------------------------------------------------------------
@@ -487,6 +491,87 @@ def test_a_failed_look_for_more_work_never_strands_the_claimed_job(job_settings)
         # Both steps run (the second found by the idle poll), the lease never left dangling.
         wait_until(lambda: store.get("d" * 32).phase == "ready", timeout=10)
         assert done == ["received", "downloaded"] and store.get("d" * 32).lease_owner is None
+
+
+# --- a claim made by the insert ---------------------------------------------------------------------
+
+
+def test_an_insert_claims_the_queues_next_job_for_an_idle_worker(job_settings):
+    store = store_for(job_settings)
+    db.migrate(store.engine)
+    sqlite = store.engine.dialect.name == "sqlite"
+    try:
+        claim = Claim("w1", 30, account_limit=1)
+        job, created = store.create("a" * 32, claim=claim, **BARE, account_key="acct")
+        assert created
+        if not sqlite:  # PostgreSQL's insert is one statement of its own: the worker claims as before
+            assert claim.job is None and job.lease_owner is None
+            return
+        # The new job comes back leased to the idle worker, answered "running", counted once.
+        assert claim.job is not None and claim.job.id == job.id and job.lease_owner == "w1"
+        assert job.attempts == 1 and job.queue_position is None
+        assert answers.for_job(job, db.utcnow())["status"] == "running"
+        assert store.get(job.id).lease_owner == "w1"
+        # The account is at its limit (1 in flight): the next insert claims nothing for it...
+        second = Claim("w2", 30, account_limit=1)
+        job2, _ = store.create("b" * 32, claim=second, **BARE, account_key="acct")
+        assert second.job is None and job2.lease_owner is None and job2.queue_position == 1
+        # ...but another account's job does not wait, and the queue's order holds: an older job
+        # of a free account is claimed before the new one.
+        store.release(job.id, "w1", phase="ready", next_run_at=None)
+        third = Claim("w3", 30, account_limit=1)
+        job3, _ = store.create("c" * 32, claim=third, **BARE, account_key="acct")
+        assert third.job is not None and third.job.id == "b" * 32 and job3.lease_owner is None
+        assert store.claim("w4", 30, account_limit=1) is None  # "acct" is at its limit again
+    finally:
+        store.engine.dispose()
+
+
+def test_a_worker_handed_its_job_by_the_insert_makes_no_claim(job_settings):
+    with two_step_pool(job_settings.replace(idle_poll_seconds=30), CountingStore) as (store, notifier, done, pool):
+        wait_until(lambda: store.claims == 1 and notifier._idle)  # its first look found nothing: idle
+        reserved = pool.reserve()
+        assert reserved is not None and pool.reserve() is None  # the only idle worker is taken
+        spot, claim = reserved
+        try:
+            add_job(store, "e" * 32, claim=claim)
+        finally:
+            spot.hand(claim.job)
+        wait_until(lambda: store.get("e" * 32).phase == "ready", timeout=5)
+        assert done == ["received", "downloaded"]
+        sqlite = store.engine.dialect.name == "sqlite"
+        # SQLite: the first step came with the insert, the second was claimed; PostgreSQL: both claimed.
+        assert store.claims == (2 if sqlite else 3)
+        # Handed nothing (an insert that failed, say), the worker looks for work itself.
+        wait_until(lambda: notifier._idle)
+        spot, _ = pool.reserve()
+        add_job(store, "f" * 32)
+        spot.hand(None)
+        wait_until(lambda: store.get("f" * 32).phase == "ready", timeout=5)
+
+
+def test_a_reserved_worker_whose_wait_ran_out_still_takes_what_it_is_handed():
+    notifier = Notifier()
+    spot = Spot("w1")
+    woke: list[bool] = []
+    thread = threading.Thread(target=lambda: woke.append(notifier.wait_for_work(0.2, spot=spot)))
+    thread.start()
+    wait_until(lambda: notifier._idle)
+    assert notifier.reserve() is spot and notifier.reserve() is None
+    time.sleep(0.4)  # its wait has run out meanwhile: it waits for the hand-off, not for more work
+    assert thread.is_alive()
+    handed = object()
+    spot.hand(handed)
+    thread.join(5)
+    assert woke == [True] and spot.job is handed
+    # Not reserved, a worker's wait ends at its timeout; woken by new work, it is no longer idle.
+    assert not notifier.wait_for_work(0.05, spot=spot) and not notifier._idle
+    waiting = threading.Thread(target=lambda: woke.append(notifier.wait_for_work(10, spot=spot)))
+    waiting.start()
+    wait_until(lambda: notifier._idle)
+    notifier.work_arrived()
+    waiting.join(5)
+    assert woke == [True, True] and not notifier._idle and spot.job is None
 
 
 class WorkerProcess:
