@@ -232,8 +232,8 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
             return _attached(job, wait, generation)
         if job.request_hash != request_hash:
             raise IdempotencyKeyReused()
-    elif claim is None or (claim.job is not None and claim.job.id != job.id):
-        runtime.notifier.work_arrived()  # the new job waits for a worker (the reserved one, if any, took an older one)
+    elif job.lease_owner is None:  # not claimed at once (the reserved worker, if any, took an older job)
+        runtime.notifier.work_arrived()
     g.log["job_id"] = job.id
     return _job_answer(_wait_within_budget(job, wait, generation))
 

@@ -489,17 +489,14 @@ class _GroupInsert:
                         # Idle workers waiting for these jobs are given theirs by this transaction:
                         # no claim of their own, no wake-up before it (one write instead of three).
                         for new in group:
-                            if new.claim is not None:
-                                row = self.store._lease_next(conn, new.claim)
-                                if row is not None:
-                                    claimed[row.id] = new, Job.from_row(row)
+                            if new.claim is not None and (row := self._claim(conn, new.claim)) is not None:
+                                claimed[row.id] = new, Job.from_row(row)
                         created = [claimed[job.id][1] if job.id in claimed else job for job in created]
                         self._place(created, conn)
                     for new, job in claimed.values():  # once committed
                         assert new.claim is not None
                         new.claim.job = job
-                    if len(group) > len(claimed):
-                        self.store.announcer.jobs_arrived(len(group) - len(claimed))
+                    self.store.announcer.jobs_arrived(len(group))
                 for new, job in zip(group, created, strict=True):
                     new.result = job, True
             except (IntegrityError, DataError, UnicodeError):  # a key taken, a bad row: one by one, then
@@ -516,6 +513,16 @@ class _GroupInsert:
         finally:
             for new in group:
                 new.done.set()
+
+    def _claim(self, conn, claim: Claim):
+        """A claim for an idle worker inside the insert's transaction; if it fails, the jobs are
+        written all the same (the worker then looks for work itself)."""
+        try:
+            with conn.begin_nested():
+                return self.store._lease_next(conn, claim)
+        except Exception:  # noqa: BLE001 - the new jobs matter more than the shortcut
+            log.warning("claim at insert failed; the jobs are queued", exc_info=True)
+            return None
 
     def _write_group_pg(self, group: list[_NewJob], created: list[Job]) -> None:
         """PostgreSQL: the group's rows and the queue count of its first account in one statement,

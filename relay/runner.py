@@ -38,24 +38,23 @@ class Handler(Protocol):
     def crashed(self, job: Job) -> None: ...
 
 
-HANDOFF_PATIENCE = 60.0  # a reserved worker waits this long at most for the insert that reserved it
-
-
 class Spot:
     """An idle worker thread's place in line (:meth:`Notifier.wait_for_work`): woken by
-    :meth:`Notifier.work_arrived`, or reserved by a request (:meth:`Notifier.reserve`) and then
-    handed the job the request's insert claimed for it (:meth:`hand`)."""
+    :meth:`Notifier.work_arrived`, or reserved by a request (:meth:`Notifier.reserve`), which then
+    always hands it what its insert claimed for it (:meth:`hand`) — None: nothing, and the worker
+    waits on as if it had never been reserved."""
 
-    __slots__ = ("worker_id", "reserved", "job", "_called")
+    __slots__ = ("worker_id", "reserved", "job", "_called", "_seen")
 
-    def __init__(self, worker_id: str = ""):
+    def __init__(self, worker_id: str):
         self.worker_id = worker_id
         self.reserved = False
         self.job: Job | None = None
         self._called = threading.Event()
+        self._seen = 0  # the work generation when it was reserved
 
     def hand(self, job: Job | None) -> None:
-        """Give the reserved worker ``job``, leased to it; None: nothing was, it looks for work itself."""
+        """Give the reserved worker ``job``, leased to it (None: nothing was claimed for it)."""
         self.job = job
         self._called.set()
 
@@ -133,37 +132,51 @@ class Notifier:
         for spot in woken:
             spot._called.set()
 
-    def wait_for_work(self, timeout: float, since: int | None = None, spot: Spot | None = None) -> bool:
-        """Wait until woken by :meth:`work_arrived` or handed a job (True), or for ``timeout``
-        seconds (False). ``since``: a :attr:`work_generation` read before looking for work — if
-        work arrived after it, return at once (True), so a wake-up between the look and the wait
-        is not lost. ``spot``: the worker's own (its :attr:`Spot.job` is what it was handed)."""
-        spot = spot or Spot()
+    def wait_for_work(self, timeout: float, spot: Spot, since: int | None = None) -> bool:
+        """Wait in line (``spot``: the worker's own) until woken by :meth:`work_arrived` or handed
+        a job (True; the job is :attr:`Spot.job`), or for ``timeout`` seconds (False). ``since``: a
+        :attr:`work_generation` read before looking for work — if work arrived after it, return at
+        once (True), so a wake-up between the look and the wait is not lost."""
+        end = time.monotonic() + timeout
         with self._work:
             if since is not None and self.work_generation != since:
                 return True
-            spot.reserved, spot.job = False, None
-            spot._called.clear()
-            self._idle.append(spot)
-        if spot._called.wait(timeout):
-            return True
-        with self._work:
-            if spot in self._idle:  # nobody called it
-                self._idle.remove(spot)
-                return False
-            reserved = spot.reserved
-        if reserved:  # reserved as the wait ended: the insert that did so is committing
-            spot._called.wait(HANDOFF_PATIENCE)
-        return True
+            self._line_up(spot)
+        while True:
+            called = spot._called.wait(max(end - time.monotonic(), 0))
+            with self._work:
+                if not called and spot in self._idle:  # nobody called it
+                    self._idle.remove(spot)
+                    return False
+                if not spot.reserved:
+                    return True
+            # Reserved (perhaps as the wait ran out): the request that did so hands something over
+            # once its insert has ended, whatever happened to it (relay/api.py).
+            while not spot._called.wait(60):
+                log.warning(
+                    "an idle worker still waits for the insert that reserved it",
+                    extra={"fields": {"worker": spot.worker_id}},
+                )
+            if spot.job is not None:
+                return True
+            with self._work:  # handed nothing: back in line, unless work arrived while it was out
+                if self.work_generation != spot._seen:
+                    return True
+                self._line_up(spot)
+
+    def _line_up(self, spot: Spot) -> None:
+        spot.reserved, spot.job = False, None
+        spot._called.clear()
+        self._idle.append(spot)
 
     def reserve(self) -> Spot | None:
         """Take an idle worker out of line for a job about to be inserted (None: none is idle).
-        The caller must :meth:`Spot.hand` it something, even None, or it waits ``HANDOFF_PATIENCE``."""
+        The caller must then :meth:`Spot.hand` it something, even None: until then it waits."""
         with self._work:
             if not self._idle:
                 return None
             spot = self._idle.pop()
-            spot.reserved = True
+            spot.reserved, spot._seen = True, self.work_generation
             return spot
 
 
@@ -306,7 +319,8 @@ class Pool:
         """An idle worker, and the claim an insert may make for it (see :meth:`JobStore.create`);
         None when no worker is idle or the pool is stopping. The caller hands the spot what the
         claim leased (``spot.hand(claim.job)``), whatever happened."""
-        if self._stop.is_set():
+        # PostgreSQL's insert is one statement that claims nothing (relay/jobs.py): no worker to hold back.
+        if self._stop.is_set() or self.store.engine.dialect.name != "sqlite":
             return None
         spot = self.notifier.reserve()
         if spot is None:
@@ -388,7 +402,7 @@ class Pool:
                 log.exception("worker loop error", extra={"fields": {"worker": worker_id}})
                 busy = False
             if not busy and not self._stop.is_set():
-                self.notifier.wait_for_work(self.settings.idle_poll_seconds, since=seen, spot=spot)
+                self.notifier.wait_for_work(self.settings.idle_poll_seconds, spot, since=seen)
 
     def _due(self, default: bool) -> bool:
         """Whether work is due now (a read); ``default`` when the database cannot say."""

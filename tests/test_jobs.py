@@ -527,9 +527,33 @@ def test_an_insert_claims_the_queues_next_job_for_an_idle_worker(job_settings):
         store.engine.dispose()
 
 
+class FailingClaimStore(JobStore):
+    """The real store, except that its claims fail."""
+
+    def _lease_next(self, conn, claim):
+        conn.execute(text("SELECT 1"))  # something done in the transaction, then undone
+        raise RuntimeError("the claim failed")
+
+
+def test_a_claim_that_fails_at_insert_leaves_the_new_job_queued(job_settings):
+    store = store_for(job_settings, FailingClaimStore)
+    db.migrate(store.engine)
+    try:
+        claim = Claim("w1", 30)
+        job, created = store.create("9" * 32, claim=claim, **BARE, account_key="acct")
+        assert created and claim.job is None and job.lease_owner is None
+        assert store.get(job.id).phase == "received"  # written all the same: a worker claims it as usual
+        add_job(store, "8" * 32)  # and the next insert is not troubled by it
+    finally:
+        store.engine.dispose()
+
+
 def test_a_worker_handed_its_job_by_the_insert_makes_no_claim(job_settings):
     with two_step_pool(job_settings.replace(idle_poll_seconds=30), CountingStore) as (store, notifier, done, pool):
         wait_until(lambda: store.claims == 1 and notifier._idle)  # its first look found nothing: idle
+        if store.engine.dialect.name != "sqlite":  # PostgreSQL's insert claims nothing: nobody is held back
+            assert pool.reserve() is None
+            return
         reserved = pool.reserve()
         assert reserved is not None and pool.reserve() is None  # the only idle worker is taken
         spot, claim = reserved
@@ -538,40 +562,57 @@ def test_a_worker_handed_its_job_by_the_insert_makes_no_claim(job_settings):
         finally:
             spot.hand(claim.job)
         wait_until(lambda: store.get("e" * 32).phase == "ready", timeout=5)
-        assert done == ["received", "downloaded"]
-        sqlite = store.engine.dialect.name == "sqlite"
-        # SQLite: the first step came with the insert, the second was claimed; PostgreSQL: both claimed.
-        assert store.claims == (2 if sqlite else 3)
-        # Handed nothing (an insert that failed, say), the worker looks for work itself.
+        # The first step came with the insert; the second was claimed.
+        assert done == ["received", "downloaded"] and store.claims == 2
+        # Handed nothing (the account was at its limit, say), it waits on without a claim...
         wait_until(lambda: notifier._idle)
         spot, _ = pool.reserve()
-        add_job(store, "f" * 32)
         spot.hand(None)
+        wait_until(lambda: notifier._idle)
+        time.sleep(0.2)
+        assert store.claims == 2
+        # ...and is woken like any idle worker when a job waits for one (as relay/api.py does).
+        add_job(store, "f" * 32)
+        notifier.work_arrived()
         wait_until(lambda: store.get("f" * 32).phase == "ready", timeout=5)
 
 
-def test_a_reserved_worker_whose_wait_ran_out_still_takes_what_it_is_handed():
+def test_a_reserved_worker_waits_for_what_it_is_handed_even_past_its_wait():
     notifier = Notifier()
     spot = Spot("w1")
     woke: list[bool] = []
-    thread = threading.Thread(target=lambda: woke.append(notifier.wait_for_work(0.2, spot=spot)))
-    thread.start()
-    wait_until(lambda: notifier._idle)
+
+    def wait(timeout: float) -> threading.Thread:
+        thread = threading.Thread(target=lambda: woke.append(notifier.wait_for_work(timeout, spot)))
+        thread.start()
+        wait_until(lambda: notifier._idle, interval=0.01)
+        return thread
+
+    thread = wait(1.0)
     assert notifier.reserve() is spot and notifier.reserve() is None
-    time.sleep(0.4)  # its wait has run out meanwhile: it waits for the hand-off, not for more work
+    time.sleep(1.5)  # its wait has run out meanwhile: it waits for the hand-off, not for more work
     assert thread.is_alive()
     handed = object()
     spot.hand(handed)
     thread.join(5)
     assert woke == [True] and spot.job is handed
-    # Not reserved, a worker's wait ends at its timeout; woken by new work, it is no longer idle.
-    assert not notifier.wait_for_work(0.05, spot=spot) and not notifier._idle
-    waiting = threading.Thread(target=lambda: woke.append(notifier.wait_for_work(10, spot=spot)))
-    waiting.start()
-    wait_until(lambda: notifier._idle)
-    notifier.work_arrived()
-    waiting.join(5)
+    # Handed nothing, it is back in line for the rest of its wait...
+    thread = wait(10)
+    notifier.reserve().hand(None)
+    wait_until(lambda: notifier._idle, interval=0.01)
+    assert thread.is_alive() and woke == [True]
+    notifier.work_arrived()  # ...and woken by new work, it leaves the line
+    thread.join(5)
     assert woke == [True, True] and not notifier._idle and spot.job is None
+    # Work that arrived while it was reserved wakes it when it is handed nothing.
+    thread = wait(10)
+    reserved = notifier.reserve()
+    notifier.work_arrived()  # nobody else in line to wake
+    reserved.hand(None)
+    thread.join(5)
+    assert woke == [True, True, True] and not notifier._idle
+    # Not reserved nor woken, a worker's wait ends at its timeout.
+    assert not notifier.wait_for_work(0.05, spot) and not notifier._idle
 
 
 class WorkerProcess:
