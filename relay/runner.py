@@ -402,7 +402,16 @@ class Pool:
                 log.exception("worker loop error", extra={"fields": {"worker": worker_id}})
                 busy = False
             if not busy and not self._stop.is_set():
-                self.notifier.wait_for_work(self.settings.idle_poll_seconds, spot, since=seen)
+                self._wait(spot, seen)
+
+    def _wait(self, spot: Spot, seen: int) -> None:
+        """Idle until woken or handed a job; at each idle poll (for retries that came due, and on
+        SQLite for other processes' jobs) a read says whether a claim would find anything — an
+        empty claim is a write transaction, and every idle worker polls."""
+        while not self.notifier.wait_for_work(self.settings.idle_poll_seconds, spot, since=seen):
+            seen = self.notifier.work_generation
+            if self._stop.is_set() or self._due(default=True):
+                return
 
     def _due(self, default: bool) -> bool:
         """Whether work is due now (a read); ``default`` when the database cannot say."""

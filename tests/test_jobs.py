@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -475,6 +476,22 @@ def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
         add_job(store, "b" * 32)
         notifier.work_arrived()
         wait_until(lambda: store.get("b" * 32).phase == "ready", timeout=5)
+
+
+def test_an_idle_worker_polls_with_a_read_and_claims_only_what_came_due(job_settings):
+    settings = job_settings.replace(idle_poll_seconds=0.05)
+    with two_step_pool(settings, CountingStore, start=False) as (store, _, done, pool):
+        # A retry due in a moment, with nobody to wake the worker when it comes due: the poll finds it.
+        add_job(store, "7" * 32)
+        with store.engine.begin() as conn:
+            due = db.utcnow() + timedelta(seconds=1.0)
+            conn.execute(db.jobs.update().values(next_run_at=due))
+        pool.start()
+        wait_until(lambda: store.claims == 1, interval=0.01)  # its first look, at start: nothing due
+        time.sleep(0.5)  # ten idle polls meanwhile: each a read, none a claim (a write)
+        assert store.claims == 1 and done == []
+        wait_until(lambda: store.get("7" * 32).phase == "ready", timeout=5)
+        assert done == ["received", "downloaded"]
 
 
 class BlindStore(JobStore):
