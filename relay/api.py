@@ -222,7 +222,7 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
                 dry_run=clone_request.dry_run,
             )
         finally:
-            if reserved is not None:  # what it claimed, or nothing: then the worker looks for itself
+            if reserved is not None:  # what it claimed, or nothing: then the worker waits on in line
                 reserved[0].hand(claim.job if claim is not None else None)
     if not created:
         runtime.vault.forget(job_id)

@@ -486,8 +486,8 @@ class _GroupInsert:
                     claimed: dict[str, tuple[_NewJob, Job]] = {}
                     with self.store.engine.begin() as conn:
                         conn.execute(_INSERT_MANY, [new.row for new in group] if len(group) > 1 else group[0].row)
-                        # Idle workers waiting for these jobs are given theirs by this transaction:
-                        # no claim of their own, no wake-up before it (one write instead of three).
+                        # Idle workers reserved for these jobs are given theirs by this transaction:
+                        # no claim transaction of their own, no wake-up before it.
                         for new in group:
                             if new.claim is not None and (row := self._claim(conn, new.claim)) is not None:
                                 claimed[row.id] = new, Job.from_row(row)
@@ -516,7 +516,7 @@ class _GroupInsert:
 
     def _claim(self, conn, claim: Claim):
         """A claim for an idle worker inside the insert's transaction; if it fails, the jobs are
-        written all the same (the worker then looks for work itself)."""
+        written all the same and wait for a worker as any job does."""
         try:
             with conn.begin_nested():
                 return self.store._lease_next(conn, claim)
