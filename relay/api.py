@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -198,9 +199,7 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     else:
         # An idle worker of this process gets its job from the insert's own transaction (SQLite):
         # no claim and no wake-up of its own on the way to the download.
-        reserved = runtime.pool.reserve() if runtime.pool is not None else None
-        claim = reserved[1] if reserved is not None else None
-        try:
+        with runtime.pool.reserved() if runtime.pool is not None else contextlib.nullcontext() as claim:
             job, created = runtime.store.create(
                 job_id,
                 claim=claim,
@@ -221,9 +220,6 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
                 exclusive_key=name_key if exclusive else None,
                 dry_run=clone_request.dry_run,
             )
-        finally:
-            if reserved is not None:  # what it claimed, or nothing: then the worker waits on in line
-                reserved[0].hand(claim.job if claim is not None else None)
     if not created:
         runtime.vault.forget(job_id)
         if stored_request.get("upload_id"):  # the job that holds this key has its own copy

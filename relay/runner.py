@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from .jobs import CHANGE_CHANNEL, WORK_CHANNEL, Claim, Contended, Job, JobStore
@@ -334,6 +334,21 @@ class Pool:
             queue_timeout=settings.queue_timeout_seconds,
         )
         return spot, claim
+
+    @contextlib.contextmanager
+    def reserved(self) -> Iterator[Claim | None]:
+        """For inserting a job: an idle worker held out of line, and the claim the insert may make
+        for it (None: no worker to hold); on leaving, the worker is handed what that claim leased,
+        or nothing, whatever happened in the block — it waits for that."""
+        reserved = self.reserve()
+        if reserved is None:
+            yield None
+            return
+        spot, claim = reserved
+        try:
+            yield claim
+        finally:
+            spot.hand(claim.job)
 
     def run_once(self, worker_id: str, handler: Handler) -> bool:
         """Claim and process one due job; False when there was none."""

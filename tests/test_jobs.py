@@ -571,13 +571,9 @@ def test_a_worker_handed_its_job_by_the_insert_makes_no_claim(job_settings):
         if store.engine.dialect.name != "sqlite":  # PostgreSQL's insert claims nothing: nobody is held back
             assert pool.reserve() is None
             return
-        reserved = pool.reserve()
-        assert reserved is not None and pool.reserve() is None  # the only idle worker is taken
-        spot, claim = reserved
-        try:
+        with pool.reserved() as claim:
+            assert claim is not None and pool.reserve() is None  # the only idle worker is taken
             add_job(store, "e" * 32, claim=claim)
-        finally:
-            spot.hand(claim.job)
         wait_until(lambda: store.get("e" * 32).phase == "ready", timeout=5)
         # The first step came with the insert; the second was claimed.
         assert done == ["received", "downloaded"] and store.claims == 2
