@@ -132,18 +132,23 @@ class Notifier:
         for spot in woken:
             spot._called.set()
 
-    def wait_for_work(self, timeout: float, spot: Spot, since: int | None = None) -> bool:
+    @property
+    def idle(self) -> int:
+        """How many workers wait in line."""
+        return len(self._idle)
+
+    def wait_for_work(self, timeout: float | None, spot: Spot, since: int | None = None) -> bool:
         """Wait in line (``spot``: the worker's own) until woken by :meth:`work_arrived` or handed
-        a job (True; the job is :attr:`Spot.job`), or for ``timeout`` seconds (False). ``since``: a
-        :attr:`work_generation` read before looking for work — if work arrived after it, return at
-        once (True), so a wake-up between the look and the wait is not lost."""
-        end = time.monotonic() + timeout
+        a job (True; the job is :attr:`Spot.job`), or for ``timeout`` seconds (False; None: until
+        woken). ``since``: a :attr:`work_generation` read before looking for work — if work arrived
+        after it, return at once (True), so a wake-up between the look and the wait is not lost."""
+        end = None if timeout is None else time.monotonic() + timeout
         with self._work:
             if since is not None and self.work_generation != since:
                 return True
             self._line_up(spot)
         while True:
-            called = spot._called.wait(max(end - time.monotonic(), 0))
+            called = spot._called.wait(None if end is None else max(end - time.monotonic(), 0))
             with self._work:
                 if not called and spot in self._idle:  # nobody called it
                     self._idle.remove(spot)
@@ -265,7 +270,7 @@ class Listener:
 
 
 class Pool:
-    """N worker threads in this process, plus a heartbeat and periodic clean-up.
+    """N worker threads in this process, plus the idle poll (:meth:`_watch`), a heartbeat and periodic clean-up.
 
     The pool's id is the process's name in the heartbeat table; jobs whose token is held in this
     process's memory are claimed only by it (``holder``)."""
@@ -295,9 +300,10 @@ class Pool:
             )
             thread.start()
             self._threads.append(thread)
-        beat = threading.Thread(target=self._housekeeping, daemon=True, name="relay-heartbeat")
-        beat.start()
-        self._threads.append(beat)
+        for target, name in ((self._watch, "relay-watch"), (self._housekeeping, "relay-heartbeat")):
+            thread = threading.Thread(target=target, daemon=True, name=name)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self, timeout: float = 25.0) -> bool:
@@ -420,13 +426,18 @@ class Pool:
                 self._wait(spot, seen)
 
     def _wait(self, spot: Spot, seen: int) -> None:
-        """Idle until woken or handed a job; at each idle poll (for retries that came due, and on
-        SQLite for other processes' jobs) a read says whether a claim would find anything — an
-        empty claim is a write transaction, and every idle worker polls."""
-        while not self.notifier.wait_for_work(self.settings.idle_poll_seconds, spot, since=seen):
-            seen = self.notifier.work_generation
-            if self._stop.is_set() or self._due(default=True):
-                return
+        """Idle until woken (by a new job, a notification, :meth:`_watch` or a stop) or handed a job."""
+        self.notifier.wait_for_work(None, spot, since=seen)
+
+    def _watch(self) -> None:
+        """The pool's idle poll, for work nothing announces (retries that came due; on SQLite,
+        other processes' jobs): every ``RELAY_IDLE_POLL_SECONDS``, while a worker is idle, one read
+        says whether a claim would find anything, and if so one idle worker is woken to claim it.
+        One read per process, not one per idle worker: an idle relay with 16 workers made 16 a
+        second (8 ms of CPU a second, against 1.4 ms with one worker); an empty claim would be a write."""
+        while not self._stop.wait(self.settings.idle_poll_seconds):
+            if self.notifier.idle and self._due(default=True):
+                self.notifier.work_arrived()
 
     def _due(self, default: bool) -> bool:
         """Whether work is due now (a read); ``default`` when the database cannot say."""

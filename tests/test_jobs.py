@@ -415,13 +415,18 @@ def test_the_end_of_a_step_is_told_once_committed(job_settings):
 
 
 class CountingStore(JobStore):
-    """The real store, counting claims (each is a write transaction)."""
+    """The real store, counting claims (each is a write transaction) and looks for due work (reads)."""
 
     claims = 0
+    looks = 0
 
     def claim(self, *args, **kwargs):
         self.claims += 1
         return super().claim(*args, **kwargs)
+
+    def due(self, *args, **kwargs):
+        self.looks += 1
+        return super().due(*args, **kwargs)
 
 
 class TwoSteps:
@@ -442,15 +447,15 @@ class TwoSteps:
 
 
 @contextlib.contextmanager
-def two_step_pool(settings, kind: type[JobStore], start: bool = True):
-    """One worker thread running :class:`TwoSteps` on a real store: ``(store, notifier, done, pool)``."""
+def two_step_pool(settings, kind: type[JobStore], start: bool = True, workers: int = 1):
+    """Worker threads running :class:`TwoSteps` on a real store: ``(store, notifier, done, pool)``."""
     from relay.runner import Pool
 
     store = store_for(settings, kind)
     db.migrate(store.engine)
     done: list[str] = []
     notifier = Notifier()
-    pool = Pool(store, settings, notifier, 1, lambda worker_id: TwoSteps(store, worker_id, done))
+    pool = Pool(store, settings, notifier, workers, lambda worker_id: TwoSteps(store, worker_id, done))
     try:
         yield store, notifier, done, pool.start() if start else pool
     finally:
@@ -476,6 +481,21 @@ def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
         add_job(store, "b" * 32)
         notifier.work_arrived()
         wait_until(lambda: store.get("b" * 32).phase == "ready", timeout=5)
+
+
+def test_an_idle_pool_polls_once_per_poll_however_many_workers_wait(job_settings):
+    settings = job_settings.replace(idle_poll_seconds=0.05)
+    with two_step_pool(settings, CountingStore, workers=8) as (store, notifier, done, _):
+        wait_until(lambda: len(notifier._idle) == 8)
+        looks, claims = store.looks, store.claims
+        time.sleep(0.5)  # ten polls: one read each for the pool (each worker polling: eighty)
+        assert 1 <= store.looks - looks <= 15 and store.claims == claims
+        # A retry that comes due with nobody to announce it is still found by the poll.
+        add_job(store, "6" * 32)
+        with store.engine.begin() as conn:
+            conn.execute(db.jobs.update().values(next_run_at=db.utcnow() + timedelta(seconds=0.3)))
+        wait_until(lambda: store.get("6" * 32).phase == "ready", timeout=5)
+        assert done == ["received", "downloaded"]
 
 
 def test_an_idle_worker_polls_with_a_read_and_claims_only_what_came_due(job_settings):
