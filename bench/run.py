@@ -145,16 +145,32 @@ def wait_ready(url: str, process: subprocess.Popen, what: str, log: Path | None 
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of ``pids`` (their threads included), from /proc."""
+    """User + system CPU of ``pids`` (their threads included, also those that ended).
+
+    Read from each process's CPU-time clock, in nanoseconds, as ``time.process_time()`` reads the
+    direct clients' own: /proc's user and system times are whole 10 ms ticks, which made a batch
+    of ten 35 ms clones ±10 % by rounding alone. /proc is the fallback where that clock is refused.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    total = 0.0
     for pid in pids:
         try:
+            total += time.clock_gettime_ns(_process_cpu_clock(pid)) / 1e9
+            continue
+        except OSError:
+            pass
+        try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += (int(fields[11]) + int(fields[12])) / ticks
         except (FileNotFoundError, IndexError, ValueError, ProcessLookupError):
             pass
-    return total / ticks
+    return total
+
+
+def _process_cpu_clock(pid: int) -> int:
+    """The clock id ``clock_getcpuclockid(pid)`` gives on Linux (Python does not wrap that call):
+    the whole process's scheduler CPU time."""
+    return (~pid << 3) | 2
 
 
 def group_pids(leader: int) -> list[int]:
