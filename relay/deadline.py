@@ -83,7 +83,11 @@ def current() -> Deadline | None:
 
 @contextlib.contextmanager
 def bounded(seconds: float) -> Iterator[Deadline]:
-    """``with bounded(s) as d:`` — a :class:`Deadline` of ``s`` seconds for the block."""
+    """``with bounded(s) as d:`` — a :class:`Deadline` of ``s`` seconds for the block, or of what
+    is left of the deadline around it, when that is sooner (a call inside a walk of several)."""
+    outer = current()
+    if outer is not None:
+        seconds = min(seconds, outer.remaining())
     with Deadline(seconds) as limit:
         yield limit
 

@@ -103,11 +103,14 @@ class SecretKeyRequired(RelayError):
     )
 
 
+RESUBMIT = "Submit the clone again."  # the advice of an error, unless a voice exists or may (relay/worker.py)
+
+
 class TokenUnavailable(RelayError):
     error_code, http_status = "token_unavailable", 503
     default_message = (
         "The relay restarted before this job finished and could not keep its useapi token "
-        "(set RELAY_SECRET_KEY so tokens survive restarts). Submit the clone again."
+        f"(set RELAY_SECRET_KEY so tokens survive restarts). {RESUBMIT}"
     )
 
 

@@ -4,7 +4,8 @@ Workers note an event at each step (download, validation, upload, reconciliation
 end, every callback attempt) and write the ones noted since their last write of the job in that
 write's transaction: a clone's timeline costs no transactions of its own. An event is a courtesy
 to the person reading the console: recording one never fails a job (a database error is logged
-and dropped). Details are plain words; anything
+and dropped). A job's "crashed" events, written with the write that reschedules it, also count its
+crashes (:meth:`relay.worker.CloneWorker.crashed`). Details are plain words; anything
 that looks like a URL loses its query string here, so a signed link or a token in a query never
 reaches the table. Events are deleted with their job (:meth:`relay.jobs.JobStore.purge`).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, func, insert, select
 
 from .db import job_events, reader, utcnow
 
@@ -54,6 +55,14 @@ def record_rows(engine: Engine, rows: list[dict]) -> None:
             conn.execute(insert(job_events), rows)
     except Exception:  # noqa: BLE001 - a timeline entry is never worth a failed job
         log.warning("events not recorded", exc_info=True, extra={"fields": {"job_id": rows[0]["job_id"]}})
+
+
+def count(engine: Engine, job_id: str, kind: str) -> int:
+    """How many events of ``kind`` the job has had (crashes, say)."""
+    with reader(engine) as conn:
+        return conn.scalar(
+            select(func.count()).select_from(job_events).where(job_events.c.job_id == job_id, job_events.c.kind == kind)
+        )
 
 
 def for_job(engine: Engine, job_id: str) -> list[Event]:

@@ -169,7 +169,7 @@ def _raise_for_status(response: requests.Response, target: urlguard.Target) -> N
 def _stream(response: requests.Response, sink, settings: Settings, due, target, progress=None, tap=None) -> int:
     limit = settings.max_bytes
     text = response.headers.get("Content-Length")
-    declared = int(text) if text and text.isdigit() else None
+    declared = int(text) if text and text.isascii() and text.isdigit() else None  # "²".isdigit() too
     if declared is not None and declared > limit:
         raise DownloadTooLarge(_too_large(declared, limit))
     size = 0

@@ -41,7 +41,7 @@ NEXT_STEPS: dict[str, str] = {
     "upload_unconfirmed": "useapi.net received the whole recording, but its answer was lost or unreadable, and no new voice of that name (or unnamed) appeared on the account within `RELAY_READY_TIMEOUT_SECONDS` of the upload. **A voice may exist and may have been charged**: check `GET /v1/voices?name=<name>` before sending the clone again. The relay never uploads again on a guess.",
     "clone_failed": "useapi.net accepted the file but reports the clone failed: try another recording.",
     "ready_timeout": "Accepted, but not ready within `RELAY_READY_TIMEOUT_SECONDS`; `cloned_voice_item_id` is kept — check it later with `GET /v1/voices/<id>`.",
-    "token_unavailable": "The relay process holding a job's per-request token (kept in memory only, without `RELAY_SECRET_KEY`) stopped before the job ended: submit again.",
+    "token_unavailable": "The relay process holding a job's per-request token (kept in memory only, without `RELAY_SECRET_KEY`) stopped before the job ended: submit again — unless the answer has a `cloned_voice_item_id` (useapi had accepted the upload: check that voice) or its message says the upload may have created a voice (check `GET /v1/voices?name=` first).",
     "queue_timeout": "No worker started the clone within `RELAY_QUEUE_TIMEOUT_SECONDS` (workers not running, or far more work than workers). Nothing was uploaded: send it again.",
     "storage_full": "The relay could not write the recording to its own disk (full, or `RELAY_SPOOL_DIR` unusable). The relay's problem, not the link's: the operator frees space; retry later.",
     "csrf_failed": "The console form was not sent from its own page, or the page is too old: reload it and send the form again.",

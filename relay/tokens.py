@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import TokenUnavailable
+from .errors import RESUBMIT, TokenUnavailable
 from .settings import Settings
 
 SERVER, SEALED, MEMORY = "server", "sealed", "memory"
@@ -79,7 +79,7 @@ class TokenVault:
             except InvalidToken:
                 raise TokenUnavailable(
                     "This job's useapi token was sealed with a RELAY_SECRET_KEY the relay no longer has "
-                    "(add the old key to RELAY_SECRET_KEY_OLD). Submit the clone again."
+                    f"(add the old key to RELAY_SECRET_KEY_OLD). {RESUBMIT}"
                 ) from None
         if kind == MEMORY:
             with self._lock:

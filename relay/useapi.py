@@ -48,6 +48,9 @@ TAIL = 64 * 1024
 # user:<id>-tempolor:<user_id>-voice:<itemId>; the account part may hold e-mail-like characters.
 VOICE_ID = re.compile(r"^user:[A-Za-z0-9_]{1,64}-tempolor:[A-Za-z0-9._@+-]{1,128}-voice:[A-Za-z0-9_-]{1,128}$")
 _MAX_MESSAGE = 300
+# useapi's answers are a few KB (a page of voices, an upload's ids). One far larger is not an
+# answer, and reading it whole could take the process's memory: it is read up to this and refused.
+ANSWER_LIMIT = 4 * 1024 * 1024
 
 
 # Connections to useapi are kept alive between look-ups (voice lists, status polls) of every clone
@@ -108,7 +111,12 @@ class Useapi:
         for session, uploads in ((self.session, False), (self._uploads, True)):
             session.trust_env = False  # the operator's base URL is used as configured
             session.headers.update(
-                {"Authorization": f"Bearer {token}", "User-Agent": f"voice-clone-relay/{__version__}"}
+                {
+                    "Authorization": f"Bearer {token}",
+                    "User-Agent": f"voice-clone-relay/{__version__}",
+                    # Answers as sent: a compressed one could expand far past ANSWER_LIMIT in memory.
+                    "Accept-Encoding": "identity",
+                }
             )
             for scheme in ("https://", "http://"):
                 session.mount(scheme, shared_adapter(uploads))
@@ -198,7 +206,12 @@ class Useapi:
         records, has_next, next_cursor = page.get("records"), page.get("hasNext", False), page.get("cursor")
         if (
             not isinstance(records, list)
-            or not all(isinstance(r, dict) and _is_voice_id(r.get("clonedVoiceItemId")) for r in records)
+            or not all(
+                isinstance(r, dict)
+                and _is_voice_id(r.get("clonedVoiceItemId"))
+                and (r.get("status") is None or _is_status(r["status"]))
+                for r in records
+            )
             or not isinstance(has_next, bool)
             or not (next_cursor is None or isinstance(next_cursor, (str, int)))
         ):
@@ -213,9 +226,8 @@ class Useapi:
         if response.status_code == 404:
             return None
         record = _json(response)
-        status = record.get("status")
-        if response.status_code != 200 or isinstance(status, bool) or not isinstance(status, (int, str)):
-            raise _invalid(response, "the voice lookup", "a voice record with a status")
+        if response.status_code != 200 or not _is_status(record.get("status")):
+            raise _invalid(response, "the voice lookup", "a voice record with a numeric status")
         return record
 
     def delete_voice(self, cloned_voice_item_id: str) -> bool:
@@ -248,12 +260,25 @@ class Useapi:
         with deadline.bounded(total) as limit:
             try:
                 response = (session or self.session).request(
-                    method, self.base + path, timeout=timeout, allow_redirects=False, **kwargs
+                    method, self.base + path, timeout=timeout, allow_redirects=False, stream=True, **kwargs
                 )
+                whole = _read_answer(response)
             except requests.RequestException as err:
                 raise self._translate(err, method, what, total, limit.expired, sent) from None
         if limit.expired:  # the watchdog cut the answer short: whatever arrived is not the answer
             raise self._translate(requests.Timeout(), method, what, total, True, sent)
+        if not whole:
+            raise UpstreamInvalidAnswer(
+                f"useapi.net answered {what} with HTTP {response.status_code} and more than "
+                f"{ANSWER_LIMIT // (1024 * 1024)} MiB, not the documented answer of a few KB. "
+                + (
+                    "A voice may have been created: the relay checks the account's voices before anything else."
+                    if sent is not None and sent.complete
+                    else "Try again later; if it persists, useapi.net may have changed or be failing."
+                ),
+                upstream_status=response.status_code,
+                maybe_created=sent is not None and sent.complete,
+            )
         if missing_ok and response.status_code == 404:
             return response
         if not 200 <= response.status_code < 300:
@@ -395,6 +420,26 @@ def _shape(response: requests.Response) -> str:
     return f"JSON {type(payload).__name__}"
 
 
+def _read_answer(response: requests.Response) -> bool:
+    """Read a streamed answer into ``response.content``, up to :data:`ANSWER_LIMIT` bytes; False
+    (and the connection closed) when it is longer."""
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body += chunk
+        if len(body) > ANSWER_LIMIT:
+            response.close()
+            return False
+    response._content = bytes(body)  # what requests itself keeps once it has read a body
+    return True
+
+
+def _is_status(value: Any) -> bool:
+    """A voice status as documented: a number (0 processing, 30 ready, others failed), or its digits."""
+    if isinstance(value, str):
+        return value.isascii() and value.isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_voice_id(value: Any) -> bool:
     return isinstance(value, str) and VOICE_ID.match(value) is not None
 
@@ -416,7 +461,7 @@ def _text(value: Any) -> str | None:
 def _retry_after(response: requests.Response, cap: float) -> int | None:
     """``Retry-After`` in seconds (digits or an HTTP date), never more than ``cap``."""
     value = response.headers.get("Retry-After", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         seconds = float(value)
     else:
         try:

@@ -6,7 +6,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import InvalidVoiceId
+from . import deadline
+from .errors import InvalidVoiceId, UpstreamTimeout
 from .useapi import VOICE_ID as _VOICE_ID
 from .useapi import Useapi
 
@@ -55,19 +56,28 @@ def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[
     """Every voice of the account, walking useapi's cursor pages; ``(voices, complete)``.
 
     ``complete`` is False when ``max_pages`` was reached with more pages left, or a cursor repeated.
+    The whole walk has the total time of one look-up (``RELAY_CONNECT_TIMEOUT`` +
+    ``RELAY_READ_TIMEOUT``), not one per page: slow pages end it with ``upstream_timeout``.
     """
     voices: list[dict[str, Any]] = []
     cursor: str | None = None
     seen: set[str] = set()
-    for _ in range(max_pages):
-        page = client.list_voices(user_id, cursor)
-        voices.extend(flatten(record) for record in page["records"])
-        cursor = page["cursor"]
-        if not page["hasNext"] or not cursor:
-            return voices, True
-        if cursor in seen:
-            return voices, False
-        seen.add(cursor)
+    total = client.settings.connect_timeout + client.settings.read_timeout
+    with deadline.bounded(total) as walk:
+        for read in range(max_pages):
+            if walk.remaining() <= 0:
+                raise UpstreamTimeout(
+                    f"useapi.net did not list the account's voices within {total:g} s ({read} pages read). "
+                    "Try again later."
+                )
+            page = client.list_voices(user_id, cursor)
+            voices.extend(flatten(record) for record in page["records"])
+            cursor = page["cursor"]
+            if not page["hasNext"] or not cursor:
+                return voices, True
+            if cursor in seen:
+                return voices, False
+            seen.add(cursor)
     return voices, False
 
 

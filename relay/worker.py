@@ -27,10 +27,12 @@ from sqlalchemy.exc import IntegrityError
 from . import answers, callbacks, convert, events, fetch, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
+    RESUBMIT,
     CloneFailed,
     QueueTimeout,
     ReadyTimeout,
     RelayError,
+    TokenUnavailable,
     UploadUnconfirmed,
     UpstreamError,
     UpstreamPaymentRequired,
@@ -109,7 +111,7 @@ class CloneWorker:
         answer = dict(job.answer or {})
         try:
             self._check_queue_time(job)
-            token = self.vault.open(job.id, job.token_kind, job.token_sealed)
+            token = self._open_token(job)
             request = pipeline.CloneRequest(**job.request)
             if job.phase in (RECEIVED, DOWNLOADED):
                 self._clone(job, request, token, answer)
@@ -122,17 +124,66 @@ class CloneWorker:
         except RelayError as err:
             self._fail(job, err, answer)
 
+    # A job claimed this many times more than RELAY_MAX_ATTEMPTS × 3 ends at its next crash even
+    # if its crashes could not be counted (they are written with the write that reschedules it).
+    CLAIMS_PER_CRASH_LIMIT = 10
+
     def crashed(self, job: Job) -> None:
-        """After an unexpected crash in a step: try again later, and give up after many tries."""
+        """After an unexpected crash in a step: try again later; give up after ``RELAY_MAX_ATTEMPTS``
+        × 3 crashes (not claims: every poll and callback attempt is a claim). A finished job keeps
+        its outcome: only its callback is tried again, or given up."""
         self._event(job, "crashed", "a step crashed; it is retried (see the relay's logs)")
+        limit = self.settings.max_attempts * 3
         try:
-            if job.attempts >= self.settings.max_attempts * 3:
-                self._fail(job, RelayError(), dict(job.answer or {}))
+            crashes = events.count(self.store.engine, job.id, "crashed") + 1  # with this one
+            delay = self.policy.delay(crashes)
+            when = utcnow() + timedelta(seconds=delay)
+            if job.terminal and crashes < limit:
+                self._save(job, release=True, callback_next_at=when, next_run_at=when)
+            elif job.terminal:
+                log.warning("callback given up: its step kept crashing", extra={"fields": {"job_id": job.id}})
+                detail = "the delivery step kept crashing (see the relay's logs)"
+                self._save(job, release=True, callback_status=GIVEN_UP, callback_last_error=detail, next_run_at=None)
+            elif crashes >= limit or job.attempts >= limit * self.CLAIMS_PER_CRASH_LIMIT:
+                message, fields = RelayError.default_message, {}
+                if (doubt := self._voice_doubt(job)) is not None:
+                    message, fields = f"The relay kept crashing on this job (see its logs). {doubt[0]}", doubt[1]
+                self._fail(job, RelayError(message, **fields), dict(job.answer or {}))
             else:
-                delay = self.policy.delay(job.attempts)
-                self._save(job, release=True, next_run_at=utcnow() + timedelta(seconds=delay))
+                self._save(job, release=True, next_run_at=when)
         except Exception:  # the database itself may be what failed; the lease will expire
             log.exception("could not reschedule job", extra={"fields": {"job_id": job.id}})
+
+    def _open_token(self, job: Job) -> str | None:
+        """The job's useapi token; without it, an error whose advice fits what was sent: "submit
+        again" only when no voice exists or may exist."""
+        try:
+            return self.vault.open(job.id, job.token_kind, job.token_sealed)
+        except TokenUnavailable as err:
+            doubt = self._voice_doubt(job)
+            if doubt is None:
+                raise
+            raise TokenUnavailable(f"{err.message.removesuffix(RESUBMIT).rstrip()} {doubt[0]}", **doubt[1]) from None
+
+    @staticmethod
+    def _voice_doubt(job: Job) -> tuple[str, dict] | None:
+        """For a job that ends before its voice is known: what to tell a caller whose voice exists
+        (useapi accepted the upload) or may exist (a whole body went out), and the answer's fields;
+        None when nothing was sent, and submitting again is safe."""
+        if job.phase == UPLOADED:
+            voice = job.cloned_voice_item_id
+            return (
+                f"useapi.net had already accepted the upload: do not submit it again; check the voice with "
+                f"GET /v1/voices/{voice}.",
+                {"cloned_voice_item_id": voice, "item_id": job.item_id},
+            )
+        if job.phase == UPLOADING and job.body_sent_at is not None:
+            name = job.request.get("name") or "<name>"
+            return (
+                f"Its upload may have created a voice: check GET /v1/voices?name={name} before submitting it again.",
+                {},
+            )
+        return None
 
     def _check_queue_time(self, job: Job) -> None:
         if job.phase != RECEIVED or job.upload_attempts:

@@ -6,6 +6,8 @@ voice, and never with a second upload for one job. Job cases run on SQLite and P
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import logging
 import os
@@ -149,6 +151,91 @@ def test_a_garbage_voice_list_is_an_error_never_no_voices(make_app, job_settings
     response = client.get("/v1/voices", headers=HEADERS)
     assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
     assert response.json["ok"] is False
+
+
+def test_a_voice_list_far_larger_than_any_answer_is_refused_not_read_whole(make_app, job_settings, fake):
+    # Valid JSON, padded past the 4 MiB cap: before, it was read whole and taken for "no voices".
+    padded = '{"records": [' + " " * (5 * 1024 * 1024) + '], "hasNext": false}'
+    fake.list_answer = (200, padded, "application/json")
+    client = make_app(job_settings).test_client()
+    response = client.get("/v1/voices", headers=HEADERS)
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
+    assert "more than 4 MiB" in response.json["error_message"]
+
+
+def test_useapi_answers_are_asked_for_uncompressed_and_a_compressed_one_is_read_within_the_cap(make_app, job_settings):
+    # 64 MiB of JSON in ~64 KB of gzip, sent although the relay asked for answers as they are.
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb") as archive:
+        archive.write(b'{"records": [')
+        for _ in range(64):
+            archive.write(b" " * (1024 * 1024))
+        archive.write(b'], "hasNext": false}')
+    body = packed.getvalue()
+
+    def behave(conn, stop):
+        conn.sendall(
+            servers.headers(Content_Type="application/json", Content_Encoding="gzip", Content_Length=str(len(body)))
+        )
+        conn.sendall(body)
+
+    with servers.RawServer(behave, host="127.0.0.1") as upstream:
+        client = make_app(job_settings.replace(useapi_base_url=upstream.url("/v1"))).test_client()
+        response = client.get("/v1/voices", headers=HEADERS)
+        asked = upstream.requests[0].lower()
+    assert b"accept-encoding: identity\r\n" in asked
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
+
+
+def test_a_voice_status_that_is_not_a_number_is_an_invalid_answer_not_a_failed_clone(
+    make_app, job_settings, fake, audio_host
+):
+    fake.ready_after_polls = 1000  # still cloning
+    client = make_app(job_settings.replace(ready_timeout_seconds=1.5)).test_client()
+    first = post(
+        client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Typed", "wait_seconds": 0}
+    )
+    wait_until(lambda: fake.voices)
+    with fake.lock:
+        for voice in fake.voices.values():
+            voice["status"] = "PROCESSING"  # a word where useapi documents a number
+
+    def ended():
+        answer = client.get(f"/v1/voice-clones/{first.json['job_id']}", headers=HEADERS).json
+        return answer if answer["status"] in ("ready", "failed") else None
+
+    answer = wait_until(ended, timeout=20)
+    # Not clone_failed ("try another recording"): the voice may well be cloning still. The answers
+    # were retried as nonsense until the ready window ended, and the voice is named for a look.
+    assert (answer["error_code"], answer["cloned_voice_item_id"]) == ("ready_timeout", next(iter(fake.voices)))
+    assert fake.upload_count() == 1
+    # A listed voice's status is held to the same shape.
+    voice = {"clonedVoiceItemId": answer["cloned_voice_item_id"], "name": "Typed", "status": "PROCESSING"}
+    fake.list_answer = (200, json.dumps({"records": [voice], "hasNext": False}), "application/json")
+    assert client.get("/v1/voices", headers=HEADERS).json["error_code"] == "upstream_invalid_answer"
+
+
+def test_a_voice_listing_of_many_slow_pages_ends_within_the_total_of_one_look_up(make_app, job_settings):
+    pages = iter(range(1000))
+
+    def behave(conn, stop):  # every page says there is another, after 0.3 s
+        stop.wait(0.3)
+        body = json.dumps({"records": [], "hasNext": True, "cursor": f"c{next(pages)}"}).encode()
+        head = servers.headers(Content_Type="application/json", Content_Length=str(len(body)), Connection="close")
+        conn.sendall(head + body)
+
+    with servers.RawServer(behave, host="127.0.0.1") as upstream:
+        settings = job_settings.replace(
+            useapi_base_url=upstream.url("/v1"), connect_timeout=0.5, read_timeout=1.0, max_list_pages=20
+        )
+        client = make_app(settings).test_client()
+        started = time.monotonic()
+        response = client.get("/v1/voices", headers=HEADERS)
+        took = time.monotonic() - started
+        pages_read = len(upstream.requests)
+    # 1.5 s for the whole walk; before, 1.5 s per page: 20 pages took 6 s and were "incomplete".
+    assert (response.status_code, response.json["error_code"]) == (504, "upstream_timeout")
+    assert took < 4 and 3 <= pages_read < 8
 
 
 def test_if_exists_reuse_with_a_garbage_list_fails_without_uploading(make_app, job_settings, fake, audio_host):

@@ -88,6 +88,18 @@ def test_a_body_longer_than_its_content_length_is_read_only_as_declared(settings
             assert spool.size == 1000
 
 
+def test_a_content_length_that_is_not_ascii_digits_is_read_as_no_length(settings):
+    # "²" (byte 0xB2, read as Latin-1) passes str.isdigit(); int() then raised outside the
+    # download's error handling, and the job's step crashed on every retry.
+    def behave(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nContent-Length: \xb2\r\n")
+        conn.sendall(b"Connection: close\r\n\r\nRIFF....WAVE")
+
+    with servers.RawServer(behave) as server:
+        with fetch.download(server.url(), settings) as spool:
+            assert spool.size == 12
+
+
 def test_a_drip_feed_is_stopped_by_the_total_deadline(settings):
     with servers.RawServer(servers.drips(interval=0.05)) as server:
         started = time.monotonic()

@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from sqlalchemy import text
 from standardwebhooks import Webhook
 from werkzeug import Request, Response
@@ -333,6 +334,109 @@ def test_a_job_whose_memory_token_was_lost_fails_clearly(make_app, job_settings,
     store = second.extensions["relay.runtime"].store
     job = wait_until(lambda: (j := store.get(job_id)).terminal and j)
     assert job.answer["error_code"] == "token_unavailable"
+
+
+def test_a_token_lost_after_useapi_accepted_the_upload_never_says_submit_again(
+    make_app, job_settings, fake, audio_host
+):
+    fake.ready_after_polls = 1000  # accepted (202) and still cloning: the job waits in "uploaded"
+    settings = job_settings.replace(secret_key=None)
+    first = make_app(settings, workers=1)
+    job_id = post(
+        first.test_client(),
+        {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Paid", "wait_seconds": 0},
+    ).json["job_id"]
+    wait_until(lambda: first.extensions["relay.runtime"].store.get(job_id).phase == "uploaded")
+    first.extensions["relay.runtime"].pool.stop(5)  # the process holding the token goes away
+    second = make_app(settings, workers=1)
+    store = second.extensions["relay.runtime"].store
+    job = wait_until(lambda: (j := store.get(job_id)).terminal and j)
+    voice = next(iter(fake.voices))
+    assert (job.answer["error_code"], job.answer["cloned_voice_item_id"]) == ("token_unavailable", voice)
+    # The voice is paid for: a scenario told to submit again would pay twice.
+    assert "Submit the clone again" not in job.answer["error_message"]
+    assert f"do not submit it again; check the voice with GET /v1/voices/{voice}" in job.answer["error_message"]
+    assert fake.upload_count() == 1
+
+
+class ReleaseFailsOnce(JobStore):
+    """The real store, except that the next release of a job fails as a locked database does."""
+
+    failures = 1
+
+    def release(self, *args, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise sqlalchemy.exc.OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return super().release(*args, **kwargs)
+
+
+def crash_once(app, job_id: str, settings, crashes_before: int = 0):
+    """Claim ``job_id`` and run its step as the pool does, its write failing once; the job after."""
+    from relay import events
+    from relay.worker import CloneWorker
+
+    runtime = app.extensions["relay.runtime"]
+    store = ReleaseFailsOnce(runtime.store.engine)
+    for _ in range(crashes_before):
+        events.record(store.engine, job_id, "crashed")
+    with store.engine.begin() as conn:  # many ordinary claims (polls, callback tries) before this one
+        conn.execute(db.jobs.update().where(db.jobs.c.id == job_id).values(attempts=40, next_run_at=db.utcnow()))
+    worker = CloneWorker(store, settings, runtime.vault, runtime.notifier, "w-1")
+    job = store.claim("w-1", 30)
+    assert job is not None and job.id == job_id
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        worker.process(job)
+    worker.crashed(job)  # what the pool does after a step raised
+    return store.get(job_id)
+
+
+def test_one_crash_after_many_claims_is_retried_and_never_undoes_a_finished_job(
+    make_app, job_settings, fake, audio_host, receiver
+):
+    receiver.expect_request("/hook", method="POST").respond_with_response(Response("nope", status=500))
+    app = make_app(job_settings, workers=1)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    body = {"audio_url": url, "name": "Good", "wait_seconds": 0, "callback_url": receiver.url_for("/hook")}
+    job_id = post(client, body).json["job_id"]
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: store.get(job_id).phase == "ready" and store.get(job_id).callback_attempts >= 1)
+    app.extensions["relay.runtime"].pool.stop(5)
+    # The callback step crashes once (its write fails): the job stays ready, its callback is tried again.
+    job = crash_once(app, job_id, job_settings)
+    assert (job.phase, job.answer["ok"], job.callback_status) == ("ready", True, "pending")
+    assert job.lease_owner is None and job.callback_next_at is not None
+    # Crashing for the last allowed time, it gives the callback up and still keeps its outcome.
+    job = crash_once(app, job_id, job_settings, crashes_before=job_settings.max_attempts * 3 - 2)
+    assert (job.phase, job.answer["ok"], job.callback_status) == ("ready", True, "given_up")
+    assert "kept crashing" in job.callback_last_error
+
+
+def test_a_job_whose_voice_exists_that_keeps_crashing_ends_saying_not_to_submit_again(
+    make_app, job_settings, fake, audio_host
+):
+    fake.ready_after_polls = 1000
+    app = make_app(job_settings, workers=1)
+    client = app.test_client()
+    job_id = post(
+        client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Paid", "wait_seconds": 0}
+    ).json["job_id"]
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: store.get(job_id).phase == "uploaded")
+    app.extensions["relay.runtime"].pool.stop(5)
+    # 40 claims and one crash: retried (before, 15 claims were enough to end it at its first crash).
+    job = crash_once(app, job_id, job_settings)
+    assert job.phase == "uploaded" and job.lease_owner is None
+    job = crash_once(app, job_id, job_settings, crashes_before=job_settings.max_attempts * 3 - 2)
+    voice = next(iter(fake.voices))
+    assert (job.phase, job.answer["error_code"], job.answer["cloned_voice_item_id"]) == (
+        "failed",
+        "internal_error",
+        voice,
+    )
+    assert "do not submit it again" in job.answer["error_message"] and "Retry later" not in job.answer["error_message"]
+    assert fake.upload_count() == 1
 
 
 # --- leases and crashes ---------------------------------------------------------------------
