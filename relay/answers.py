@@ -49,10 +49,13 @@ def for_job(job: Job, now: datetime) -> dict[str, Any]:
         else:
             status = "queued"
         answer.update(ok=True, status=status, error_code=None, error_message=None)
-        if status != "processing":
-            answer["message"] = "The clone is " + (
-                "being worked on." if status == "running" else "waiting for a worker."
-            )
+        if status == "running":
+            answer["message"] = "The clone is being worked on."
+        elif status == "queued" and job.attempts and job.next_run_at is not None and job.next_run_at > now:
+            # Tried and put back (useapi unreachable or busy, say): not the same as no worker at all.
+            answer["message"] = "The clone waits to be tried again; warnings say what happened."
+        elif status == "queued":
+            answer["message"] = "The clone is waiting for a worker."
     answer.update(
         job_id=job.id,
         status_url=job.status_url,

@@ -18,7 +18,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, answers, bodies, db, deadline, pipeline, uploads, urlguard, voices
+from . import __version__, answers, audio, bodies, db, deadline, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
     DownloadFailed,
@@ -319,7 +319,8 @@ def _wait_seconds(asked: float | None, callback_url: str | None) -> float:
     if asked > limit:
         # A connector may ask for its tool's limit (Make: 280 s) from a relay that must answer
         # sooner (Heroku: 30 s): waiting less is always safe, so the relay's limit wins.
-        g.answer["warnings"].append(f"wait_seconds {asked:g} is above this relay's limit; waited at most {limit:g} s.")
+        note = f"wait_seconds {asked:g} is above this relay's limit; it waits at most {limit:g} s."
+        g.answer["warnings"].append(note)
         return limit
     return asked
 
@@ -497,15 +498,41 @@ def _load(schema: CloneRequestSchema) -> tuple[dict, list[str]]:
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InvalidRequest("The request body is not UTF-8 text: send JSON encoded as UTF-8.") from None
+        raise InvalidRequest(
+            _misfiled(raw) or "The request body is not UTF-8 text: send JSON encoded as UTF-8."
+        ) from None
     except RecursionError:
         raise InvalidRequest("The JSON body is nested too deeply.") from None
     except ValueError as err:
-        raise InvalidRequest(f"The request body is not valid JSON ({err}).{_json_hint()}") from None
+        raise InvalidRequest(_misfiled(raw) or f"The request body is not valid JSON ({err}).{_json_hint()}") from None
     try:
         return schema.load_with_warnings(data)
     except ValidationError as err:
         raise InvalidRequest(describe_validation_error(err)) from None
+
+
+# What audio.sniff names a recording (useapi's formats or ones converted first), not a page or picture.
+_RECORDINGS = ("wav", "wav-rf64", "flac", "m4a", "mp3", "ogg", "ogg-opus", "ogg-vorbis", "ogg-flac", "aiff", "webm")
+_RECORDINGS += ("amr", "caf", "asf", "mov", "adts", "video")
+
+
+def _misfiled(raw: bytes) -> str | None:
+    """What to change when the body read as JSON is a recording or a multipart form that was sent
+    with another Content-Type (curl's --data-binary without -H, a header left over); None otherwise."""
+    sent = f"sent as {request.mimetype}" if request.mimetype else "sent without a Content-Type"
+    kind = audio.sniff_start(raw[:65536])
+    if kind in _RECORDINGS:
+        media_type = audio.CONTENT_TYPES[kind][0] if kind in audio.CONTENT_TYPES else "application/octet-stream"
+        return (
+            f"The body is a recording ({kind.upper()}) {sent}: send it with Content-Type {media_type} and the "
+            "fields in the query string (?name=…), or as multipart/form-data with the file in a part named 'file'."
+        )
+    if raw.startswith(b"--") and b"content-disposition: form-data" in raw[:4096].lower():
+        return (
+            f"The body is a multipart form {sent}: let your tool set multipart/form-data with its boundary "
+            "(curl -F does; drop any -H 'Content-Type' you added)."
+        )
+    return None
 
 
 def _json_hint() -> str:

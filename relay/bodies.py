@@ -73,6 +73,11 @@ def clone_body(
             except RequestEntityTooLarge:
                 raise RequestTooLarge(_too_large(settings.max_bytes)) from None
             if part is None:  # a form with a link works like JSON
+                if "file" in fields:
+                    raise InvalidRequest(
+                        "The form part 'file' is text, not a file: attach the recording itself "
+                        "(curl: -F file=@voice.ogg, with the @)."
+                    )
                 if "audio_url" not in fields:
                     raise InvalidRequest(
                         "Send the recording in a form part named 'file' (or a link in the field audio_url)."
@@ -85,7 +90,12 @@ def clone_body(
             raise InvalidRequest("Send either a file or audio_url, not both.")
         if received == 0:
             raise NotAudio("The uploaded file is empty (0 bytes). Attach the recording itself.", audio_bytes=0)
-        body, warnings = _load_fields(schema, fields, with_url=False)
+        try:
+            body, warnings = _load_fields(schema, fields, with_url=False)
+        except InvalidRequest as err:
+            if kind == "raw":  # the body is the file: the fields can only be in the query string
+                err.message += " With the recording as the body, the fields go in the query string (?name=My%20voice)."
+            raise
         spool.seek(0)
         yield body, warnings, Upload(spool, received, sha256, name)
 

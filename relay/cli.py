@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from . import __version__, create_app
+from .preflight import open_relay_warning
 from .settings import Settings, SettingsError
 
 
@@ -340,12 +341,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             # The rest as in production (Procfile, Dockerfile): relay/gunicorn_conf.py.
             for name in ("worker_class", "timeout", "graceful_timeout", "keepalive", "accesslog", "worker_exit"):
                 self.cfg.set(name, getattr(gunicorn_conf, name))
+            self.cfg.set("when_ready", listening)
 
         def load(self):
             # Called in each worker process after the fork: the job pool's threads start there.
             return create_app(settings)
 
-    print(f"relay {__version__} listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    def listening(server):  # noqa: ARG001 - gunicorn's hook: its sockets are bound by now
+        print(f"relay {__version__} listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        if warning := open_relay_warning(settings, host):
+            print(f"relay: {warning}", file=sys.stderr, flush=True)
+
     Server().run()
     return 0
 

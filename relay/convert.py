@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -520,8 +521,9 @@ def _run_child(
     if settings.max_seconds:
         max_seconds = min(max_seconds, settings.max_seconds)
     job = {
-        "input": path,
-        "output": out if convert else None,
+        # Absolute: the child runs in the package's folder, not the caller's (`relay clone voice.ogg`).
+        "input": os.path.abspath(path),
+        "output": os.path.abspath(out) if convert and out else None,
         "demuxer": demuxer,
         "max_seconds": max_seconds,
         "max_bytes": settings.max_bytes,
@@ -697,7 +699,9 @@ def _work(job: dict) -> dict:
 
 
 def _short(err: BaseException) -> str:
-    return str(err).split(": '")[0][:160] or type(err).__name__
+    """FFmpeg's reason in a few words: no file path, no "[Errno 541478725]" code before it."""
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(err).split(": '")[0])
+    return text[:160] or type(err).__name__
 
 
 def _frames(container, stream, meter):

@@ -55,7 +55,11 @@ class MethodNotAllowed(RelayError):
 
 class RequestTooLarge(RelayError):
     error_code, http_status = "request_too_large", 413
-    default_message = "The JSON body is too large. Send the audio as a URL in audio_url, not inline."
+    default_message = (
+        "The request body is too large for a JSON request. To send the recording itself, use its audio "
+        "Content-Type (e.g. audio/wav) with the fields in the query string, or multipart/form-data with the "
+        "file in a part named 'file'; or send a link in audio_url."
+    )
 
 
 class RequestTimeout(RelayError):

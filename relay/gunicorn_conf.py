@@ -46,6 +46,15 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
         raise SystemExit(2)
 
 
+def when_ready(server):  # noqa: ARG001 - gunicorn's hook signature
+    """Sockets bound: say so if the relay is open to everyone who can reach it."""
+    from relay.preflight import open_relay_warning
+
+    warning = open_relay_warning(_settings, os.environ.get("RELAY_BIND_HOST", "0.0.0.0"))
+    if warning:
+        print(f"relay: {warning}", file=sys.stderr, flush=True)
+
+
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
     app = getattr(worker, "wsgi", None)
     runtime = getattr(app, "extensions", {}).get("relay.runtime") if app is not None else None

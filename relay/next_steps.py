@@ -24,7 +24,7 @@ NEXT_STEPS: dict[str, str] = {
     "url_not_allowed": "Not a public http(s) URL (private/loopback/metadata address, credentials in the URL, other scheme), also after a redirect.",
     "download_failed": "The link did not download (HTTP error at the source, DNS, refused, reset, too slow, redirect loop). Fix or re-share the link.",
     "download_too_large": "Over `RELAY_MAX_BYTES` (by `Content-Length` or while streaming).",
-    "not_audio": "The link gave a web page, document, image, empty file or an MP4 without audio. The message says what was received.",
+    "not_audio": "The link gave a web page, document, image, empty file or an MP4 without audio (the message says which): use the file's direct download link (shared publicly), or send the recording itself.",
     "unsupported_audio_format": 'Audio useapi does not take and the relay did not convert (`convert: "never"` or `RELAY_CONVERT=off`; or a format the relay does not decode, e.g. MIDI): convert to WAV, MP3, FLAC or M4A.',
     "audio_corrupt": "Looks like an accepted format but is truncated or damaged.",
     "audio_too_short": "Shorter than `RELAY_MIN_SECONDS` (or no samples).",

@@ -6,6 +6,8 @@ line naming the host and what to do, not as a traceback after "listening on …"
 
 from __future__ import annotations
 
+import ipaddress
+
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -41,6 +43,11 @@ def database_problem(settings: Settings) -> str | None:
                 "make RELAY_DATA_DIR a writable folder, or set DATABASE_URL to a PostgreSQL URL"
             )
         where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+        if " failed: FATAL:" in str(getattr(err, "orig", None) or err):  # PostgreSQL answered, and refused
+            return (
+                f"the database server at {where} refused the connection (DATABASE_URL): {reason}. "
+                "Fix the database name, user or password in DATABASE_URL"
+            )
         return (
             f"cannot reach the database at {where} (DATABASE_URL): {reason}. "
             "Start PostgreSQL there or fix DATABASE_URL (unset it to use SQLite in RELAY_DATA_DIR)"
@@ -52,7 +59,27 @@ def database_problem(settings: Settings) -> str | None:
 
 
 def _reason(err: Exception) -> str:
-    """The driver's own reason, first line, last clause: 'Connection refused', 'password authentication failed …'."""
+    """The driver's own reason, first line, without the "connection to server at … failed:" before
+    it: 'Connection refused', 'database "x" does not exist', 'received invalid response to SSL
+    negotiation: H' (a web server on that port)."""
     text_ = str(getattr(err, "orig", None) or err).strip()
-    first = text_.splitlines()[0] if text_ else type(err).__name__
-    return first.rsplit(": ", 1)[-1].strip() or first
+    first = text_.splitlines()[0] if text_ else ""
+    reason = first.rsplit(" failed: ", 1)[-1].strip().removeprefix("FATAL:").strip()
+    return reason or type(err).__name__
+
+
+def open_relay_warning(settings: Settings, host: str) -> str | None:
+    """A warning when the relay listens beyond this machine with no ``RELAY_API_KEY``: every
+    endpoint is then open to whoever reaches it (job answers by their URL, downloads, conversions,
+    clones with their own token). None on loopback, or with a key."""
+    if settings.relay_api_key:
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may be reached from elsewhere
+    return (
+        f"warning: no RELAY_API_KEY, and listening on {host}: every endpoint is open to anyone who can "
+        "reach this address. Set RELAY_API_KEY (a long random string) before exposing it."
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import unicodedata
@@ -144,10 +145,24 @@ class CloneRequestSchema(Schema):
         for key in ("content_type", "if_exists"):  # case does not matter ("Reuse", "audio/MPEG")
             if isinstance(data.get(key), str):
                 data[key] = data[key].strip().lower()
-        loaded = self.load(data)
         unknown = sorted(key for key in data if key not in self.fields)
+        try:
+            loaded = self.load(data)
+        except ValidationError as err:
+            # A request that fails is when a misspelt field name ("url", "Audio_URL") is worth a word.
+            if unknown and isinstance(err.messages, dict):
+                named = [f"'{key}'" + self._near(key) for key in unknown]
+                raise ValidationError({**err.messages, "unknown fields": [", ".join(named)]}) from None
+            raise
         warnings = [f"Unknown field '{key}' was ignored." for key in unknown]
         return loaded, warnings
+
+    def _near(self, key: str) -> str:
+        """A hint naming the field ``key`` was probably meant to be (the same letters in another
+        case, or close): ``" (did you mean 'audio_url'?)"``; empty when none is close."""
+        names = {name.lower(): name for name in self.fields}
+        close = difflib.get_close_matches(str(key).lower(), list(names), n=1, cutoff=0.5)
+        return f" (did you mean '{names[close[0]]}'?)" if close else ""
 
 
 _OPTIONAL = (
@@ -168,8 +183,9 @@ def describe_validation_error(err: ValidationError) -> str:
     messages = err.messages if isinstance(err.messages, dict) else {"_schema": err.messages}
     for field_name, problems in sorted(messages.items()):
         text = " ".join(str(p) for p in problems) if isinstance(problems, list) else str(problems)
+        text = text.rstrip(".")  # the parts are joined with "; " and the whole ends with one "."
         parts.append(text if field_name == "_schema" else f"{field_name}: {text}")
-    return "Invalid request. " + "; ".join(parts)
+    return "Invalid request. " + "; ".join(parts) + "."
 
 
 STATUSES = ("queued", "running", "processing", "ready", "validated", "failed")

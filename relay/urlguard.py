@@ -60,9 +60,9 @@ def check_literal(url: str, allowed: Iterable[Network] = ()) -> tuple[str, str, 
         raise UrlNotAllowed(f"The URL cannot be parsed ({err}).") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
+        given = f"{scheme}:" if scheme else "a URL without a scheme"
         raise UrlNotAllowed(
-            f"Only http:// and https:// URLs can be fetched, not {scheme or 'a URL without a scheme'}:. "
-            "Use the file's public download link."
+            f"Only http:// and https:// URLs can be fetched, not {given}. Use the file's public download link."
         )
     if "@" in parts.netloc:
         raise UrlNotAllowed("URLs with a user name or password in them are not fetched; use a share link instead.")
@@ -144,7 +144,10 @@ def redact(url: str) -> str:
 
 def _private_message(host: str, address: IPAddress) -> str:
     where = f"{address}" if host == str(address) else f"{host} points to {address}, which"
-    return f"{where} is not a public internet address; the relay only fetches public URLs."
+    return (
+        f"{where} is not a public internet address; the relay only connects to public ones, unless its "
+        "operator allows a private network with RELAY_ALLOWED_NETWORKS (a self-hosted n8n, a local test)."
+    )
 
 
 def _is_public(address: IPAddress) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
@@ -285,15 +285,17 @@ class Useapi:
             raise _error_for(response, what, self._token, method == "POST", self.settings.max_retry_after_seconds)
         return response
 
-    @staticmethod
-    def _translate(err, method: str, what: str, total: float, expired: bool, sent) -> UpstreamError:
+    def _translate(self, err, method: str, what: str, total: float, expired: bool, sent) -> UpstreamError:
         reason = getattr(err.args[0] if err.args else None, "reason", None)
         never_connected = isinstance(err, requests.ConnectTimeout) or isinstance(
             reason, (NewConnectionError, ConnectTimeoutError)
         )
         if never_connected:
+            host = urlsplit(self.base).hostname or self.base
             return UpstreamUnavailable(
-                f"useapi.net could not be reached for {what} (connection failed). Try again later.", reached=False
+                f"useapi.net could not be reached for {what}: {_connect_failure(err, reason, host)}. Try again "
+                "later; if it persists, check USEAPI_BASE_URL and this server's outbound network.",
+                reached=False,
             )
         if sent is not None and not sent.complete:
             # The body stopped short of its Content-Length: not a request useapi can act on.
@@ -418,6 +420,19 @@ def _shape(response: requests.Response) -> str:
         keys = ", ".join(sorted(map(str, payload))[:6])
         return f"a JSON object with {{{keys}}}" if keys else "an empty JSON object"
     return f"JSON {type(payload).__name__}"
+
+
+def _connect_failure(err, reason, host: str) -> str:
+    """Why a connection to ``host`` was never made, in a few words."""
+    said = str(reason or err).lower()
+    if "errno -2]" in said or "errno -3]" in said or "errno -5]" in said or "resolv" in said:
+        return f"the name {host} did not resolve (DNS)"
+    if "refused" in said:
+        return f"{host} refused the connection"
+    # (urllib3's NewConnectionError is a ConnectTimeoutError too: the other causes come first)
+    if isinstance(err, requests.ConnectTimeout) or isinstance(reason, ConnectTimeoutError):
+        return f"connecting to {host} timed out"
+    return f"the connection to {host} failed"
 
 
 def _read_answer(response: requests.Response) -> bool:

@@ -291,12 +291,10 @@ class CloneWorker:
             delay = self.policy.delay(attempt, err.retry_after)
             if status == 429:  # the whole account waits, other accounts go on
                 self.store.back_off(job.account_key, delay)
-            _warn(
-                answer,
-                f"useapi.net answered HTTP {status}; retrying."
-                if status
-                else "useapi.net was unreachable or the upload broke off before it was complete; retrying.",
-            )
+            # Why, in the relay's own words ("…could not be reached for the upload: the name … did
+            # not resolve (DNS)"), without the advice to try again: the relay does.
+            said = err.message.split(" Try again later")[0].rstrip(". ")
+            _warn(answer, f"useapi.net answered HTTP {status}; retrying." if status else f"{said}; retrying.")
             self._save(
                 job,
                 attempt=attempt,

@@ -74,6 +74,12 @@ def test_without_a_key_configured_the_relay_is_open(make_app, settings, audio_ho
         ({"audio_url": "https://example.com/a.wav", "name": "x", "if_exists": "maybe"}, "if_exists"),
         ([1, 2, 3], "must be a JSON object"),
         ("just a string", "must be a JSON object"),
+        # A misspelt field is named, with the one probably meant, when the request fails for it.
+        (
+            {"url": "https://example.com/a.wav", "voice_name": "v"},
+            "required field; unknown fields: 'url' (did you mean 'audio_url'?), 'voice_name' (did you mean 'name'?).",
+        ),
+        ({"Audio_URL": "https://example.com/a.wav", "name": "v"}, "'Audio_URL' (did you mean 'audio_url'?)"),
     ],
 )
 def test_invalid_bodies_are_400_with_the_field_named(client, body, says):

@@ -10,7 +10,7 @@ from werkzeug import Response
 from relay.schemas import ANSWER_FIELDS
 
 from . import servers
-from .conftest import RELAY_KEY, TOKEN, audio_bytes, clone, serve_file
+from .conftest import RELAY_KEY, TOKEN, audio_bytes, clone, serve_file, wait_until
 from .test_audio import ACCEPTED
 
 VOICE_ID = "user:12345-tempolor:67890-voice:abc123"
@@ -123,8 +123,33 @@ def test_upstream_down_is_retried_then_upstream_unavailable(make_app, settings, 
     client = make_app(settings.replace(useapi_base_url=base)).test_client()
     response = clone(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "My voice"})
     assert (response.status_code, response.json["error_code"]) == (502, "upstream_unavailable")
-    assert "unreachable or the upload broke off before it was complete; retrying" in " ".join(response.json["warnings"])
+    # Why, naming the host and the cause, and where an operator looks (not just "try again later").
+    said = "useapi.net could not be reached for the upload: 127.0.0.1 refused the connection"
+    assert f"{said}; retrying." in response.json["warnings"]
+    assert said in response.json["error_message"] and "USEAPI_BASE_URL" in response.json["error_message"]
     assert len(audio_host.log) == 3  # downloaded again for each of the 3 attempts
+
+
+def test_a_job_put_back_to_try_again_says_so_not_that_it_waits_for_a_worker(make_app, job_settings, audio_host):
+    with servers.RawServer(lambda conn, stop: None, host="127.0.0.1") as gone:
+        base = gone.url("/v1")
+    # A long retry delay: the job sits queued between its first and second attempts.
+    app = make_app(job_settings.replace(useapi_base_url=base, retry_base_seconds=60), workers=1)
+    client = app.test_client()
+    first = client.post(
+        "/v1/voice-clones",
+        json={"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Later", "wait_seconds": 0},
+        headers={"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN},
+    )
+    job_id = first.json["job_id"]
+    store = app.extensions["relay.runtime"].store
+    wait_until(lambda: store.get(job_id).upload_attempts == 1 and store.get(job_id).lease_owner is None)
+    answer = client.get(f"/v1/voice-clones/{job_id}", headers={"Authorization": f"Bearer {RELAY_KEY}"}).json
+    assert (answer["status"], answer["message"]) == (
+        "queued",
+        "The clone waits to be tried again; warnings say what happened.",
+    )
+    assert any("refused the connection; retrying." in warning for warning in answer["warnings"])
 
 
 def test_dry_run_validates_everything_and_uploads_nothing(client, audio_host, useapi):

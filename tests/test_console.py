@@ -6,6 +6,7 @@ tests/test_console_browser.py drives the same pages in Chromium.
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,17 @@ from relay.jobs import JobStore
 from relay.next_steps import NEXT_STEPS
 from relay.web.security import LoginLimiter
 
-from .conftest import HEADERS, JOBS_SECRET_KEY, RELAY_KEY, TOKEN, fast_settings, over_http, serve_file, wait_until
+from .conftest import (
+    AUDIO,
+    HEADERS,
+    JOBS_SECRET_KEY,
+    RELAY_KEY,
+    TOKEN,
+    fast_settings,
+    over_http,
+    serve_file,
+    wait_until,
+)
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 JOB_ID = "0" * 32
@@ -272,6 +283,12 @@ def test_history_pages_newest_first(job_settings, console, audio_host):
         engine.dispose()
 
 
+@pytest.mark.parametrize("page", ["9223372036854775807", "99999999999999999999999", "-3", "two"])
+def test_any_page_number_is_a_page_never_a_server_error(web_console, page):
+    response = web_console.get(f"/console?page={page}")
+    assert response.status_code == 200 and "text/html" in response.headers["Content-Type"]
+
+
 def test_a_failed_job_page_shows_the_error_the_next_step_and_the_timeline(console, audio_host):
     made = make_jobs(console.base, audio_host)
     failed = console.get(f"/console/clones/{made['failed']['job_id']}").text
@@ -316,6 +333,22 @@ def test_events_and_the_curl_never_carry_secrets_from_urls(web_console, audio_ho
     for secret in ("s3cr3tsig", "t0ken", "abc123"):
         assert secret not in page
     assert events.scrub("GET https://h.example/a?sig=x failed") == "GET https://h.example/a failed"
+
+
+def test_the_curl_of_a_job_that_received_a_file_sends_a_file_again(web_console):
+    with open(AUDIO / "wav_pcm16_mono.wav", "rb") as recording:
+        answer = requests.post(
+            f"{web_console.base}/v1/voice-clones",
+            files={"file": ("voice.wav", recording)},
+            data={"name": "From a form", "dry_run": "true", "metadata": '{"row": 7}'},
+            headers=HEADERS,
+            timeout=30,
+        ).json()
+    assert answer["status"] == "validated", answer
+    page = web_console.get(f"/console/clones/{answer['job_id']}").text
+    curl = html.unescape(re.search(r'<pre id="curl">(.*?)</pre>', page, re.DOTALL).group(1))
+    assert '-F "file=@$RECORDING"' in curl and "-F 'name=From a form'" in curl and "-F dry_run=true" in curl
+    assert """-F 'metadata={"row": 7}'""" in curl and "application/json" not in curl and "-d " not in curl
 
 
 def test_the_callback_can_be_sent_again_from_the_job_page(console, audio_host, receiver):

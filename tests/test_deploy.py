@@ -162,13 +162,14 @@ def test_readyz_without_any_worker_says_what_to_do(make_app, settings):
 # --- relay clone ----------------------------------------------------------------------------
 
 
-def run_relay(*args: str, env: dict) -> subprocess.CompletedProcess:
+def run_relay(*args: str, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "relay.cli", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=cwd,
     )
 
 
@@ -209,6 +210,16 @@ def test_relay_clone_without_a_token_says_which_token_is_missing(tmp_path):
     assert result.returncode == 1
     answer = json.loads(result.stdout)
     assert answer["error_code"] == "missing_upstream_token" and "--token" in answer["error_message"]
+
+
+def test_relay_clone_of_a_file_named_from_its_own_folder_is_decoded_there(tmp_path):
+    # A relative path, in a format the decoder child reads: the child runs in the package's folder.
+    shutil.copy(AUDIO.parent / "media" / "voice_note.opus", tmp_path / "voice note.opus")
+    env = {"PYTHONPATH": str(Path(__file__).parent.parent)}
+    result = run_relay("clone", "voice note.opus", "--name", "x", "--dry-run", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["status"], answer["source_format"], answer["converted"]) == ("validated", "opus", True)
 
 
 def test_relay_clone_of_a_missing_file_says_so():
@@ -308,6 +319,28 @@ def test_an_unreachable_database_is_one_line_naming_the_host(command, tmp_path):
     assert result.stderr.count("\n") == 1, result.stderr
     assert "cannot reach the database at 127.0.0.1:9" in result.stderr and "DATABASE_URL" in result.stderr
     assert "listening" not in result.stderr
+
+
+def test_a_database_server_that_answers_but_refuses_is_told_apart_from_one_not_reached():
+    from relay.preflight import database_problem
+    from relay.settings import Settings
+
+    from . import servers
+    from .conftest import PG_URL
+
+    def web_server(conn, stop):  # DATABASE_URL pointed at a web server's port by mistake
+        conn.sendall(servers.headers("400 Bad Request", Content_Length="0"))
+
+    with servers.RawServer(web_server, host="127.0.0.1") as web:
+        said = database_problem(Settings().replace(database_url=f"postgresql://u@127.0.0.1:{web.port}/db"))
+    # The whole reason, not its last clause ("H", from psycopg's "…SSL negotiation: H").
+    assert f"cannot reach the database at 127.0.0.1:{web.port}" in said and "SSL negotiation: H" in said
+    if not PG_URL:
+        pytest.skip("RELAY_TEST_DATABASE_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    missing = PG_URL.rsplit("/", 1)[0] + "/no_such_database_here"
+    said = database_problem(Settings().replace(database_url=missing))
+    assert said.startswith("the database server at ") and "refused the connection" in said
+    assert 'database "no_such_database_here" does not exist' in said and "Start PostgreSQL" not in said
 
 
 # --- the Procfile, for real -----------------------------------------------------------------

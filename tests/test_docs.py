@@ -34,3 +34,13 @@ CONNECTORS = (Path(__file__).parent.parent / "connector_spec" / "README.md").rea
 @pytest.mark.parametrize("code", sorted({cls.error_code for cls in all_error_classes()}))
 def test_the_recipes_say_what_every_error_code_means_for_a_scenario(code):
     assert f"`{code}`" in CONNECTORS
+
+
+def test_the_readmes_sample_answer_has_every_field_in_order():
+    # "Every field is always present": the sample a newcomer compares with has them all too.
+    import json
+    import re
+
+    sample = re.search(r"A real answer \(HTTP 200\):\n\n```json\n(.*?)\n```", README, re.DOTALL).group(1)
+    keys = list(json.loads(sample))
+    assert [key for key in keys if key in ANSWER_FIELDS] == list(ANSWER_FIELDS)

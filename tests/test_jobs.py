@@ -120,7 +120,7 @@ def test_wait_seconds_above_the_maximum_waits_the_maximum_and_says_so(make_app, 
     response = post(client, {"audio_url": url, "name": "x", "wait_seconds": 280})
     assert time.monotonic() - started < 3
     assert response.status_code == 202
-    assert "waited at most 0.5 s" in " ".join(response.json["warnings"])
+    assert "it waits at most 0.5 s" in " ".join(response.json["warnings"])
 
 
 def test_empty_optional_fields_mean_not_given(make_app, job_settings, audio_host):

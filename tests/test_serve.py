@@ -61,6 +61,31 @@ def test_relay_serve_answers_a_dry_run_over_http(served, audio_host):
     assert response.json()["audio_format"] == "mp3"
 
 
+def test_relay_serve_says_it_listens_only_once_it_does(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        env = {**os.environ, "PORT": str(taken.getsockname()[1]), "RELAY_DATA_DIR": str(tmp_path)}
+        result = subprocess.run(relay_command("serve"), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Connection in use" in result.stderr
+    assert "listening on" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "warned"),
+    [("0.0.0.0", None, True), ("relay.example.com", None, True), ("::", None, True), ("0.0.0.0", RELAY_KEY, False)]
+    + [(host, None, False) for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")],
+)
+def test_an_open_relay_listening_beyond_this_machine_is_warned_about(host, key, warned):
+    from relay.preflight import open_relay_warning
+    from relay.settings import Settings
+
+    warning = open_relay_warning(Settings().replace(relay_api_key=key), host)
+    assert (warning is not None) == warned
+    if warned:
+        assert "no RELAY_API_KEY" in warning and host in warning
+
+
 def test_relay_serve_refuses_to_start_open_with_a_server_token():
     env = {**os.environ, "USEAPI_TOKEN": "server-token-0000000000", "PORT": str(free_port())}
     env.pop("RELAY_API_KEY", None)

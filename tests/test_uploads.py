@@ -118,6 +118,36 @@ def test_fields_come_from_the_form_or_the_query_string(app, fake):
     assert response.json["error_code"] == "invalid_request" and "name" in response.json["error_message"]
 
 
+def test_a_recording_or_a_form_sent_with_the_wrong_content_type_is_told_what_to_change(app):
+    client = app.test_client()
+    wav, opus = audio_bytes("wav_pcm16_mono.wav"), (MEDIA / "voice_note.opus").read_bytes()[:20000]
+    # curl --data-binary @voice.wav without -H: form-urlencoded; a small file: read as (bad) JSON text.
+    for data, kind, media_type in ((wav[:20000], "WAV", "audio/wav"), (opus, "OGG-OPUS", "application/octet-stream")):
+        for sent in ("application/x-www-form-urlencoded", "text/plain"):
+            response = raw(client, {"name": "x"}, data, sent)
+            said = response.json["error_message"]
+            assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+            assert f"The body is a recording ({kind}) sent as {sent}: send it with Content-Type {media_type}" in said
+    # Past the JSON limit, whatever it is: how to send a file, not only "send a URL".
+    response = raw(client, {"name": "x"}, b"RIFF" + b"\0" * 200_000, "application/x-www-form-urlencoded")
+    assert (
+        response.status_code == 413
+        and "multipart/form-data with the file in a part named 'file'" in (response.json["error_message"])
+    )
+    # A multipart form with a JSON Content-Type left on it.
+    boundary = b'--xyz\r\nContent-Disposition: form-data; name="name"\r\n\r\nx\r\n--xyz--\r\n'
+    response = raw(client, {}, boundary, "application/json")
+    assert "The body is a multipart form sent as application/json" in response.json["error_message"]
+    # curl -F file=voice.ogg (no @): the part is text.
+    response = client.post(
+        "/v1/voice-clones", data={"name": "x", "file": "voice.ogg"}, content_type="multipart/form-data", headers=HEADERS
+    )
+    assert "The form part 'file' is text, not a file" in response.json["error_message"]
+    # The recording as the body, its name forgotten in the query string.
+    response = raw(client, {}, wav, "audio/wav")
+    assert "the fields go in the query string (?name=My%20voice)" in response.json["error_message"]
+
+
 def test_a_file_and_a_link_together_are_refused(app):
     response = multipart(app.test_client(), {"name": "x", "audio_url": "https://example.com/a.wav"}, b"RIFF")
     assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")

@@ -98,6 +98,15 @@ def test_odd_notations_resolve_to_a_forbidden_address(host):
         urlguard.check(f"http://{host}:8080/a.wav")
 
 
+def test_a_refusal_says_how_an_operator_allows_a_private_network_and_names_the_scheme():
+    with pytest.raises(UrlNotAllowed, match=r"10\.0\.0\.7 is not a public .* RELAY_ALLOWED_NETWORKS"):
+        urlguard.check_literal("http://10.0.0.7:5678/webhook")
+    with pytest.raises(UrlNotAllowed, match=r"can be fetched, not ftp:\. Use"):
+        urlguard.check_literal("ftp://example.com/a.wav")
+    with pytest.raises(UrlNotAllowed, match=r"not a URL without a scheme\. Use"):
+        urlguard.check_literal("example.com/a.wav")
+
+
 def test_every_resolved_address_must_be_allowed():
     with pytest.raises(UrlNotAllowed):
         urlguard.check("https://example.com/a.wav", resolve=lambda host, port: ["93.184.216.34", "10.0.0.5"])

@@ -200,6 +200,9 @@ def _safe_next(target: str | None) -> str:
 # --- recent clones --------------------------------------------------------------------------
 
 
+MAX_PAGE = 1_000_000
+
+
 @bp.get("")
 def clones():
     status = request.args.get("status") or None
@@ -207,7 +210,8 @@ def clones():
     error_code = (request.args.get("error_code") or "").strip() or None
     name = (request.args.get("name") or "").strip() or None
     try:
-        page_number = max(int(request.args.get("page", "1")), 1)
+        # Past any real page, but within what a database offset holds (a huge one was a 500).
+        page_number = min(max(int(request.args.get("page", "1")), 1), MAX_PAGE)
     except ValueError:
         page_number = 1
     engine = _runtime().engine
@@ -243,9 +247,10 @@ def _row(job: Job, now: datetime) -> dict[str, Any]:
 
 def _account(job: Job) -> str:
     user = job.request.get("user_id") or "default account"
-    token = job.token_fingerprint or "no token"
+    if not job.token_fingerprint:  # a dry run sent without any token
+        return f"{user} · no token"
     kind = "server token" if job.token_kind == "server" else "token"
-    return f"{user} · {kind} {token}"
+    return f"{user} · {kind} {job.token_fingerprint}"
 
 
 def _took(job: Job, now: datetime) -> str:
@@ -350,6 +355,13 @@ def _curl(job: Job) -> str:
     ]
     if job.token_kind != "server":
         lines.append('-H "X-Useapi-Token: $USEAPI_TOKEN"')
+    if job.request.get("upload_id") is not None:
+        # The recording came in the request: send a file again as a form, the fields as its parts.
+        lines.append('-F "file=@$RECORDING"')
+        for field, value in body.items():
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            lines.append("-F " + shlex.quote(f"{field}={text}"))
+        return " \\\n  ".join(lines)
     lines.append('-H "Content-Type: application/json"')
     lines.append("-d " + shlex.quote(json.dumps(body, ensure_ascii=False)))
     return " \\\n  ".join(lines)
