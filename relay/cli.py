@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -104,7 +105,6 @@ def _clone(settings: Settings, args: argparse.Namespace) -> int:
 
     It waits for useapi.net to finish (``--wait``); a clone still processing then exits 3, with a
     message saying how to look at it again."""
-    import os
     import uuid
 
     from marshmallow import ValidationError
@@ -244,7 +244,6 @@ def _source(source: str, local: bool, request, settings: Settings, answer: dict)
     """The audio as a spool: a local file is checked (and converted if needed) where it lies, a URL
     is downloaded safely."""
     import contextlib
-    import os
 
     from . import pipeline
     from .fetch import Spool
@@ -348,12 +347,25 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             return create_app(settings)
 
     def listening(server):  # noqa: ARG001 - gunicorn's hook: its sockets are bound by now
-        print(f"relay {__version__} listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        said = f"relay {__version__} listening on http://{host}:{port} ({_where(settings)})"
+        print(said, file=sys.stderr, flush=True)
         if warning := open_relay_warning(settings, host):
             print(f"relay: {warning}", file=sys.stderr, flush=True)
 
     Server().run()
     return 0
+
+
+def _where(settings: Settings) -> str:
+    """Where the jobs are kept, in a few words and without a password: "jobs in SQLite at /…/relay.db"."""
+    from sqlalchemy.engine import make_url
+
+    from . import db
+
+    url = make_url(db.database_url(settings.database_url, settings.data_dir))
+    if url.get_backend_name() == "sqlite":
+        return f"jobs in SQLite at {os.path.abspath(url.database or '')}"
+    return f"jobs in PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
 if __name__ == "__main__":  # pragma: no cover

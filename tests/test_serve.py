@@ -45,7 +45,10 @@ def served(useapi, tmp_path):
             yield base
         finally:
             stop(process)
-    assert RELAY_KEY not in log_path.read_text()
+    said = log_path.read_text()
+    assert RELAY_KEY not in said
+    # Where the jobs are: ./data is relative to where the relay was started.
+    assert f"listening on http://127.0.0.1:{port} (jobs in SQLite at {tmp_path / 'data'}" in said
 
 
 def test_relay_serve_answers_a_dry_run_over_http(served, audio_host):
