@@ -181,7 +181,7 @@ class Useapi:
                 err.maybe_created = True  # the whole body went out and no answer came back
             raise
         payload = _json(response)
-        voice_id, item_id = _text(payload.get("clonedVoiceItemId")), _text(payload.get("itemId"))
+        voice_id, item_id = _id(payload.get("clonedVoiceItemId")), _id(payload.get("itemId"))
         if response.status_code not in (200, 202) or not voice_id or not VOICE_ID.match(voice_id) or not item_id:
             raise UpstreamInvalidAnswer(
                 f"useapi.net answered the upload with HTTP {response.status_code} but not with the documented "
@@ -195,7 +195,7 @@ class Useapi:
             upstream_status=response.status_code,
             cloned_voice_item_id=voice_id,
             item_id=item_id,
-            message=_text(payload.get("message")) or _text(payload.get("result")),
+            message=next((said for key in ("message", "result") if isinstance(said := payload.get(key), str)), None),
         )
 
     def list_voices(self, user_id: str | None, cursor: str | None = None) -> dict[str, Any]:
@@ -209,7 +209,7 @@ class Useapi:
             or not all(
                 isinstance(r, dict)
                 and _is_voice_id(r.get("clonedVoiceItemId"))
-                and (r.get("status") is None or _is_status(r["status"]))
+                and (r.get("status") is None or is_status(r["status"]))
                 for r in records
             )
             or not isinstance(has_next, bool)
@@ -226,8 +226,13 @@ class Useapi:
         if response.status_code == 404:
             return None
         record = _json(response)
-        if response.status_code != 200 or not _is_status(record.get("status")):
-            raise _invalid(response, "the voice lookup", "a voice record with a numeric status")
+        named = record.get("clonedVoiceItemId")
+        if (
+            response.status_code != 200
+            or not is_status(record.get("status"))
+            or (named is not None and named != cloned_voice_item_id)  # another voice than the one asked for
+        ):
+            raise _invalid(response, "the voice lookup", "the record of that voice, with a numeric status")
         return record
 
     def delete_voice(self, cloned_voice_item_id: str) -> bool:
@@ -448,7 +453,7 @@ def _read_answer(response: requests.Response) -> bool:
     return True
 
 
-def _is_status(value: Any) -> bool:
+def is_status(value: Any) -> bool:
     """A voice status as documented: a number (0 processing, 30 ready, others failed), or its digits."""
     if isinstance(value, str):
         return value.isascii() and value.isdigit()
@@ -465,6 +470,13 @@ def _json(response: requests.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return payload if isinstance(payload, dict) else {}
+
+
+def _id(value: Any) -> str | None:
+    """An id as useapi documents them: text, or a whole number (never ``true``)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    return None
 
 
 def _text(value: Any) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 from . import deadline
 from .errors import InvalidVoiceId, UpstreamTimeout
 from .useapi import VOICE_ID as _VOICE_ID
-from .useapi import Useapi
+from .useapi import Useapi, is_status
 
 READY, PROCESSING = 30, 0
 VOICE_STATUSES = ("ready", "processing", "failed")
@@ -44,7 +44,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         "item_id": _text(record.get("itemId")),
         "name": _text(record.get("name")),
         "status": status_name(raw_status),
-        "upstream_status_code": raw_status if isinstance(raw_status, int) else None,
+        "upstream_status_code": int(raw_status) if is_status(raw_status) else None,
         "vocal_url": _text(record.get("vocalUrl")) or None,
         "created_at": iso_from_ms(record.get("createTime")),
         "updated_at": iso_from_ms(record.get("updateTime")),

@@ -112,8 +112,9 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         (200, "{}", "application/json"),
         (202, '{"message": "still processing"}', "application/json"),
         (502, "<html>proxy error</html>", "text/html"),
+        (200, '{"itemId": true, "clonedVoiceItemId": "user:1-tempolor:2-voice:x"}', "application/json"),
     ],
-    ids=["html-200", "empty-200", "202-without-id", "proxy-502"],
+    ids=["html-200", "empty-200", "202-without-id", "proxy-502", "id-of-the-wrong-type"],
 )
 def test_an_unreadable_upload_answer_is_never_success_and_never_resent(
     make_app, lossy, fake, audio_host, status, text, kind
@@ -236,6 +237,19 @@ def test_a_voice_listing_of_many_slow_pages_ends_within_the_total_of_one_look_up
     # 1.5 s for the whole walk; before, 1.5 s per page: 20 pages took 6 s and were "incomplete".
     assert (response.status_code, response.json["error_code"]) == (504, "upstream_timeout")
     assert took < 4 and 3 <= pages_read < 8
+
+
+def test_a_voice_lookup_answering_with_another_voice_is_an_invalid_answer(make_app, job_settings):
+    asked, other = "user:1-tempolor:2-voice:asked", "user:1-tempolor:2-voice:other"
+
+    def behave(conn, stop):
+        body = json.dumps({"clonedVoiceItemId": other, "name": "Other", "status": 30}).encode()
+        conn.sendall(servers.headers(Content_Type="application/json", Content_Length=str(len(body))) + body)
+
+    with servers.RawServer(behave, host="127.0.0.1") as upstream:
+        client = make_app(job_settings.replace(useapi_base_url=upstream.url("/v1"))).test_client()
+        response = client.get(f"/v1/voices/{asked}", headers=HEADERS)
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
 
 
 def test_if_exists_reuse_with_a_garbage_list_fails_without_uploading(make_app, job_settings, fake, audio_host):
