@@ -53,7 +53,9 @@ def for_job(job: Job, now: datetime) -> dict[str, Any]:
             answer["message"] = "The clone is being worked on."
         elif status == "queued" and job.attempts and job.next_run_at is not None and job.next_run_at > now:
             # Tried and put back (useapi unreachable or busy, say): not the same as no worker at all.
-            answer["message"] = "The clone waits to be tried again; warnings say what happened."
+            answer["message"] = "The clone waits to be tried again" + (
+                "; warnings say what happened." if answer.get("warnings") else "."
+            )
         elif status == "queued":
             answer["message"] = "The clone is waiting for a worker."
     answer.update(

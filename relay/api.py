@@ -428,8 +428,8 @@ def list_voices():
         []
         if complete
         else [
-            f"The listing stopped after {settings().max_list_pages} pages (RELAY_MAX_LIST_PAGES); "
-            "more voices may exist."
+            f"The listing stopped before its end ({settings().max_list_pages} pages, RELAY_MAX_LIST_PAGES, or "
+            "the time of one look-up, RELAY_CONNECT_TIMEOUT + RELAY_READ_TIMEOUT); more voices may exist."
         ]
     )
     return jsonify(

@@ -73,7 +73,7 @@ def clone_body(
             except RequestEntityTooLarge:
                 raise RequestTooLarge(_too_large(settings.max_bytes)) from None
             if part is None:  # a form with a link works like JSON
-                if "file" in fields:
+                if "file" in fields and "audio_url" not in fields:
                     raise InvalidRequest(
                         "The form part 'file' is text, not a file: attach the recording itself "
                         "(curl: -F file=@voice.ogg, with the @)."

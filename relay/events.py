@@ -57,12 +57,13 @@ def record_rows(engine: Engine, rows: list[dict]) -> None:
         log.warning("events not recorded", exc_info=True, extra={"fields": {"job_id": rows[0]["job_id"]}})
 
 
-def count(engine: Engine, job_id: str, kind: str) -> int:
-    """How many events of ``kind`` the job has had (crashes, say)."""
+def count(engine: Engine, job_id: str, kind: str, since: datetime | None = None) -> int:
+    """How many events of ``kind`` the job has had (crashes, say), ``since`` a moment if given."""
+    where = [job_events.c.job_id == job_id, job_events.c.kind == kind]
+    if since is not None:
+        where.append(job_events.c.at >= since)
     with reader(engine) as conn:
-        return conn.scalar(
-            select(func.count()).select_from(job_events).where(job_events.c.job_id == job_id, job_events.c.kind == kind)
-        )
+        return conn.scalar(select(func.count()).select_from(job_events).where(*where))
 
 
 def for_job(engine: Engine, job_id: str) -> list[Event]:

@@ -46,13 +46,13 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
         raise SystemExit(2)
 
 
-def when_ready(server):  # noqa: ARG001 - gunicorn's hook signature
+def when_ready(server):
     """Sockets bound: say so if the relay is open to everyone who can reach it."""
     from relay.preflight import open_relay_warning
 
-    warning = open_relay_warning(_settings, os.environ.get("RELAY_BIND_HOST", "0.0.0.0"))
-    if warning:
-        print(f"relay: {warning}", file=sys.stderr, flush=True)
+    for address in server.cfg.address:  # what gunicorn bound (-b and GUNICORN_CMD_ARGS included)
+        if isinstance(address, tuple) and (warning := open_relay_warning(_settings, str(address[0]))):
+            print(f"relay: {warning}", file=sys.stderr, flush=True)
 
 
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature

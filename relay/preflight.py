@@ -44,10 +44,12 @@ def database_problem(settings: Settings) -> str | None:
             )
         where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
         if " failed: FATAL:" in str(getattr(err, "orig", None) or err):  # PostgreSQL answered, and refused
-            return (
-                f"the database server at {where} refused the connection (DATABASE_URL): {reason}. "
+            fix = (
                 "Fix the database name, user or password in DATABASE_URL"
+                if "does not exist" in reason or "authentication failed" in reason
+                else "Check the database server and DATABASE_URL"
             )
+            return f"the database server at {where} refused the connection (DATABASE_URL): {reason}. {fix}"
         return (
             f"cannot reach the database at {where} (DATABASE_URL): {reason}. "
             "Start PostgreSQL there or fix DATABASE_URL (unset it to use SQLite in RELAY_DATA_DIR)"

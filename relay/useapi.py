@@ -295,7 +295,7 @@ class Useapi:
         never_connected = isinstance(err, requests.ConnectTimeout) or isinstance(
             reason, (NewConnectionError, ConnectTimeoutError)
         )
-        if never_connected:
+        if never_connected and not expired:  # (a deadline that passed while connecting is a timeout)
             host = urlsplit(self.base).hostname or self.base
             return UpstreamUnavailable(
                 f"useapi.net could not be reached for {what}: {_connect_failure(err, reason, host)}. Try again "

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import deadline
-from .errors import InvalidVoiceId, UpstreamTimeout
+from .errors import InvalidVoiceId, UpstreamError, UpstreamTimeout
 from .useapi import VOICE_ID as _VOICE_ID
 from .useapi import Useapi, is_status
 
 READY, PROCESSING = 30, 0
+_LATE = 0.05  # seconds: a page's call that failed this close to the walk's end ran into it
 VOICE_STATUSES = ("ready", "processing", "failed")
 _ACCOUNT = re.compile(r"-tempolor:(.+)-voice:[^:]*$")
 
@@ -55,22 +56,23 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
 def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[dict[str, Any]], bool]:
     """Every voice of the account, walking useapi's cursor pages; ``(voices, complete)``.
 
-    ``complete`` is False when ``max_pages`` was reached with more pages left, or a cursor repeated.
-    The whole walk has the total time of one look-up (``RELAY_CONNECT_TIMEOUT`` +
-    ``RELAY_READ_TIMEOUT``), not one per page: slow pages end it with ``upstream_timeout``.
+    ``complete`` is False when ``max_pages`` was reached with more pages left, a cursor repeated, or
+    the walk's time ran out after its first page: the whole walk has the total time of one look-up
+    (``RELAY_CONNECT_TIMEOUT`` + ``RELAY_READ_TIMEOUT``), not one per page, and keeps what it read.
     """
     voices: list[dict[str, Any]] = []
     cursor: str | None = None
     seen: set[str] = set()
-    total = client.settings.connect_timeout + client.settings.read_timeout
-    with deadline.bounded(total) as walk:
+    with deadline.bounded(client.settings.connect_timeout + client.settings.read_timeout) as walk:
         for read in range(max_pages):
-            if walk.remaining() <= 0:
-                raise UpstreamTimeout(
-                    f"useapi.net did not list the account's voices within {total:g} s ({read} pages read). "
-                    "Try again later."
-                )
-            page = client.list_voices(user_id, cursor)
+            if read and walk.remaining() <= 0:
+                return voices, False
+            try:
+                page = client.list_voices(user_id, cursor)
+            except UpstreamError:
+                if read and walk.remaining() <= _LATE:  # a later page ran into the walk's end
+                    return voices, False
+                raise
             voices.extend(flatten(record) for record in page["records"])
             cursor = page["cursor"]
             if not page["hasNext"] or not cursor:
@@ -98,8 +100,14 @@ def filtered(
 
 def find_existing(client: Useapi, user_id: str | None, name: str, max_pages: int) -> dict[str, Any] | None:
     """The newest voice named ``name`` that has not failed (ready first), or ``None``."""
-    voices, _complete = list_all(client, user_id, max_pages)
+    voices, complete = list_all(client, user_id, max_pages)
     matches = [v for v in filtered(voices, name=name) if v["status"] != "failed"]
+    if not matches and not complete:  # not in what was read: it may be in what was not
+        raise UpstreamTimeout(
+            f"useapi.net's voice listing could not be read to its end (RELAY_MAX_LIST_PAGES pages, or the time "
+            f"of one look-up), so the relay cannot tell whether a voice named {name!r} exists and did not clone. "
+            "Try again later, or send if_exists: create."
+        )
     matches.sort(key=lambda v: (v["status"] == "ready", v["created_at"] or ""), reverse=True)
     return matches[0] if matches else None
 

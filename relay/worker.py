@@ -124,18 +124,17 @@ class CloneWorker:
         except RelayError as err:
             self._fail(job, err, answer)
 
-    # A job claimed this many times more than RELAY_MAX_ATTEMPTS × 3 ends at its next crash even
-    # if its crashes could not be counted (they are written with the write that reschedules it).
-    CLAIMS_PER_CRASH_LIMIT = 10
-
     def crashed(self, job: Job) -> None:
         """After an unexpected crash in a step: try again later; give up after ``RELAY_MAX_ATTEMPTS``
         × 3 crashes (not claims: every poll and callback attempt is a claim). A finished job keeps
-        its outcome: only its callback is tried again, or given up."""
+        its outcome: only its callback is tried again, or given up (its crashes counted since it
+        ended). A crash is written with the write that reschedules the job: if that write fails,
+        the lease runs out and the next claim tries again."""
         self._event(job, "crashed", "a step crashed; it is retried (see the relay's logs)")
         limit = self.settings.max_attempts * 3
         try:
-            crashes = events.count(self.store.engine, job.id, "crashed") + 1  # with this one
+            since = job.completed_at if job.terminal else None
+            crashes = events.count(self.store.engine, job.id, "crashed", since=since) + 1  # with this one
             delay = self.policy.delay(crashes)
             when = utcnow() + timedelta(seconds=delay)
             if job.terminal and crashes < limit:
@@ -144,7 +143,7 @@ class CloneWorker:
                 log.warning("callback given up: its step kept crashing", extra={"fields": {"job_id": job.id}})
                 detail = "the delivery step kept crashing (see the relay's logs)"
                 self._save(job, release=True, callback_status=GIVEN_UP, callback_last_error=detail, next_run_at=None)
-            elif crashes >= limit or job.attempts >= limit * self.CLAIMS_PER_CRASH_LIMIT:
+            elif crashes >= limit:
                 message, fields = RelayError.default_message, {}
                 if (doubt := self._voice_doubt(job)) is not None:
                     message, fields = f"The relay kept crashing on this job (see its logs). {doubt[0]}", doubt[1]

@@ -347,8 +347,10 @@ def test_the_curl_of_a_job_that_received_a_file_sends_a_file_again(web_console):
     assert answer["status"] == "validated", answer
     page = web_console.get(f"/console/clones/{answer['job_id']}").text
     curl = html.unescape(re.search(r'<pre id="curl">(.*?)</pre>', page, re.DOTALL).group(1))
-    assert '-F "file=@$RECORDING"' in curl and "-F 'name=From a form'" in curl and "-F dry_run=true" in curl
-    assert """-F 'metadata={"row": 7}'""" in curl and "application/json" not in curl and "-d " not in curl
+    # The fields as strings: a name such as "@/etc/passwd" must not make curl read a file.
+    assert '-F "file=@$RECORDING"' in curl and "--form-string 'name=From a form'" in curl
+    assert "--form-string dry_run=true" in curl and """--form-string 'metadata={"row": 7}'""" in curl
+    assert "application/json" not in curl and "-d " not in curl
 
 
 def test_the_callback_can_be_sent_again_from_the_job_page(console, audio_host, receiver):

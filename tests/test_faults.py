@@ -234,8 +234,9 @@ def test_a_voice_listing_of_many_slow_pages_ends_within_the_total_of_one_look_up
         response = client.get("/v1/voices", headers=HEADERS)
         took = time.monotonic() - started
         pages_read = len(upstream.requests)
-    # 1.5 s for the whole walk; before, 1.5 s per page: 20 pages took 6 s and were "incomplete".
-    assert (response.status_code, response.json["error_code"]) == (504, "upstream_timeout")
+    # 1.5 s for the whole walk, keeping what it read; before, 1.5 s per page: 20 pages took 6 s.
+    assert (response.status_code, response.json["complete"]) == (200, False)
+    assert "stopped before its end" in response.json["warnings"][0]
     assert took < 4 and 3 <= pages_read < 8
 
 

@@ -143,6 +143,14 @@ def test_a_recording_or_a_form_sent_with_the_wrong_content_type_is_told_what_to_
         "/v1/voice-clones", data={"name": "x", "file": "voice.ogg"}, content_type="multipart/form-data", headers=HEADERS
     )
     assert "The form part 'file' is text, not a file" in response.json["error_message"]
+    # ...but next to a link (an empty file input in a form), it is an unknown field, as before.
+    response = client.post(
+        "/v1/voice-clones",
+        data={"name": "x", "file": "", "audio_url": "https://example.com/a.wav", "dry_run": "true"},
+        content_type="multipart/form-data",
+        headers=HEADERS,
+    )
+    assert "The form part 'file' is text" not in (response.json["error_message"] or "")
     # The recording as the body, its name forgotten in the query string.
     response = raw(client, {}, wav, "audio/wav")
     assert "the fields go in the query string (?name=My%20voice)" in response.json["error_message"]

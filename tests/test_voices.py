@@ -88,6 +88,17 @@ def test_listing_is_bounded_by_max_pages(make_app, settings, useapi):
     assert len(useapi.log) == 2
 
 
+def test_if_exists_never_takes_a_listing_cut_short_for_no_such_voice(make_app, settings, useapi, audio_host):
+    # The name is on page 3; only 2 pages are read: reuse must not clone a second one on a guess.
+    client = make_app(settings.replace(max_list_pages=2)).test_client()
+    serve_pages(useapi, [[record("a", "A")], [record("b", "B")], [record("m", "My voice")]])
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(client, {"audio_url": url, "name": "My voice", "user_id": "67890", "if_exists": "reuse"})
+    assert (response.status_code, response.json["error_code"]) == (504, "upstream_timeout")
+    assert "cannot tell whether a voice named 'My voice' exists" in response.json["error_message"]
+    assert all(entry[0].method == "GET" for entry in useapi.log) and audio_host.log == []
+
+
 def test_a_repeating_cursor_stops_the_walk(client, useapi):
     useapi.expect_request(LIST, query_string={"user_id": "67890"}).respond_with_json(
         {"records": [record("a", "A")], "hasNext": True, "cursor": "same"}

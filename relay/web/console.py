@@ -360,7 +360,7 @@ def _curl(job: Job) -> str:
         lines.append('-F "file=@$RECORDING"')
         for field, value in body.items():
             text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-            lines.append("-F " + shlex.quote(f"{field}={text}"))
+            lines.append("--form-string " + shlex.quote(f"{field}={text}"))  # never "@file" or ";type="
         return " \\\n  ".join(lines)
     lines.append('-H "Content-Type: application/json"')
     lines.append("-d " + shlex.quote(json.dumps(body, ensure_ascii=False)))
