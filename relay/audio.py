@@ -211,8 +211,8 @@ def _refuse(kind: str, head: bytes, size: int):
         if title:
             message += f" titled {title.group(1).decode('utf-8', 'replace').strip()[:80]!r}"
         message += (
-            ". The link opens a web page (a login, preview or virus-scan page), not the file: "
-            "share it publicly and use a direct download link"
+            ": a web page (a login, preview or virus-scan page), not the recording. From a link: share "
+            "the file publicly and use its direct download link; as a file: attach the recording itself"
         )
     elif kind == "xml" and b"<Error>" in head:
         code = re.search(rb"<Code>([^<]{1,60})</Code>", head)

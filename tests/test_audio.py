@@ -28,6 +28,7 @@ REFUSED = [
     ("empty.bin", "not_audio", "empty"),
     ("random.bin", "not_audio", "no audio format"),
     ("drive_interstitial.html", "not_audio", "Virus scan warning"),
+    ("drive_interstitial.html", "not_audio", "as a file: attach the recording itself"),  # links and uploads alike
     ("mp4_video_only.mp4", "not_audio", "no audio track"),
     ("ogg_vorbis.ogg", "unsupported_audio_format", "Ogg Vorbis"),
     ("opus.opus", "unsupported_audio_format", "Ogg Opus"),

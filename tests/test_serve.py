@@ -89,6 +89,19 @@ def test_an_open_relay_listening_beyond_this_machine_is_warned_about(host, key, 
         assert "no RELAY_API_KEY" in warning and host in warning
 
 
+def test_the_procfile_web_process_warns_for_each_open_address_gunicorn_bound(monkeypatch, capsys):
+    import importlib
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("RELAY_API_KEY", raising=False)
+    monkeypatch.delenv("USEAPI_TOKEN", raising=False)
+    conf = importlib.reload(importlib.import_module("relay.gunicorn_conf"))
+    bound = [("0.0.0.0", 8000), ("127.0.0.1", 8001), "/tmp/relay.sock"]  # what -b gave, not RELAY_BIND_HOST
+    conf.when_ready(SimpleNamespace(cfg=SimpleNamespace(address=bound)))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "no RELAY_API_KEY" in line]
+    assert len(warnings) == 1 and "listening on 0.0.0.0" in warnings[0]
+
+
 def test_relay_serve_refuses_to_start_open_with_a_server_token():
     env = {**os.environ, "USEAPI_TOKEN": "server-token-0000000000", "PORT": str(free_port())}
     env.pop("RELAY_API_KEY", None)
