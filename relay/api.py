@@ -511,17 +511,12 @@ def _load(schema: CloneRequestSchema) -> tuple[dict, list[str]]:
         raise InvalidRequest(describe_validation_error(err)) from None
 
 
-# What audio.sniff names a recording (useapi's formats or ones converted first), not a page or picture.
-_RECORDINGS = ("wav", "wav-rf64", "flac", "m4a", "mp3", "ogg", "ogg-opus", "ogg-vorbis", "ogg-flac", "aiff", "webm")
-_RECORDINGS += ("amr", "caf", "asf", "mov", "adts", "video")
-
-
 def _misfiled(raw: bytes) -> str | None:
     """What to change when the body read as JSON is a recording or a multipart form that was sent
     with another Content-Type (curl's --data-binary without -H, a header left over); None otherwise."""
     sent = f"sent as {request.mimetype}" if request.mimetype else "sent without a Content-Type"
     kind = audio.sniff_start(raw[:65536])
-    if kind in _RECORDINGS:
+    if audio.is_recording(kind):
         media_type = audio.CONTENT_TYPES[kind][0] if kind in audio.CONTENT_TYPES else "application/octet-stream"
         return (
             f"The body is a recording ({kind.upper()}) {sent}: send it with Content-Type {media_type} and the "

@@ -198,6 +198,13 @@ _NOT_AUDIO_NAMES = {
 }
 
 
+def is_recording(kind: str) -> bool:
+    """Whether :func:`sniff` named a recording (in a format useapi takes or not), rather than a
+    document, a picture, notes (MIDI) or nothing it knows. MPEG layers I and II are left out: any
+    two bytes from 0xFFF0 up read as one of their frame headers (a UTF-16 text's 0xFFFE does)."""
+    return kind == "video" or (kind not in _NOT_AUDIO_NAMES and kind not in ("midi", "mp1", "mp2"))
+
+
 def _refuse(kind: str, head: bytes, size: int):
     if kind in _UNSUPPORTED_NAMES:
         raise UnsupportedAudioFormat(
