@@ -9,7 +9,6 @@ import shlex
 import sys
 
 from . import __version__, create_app
-from .preflight import open_relay_warning
 from .settings import Settings, SettingsError
 
 
@@ -346,11 +345,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             # Called in each worker process after the fork: the job pool's threads start there.
             return create_app(settings)
 
-    def listening(server):  # noqa: ARG001 - gunicorn's hook: its sockets are bound by now
+    def listening(server):  # gunicorn's hook: its sockets are bound by now
         said = f"relay {__version__} listening on http://{host}:{port} ({_where(settings)})"
         print(said, file=sys.stderr, flush=True)
-        if warning := open_relay_warning(settings, host):
-            print(f"relay: {warning}", file=sys.stderr, flush=True)
+        gunicorn_conf.when_ready(server)  # the open-relay warning, as the Procfile's process gives it
 
     Server().run()
     return 0
