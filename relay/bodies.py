@@ -64,7 +64,11 @@ def clone_body(
     with tempfile.TemporaryFile(prefix="relay-upload-") as spool:
         if kind == "raw":
             fields = {key: value for key, value in request.args.items()}
-            received, sha256 = _copy(request.stream, spool, settings.max_bytes, request.content_length)
+            try:  # werkzeug refuses a declared length over the limit as soon as the stream is asked for
+                stream = request.stream
+            except RequestEntityTooLarge:
+                raise RequestTooLarge(_too_large(settings.max_bytes)) from None
+            received, sha256 = _copy(stream, spool, settings.max_bytes, request.content_length)
             name = None
         else:
             try:

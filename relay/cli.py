@@ -112,13 +112,12 @@ def _clone(settings: Settings, args: argparse.Namespace) -> int:
     from .errors import InvalidRequest, MissingUpstreamToken, RelayError
     from .schemas import CloneRequestSchema, describe_validation_error
 
-    local = os.path.exists(args.source)
+    local = os.path.isfile(args.source)
     answer = answers.blank(uuid.uuid4().hex, name=args.name, user_id=args.user_id, dry_run=args.dry_run)
     try:
         if not local and "://" not in args.source:
-            raise InvalidRequest(
-                f"No file at {args.source!r}: give the path of an audio file, or an http(s) URL to download."
-            )
+            what = f"{args.source!r} is a folder" if os.path.isdir(args.source) else f"No file at {args.source!r}"
+            raise InvalidRequest(f"{what}: give the path of an audio file, or an http(s) URL to download.")
         try:
             # The API's own rules for every field (name, user_id, if_exists …), so both refuse the same.
             body, _ = CloneRequestSchema().load_with_warnings(
@@ -245,14 +244,18 @@ def _source(source: str, local: bool, request, settings: Settings, answer: dict)
     import contextlib
 
     from . import pipeline
-    from .fetch import Spool
+    from .errors import RequestTooLarge
+    from .fetch import Spool, too_large_message
 
     if not local:
         return pipeline.prepared(request, settings, answer, progress=_Bar("download"))
 
     @contextlib.contextmanager
     def local():
-        spool = Spool(path=source, size=os.path.getsize(source), url=source, server_content_type=None, redirects=0)
+        size = os.path.getsize(source)
+        if size > settings.max_bytes:  # as the server refuses the same file sent to it
+            raise RequestTooLarge(too_large_message(size, settings.max_bytes))
+        spool = Spool(path=source, size=size, url=source, server_content_type=None, redirects=0)
         with pipeline.checked(spool, request, settings, answer) as (sent, info):
             yield sent, info
 

@@ -171,7 +171,7 @@ def _stream(response: requests.Response, sink, settings: Settings, due, target, 
     text = response.headers.get("Content-Length")
     declared = int(text) if text and text.isascii() and text.isdigit() else None  # "²".isdigit() too
     if declared is not None and declared > limit:
-        raise DownloadTooLarge(_too_large(declared, limit))
+        raise DownloadTooLarge(too_large_message(declared, limit))
     size = 0
     read_into, exact = _body_reader(response)
     # Only a body sent as is has the declared length on disk (an early upload declares it too).
@@ -183,7 +183,7 @@ def _stream(response: requests.Response, sink, settings: Settings, due, target, 
         while got := read_into(view):
             size += got
             if size > limit:
-                raise DownloadTooLarge(_too_large(None, limit))
+                raise DownloadTooLarge(too_large_message(None, limit))
             _write(sink, view[:got])
             if progress is not None:
                 progress(size, length)
@@ -261,7 +261,8 @@ def _too_slow(settings: Settings) -> DownloadFailed:
     )
 
 
-def _too_large(declared: int | None, limit: int) -> str:
+def too_large_message(declared: int | None, limit: int) -> str:
+    """Why a file is refused for its size: its size when known, and RELAY_MAX_BYTES."""
     size = f"{declared / 1048576:.1f} MiB" if declared else f"more than {limit / 1048576:.1f} MiB"
     return f"The file is {size}; the limit is {limit / 1048576:.1f} MiB (RELAY_MAX_BYTES)."
 

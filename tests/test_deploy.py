@@ -230,6 +230,24 @@ def test_relay_clone_of_a_missing_file_says_so():
     assert "No file at 'no/such/voice.m4a'" in answer["error_message"]
 
 
+def test_relay_clone_of_a_folder_says_so(tmp_path):
+    result = run_relay("clone", str(tmp_path), "--name", "x", "--dry-run", env={})
+    assert result.returncode == 1, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["error_code"] == "invalid_request" and "is a folder" in answer["error_message"]
+
+
+def test_relay_clone_of_a_file_over_relay_max_bytes_is_refused_as_the_server_refuses_it():
+    # wav_pcm16_mono.wav is 64 KB; the server answers 413 for the same file sent to it.
+    result = run_relay(
+        "clone", str(AUDIO / "wav_pcm16_mono.wav"), "--name", "x", "--dry-run", env={"RELAY_MAX_BYTES": "10000"}
+    )
+    assert result.returncode == 1, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["error_code"] == "request_too_large"
+    assert "(RELAY_MAX_BYTES)" in answer["error_message"] and answer["status"] == "failed"
+
+
 def test_relay_clone_refuses_what_the_api_refuses():
     result = run_relay("clone", str(AUDIO / "m4a_alac.m4a"), "--name", "\u200b", "--dry-run", env={})
     assert (result.returncode, json.loads(result.stdout)["error_code"]) == (1, "invalid_request")

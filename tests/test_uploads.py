@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+import requests
 from sqlalchemy import func, select
 
 from relay import db, uploads
@@ -173,11 +174,30 @@ def test_a_form_with_a_link_works_like_json(app, fake, audio_host):
 
 
 @pytest.mark.parametrize("form", ["multipart", "raw"])
-def test_files_over_relay_max_bytes_are_413(make_app, job_settings, form):
-    client = make_app(job_settings.replace(max_bytes=10_000)).test_client()
-    data = audio_bytes("wav_pcm16_mono.wav")  # 64 KB
-    response = multipart(client, {"name": "x"}, data) if form == "multipart" else raw(client, {"name": "x"}, data)
-    assert (response.status_code, response.json["error_code"]) == (413, "request_too_large")
+@pytest.mark.parametrize("padding", [0, 1_200_000], ids=["just-over", "far-over"])
+def test_files_over_relay_max_bytes_are_413(make_app, job_settings, form, padding):
+    app = make_app(job_settings.replace(max_bytes=10_000))
+    data = audio_bytes("wav_pcm16_mono.wav") + bytes(padding)  # 64 KB, or past the form allowance too
+    with over_http(app) as base:
+        if form == "multipart":
+            response = requests.post(
+                f"{base}/v1/voice-clones",
+                data={"name": "x"},
+                files={"file": ("v.wav", data)},
+                headers=HEADERS,
+                timeout=30,
+            )
+        else:
+            response = requests.post(
+                f"{base}/v1/voice-clones",
+                params={"name": "x"},
+                data=data,
+                headers={**HEADERS, "Content-Type": "audio/wav"},
+                timeout=30,
+            )
+    assert (response.status_code, response.json()["error_code"]) == (413, "request_too_large")
+    # What the caller did was right: the file is too large, not the form of the request.
+    assert "The uploaded file is over" in response.json()["error_message"]
 
 
 def test_stored_bytes_are_bounded_with_a_clear_503(make_app, job_settings):
