@@ -75,10 +75,7 @@ def probe(path: str, min_seconds: float = 0.0, max_seconds: float = 0.0) -> Audi
     size = os.path.getsize(path)
     if size == 0:
         raise NotAudio("The file is empty (0 bytes). Check that the link points at the recording itself.")
-    with open(path, "rb") as handle:
-        head = handle.read(_HEAD)
-        handle.seek(_id3v2_end(handle))
-        body = handle.read(_HEAD)
+    head, body = read_start(path)
     kind = sniff(head, body)
     readers = {"wav": _read_wav, "mp3": _read_mp3, "flac": _read_flac, "m4a": _read_mp4}
     if kind not in readers:
@@ -100,6 +97,23 @@ def probe(path: str, min_seconds: float = 0.0, max_seconds: float = 0.0) -> Audi
             **fields,
         )
     return info
+
+
+def read_start(path: str) -> tuple[bytes, bytes]:
+    """The first bytes of the file at ``path``, and the first bytes of its audio: after any ID3v2
+    tags and the zero padding taggers leave after them (what :func:`sniff` takes)."""
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD)
+        start = _id3v2_end(handle)
+        handle.seek(start)
+        body = handle.read(_HEAD)
+        if start and body[:1] == b"\0":  # padding: look past it, within the MP3 sync search
+            handle.seek(start)
+            padded = handle.read(_MP3_SYNC_SEARCH)
+            skipped = len(padded) - len(padded.lstrip(b"\0"))
+            handle.seek(start + skipped)
+            body = handle.read(_HEAD)
+    return head, body
 
 
 def sniff_start(head: bytes) -> str:
@@ -158,7 +172,10 @@ def sniff(head: bytes, body: bytes | None = None) -> str:
     frame = _mpeg_frame(body, 0)
     if frame is not None:
         return "mp3" if frame.layer == 3 else f"mp{frame.layer}"
-    return _not_audio_kind(head)
+    kind = _not_audio_kind(head)
+    if kind == "unknown" and _find_mp3_sync(body, 0, len(body)) is not None:
+        return "mp3"  # a stream cut in the middle of a frame: two whole frames follow
+    return kind
 
 
 _ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
@@ -256,27 +273,49 @@ def _not_audio_kind(head: bytes) -> str:
 # --- WAV -----------------------------------------------------------------------------------
 
 
+# WAV encodings whose length mutagen counts right and useapi is sent as they are: PCM, float,
+# A-law, µ-law. Others (ADPCM, GSM, MP3 in a WAV…) are converted, or refused with conversion off.
+_WAV_TAGS = (1, 3, 6, 7)
+_WAV_TAG_NAMES = {2: "MS ADPCM", 0x11: "IMA ADPCM", 0x31: "GSM 6.10", 0x50: "MPEG audio", 0x55: "MP3"}
+
+
+def unknown_wav_length(declared: int) -> bool:
+    """Whether a WAV's declared data size means "until the end of the file": 0 or 0xFFFFFFFF from
+    a stream, or a placeholder near 2 GiB (sox writing to a pipe declares 0x7FFFF000)."""
+    return declared in (0, 0xFFFFFFFF) or declared >= 0x7FFF0000
+
+
 def _read_wav(path: str, size: int) -> AudioInfo:
     with open(path, "rb") as handle:
         handle.seek(12)
         data_declared = data_offset = None
-        has_fmt = False
+        tag = None
         while True:
             header = handle.read(8)
             if len(header) < 8:
                 break
             chunk_id, chunk_size = header[:4], struct.unpack("<I", header[4:])[0]
             if chunk_id == b"fmt ":
-                has_fmt = True
+                fields = handle.read(min(chunk_size, 26))
+                handle.seek(-len(fields), os.SEEK_CUR)
+                tag = struct.unpack("<H", fields[:2])[0] if len(fields) >= 2 else 0
+                if tag == 0xFFFE and len(fields) >= 26:  # EXTENSIBLE: the sub-format GUID's first two bytes
+                    tag = struct.unpack("<H", fields[24:26])[0]
             if chunk_id == b"data":
                 data_declared, data_offset = chunk_size, handle.tell()
                 break
             handle.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
-    if not has_fmt or data_offset is None:
+    if tag is None or data_offset is None:
         raise AudioCorrupt("The WAV file has no 'fmt ' or 'data' chunk: it is truncated or damaged.", audio_bytes=size)
+    if tag not in _WAV_TAGS:
+        raise UnsupportedAudioFormat(
+            f"The WAV file holds {_WAV_TAG_NAMES.get(tag, f'compressed (format 0x{tag:04x})')} audio, which "
+            f"useapi.net may not read. Convert it to {ACCEPTED} first (with convert=auto the relay does).",
+            audio_bytes=size,
+        )
     available = size - data_offset
-    # Streamed WAVs declare 0 or 0xFFFFFFFF as the data size: "until the end of the file".
-    if data_declared not in (0, 0xFFFFFFFF) and data_declared > available:
+    unknown = unknown_wav_length(data_declared)
+    if not unknown and data_declared > available:
         raise AudioCorrupt(
             f"The WAV file is truncated: its header promises {data_declared} bytes of audio, "
             f"only {available} arrived. Upload the complete file.",
@@ -287,7 +326,7 @@ def _read_wav(path: str, size: int) -> AudioInfo:
     except (MutagenError, struct.error, ValueError) as err:
         raise AudioCorrupt(f"The WAV file cannot be read: {err}.", audio_bytes=size) from None
     length = info.length
-    if data_declared in (0, 0xFFFFFFFF) and info.sample_rate and info.channels and info.bits_per_sample:
+    if unknown and info.sample_rate and info.channels and info.bits_per_sample:
         length = available / (info.sample_rate * info.channels * info.bits_per_sample / 8)
     return AudioInfo("wav", "audio/wav", length, info.sample_rate, info.channels, info.bitrate, size)
 
@@ -305,7 +344,9 @@ def _read_flac(path: str, size: int) -> AudioInfo:
 
 # --- MP4 / M4A -----------------------------------------------------------------------------
 
-_AUDIO_CODECS = ("mp4a", "alac")
+# AAC (MPEG-4, and MPEG-2's three profiles) and ALAC; "mp4a.6B"/"mp4a.69" is MP3 in an MP4.
+_AUDIO_CODECS = ("mp4a.40", "mp4a.66", "mp4a.67", "mp4a.68", "alac")
+_MP4_CODEC_NAMES = {"mp4a.69": "MP3", "mp4a.6b": "MP3"}
 
 
 def _read_mp4(path: str, size: int) -> AudioInfo:
@@ -313,6 +354,12 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
     if b"moov" not in boxes:
         raise AudioCorrupt(
             "The MP4/M4A file has no 'moov' index: it is truncated or still being written. Upload the complete file.",
+            audio_bytes=size,
+        )
+    if b"moof" in boxes:  # what browsers' recorders write: the length is spread over fragments
+        raise UnsupportedAudioFormat(
+            "The MP4/M4A file is fragmented (as browsers and streaming tools write it), which useapi.net may "
+            f"not read. Convert it to {ACCEPTED} first (with convert=auto the relay does).",
             audio_bytes=size,
         )
     try:
@@ -324,7 +371,8 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
     codec = (info.codec or "").lower()
     if not codec.startswith(_AUDIO_CODECS):
         raise UnsupportedAudioFormat(
-            f"The MP4 file's audio is {info.codec_description or info.codec}, which useapi.net does not accept. "
+            f"The MP4 file's audio is {_MP4_CODEC_NAMES.get(codec) or info.codec_description or info.codec}, which "
+            "useapi.net does not accept in an MP4. "
             f"Convert it to {ACCEPTED} first.",
             audio_bytes=size,
         )
@@ -431,17 +479,26 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
                 "or not MP3.",
                 audio_bytes=size,
             )
-        offset, frames, samples, bits = first, 0, 0, 0
+        offset, frames, duration, bits = first, 0, 0.0, 0
         frame = _mpeg_frame(data, offset)
         rate, channels = frame.sample_rate, frame.channels
-        # A last frame cut short is not counted: only audio that arrived has a duration.
-        while frame is not None and frame.layer == 3 and frame.sample_rate == rate and offset + frame.length <= size:
-            frames += 1
-            samples += frame.samples
-            bits += frame.length * 8
-            offset += frame.length
+        while offset < size:
+            # A last frame cut short is not counted: only audio that arrived has a duration.
+            if frame is not None and frame.layer == 3 and offset + frame.length <= size:
+                frames += 1
+                duration += frame.samples / frame.sample_rate  # joined files may change rate
+                bits += frame.length * 8
+                offset += frame.length
+            else:  # a damaged spot (or a tag at the end): go on from the next two good frames, as players do
+                found = _find_mp3_sync(data, offset + 1, size)
+                if found is None:
+                    if offset + _MP3_SYNC_SEARCH >= size:
+                        break
+                    offset += _MP3_SYNC_SEARCH - 4  # a long damaged stretch: search the next window
+                    frame = None
+                    continue
+                offset = found
             frame = _mpeg_frame(data, offset)
-    duration = samples / rate if frames > 0 else 0.0
     bitrate = int(bits / duration) if duration else None
     return AudioInfo("mp3", "audio/mpeg", duration, rate, channels, bitrate, size)
 

@@ -27,6 +27,7 @@ process with numpy, block by block (no FFmpeg involved), so it costs millisecond
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +77,7 @@ DEMUXERS = {
     "wav-rf64": "wav",
 }
 FLOOR_DBFS = -120.0  # reported for digital silence (a level of zero has no logarithm)
+DAMAGED_SHARE = 0.1  # more undecodable frames than this share is a damaged file, not a few glitches
 CLIPPING_WARN = 0.001  # share of samples at full scale that is "heavy clipping"
 LOW_RMS_DBFS = -40.0  # quieter than this (RMS) earns a warning
 _WAV_BLOCK = 1 << 18  # samples measured at once: bounded memory whatever the file's size
@@ -142,8 +144,9 @@ def prepare(
     if kind in audio.CONTENT_TYPES:
         try:
             info = audio.probe(path, settings.min_seconds, settings.max_seconds)
-        except UnsupportedAudioFormat:  # an MP4 family file with audio useapi does not take (AMR, PCM, Opus…)
-            if not (allowed and kind == "m4a"):
+        except UnsupportedAudioFormat:  # audio useapi may not take in an accepted container: AMR, PCM or
+            # Opus in an MP4, a fragmented MP4, an ADPCM WAV…: FFmpeg reads it, and sends a plain file
+            if not (allowed and kind in ("m4a", "wav")):
                 raise
     elif not (allowed and kind in DEMUXERS):
         audio.probe(path, settings.min_seconds, settings.max_seconds)  # raises the refusal, as without conversion
@@ -175,7 +178,12 @@ def prepare(
         if not result["converted"]:
             if info is None:  # pragma: no cover - the child converts whatever has no info
                 raise UnsupportedAudioFormat(audio_bytes=os.path.getsize(path))
-            return _checked(Prepared(path, info, source, False, levels), settings)
+            if kind == "m4a" and result.get("channels") and result["channels"] != info.channels:
+                # MP4 muxers write 2 channels in the track's header whatever the stream holds.
+                info = dataclasses.replace(info, channels=result["channels"])
+            prepared = Prepared(path, info, source, False, levels)
+            _note_damage(prepared, result, sent_as_is=True)
+            return _checked(prepared, settings)
         assert out is not None
         try:
             sent = audio.probe(out, settings.min_seconds, settings.max_seconds)
@@ -186,10 +194,7 @@ def prepare(
             raise
         prepared = Prepared(out, sent, source, True, levels)
         prepared.warnings.append(_conversion_note(source, result, sent))
-        if result.get("decode_errors"):
-            prepared.warnings.append(
-                f"{result['decode_errors']} damaged or undecodable frames were replaced by silence."
-            )
+        _note_damage(prepared, result, sent_as_is=False)
         out = None  # handed to the caller
         return _checked(prepared, settings)
     finally:
@@ -200,8 +205,36 @@ def prepare(
 
 def _conversion_note(source: str, result: dict, sent: audio.AudioInfo) -> str:
     how = "remuxed without re-encoding into" if result.get("remuxed") else "decoded and stored losslessly as"
-    dropped = " (video track dropped)" if result.get("had_video") else ""
-    return f"The {source.upper()} file was {how} {sent.format.upper()}{dropped} before upload."
+    kept = []
+    if result.get("tracks", 1) > 1:
+        kept.append(f"audio track {result['track']} of {result['tracks']} kept")
+    if result.get("had_video"):
+        kept.append("video track dropped")
+    said = f" ({', '.join(kept)})" if kept else ""
+    return f"The {source.upper()} file was {how} {sent.format.upper()}{said} before upload."
+
+
+def _note_damage(prepared: Prepared, result: dict, sent_as_is: bool) -> None:
+    """Frames the decoder could not read: a warning, or :class:`AudioCorrupt` when so many are
+    damaged that what useapi.net would clone is mostly gaps."""
+    errors = result.get("decode_errors") or 0
+    if not errors:
+        return
+    total = errors + (result.get("frames") or 0)
+    if errors > DAMAGED_SHARE * total:
+        raise AudioCorrupt(
+            f"{errors} of the {total} audio frames cannot be decoded: the file is damaged. Send the original "
+            "recording, or export or download it again.",
+            **prepared.as_fields(),
+        )
+    prepared.warnings.append(
+        f"{errors} damaged or undecodable frames "
+        + (
+            "were left as they are: useapi.net receives the file unchanged."
+            if sent_as_is
+            else "were replaced by silence."
+        )
+    )
 
 
 def _checked(prepared: Prepared, settings) -> Prepared:
@@ -229,10 +262,7 @@ def _checked(prepared: Prepared, settings) -> Prepared:
 
 
 def _sniff_path(path: str) -> tuple[str, bytes]:
-    with open(path, "rb") as handle:
-        head = handle.read(4096)
-        handle.seek(audio._id3v2_end(handle))
-        body = handle.read(4096)
+    head, body = audio.read_start(path)
     return audio.sniff(head, body), head
 
 
@@ -422,7 +452,7 @@ class LevelMeter:
         assert self._sum is not None
         begin = max(self._offset - start, 0)
         end = len(piece)
-        if self._declared not in (0, 0xFFFFFFFF):
+        if not audio.unknown_wav_length(self._declared):
             end = min(end, self._offset + self._declared - start)
         if end <= begin:
             return
@@ -449,7 +479,7 @@ class LevelMeter:
         if self._failed or meter is None or size != self.fed:
             return None
         length = size - self._offset
-        if self._declared not in (0, 0xFFFFFFFF):
+        if not audio.unknown_wav_length(self._declared):
             length = min(self._declared, length)
         check = _LevelSum.for_format(*self._format, length) if length > 0 else None
         if check is None or self._taken != check.count * meter.width:
@@ -466,7 +496,7 @@ def _wav_layout(path: str) -> tuple[int, int, int, int, int] | None:
     if found is None:
         return None
     offset, declared, fmt = found
-    length = size - offset if declared in (0, 0xFFFFFFFF) else min(declared, size - offset)
+    length = size - offset if audio.unknown_wav_length(declared) else min(declared, size - offset)
     return offset, length, *fmt
 
 
@@ -530,6 +560,7 @@ def _run_child(
         "cpu_seconds": settings.convert_cpu_seconds,
         "memory_mb": settings.convert_memory_mb,
         "only_video": only_video,
+        "silence_peak": 10 ** (settings.silence_dbfs / 20),
     }
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {
@@ -661,28 +692,32 @@ def _work(job: dict) -> dict:
     av.logging.set_level(av.logging.PANIC)
     meter = _Meter(job["max_seconds"])
     with open(job["input"], "rb") as source:
-        try:
-            # An open file, a forced demuxer and no protocols: FFmpeg reads these bytes and nothing else.
-            container = av.open(
-                source,
-                format=job["demuxer"],
-                options={"protocol_whitelist": "none", "enable_drefs": "0"},
-            )
-        except (av.FFmpegError, ValueError, OSError) as err:
-            raise _Problem("corrupt", _short(err)) from None
+        container = _open(source, job["demuxer"])
+        streams, track = list(container.streams.audio), 0
+        if len(streams) > 1:  # each measured, then the file read again from the start for the one kept
+            with container:
+                track = _voiced_track(container, streams, job)
+            source.seek(0)
+            container = _open(source, job["demuxer"])
         with container:
-            streams = list(container.streams.audio)
             if not streams:
                 raise _Problem("no_audio")
-            stream = streams[0]
+            stream = list(container.streams.audio)[track]
             context = stream.codec_context
             context.thread_count = 1  # CPU time is counted per process: one thread is enough for speech
             had_video = bool(container.streams.video)
             codec = context.codec.canonical_name
-            result = {"ok": True, "converted": False, "had_video": had_video, "codec": codec}
+            result = {
+                "ok": True,
+                "converted": False,
+                "had_video": had_video,
+                "codec": codec,
+                "track": track + 1,
+                "tracks": len(streams),
+            }
             output = job["output"]
             try:
-                if output is None or (job.get("only_video") and not had_video):
+                if output is None or (job.get("only_video") and not had_video and len(streams) == 1):
                     for frame in _frames(container, stream, meter):
                         meter.add(frame)
                 elif codec in ("aac", "alac", "mp3"):
@@ -696,6 +731,39 @@ def _work(job: dict) -> dict:
     if meter.count == 0:
         raise _Problem("corrupt", "no audio samples could be decoded")
     return {**result, **meter.levels()}
+
+
+def _open(source, demuxer: str):
+    import av
+
+    try:
+        # An open file, a forced demuxer and no protocols: FFmpeg reads these bytes and nothing else.
+        return av.open(source, format=demuxer, options={"protocol_whitelist": "none", "enable_drefs": "0"})
+    except (av.FFmpegError, ValueError, OSError) as err:
+        raise _Problem("corrupt", _short(err)) from None
+
+
+def _voiced_track(container, streams: list, job: dict) -> int:
+    """Which of several audio tracks to clone from (its position among them): the one marked
+    default (else the first) unless it is silent; then the loudest. A screen recording's first
+    track may be silent desktop sound with the voice on the second."""
+    import av
+
+    meters = {stream.index: _Meter(job["max_seconds"]) for stream in streams}
+    for stream in streams:
+        stream.codec_context.thread_count = 1
+    try:
+        for packet in container.demux(*streams):
+            meter = meters[packet.stream.index]
+            for frame in _decoded(packet, packet.stream, meter):
+                meter.add(frame)
+    except av.FFmpegError as err:
+        raise _Problem("corrupt", _short(err)) from None
+    marked = [n for n, stream in enumerate(streams) if stream.disposition & av.stream.Disposition.default]
+    chosen = marked[0] if marked else 0
+    if meters[streams[chosen].index].peak >= job["silence_peak"]:
+        return chosen
+    return max(range(len(streams)), key=lambda n: meters[streams[n].index].rms())
 
 
 def _short(err: BaseException) -> str:
@@ -850,14 +918,18 @@ class _Meter:
             self.clipped += float(np.count_nonzero(np.abs(values) >= 0.999))
         self.count += values.size
 
+    def rms(self) -> float:
+        return math.sqrt(self.total / max(self.count, 1))
+
     def levels(self) -> dict:
-        count = max(self.count, 1)
         return {
             "peak": min(self.peak, 1.0),
-            "rms": math.sqrt(self.total / count),
-            "clipped": self.clipped / count,
+            "rms": self.rms(),
+            "clipped": self.clipped / max(self.count, 1),
             "seconds": round(self.seconds, 3),
             "decode_errors": self.errors,
+            "frames": self.frames,
+            "channels": self.last.layout.nb_channels if self.last is not None else None,
         }
 
 

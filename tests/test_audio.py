@@ -96,6 +96,41 @@ def test_a_file_still_arriving_is_judged_past_an_id3_tag_that_ends_in_its_head(p
     assert audio.sniff_start(head) == seen
 
 
+def test_a_damaged_spot_in_an_mp3_does_not_end_its_count(tmp_path):
+    # Five copies of a 2.06 s recording (10.3 s), with 600 bytes of noise 0.5 s in: players skip it.
+    frames = (AUDIO / "mp3_cbr_bare.mp3").read_bytes()
+    whole = frames * 5
+    noise = bytes((i * 37 + 11) % 256 for i in range(600))
+    damaged = tmp_path / "damaged.mp3"
+    damaged.write_bytes(whole[:2000] + noise + whole[2000:])
+    info = audio.probe(str(damaged), min_seconds=1)
+    assert info.duration_seconds == pytest.approx(5 * 2.064, abs=0.2)
+
+
+def test_padding_after_an_id3_tag_and_a_stream_cut_mid_frame_are_still_mp3(tmp_path):
+    frames = (AUDIO / "mp3_cbr_bare.mp3").read_bytes()
+    tag = b"ID3\x03\x00\x00\x00\x00\x00\x0a" + b"TIT2\x00\x00\x00\x02\x00\x00\x00x"[:10]
+    padded = tmp_path / "padded.mp3"
+    padded.write_bytes(tag + bytes(6000) + frames)  # zeros a tagger left after its tag
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(frames[200:])  # a recording cut 200 bytes into its first frame
+    for path in (padded, cut):
+        info = audio.probe(str(path), min_seconds=1)
+        assert info.format == "mp3"
+        assert info.duration_seconds == pytest.approx(2.06, abs=0.1)
+
+
+def test_a_wav_written_to_a_pipe_is_measured_to_its_end_not_called_truncated(tmp_path):
+    # sox writing to a pipe cannot seek back: it declares a data size near 2 GiB as a placeholder.
+    data = bytearray((AUDIO / "wav_pcm16_mono.wav").read_bytes())
+    at = data.find(b"data")
+    data[at + 4 : at + 8] = (0x7FFFF000).to_bytes(4, "little")
+    piped = tmp_path / "piped.wav"
+    piped.write_bytes(bytes(data))
+    info = audio.probe(str(piped), min_seconds=1)
+    assert info.duration_seconds == pytest.approx(2.0, abs=0.01)
+
+
 def test_mp3_sync_bytes_followed_by_garbage_are_not_mp3(tmp_path):
     fake = tmp_path / "fake.mp3"
     fake.write_bytes(b"\xff\xfb\x90\x64" + bytes(range(256)) * 20)

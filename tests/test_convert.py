@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 
 import av
 import pytest
@@ -44,6 +45,14 @@ CONVERTED = [
     ("zoom.mkv", "mkv", "flac", False),
     ("loom.webm", "webm", "flac", False),
     ("old.avi", "avi", "mp3", True),
+    # Accepted containers holding what useapi may not read: converted, not sent as they are
+    ("fragmented.m4a", "mp4", "m4a", True),  # MediaRecorder's audio/mp4: its length is in fragments
+    ("dictaphone_ima.wav", "wav", "flac", False),  # IMA ADPCM
+    ("mp3_in.wav", "wav", "mp3", True),
+    ("mp3_in.mp4", "mp4", "mp3", True),
+    # A silent first track and the voice on the second: the voice is kept
+    ("two_tracks.m4a", "m4a", "m4a", True),
+    ("two_tracks.mkv", "mkv", "flac", False),
 ]
 PYAV_FORMAT = {"flac": "flac", "m4a": "mov,mp4,m4a,3gp,3g2,mj2", "mp3": "mp3"}
 ACCEPTED = [
@@ -104,6 +113,64 @@ def test_every_listed_format_converts_to_the_same_duration_with_no_video(prepare
     assert fields["audio_content_type"] in {"audio/flac", "audio/mp4", "audio/mpeg"}
     assert fields["audio_peak_dbfs"] > -3 and -30 < fields["audio_rms_dbfs"] < -15
     assert any("before upload" in warning for warning in result.warnings)
+
+
+@pytest.mark.parametrize("name", ["two_tracks.m4a", "two_tracks.mkv"])
+def test_of_several_audio_tracks_the_voice_is_sent_alone_and_the_answer_says_which(prepared, name):
+    # two_tracks.m4a marks its second track default, two_tracks.mkv marks none: the first is silent in both.
+    result = prepared(name)
+    with av.open(result.path) as out:
+        assert len(out.streams.audio) == 1
+    assert result.levels.peak_dbfs > -3
+    assert any("audio track 2 of 2 kept" in warning for warning in result.warnings)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("fragmented.m4a", "fragmented"),
+        ("dictaphone_ima.wav", "IMA ADPCM"),
+        ("mp3_in.wav", "MP3"),
+        ("mp3_in.mp4", "MP3, which useapi.net does not accept in an MP4"),
+    ],
+)
+def test_with_conversion_off_what_useapi_may_not_read_is_refused_not_sent(prepared, name, says):
+    with pytest.raises(RelayError) as caught:
+        prepared(name, SETTINGS, "never")
+    assert caught.value.error_code == "unsupported_audio_format"
+    assert says in caught.value.message and "Convert it to" in caught.value.message
+
+
+def _damaged_m4a(tmp_path, share: float):
+    """m4a_aac.m4a with ``share`` of its audio data zeroed, from a quarter of the way in."""
+    data = bytearray((AUDIO / "m4a_aac.m4a").read_bytes())
+    at = data.find(b"mdat")
+    size = struct.unpack(">I", data[at - 4 : at])[0]
+    start, count = at + 4 + size // 4, int(size * share)
+    data[start : start + count] = bytes(count)
+    path = tmp_path / f"damaged-{share}.m4a"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_few_damaged_frames_in_a_file_sent_as_it_is_are_a_warning(prepared, tmp_path):
+    result = prepared(_damaged_m4a(tmp_path, 0.05).name, folder=tmp_path)
+    assert result.converted is False
+    assert any("damaged or undecodable frames were left as they are" in warning for warning in result.warnings)
+
+
+def test_a_file_mostly_damaged_is_refused_before_any_upload(prepared, tmp_path):
+    with pytest.raises(RelayError) as caught:
+        prepared(_damaged_m4a(tmp_path, 0.45).name, folder=tmp_path)
+    assert caught.value.error_code == "audio_corrupt"
+    assert "audio frames cannot be decoded" in caught.value.message
+    assert caught.value.fields["audio_format"] == "m4a"
+
+
+def test_a_mono_m4a_is_reported_mono_whatever_its_track_header_says(prepared):
+    # MP4 muxers write 2 channels in the track header of a mono AAC stream; mutagen reads that.
+    result = prepared("m4a_aac.m4a", folder=AUDIO)
+    assert (result.converted, result.info.channels, result.as_fields()["audio_channels"]) == (False, 1, 1)
 
 
 def test_a_24_bit_studio_file_stays_24_bit(prepared):
