@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import hmac
 import json
 import logging
 import re
@@ -460,14 +459,7 @@ def delete_voice(voice_id: str):
 
 def authenticate() -> None:
     """Require the relay key when one is configured (constant-time comparison)."""
-    key = settings().relay_api_key
-    if not key:
-        return
-    given = request.headers.get("X-Relay-Key", "")
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    if not hmac.compare_digest(given.encode("utf-8"), key.encode("utf-8")):
+    if not settings().accepts_key(request.headers.get("X-Relay-Key", ""), request.headers.get("Authorization", "")):
         raise Unauthorized()
 
 

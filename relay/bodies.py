@@ -27,7 +27,6 @@ from .settings import Settings
 
 CHUNK = 256 * 1024
 RAW_TYPES = ("audio/", "video/", "application/octet-stream")
-_FORM_OVERHEAD = 1024 * 1024  # the other form fields and part headers around the file
 
 
 @dataclass
@@ -60,7 +59,7 @@ def clone_body(
         body, warnings = load_json(schema)
         yield body, warnings, None
         return
-    request.max_content_length = settings.max_bytes + _FORM_OVERHEAD
+    request.max_content_length = settings.upload_request_limit
     with tempfile.TemporaryFile(prefix="relay-upload-") as spool:
         if kind == "raw":
             fields = {key: value for key, value in request.args.items()}

@@ -8,9 +8,15 @@ itself, without blocking, into a bounded buffer; only a complete request goes to
 then parses it from memory. A request not complete within ``RELAY_REQUEST_READ_TIMEOUT`` seconds
 is answered 408 ``request_timeout`` in the relay's one error shape, and the connection is closed.
 
-Requests bigger than the buffer (a head over 64 KiB, a body over ``RELAY_MAX_JSON_BYTES``) go to a
-thread as soon as that is known: the app refuses them without reading them. TLS connections (the
-relay sits behind the host's TLS-terminating router) keep gthread's own behaviour.
+A body larger than the buffer (``RELAY_MAX_JSON_BYTES``: a recording sent as a file) is written by
+the event loop to a temporary file as it arrives, and the request goes to a thread once it is all
+there, read from that file: a slow upload holds no thread either. Before a byte of it is written,
+the request must show the relay key (else 401 at once) and fit what this process is receiving
+(``RELAY_UPLOAD_STORE_BYTES``, else 503); it then has ``RELAY_REQUEST_READ_TIMEOUT`` seconds plus
+one second per 64 KiB it declares to arrive (408 after that), and its connection is closed once
+it is answered. A head over 64 KiB, or a body declared larger than ``RELAY_MAX_BYTES`` and a form
+around it, is answered 413 at once, unread. TLS connections (the relay sits behind the host's
+TLS-terminating router) keep gthread's own behaviour.
 """
 
 from __future__ import annotations
@@ -18,52 +24,104 @@ from __future__ import annotations
 import json
 import re
 import selectors
+import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from functools import partial
+from typing import BinaryIO
 
 from gunicorn import http
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import answers
-from .errors import RequestTimeout
+from .errors import RelayError, RequestTimeout, RequestTooLarge, Unauthorized, UploadStorageFull
 from .settings import Settings
 
 HEAD_LIMIT = 64 * 1024
+MIN_UPLOAD_RATE = 64 * 1024  # bytes per second a large body is given, beyond RELAY_REQUEST_READ_TIMEOUT
+_SPOOL_CHUNK = 256 * 1024
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:.*chunked", re.IGNORECASE | re.MULTILINE)
 _EXPECT = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r?\n", re.IGNORECASE | re.MULTILINE)
+_CONNECTION = re.compile(rb"^connection[ \t]*:[^\n]*\n", re.IGNORECASE | re.MULTILINE)
 _STOP_GRACE = 2.0  # a stopping worker still takes a request that is arriving, for this long
 
 
-def request_state(buffer: bytes, body_limit: int) -> str:
-    """``"complete"`` when ``buffer`` holds a whole request, ``"oversized"`` when it will not fit
-    the buffer (hand it over as it is), else ``"partial"``."""
+def request_state(buffer: bytes, body_limit: int, upload_limit: int) -> str:
+    """What ``buffer`` (a request's first bytes) holds: ``"complete"`` a whole request that fits
+    the buffer, ``"spool"`` a head whose body is larger than ``body_limit`` (received into a file),
+    ``"too_large"`` a head over 64 KiB or a body declared over ``upload_limit``, else ``"partial"``."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
-        return "oversized" if len(buffer) > HEAD_LIMIT else "partial"
+        return "too_large" if len(buffer) > HEAD_LIMIT else "partial"
     head, body = buffer[: end + 2], buffer[end + 4 :]
     if _CHUNKED.search(head):
-        if len(body) > body_limit + 4096:
-            return "oversized"
         # The last chunk and an empty trailer section; a request with trailers waits for its timeout.
-        return "complete" if body == b"0\r\n\r\n" or body.endswith(b"\r\n0\r\n\r\n") else "partial"
+        if body == b"0\r\n\r\n" or body.endswith(b"\r\n0\r\n\r\n"):
+            return "complete"
+        return "spool" if len(body) > body_limit + 4096 else "partial"
     match = _CONTENT_LENGTH.search(head)
     length = int(match.group(1)) if match else 0
+    if length > upload_limit:
+        return "too_large"
     if length > body_limit:
-        return "oversized"
+        return "spool"
     return "complete" if len(body) >= length else "partial"
 
 
-def timeout_response() -> bytes:
-    """The 408 answer, in the relay's one JSON error shape."""
-    status, answer = answers.failure(RequestTimeout(), answers.blank(uuid.uuid4().hex))
+def error_response(err: RelayError) -> bytes:
+    """``err`` as a whole HTTP answer in the relay's one JSON error shape, closing the connection."""
+    status, answer = answers.failure(err, answers.blank(uuid.uuid4().hex))
     body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
+    retry = f"Retry-After: {err.retry_after}\r\n" if getattr(err, "retry_after", None) else ""
     head = (
-        f"HTTP/1.1 {status} Request Timeout\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nX-Request-Id: {answer['request_id']}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Request-Id: {answer['request_id']}\r\n{retry}Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+_REASONS = {401: "Unauthorized", 408: "Request Timeout", 413: "Content Too Large", 503: "Service Unavailable"}
+
+
+def timeout_response() -> bytes:
+    """The 408 answer."""
+    return error_response(RequestTimeout())
+
+
+def _header(head: bytes, name: bytes) -> str:
+    match = re.search(rb"^" + name + rb"[ \t]*:[ \t]*([^\r\n]*)", head, re.IGNORECASE | re.MULTILINE)
+    return match.group(1).strip().decode("latin-1") if match else ""
+
+
+@dataclass(eq=False)
+class _Arrival:
+    """A request being received by the event loop: in ``buffer``, or, once its body is known to be
+    large, in ``spool`` (head and body as they came, the head rewritten to close the connection)."""
+
+    buffer: bytearray
+    deadline: float
+    spool: BinaryIO | None = None
+    left: int | None = None  # body bytes still to come; None for a chunked body
+    tail: bytes = b""  # a chunked body's last bytes, where its end shows
+    received: int = 0  # body bytes spooled
+    charged: int = 0  # bytes counted against what this process receives at once
+    waits_to_send: bool = False  # the client sent "Expect: 100-continue" and waits for the go-ahead
+
+    def whole(self) -> bool:
+        if self.left is not None:
+            return self.left <= 0
+        return self.tail.endswith(b"\r\n0\r\n\r\n") or self.tail == b"0\r\n\r\n"
+
+
+def _spooled(spool: BinaryIO):
+    """The spooled request, chunk by chunk, for gunicorn's parser; the file goes when it is read
+    or dropped."""
+    with spool:
+        spool.seek(0)
+        while chunk := spool.read(_SPOOL_CHUNK):
+            yield chunk
 
 
 class RelayWorker(ThreadWorker):
@@ -74,10 +132,12 @@ class RelayWorker(ThreadWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        settings = Settings.from_env()
+        self.settings = settings = Settings.from_env()
         self.read_timeout = settings.request_read_timeout
         self.body_limit = settings.max_json_bytes
-        self.reading: dict[object, tuple[bytearray, float]] = {}  # conn -> (bytes so far, deadline)
+        self.upload_limit = settings.upload_request_limit
+        self.reading: dict[object, _Arrival] = {}
+        self.receiving = 0  # bytes of large bodies this process is receiving, as they declare
 
     def handle_exit(self, sig, frame):
         """SIGTERM: requests waiting for a clone answer now (202 + ``status_url``) instead of being
@@ -94,7 +154,7 @@ class RelayWorker(ThreadWorker):
             return super().enqueue_req(conn)
         # Bytes a previous request's body drain read ahead (a pipelined request) start the buffer.
         ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
-        self.reading[conn] = (bytearray(ahead), time.monotonic() + self.read_timeout)
+        self.reading[conn] = _Arrival(bytearray(ahead), time.monotonic() + self.read_timeout)
         conn.sock.setblocking(False)
         # A kept-alive connection is handed here because it is readable, and a new one has often
         # received its request already: read at once, and wait on the poller only for the rest.
@@ -113,26 +173,63 @@ class RelayWorker(ThreadWorker):
         if not data:  # the client went away before its request was complete
             self._drop(conn)
             return False
-        self.reading[conn][0].extend(data)
+        arrival = self.reading[conn]
+        if arrival.spool is None:
+            arrival.buffer.extend(data)
+        else:
+            self._spool(arrival, data)
         return True
+
+    @staticmethod
+    def _spool(arrival: _Arrival, data: bytes) -> None:
+        assert arrival.spool is not None
+        arrival.spool.write(data)
+        arrival.received += len(data)
+        if arrival.left is not None:
+            arrival.left -= len(data)
+        else:
+            arrival.tail = (arrival.tail + data)[-7:]
 
     def _on_readable(self, conn, _sock):
         if self._receive(conn):
             self._check(conn, registered=True)
 
     def _check(self, conn, registered: bool = False) -> bool:
-        """Hand ``conn`` to a thread if its request is complete (or too big to buffer)."""
-        buffer = self.reading[conn][0]
-        if request_state(bytes(buffer), self.body_limit) == "partial":
+        """Hand ``conn`` to a thread if its request is complete; answer it if it cannot be taken.
+        True when ``conn`` left the event loop's hands."""
+        arrival = self.reading[conn]
+        if arrival.spool is not None:
+            if arrival.left is None and arrival.received > self.upload_limit + 4096:
+                self._drop(conn, error_response(RequestTooLarge(self._too_large())))
+                return True
+            if not arrival.whole():
+                return False
+            if registered:
+                self.poller.unregister(conn.sock)
+            self._release(conn)
+            conn.parser = http.get_parser(self.cfg, _spooled(arrival.spool), conn.client)
+            self._hand_over(conn)
+            return True
+        buffer = arrival.buffer
+        state = request_state(bytes(buffer), self.body_limit, self.upload_limit)
+        if state == "too_large":
+            self._drop(conn, error_response(RequestTooLarge(self._too_large(buffer))))
+            return True
+        if state == "spool":
+            refusal = self._start_spool(arrival)
+            if refusal is not None:
+                self._drop(conn, error_response(refusal))
+                return True
+            if arrival.waits_to_send:
+                self._continue(conn)
+            return self._check(conn, registered)
+        if state == "partial":
             if _EXPECT.search(buffer) and b"\r\n\r\n" in buffer:
                 # The client waits for a go-ahead before it sends the body: give it here, once.
                 head_end = buffer.find(b"\r\n\r\n") + 2
                 head = _EXPECT.sub(b"", bytes(buffer[:head_end]))
                 buffer[:head_end] = head
-                try:
-                    conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-                except OSError:
-                    pass
+                self._continue(conn)
             return False
         if registered:
             self.poller.unregister(conn.sock)
@@ -142,14 +239,73 @@ class RelayWorker(ThreadWorker):
             # the request from this buffer instead of the socket.
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
         conn.parser.unreader.unread(bytes(buffer))
+        self._hand_over(conn)
+        return True
+
+    @staticmethod
+    def _continue(conn) -> None:
+        """The go-ahead for a client that waits for it before it sends its body."""
+        try:
+            conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+            pass
+
+    def _hand_over(self, conn) -> None:
         conn.data_ready = True  # nothing more may arrive on the socket: do not wait for it
         conn.relay_buffered = True
         conn.sock.setblocking(True)
         self.enqueue_req(conn)
-        return True
+
+    def _start_spool(self, arrival: _Arrival) -> RelayError | None:
+        """Receive the rest of a large body into a file; or the refusal to answer instead."""
+        buffer = arrival.buffer
+        end = buffer.find(b"\r\n\r\n") + 4
+        head, body = bytes(buffer[:end]), bytes(buffer[end:])
+        if not self.settings.accepts_key(_header(head, b"x-relay-key"), _header(head, b"authorization")):
+            return Unauthorized()
+        match = _CONTENT_LENGTH.search(head)
+        length = None if _CHUNKED.search(head) or not match else int(match.group(1))
+        charged = self.upload_limit if length is None else length
+        budget = self.settings.upload_store_bytes
+        if self.receiving + charged > budget:
+            return UploadStorageFull(
+                f"The relay is receiving {self.receiving / 1048576:.0f} MiB of other files at once; this one "
+                f"({charged / 1048576:.1f} MiB) would pass RELAY_UPLOAD_STORE_BYTES ({budget / 1048576:.0f} MiB). "
+                "Retry in a few seconds, or send a link (audio_url) instead.",
+                retry_after=10,
+            )
+        expects = _EXPECT.search(head) is not None
+        # The thread reads this request from the file and closes the connection after answering it.
+        head = _CONNECTION.sub(b"", _EXPECT.sub(b"", head))
+        head = head[:-2] + b"Connection: close\r\n\r\n"
+        arrival.spool = tempfile.TemporaryFile(prefix="relay-request-")
+        arrival.spool.write(head)
+        arrival.left, arrival.charged, arrival.buffer = length, charged, bytearray()
+        self.receiving += charged
+        arrival.deadline = time.monotonic() + self.read_timeout + charged / MIN_UPLOAD_RATE
+        self._spool(arrival, body)
+        arrival.waits_to_send = expects and not arrival.received
+        return None
+
+    def _release(self, conn) -> None:
+        arrival = self.reading.pop(conn, None)
+        if arrival is not None:
+            self.receiving -= arrival.charged
+            arrival.charged = 0
+
+    def _too_large(self, buffer: bytes | None = None) -> str:
+        if buffer is not None and buffer.find(b"\r\n\r\n") < 0:
+            return f"The request's line and headers are over {HEAD_LIMIT // 1024} KiB."
+        return (
+            f"The request body is over {self.upload_limit / 1048576:.1f} MiB: a recording of up to RELAY_MAX_BYTES "
+            f"({self.settings.max_bytes / 1048576:.1f} MiB) and a form around it. Send a smaller recording."
+        )
 
     def _drop(self, conn, answer: bytes | None = None):
-        self.reading.pop(conn, None)
+        arrival = self.reading.get(conn)
+        self._release(conn)
+        if arrival is not None and arrival.spool is not None:
+            arrival.spool.close()
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
@@ -165,9 +321,9 @@ class RelayWorker(ThreadWorker):
     def murder_pending(self):
         super().murder_pending()
         now = time.monotonic()
-        for conn, (_buffer, deadline) in list(self.reading.items()):
-            if not self.alive and deadline > now + _STOP_GRACE:
-                self.reading[conn] = (self.reading[conn][0], now + _STOP_GRACE)
-            elif deadline <= now:
+        for conn, arrival in list(self.reading.items()):
+            if not self.alive and arrival.deadline > now + _STOP_GRACE:
+                arrival.deadline = now + _STOP_GRACE
+            elif arrival.deadline <= now:
                 # A connection that never sent a byte is closed quietly (a browser's pre-connect).
-                self._drop(conn, timeout_response() if self.reading[conn][0] else None)
+                self._drop(conn, timeout_response() if arrival.buffer or arrival.spool else None)

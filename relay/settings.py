@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -15,6 +16,9 @@ MiB = 1024 * 1024
 
 class SettingsError(ValueError):
     """A setting is missing, malformed or out of range; the message is one line for the operator."""
+
+
+FORM_OVERHEAD = 1024 * 1024  # a multipart form's other fields and part headers around its file
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,21 @@ class Settings:
         """Requests that may wait for their clone at once in one process (``RELAY_MAX_WAITERS``, or
         three quarters of ``RELAY_THREADS``): the other threads always serve new requests."""
         return self.max_waiters or max(1, self.threads * 3 // 4)
+
+    @property
+    def upload_request_limit(self) -> int:
+        """The largest request body taken: a recording of ``RELAY_MAX_BYTES`` and a multipart form's
+        other fields and part headers around it."""
+        return self.max_bytes + FORM_OVERHEAD
+
+    def accepts_key(self, relay_key_header: str, authorization: str) -> bool:
+        """Whether a request presenting these headers may use the API: the relay key in
+        ``Authorization: Bearer`` (or ``X-Relay-Key``), compared in constant time; any request when
+        no ``RELAY_API_KEY`` is set."""
+        if not self.relay_api_key:
+            return True
+        given = authorization[7:].strip() if authorization[:7].lower() == "bearer " else relay_key_header
+        return hmac.compare_digest(given.encode("utf-8"), self.relay_api_key.encode("utf-8"))
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied and validated (settings themselves never change)."""

@@ -190,17 +190,19 @@ def test_a_json_body_sent_after_100_continue_is_served(serve):
         (b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n", "complete"),
         (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", "partial"),
         (b"POST / HTTP/1.1\r\ncontent-length:5\r\n\r\nabcde", "complete"),
-        (b"POST / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", "oversized"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", "too_large"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", "spool"),  # a file: received into a file
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", "partial"),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "complete"),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "complete"),
-        (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (70 * 1024), "oversized"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11000\r\n" + b"a" * 70000, "spool"),
+        (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (70 * 1024), "too_large"),
     ],
 )
 def test_the_event_loop_knows_when_a_request_is_whole(buffer, state):
     from relay.server import request_state
 
-    assert request_state(buffer, body_limit=64 * 1024) == state
+    assert request_state(buffer, body_limit=64 * 1024, upload_limit=50 * 1024 * 1024) == state
 
 
 def test_the_waiter_budget_leaves_threads_for_new_requests():
@@ -234,3 +236,112 @@ def test_on_sigterm_a_waiting_request_is_answered_at_once_and_the_server_stops(s
     assert answer["status"] == 202 and answer["body"]["status"] == "queued"
     assert STOPPING_WARNING in answer["body"]["warnings"]
     assert process.wait(30) == 0
+
+
+def upload_head(length: int, key: str = RELAY_KEY, extra: str = "") -> bytes:
+    """The head of a recording sent as the raw body, ``length`` bytes long."""
+    return (
+        "POST /v1/voice-clones?name=Upload&wait_seconds=0 HTTP/1.1\r\nHost: relay\r\nContent-Type: audio/wav\r\n"
+        f"Authorization: Bearer {key}\r\nX-Useapi-Token: {TOKEN}\r\nContent-Length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def slow_upload(base: str, length: int = 1_000_000, key: str = RELAY_KEY) -> socket.socket:
+    """A connection that has sent the head of a large upload and its first bytes, and stalls."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(upload_head(length, key) + b"RIFF" + bytes(996))
+    return sock
+
+
+def answer_of(sock: socket.socket) -> tuple[bytes, dict]:
+    """The whole answer on ``sock`` (the relay closes the connection after it): head and JSON body."""
+    import json
+
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
+def test_slow_uploads_hold_no_thread_and_whole_ones_are_served(serve):
+    from .conftest import audio_bytes
+
+    # Bodies over 4 KiB are files to the event loop: received into a file, not by a thread.
+    base = serve(RELAY_MAX_JSON_BYTES="4096")
+    stalled = [slow_upload(base) for _ in range(8)]  # twice the 4 threads
+    try:
+        assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
+        wav = audio_bytes("wav_pcm16_mono.wav")
+        headers = {**HEADERS, "Content-Type": "audio/wav"}
+        params = {"name": "Whole", "wait_seconds": "0"}
+        sent = requests.post(base + "/v1/voice-clones", params=params, data=wav, headers=headers, timeout=10)
+        assert sent.status_code == 202 and sent.json()["status"] == "queued"
+        assert sent.headers["Connection"] == "close"
+
+        # The same file in chunks of unknown length (a tool streaming what it downloads).
+        def pieces():
+            for start in range(0, len(wav), 10_000):
+                yield wav[start : start + 10_000]
+
+        chunked = requests.post(
+            base + "/v1/voice-clones", params={**params, "name": "Chunked"}, data=pieces(), headers=headers, timeout=10
+        )
+        assert chunked.status_code == 202, chunked.text
+        assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_large_upload_is_refused_at_once_when_it_cannot_be_taken(serve):
+    base = serve(RELAY_MAX_BYTES="100000", RELAY_UPLOAD_STORE_BYTES="1500000", RELAY_MAX_JSON_BYTES="4096")
+    host, port = base.removeprefix("http://").split(":")
+    cases = [
+        (upload_head(1_000_000, key="wrong-key"), b"HTTP/1.1 401", "unauthorized"),  # no key: nothing read
+        (upload_head(5_000_000), b"HTTP/1.1 413", "request_too_large"),  # over RELAY_MAX_BYTES and a form
+    ]
+    for head, status, code in cases:
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(head)
+            seen, answer = answer_of(sock)
+        assert seen.startswith(status) and answer["error_code"] == code and answer["ok"] is False
+    # What this process receives at once is bounded: a second file past RELAY_UPLOAD_STORE_BYTES waits.
+    first = slow_upload(base, 1_000_000)
+    try:
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(upload_head(1_000_000))
+            seen, answer = answer_of(sock)
+        assert seen.startswith(b"HTTP/1.1 503") and b"\r\nRetry-After: 10\r\n" in seen
+        assert answer["error_code"] == "upload_storage_full" and "receiving" in answer["error_message"]
+    finally:
+        first.close()
+
+
+def test_an_upload_that_stalls_past_its_time_is_answered_408(serve):
+    # 1 s, plus 1 s per 64 KiB it declares: 70 000 bytes have about 2.1 s.
+    base = serve(RELAY_REQUEST_READ_TIMEOUT="1", RELAY_MAX_JSON_BYTES="4096")
+    sock = slow_upload(base, 70_000)
+    try:
+        started = time.monotonic()
+        seen, answer = answer_of(sock)
+    finally:
+        sock.close()
+    assert seen.startswith(b"HTTP/1.1 408") and answer["error_code"] == "request_timeout"
+    assert time.monotonic() - started < 15
+
+
+def test_a_large_upload_sent_after_100_continue_is_served(serve):
+    from .conftest import audio_bytes
+
+    base = serve(RELAY_MAX_JSON_BYTES="4096")
+    wav = audio_bytes("wav_pcm16_mono.wav")
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(upload_head(len(wav), extra="Expect: 100-continue\r\n"))
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(wav)
+        seen, answer = answer_of(sock)
+    assert seen.startswith(b"HTTP/1.1 202") and answer["status"] == "queued"
