@@ -88,6 +88,8 @@ def deliver(url: str, body: bytes, webhook_id: str, settings: Settings) -> Deliv
             if limit.expired or isinstance(err, requests.Timeout):
                 return too_slow
             return Delivery(False, False, f"connection failed ({type(err).__name__})")
+        except ValueError:  # requests parses a redirect's Location even when it does not follow it
+            return Delivery(False, False, "the receiver redirected to an address that cannot be parsed")
     if limit.expired:
         return too_slow
     if 200 <= response.status_code < 300:

@@ -116,7 +116,12 @@ def _download_into(sink, path: str, url: str, settings: Settings, resolve, progr
             response = _get(session, target, settings, limit)
             with response:
                 if response.status_code in _REDIRECTS and response.headers.get("Location"):
-                    url = urljoin(url, response.headers["Location"])
+                    try:
+                        url = urljoin(url, response.headers["Location"])
+                    except ValueError as err:
+                        raise DownloadFailed(
+                            f"The audio host {target.host} redirected to an address that cannot be parsed ({err})."
+                        ) from None
                     continue
                 _raise_for_status(response, target)
                 size = _stream(response, sink, settings, limit, target, progress, tap)
@@ -148,6 +153,10 @@ def _get(session: requests.Session, target: urlguard.Target, settings: Settings,
         if limit.expired:
             raise _too_slow(settings) from None
         raise DownloadFailed(f"Could not connect to the audio host {target.host}: {_reason(err)}.") from None
+    except ValueError as err:  # requests parses a redirect's Location even when it does not follow it
+        raise DownloadFailed(
+            f"The audio host {target.host} answered with a redirect to an address that cannot be parsed ({err})."
+        ) from None
 
 
 def _raise_for_status(response: requests.Response, target: urlguard.Target) -> None:

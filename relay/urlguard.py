@@ -95,6 +95,8 @@ def check(url: str, allowed: Iterable[Network] = (), resolve: Resolver | None = 
             addresses = (resolve or resolve_host)(host, port)
         except OSError as err:
             raise DownloadFailed(f"The host {host} could not be found (DNS: {err}). Check the link.") from None
+        except (UnicodeError, ValueError) as err:  # a name the resolver's encoder refuses
+            raise UrlNotAllowed(f"The host name {host[:80]!r} is not a valid domain name ({err}).") from None
     if not addresses:
         raise DownloadFailed(f"The host {host} has no addresses.")
     for text in addresses:
@@ -197,7 +199,13 @@ def _literal_address(host: str) -> IPAddress | None:
 def _ascii_host(host: str) -> str:
     host = host.rstrip(".") if host.endswith(".") and not host.endswith("..") else host
     if host.isascii():
-        return host.lower()
+        host = host.lower()
+        # A name the resolver would refuse (an empty label, one over 63 characters) is refused here.
+        if _literal_address(host) is None and (
+            len(host) > 253 or not all(0 < len(label) <= 63 for label in host.split("."))
+        ):
+            raise UrlNotAllowed(f"The host name {host[:80]!r} is not a valid domain name. Check the link.")
+        return host
     try:
         return idna.encode(host, uts46=True).decode("ascii")
     except idna.IDNAError as err:

@@ -354,6 +354,23 @@ def test_a_dripping_callback_receiver_is_a_failed_attempt(make_app, job_settings
     assert job.callback_url == receiver.url("/hook")  # kept, without any query
 
 
+@pytest.mark.parametrize("location", ["http://[::1/hook", "http://[127.0.0.1]/hook"])
+def test_a_callback_receiver_redirecting_to_nonsense_is_a_failed_attempt(
+    make_app, job_settings, fake, audio_host, location
+):
+    settings = job_settings.replace(callback_schedule=(0.1,), callback_first_delay_seconds=0)
+    app = make_app(settings)
+    store = app.extensions["relay.runtime"].store
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    with servers.RawServer(servers.redirects_to(lambda _n: location)) as receiver:
+        body = {"audio_url": url, "name": "Cb", "callback_url": receiver.url("/hook")}
+        job_id = post(app.test_client(), body).json["job_id"]
+        job = wait_until(lambda: (j := store.get(job_id)).callback_status == "given_up" and j, timeout=20)
+    assert job.callback_attempts == 2  # tried on schedule, not crashed and retried as a crash
+    assert "cannot be parsed" in job.callback_last_error
+    assert events.count(app.extensions["relay.runtime"].engine, job_id, "crashed") == 0
+
+
 # --- accounts -----------------------------------------------------------------------------------
 
 
@@ -513,7 +530,13 @@ def test_x_forwarded_host_is_ignored_unless_the_operator_trusts_it(make_app, job
 def test_a_callback_url_resolving_to_a_private_address_is_refused_at_once(make_app, job_settings):
     client = make_app(job_settings).test_client()
     url = "https://example.com/a.wav"
-    for callback in ("http://localhost:5678/webhook-waiting/1", "http://127.0.0.1/hook", "http://10.1.2.3/x"):
+    for callback in (
+        "http://localhost:5678/webhook-waiting/1",
+        "http://127.0.0.1/hook",
+        "http://10.1.2.3/x",
+        "http://a..b/hook",  # no resolver takes it: refused, not a crash
+        "http://" + "a" * 64 + ".example/hook",
+    ):
         response = post(client, {"audio_url": url, "name": "x", "callback_url": callback})
         assert (response.status_code, response.json["error_code"]) == (422, "url_not_allowed"), callback
         assert response.json["error_message"].startswith("callback_url:")

@@ -53,6 +53,15 @@ def test_a_redirect_to_a_forbidden_address_is_refused_before_connecting(audio_ho
     assert useapi.log == []
 
 
+@pytest.mark.parametrize("location", ["http://[::1/x.wav", "http://[127.0.0.1]/x.wav", "http://a..b/x.wav"])
+def test_a_redirect_to_an_address_that_cannot_be_parsed_is_a_failed_download(audio_host, settings, location):
+    audio_host.expect_request("/share").respond_with_data("", status=302, headers={"Location": location})
+    with pytest.raises((DownloadFailed, UrlNotAllowed)) as caught:
+        with fetch.download(audio_host.url_for("/share"), settings):
+            pass
+    assert caught.value.http_status == 422
+
+
 def test_a_redirect_loop_stops_after_the_limit(settings):
     with servers.RawServer(servers.redirects_to(lambda n: f"/loop/{n}")) as server:
         with pytest.raises(DownloadFailed, match="redirected more than 5 times"):

@@ -81,6 +81,14 @@ def test_allowed_networks_open_exactly_what_they_name():
         "http://[fe80::1%25eth0]/",
         "http://example.com:99999/",
         "",
+        # names no resolver takes: an empty label, a label over 63 characters, brackets around IPv4
+        "http://a..b/x.wav",
+        "http://localhost../",
+        "http://.example/",
+        "http://example.com../",
+        "http://" + "a" * 64 + ".com/",
+        "http://[127.0.0.1]/",
+        "http://[::1/",
     ],
 )
 def test_literal_check_refuses(url):
