@@ -140,6 +140,8 @@ def _load_fields(schema: CloneRequestSchema, fields: dict, with_url: bool = True
             data["metadata"] = json.loads(metadata)
         except ValueError:
             raise InvalidRequest("Invalid request. metadata: must be a JSON object written as text.") from None
+        except RecursionError:
+            raise InvalidRequest("Invalid request. metadata: nested too deeply.") from None
     try:
         if with_url:
             return schema.load_with_warnings(data)

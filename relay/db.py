@@ -247,12 +247,13 @@ def database_url(url: str | None, data_dir: str) -> str:
 
 
 def connect(url: str) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, a busy timeout and single-writer transactions."""
+    """An engine for ``url``. SQLite gets WAL, a busy timeout and single-writer transactions.
+    A failing statement's error never shows its parameters: they hold signed URLs and secrets."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             os.makedirs(os.path.dirname(parsed.database) or ".", exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record):
@@ -279,8 +280,9 @@ def connect(url: str) -> Engine:
             try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
             except BaseException:
-                conn.info.pop("relay_writer", None)
-                writers.release()
+                # SQLAlchemy's rollback after the failed BEGIN may have released it already (_sqlite_end).
+                if conn.info.pop("relay_writer", None):
+                    writers.release()
                 raise
 
         @event.listens_for(engine, "commit")
@@ -290,13 +292,16 @@ def connect(url: str) -> Engine:
                 writers.release()
 
         read_engine = create_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False}, isolation_level="AUTOCOMMIT"
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            isolation_level="AUTOCOMMIT",
+            hide_parameters=True,
         )
         event.listen(read_engine, "connect", _sqlite_connect)
         _readers[engine] = read_engine
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def reader(engine: Engine) -> Connection:

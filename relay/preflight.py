@@ -70,18 +70,29 @@ def _reason(err: Exception) -> str:
     return reason or type(err).__name__
 
 
+MIN_KEY_LENGTH = 16  # characters of a random key: beyond guessing at any rate the API can answer
+
+
 def open_relay_warning(settings: Settings, host: str) -> str | None:
-    """A warning when the relay listens beyond this machine with no ``RELAY_API_KEY``: every
-    endpoint is then open to whoever reaches it (job answers by their URL, downloads, conversions,
-    clones with their own token). None on loopback, or with a key."""
-    if settings.relay_api_key:
+    """A warning when the relay listens beyond this machine with no ``RELAY_API_KEY`` (every
+    endpoint is then open to whoever reaches it: job answers by their URL, downloads, conversions,
+    clones with their own token), or with a key short enough to guess (the API does not count
+    wrong keys). None on loopback, or with a long key."""
+    key = settings.relay_api_key or ""
+    if len(key) >= MIN_KEY_LENGTH:
         return None
     try:
         if host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback:
             return None
     except ValueError:
         pass  # a host name: it may be reached from elsewhere
+    fix = "Set RELAY_API_KEY to a long random string (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    if key:
+        return (
+            f"warning: RELAY_API_KEY is only {len(key)} characters, and listening on {host}: a short key can be "
+            f"guessed (the API does not limit wrong keys). {fix}."
+        )
     return (
         f"warning: no RELAY_API_KEY, and listening on {host}: every endpoint is open to anyone who can "
-        "reach this address. Set RELAY_API_KEY (a long random string) before exposing it."
+        f"reach this address. {fix} before exposing it."
     )

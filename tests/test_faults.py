@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -369,6 +370,75 @@ def test_a_callback_receiver_redirecting_to_nonsense_is_a_failed_attempt(
     assert job.callback_attempts == 2  # tried on schedule, not crashed and retried as a crash
     assert "cannot be parsed" in job.callback_last_error
     assert events.count(app.extensions["relay.runtime"].engine, job_id, "crashed") == 0
+
+
+def test_a_failing_database_write_logs_no_signed_query(make_app, job_settings, audio_host, caplog):
+    app = make_app(job_settings)
+    engine = app.extensions["relay.runtime"].engine
+    postgres = engine.dialect.name == "postgresql"
+    # The database itself refuses every new job (a trigger), as a full disk or a failover would.
+    sabotage = (
+        [
+            "CREATE FUNCTION relay_test_refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ "
+            "LANGUAGE plpgsql",
+            "CREATE TRIGGER relay_test_refuse BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION relay_test_refuse()",
+        ]
+        if postgres
+        else ["CREATE TRIGGER relay_test_refuse BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'refused'); END"]
+    )
+    with engine.begin() as conn:
+        for statement in sabotage:
+            conn.execute(text(statement))
+    try:
+        url = audio_host.url_for("/a.wav") + "?X-Amz-Signature=LEAKED-SIGNATURE"
+        callback = audio_host.url_for("/hook") + "?signature=LEAKED-CALLBACK"
+        with caplog.at_level(logging.INFO):
+            response = post(app.test_client(), {"audio_url": url, "name": "Db", "callback_url": callback})
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER relay_test_refuse" + (" ON jobs" if postgres else "")))
+            if postgres:
+                conn.execute(text("DROP FUNCTION relay_test_refuse()"))
+    assert (response.status_code, response.json["error_code"]) == (500, "internal_error")
+    logged = "\n".join(record.getMessage() + "\n" + caplog.text for record in caplog.records)
+    assert "refused" in logged  # the database's own reason is there
+    assert "LEAKED" not in logged
+
+
+def test_a_write_that_cannot_start_says_why_and_leaves_the_writer_lock_whole(tmp_path):
+    # Another program holds SQLite's write lock (a backup, a sqlite3 shell on the live file) past the
+    # busy timeout, shortened here to 0.1 s on every connection the engine opens.
+    path = tmp_path / "relay.db"
+    engine = db.connect(f"sqlite:///{path}")
+    db.migrate(engine)
+    sqlalchemy.event.listen(engine, "connect", lambda dbapi, _record: dbapi.execute("PRAGMA busy_timeout=100"))
+    engine.dispose()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="database is locked"):
+            with engine.begin() as conn:
+                conn.execute(text("SELECT 1"))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # The process's own writer lock was released once: writers still take turns, one at a time.
+    order: list[str] = []
+
+    def second_writer() -> None:
+        with engine.begin() as conn:
+            order.append("second")
+            conn.execute(text("SELECT 1"))
+
+    with engine.begin() as conn:
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        time.sleep(0.3)  # time for the second writer to get in, were the lock free
+        order.append("first")
+        conn.execute(text("SELECT 1"))
+    thread.join(10)
+    assert order == ["first", "second"]
+    engine.dispose()
 
 
 # --- accounts -----------------------------------------------------------------------------------

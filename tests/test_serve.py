@@ -77,6 +77,7 @@ def test_relay_serve_says_it_listens_only_once_it_does(tmp_path):
 @pytest.mark.parametrize(
     ("host", "key", "warned"),
     [("0.0.0.0", None, True), ("relay.example.com", None, True), ("::", None, True), ("0.0.0.0", RELAY_KEY, False)]
+    + [("0.0.0.0", "secret", True), ("127.0.0.1", "secret", False)]  # a short key: guessable
     + [(host, None, False) for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")],
 )
 def test_an_open_relay_listening_beyond_this_machine_is_warned_about(host, key, warned):
@@ -86,7 +87,7 @@ def test_an_open_relay_listening_beyond_this_machine_is_warned_about(host, key, 
     warning = open_relay_warning(Settings().replace(relay_api_key=key), host)
     assert (warning is not None) == warned
     if warned:
-        assert "no RELAY_API_KEY" in warning and host in warning
+        assert ("only 6 characters" if key else "no RELAY_API_KEY") in warning and host in warning
 
 
 def test_the_procfile_web_process_warns_for_each_open_address_gunicorn_bound(monkeypatch, capsys):

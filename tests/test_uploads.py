@@ -115,6 +115,10 @@ def test_fields_come_from_the_form_or_the_query_string(app, fake):
     assert fake.uploads == []
     response = raw(client, {"name": "x", "metadata": "{not json"}, data)
     assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000  # JSON in a form field, nested past the parser's depth
+    response = multipart(client, {"name": "x", "metadata": deep}, data)
+    assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+    assert "nested too deeply" in response.json["error_message"]
     response = raw(client, {}, data)
     assert response.json["error_code"] == "invalid_request" and "name" in response.json["error_message"]
 
