@@ -333,6 +333,10 @@ BUSY_WARNING = (
 STOPPING_WARNING = (
     "Answered without waiting longer: this relay process is restarting. The clone goes on: poll status_url."
 )
+UNREAD_WARNING = (
+    "Answered without waiting longer: the relay's database did not answer just now, so this is the job as last "
+    "seen. The clone goes on: poll status_url (do not send it again)."
+)
 
 
 def _wait_within_budget(job, seconds: float, generation: int):
@@ -372,7 +376,13 @@ def _wait_for(job, seconds: float, generation: int):
             break
         runtime.notifier.wait_for_change(min(remaining, _poll_interval(runtime)), since=generation, job_id=job.id)
         generation = runtime.notifier.generation
-        job = runtime.store.get(job.id) or job
+        try:
+            job = runtime.store.get(job.id) or job
+        except SQLAlchemyError as err:
+            # The job exists: an answer without it would read as a failure to retry, a second paid clone.
+            log.warning("waiting request: job %s could not be read (%s)", job.id, type(err).__name__)
+            g.not_waited = UNREAD_WARNING
+            break
     return job
 
 
@@ -392,7 +402,10 @@ def _job_answer(job, note: str | None = None):
     if g.get("not_waited") and not job.terminal:
         answer["warnings"] = [*answer["warnings"], g.not_waited]
     if answer["status"] == "queued":
-        answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
+        try:
+            answer["queue_position"] = job.queue_position or _runtime().store.queue_position(job)
+        except SQLAlchemyError as err:  # a courtesy: the job's answer matters more
+            log.warning("queue position of job %s not read (%s)", job.id, type(err).__name__)
     g.answer = answer
     return _answer(answers.http_status_for_job(job), answer)
 

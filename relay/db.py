@@ -246,9 +246,11 @@ def database_url(url: str | None, data_dir: str) -> str:
     return url
 
 
-def connect(url: str) -> Engine:
+def connect(url: str, connections: int = 30) -> Engine:
     """An engine for ``url``. SQLite gets WAL, a busy timeout and single-writer transactions.
-    A failing statement's error never shows its parameters: they hold signed URLs and secrets."""
+    A failing statement's error never shows its parameters: they hold signed URLs and secrets.
+    ``connections``: the most PostgreSQL connections the engine's pool opens (``RELAY_DATABASE_CONNECTIONS``);
+    a thread that finds them all busy waits for one."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -301,7 +303,8 @@ def connect(url: str) -> Engine:
         _readers[engine] = read_engine
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    kept = min(10, connections)
+    return create_engine(url, pool_pre_ping=True, pool_size=kept, max_overflow=connections - kept, hide_parameters=True)
 
 
 def reader(engine: Engine) -> Connection:

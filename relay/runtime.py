@@ -36,7 +36,7 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, workers: int = 0) -> Runtime:
         """Connect, migrate, and start ``workers`` worker threads (0: none in this process)."""
-        engine = db.connect(db.database_url(settings.database_url, settings.data_dir))
+        engine = db.connect(db.database_url(settings.database_url, settings.data_dir), settings.database_connections)
         db.migrate(engine)
         runtime = cls(settings, engine, JobStore(engine), TokenVault(settings), Notifier())
         runtime.store.on_change = runtime.notifier.job_changed  # a step's end wakes its waiters here at once

@@ -81,6 +81,7 @@ class Settings:
     convert_max_seconds: float = 3600.0
     silence_dbfs: float = -60.0
     upload_store_bytes: int = 512 * MiB
+    database_connections: int = 30
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -311,4 +312,5 @@ _SPECS = (
     _Spec("RELAY_CONVERT_MAX_SECONDS", "convert_max_seconds", float, 1, 24 * 3600),
     _Spec("RELAY_SILENCE_DBFS", "silence_dbfs", float, -120, 0),
     _Spec("RELAY_UPLOAD_STORE_BYTES", "upload_store_bytes", int, 0, 1024 * 1024 * MiB),
+    _Spec("RELAY_DATABASE_CONNECTIONS", "database_connections", int, 1, 1000),
 )

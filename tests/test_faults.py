@@ -372,6 +372,39 @@ def test_a_callback_receiver_redirecting_to_nonsense_is_a_failed_attempt(
     assert events.count(app.extensions["relay.runtime"].engine, job_id, "crashed") == 0
 
 
+def test_a_waiting_request_whose_job_cannot_be_read_again_answers_with_the_job(make_app, job_settings, audio_host):
+    # The job is written; then the database stops answering reads of it (here its table is renamed
+    # away for a moment): the caller must get its job_id and status_url, not a 500 to retry (a second clone).
+    app = make_app(job_settings, workers=0)
+    engine = app.extensions["relay.runtime"].engine
+    answer: dict = {}
+
+    def waiter() -> None:
+        response = post(app.test_client(), {"audio_url": audio_host.url_for("/a.wav"), "name": "W", "wait_seconds": 20})
+        answer.update(status=response.status_code, body=response.json)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+
+        def written() -> bool:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
+
+        wait_until(written)
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE jobs RENAME TO jobs_away"))
+        thread.join(30)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE jobs_away RENAME TO jobs"))
+    assert answer["status"] == 202, answer
+    body = answer["body"]
+    assert body["ok"] is True and body["status"] == "queued" and body["job_id"]
+    assert body["status_url"].endswith(body["job_id"])
+    assert any("do not send it again" in warning for warning in body["warnings"])
+
+
 def test_a_failing_database_write_logs_no_signed_query(make_app, job_settings, audio_host, caplog):
     app = make_app(job_settings)
     engine = app.extensions["relay.runtime"].engine
