@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from relay.schemas import ANSWER_FIELDS
 from relay.settings import Settings
 
@@ -109,26 +111,37 @@ def routes_taken(router: dict, outputs: dict[int, dict]) -> list[str]:
     ]
 
 
-def test_the_blueprint_takes_the_route_that_matches_each_real_answer(make_app, job_settings, fake, audio_host):
+@pytest.mark.parametrize(
+    ("path", "clone", "poll_id"),
+    [("drive-folder-to-cloned-voice.json", 4, 8), ("drive-file-to-cloned-voice.json", 3, 7)],
+    ids=["link", "file"],
+)
+def test_the_blueprint_takes_the_route_that_matches_each_real_answer(
+    make_app, job_settings, fake, audio_host, path, clone, poll_id
+):
+    # A 202 (still cloning) must never take the "ready" route: that would store an empty voice id.
     client = make_app(job_settings).test_client()
     good, bad = serve_file(audio_host, "wav_pcm16_mono.wav"), serve_file(audio_host, "drive_interstitial.html")
-    router = json.loads(BLUEPRINT.read_text())["flow"][4]
+    flow = json.loads((SPEC / "make" / "blueprints" / path).read_text())["flow"]
+    router = flow[clone]
+    assert flow[clone - 1]["id"] == clone and flow[clone - 1]["module"] == "http:MakeRequest"
     ready = post(client, {"audio_url": good, "name": "Ready", "wait_seconds": 20}).json
     assert ready["status"] == "ready"
-    assert routes_taken(router, {4: ready}) == ["Voice ready: use cloned_voice_item_id"]
+    assert routes_taken(router, {clone: ready}) == ["Voice ready: use cloned_voice_item_id"]
     failed = post(client, {"audio_url": bad, "name": "Not audio", "wait_seconds": 20}).json
     assert failed["status"] == "failed"
-    assert routes_taken(router, {4: failed}) == ["Failed: branch on error_code"]
+    assert routes_taken(router, {clone: failed}) == ["Failed: branch on error_code"]
     fake.ready_after_polls = 10_000  # useapi keeps cloning: the relay answers 202 when the wait ends
     going = post(client, {"audio_url": good, "name": "Slow", "wait_seconds": 0.5}).json
     assert going["status"] in ("queued", "running", "processing") and going["ok"] is True
-    assert routes_taken(router, {4: going}) == ["Wait 5 minutes (Make's longest sleep)"]
+    assert routes_taken(router, {clone: going}) == ["Wait 5 minutes (Make's longest sleep)"]
     poll = router["routes"][1]["flow"][2]
+    assert router["routes"][1]["flow"][1]["id"] == poll_id
     still = client.get(going["status_url"], headers=HEADERS).json
-    assert routes_taken(poll, {4: going, 8: still}) == ["Still cloning: check status_url later"]
+    assert routes_taken(poll, {clone: going, poll_id: still}) == ["Still cloning: check status_url later"]
     wrong_key = client.get(going["status_url"], headers={"Authorization": "Bearer wrong"}).json
-    assert routes_taken(poll, {4: going, 8: wrong_key}) == ["Failed: branch on error_code"]
-    assert routes_taken(poll, {4: going, 8: ready}) == ["Voice ready: use cloned_voice_item_id"]
+    assert routes_taken(poll, {clone: going, poll_id: wrong_key}) == ["Failed: branch on error_code"]
+    assert routes_taken(poll, {clone: going, poll_id: ready}) == ["Voice ready: use cloned_voice_item_id"]
 
 
 def node_types(workflow: dict) -> list[str]:
@@ -236,21 +249,26 @@ def test_the_file_blueprint_downloads_the_file_and_sends_it_as_multipart(client)
     http = found[2]["mapper"]
     assert http["contentType"] == "multipart" and http["stopOnHttpError"] is False and http["timeout"] <= 300
     filters = [module["filter"]["conditions"][0][0] for module in found if "filter" in module]
-    assert {f["a"] for f in filters} == {"{{3.data.ok}}"}
+    assert {f["a"] for f in filters} == {"{{3.data.ok}}", "{{7.data.ok}}"}  # the answer, and the status poll
     # Fill the fields the way Make does with what Drive's two modules output, and send them.
-    outputs = {"1.id": "1AbCdEf", "1.name": "Interview take 3", "2.fileName": "take-3.ogg"}
+    outputs = {"1.id": "1AbCdEf", "1.name": "Interview take 3.ogg", "2.fileName": "take-3.ogg"}
     data = (MEDIA / "voice_note.opus").read_bytes()
     sent = {}
     for field in http["multipartBodyContent"]:
         if field["multipartFieldType"] == "file":
             assert field["data"] == "{{2.data}}"
             sent[field["name"]] = (io.BytesIO(data), outputs[field["fileName"].strip("{}")])
+        elif field["value"].startswith("{{trim(replace(1.name;"):
+            # Make's replace() with a regular expression, then trim(): the file extension is dropped
+            assert field["value"] == "{{trim(replace(1.name; /\\.[A-Za-z0-9]{1,5}$/; emptystring))}}"
+            sent[field["name"]] = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", outputs["1.name"]).strip()
         else:
             sent[field["name"]] = re.sub(r"\{\{([\w.]+)\}\}", lambda m: outputs[m.group(1)], field["value"])
     sent.update(dry_run="true", wait_seconds="20")  # a test: validate only, wait less than Make's 280 s
     response = post_form(client, sent)
     assert response.status_code == 200, response.json
     assert response.json["metadata"] == {"drive_file_id": "1AbCdEf"}
+    assert response.json["name"] == "Interview take 3"
     assert (response.json["source_format"], response.json["converted"]) == ("opus", True)
 
 
