@@ -10,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
@@ -433,7 +434,7 @@ def _public_base() -> str:
 def list_voices():
     authenticate()
     query = _load_query(_voice_query_schema)
-    with _useapi() as client:
+    with _lookup() as client:
         found, complete = voices.list_all(client, query["user_id"], settings().max_list_pages)
     found = voices.filtered(found, query["name"], query["name_contains"], query["status"])
     warnings = (
@@ -441,7 +442,7 @@ def list_voices():
         if complete
         else [
             f"The listing stopped before its end ({settings().max_list_pages} pages, RELAY_MAX_LIST_PAGES, or "
-            "the time of one look-up, RELAY_CONNECT_TIMEOUT + RELAY_READ_TIMEOUT); more voices may exist."
+            "the time of one look-up, RELAY_LOOKUP_TIMEOUT); more voices may exist."
         ]
     )
     return jsonify(
@@ -453,7 +454,7 @@ def list_voices():
 def get_voice(voice_id: str):
     authenticate()
     voices.check_id(voice_id)
-    with _useapi() as client:
+    with _lookup() as client:
         record = client.get_voice(voice_id)
     if record is None:
         raise VoiceNotFound(cloned_voice_item_id=voice_id, upstream_status=404)
@@ -465,7 +466,7 @@ def get_voice(voice_id: str):
 def delete_voice(voice_id: str):
     authenticate()
     voices.check_id(voice_id)
-    with _useapi() as client:
+    with _lookup() as client:
         deleted = client.delete_voice(voice_id)
     return jsonify(ok=True, deleted=deleted, cloned_voice_item_id=voice_id, request_id=g.request_id)
 
@@ -486,6 +487,14 @@ def _useapi() -> Useapi:
     if not token:
         raise MissingUpstreamToken()
     return Useapi(settings(), token)
+
+
+@contextlib.contextmanager
+def _lookup() -> Iterator[Useapi]:
+    """A voice look-up (list, read, delete) within ``RELAY_LOOKUP_TIMEOUT`` seconds in all: its
+    callers give up at 30 s (Zapier, Heroku's router), and an answer after that reaches nobody."""
+    with _useapi() as client, deadline.bounded(settings().lookup_timeout):
+        yield client
 
 
 def _load_query(schema) -> dict:

@@ -34,6 +34,7 @@ class Settings:
     max_seconds: float = 0.0
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    lookup_timeout: float = 25.0
     download_timeout: float = 120.0
     upload_timeout: float = 180.0
     stream_min_bytes: int = 8 * MiB
@@ -266,6 +267,7 @@ _SPECS = (
     _Spec("RELAY_MAX_SECONDS", "max_seconds", float, 0, 24 * 3600),
     _Spec("RELAY_CONNECT_TIMEOUT", "connect_timeout", float, 0.1, 120),
     _Spec("RELAY_READ_TIMEOUT", "read_timeout", float, 0.1, 600),
+    _Spec("RELAY_LOOKUP_TIMEOUT", "lookup_timeout", float, 0.1, 600),
     _Spec("RELAY_DOWNLOAD_TIMEOUT", "download_timeout", float, 0.1, 3600),
     _Spec("RELAY_UPLOAD_TIMEOUT", "upload_timeout", float, 0.1, 3600),
     _Spec("RELAY_STREAM_MIN_BYTES", "stream_min_bytes", int, 0, 1024 * MiB),

@@ -65,6 +65,7 @@ class FakeUseapi:
         self.ready_after_seconds: float | None = None  # … and becomes ready only after this long
         self.list_answer: tuple[int, str, str] | None = None  # the voice list answers this instead
         self.list_calls = 0
+        self.lookup_delay = 0.0  # seconds a list or read of voices is held before answering
 
     def start(self) -> FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
@@ -167,6 +168,7 @@ class FakeUseapi:
     def _list(self, request: Request) -> Response:
         if not self._authorized(request):
             return _json({"error": "Unauthorized", "code": 401}, 401)
+        time.sleep(self.lookup_delay)
         with self.lock:
             self.list_calls += 1
             if self.list_answer is not None:
@@ -184,6 +186,7 @@ class FakeUseapi:
         if not self._authorized(request):
             return _json({"error": "Unauthorized", "code": 401}, 401)
         voice_id = request.path[len(UPLOAD) :]
+        time.sleep(self.lookup_delay)
         with self.lock:
             self._ripen()
             voice = self.voices.get(voice_id)

@@ -241,6 +241,20 @@ def test_a_voice_listing_of_many_slow_pages_ends_within_the_total_of_one_look_up
     assert took < 4 and 3 <= pages_read < 8
 
 
+def test_voice_lookups_for_a_request_end_within_relay_lookup_timeout(make_app, job_settings, fake, audio_host):
+    # Long timeouts, a slow useapi: a look-up still answers before Zapier's and Heroku's 30 s.
+    settings = job_settings.replace(connect_timeout=5, read_timeout=30, lookup_timeout=1.0)
+    client = make_app(settings).test_client()
+    made = post(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Slow"}).json
+    fake.lookup_delay = 4.0
+    for path in ("/v1/voices", f"/v1/voices/{made['cloned_voice_item_id']}"):
+        started = time.monotonic()
+        response = client.get(path, headers=HEADERS)
+        took = time.monotonic() - started
+        assert (response.status_code, response.json["error_code"]) == (504, "upstream_timeout"), path
+        assert took < 3, (path, took)
+
+
 def test_a_voice_lookup_answering_with_another_voice_is_an_invalid_answer(make_app, job_settings):
     asked, other = "user:1-tempolor:2-voice:asked", "user:1-tempolor:2-voice:other"
 

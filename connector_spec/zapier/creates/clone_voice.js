@@ -22,7 +22,17 @@ const perform = async (z, bundle) => {
   return response.data;
 };
 
-const performResume = async (z, bundle) => ({ ...bundle.outputData, ...bundle.cleanedRequest });
+// The callback's body is the job's final answer: a clone that failed fails the step (with the relay's
+// error_message and error_code), as a refusal at the start does; a finished clone is the step's output.
+const performResume = async (z, bundle) => {
+  const answer = { ...bundle.outputData, ...bundle.cleanedRequest };
+  if (answer.ok === false) {
+    const message = answer.error_message || `The clone failed (${answer.error_code || 'no error code'}).`;
+    if (answer.error_code === 'upstream_unauthorized') throw new z.errors.ExpiredAuthError(message);
+    throw new z.errors.Error(message, answer.error_code || 'clone_failed');
+  }
+  return answer;
+};
 
 module.exports = {
   key: 'clone_voice',

@@ -16,7 +16,16 @@ module.exports = {
         url: `${relayUrl(bundle)}/v1/voices`,
         params: { name: bundle.inputData.name, user_id: bundle.inputData.user_id || '' },
       });
-      return response.data.voices.map(withId);
+      const voices = response.data.voices.map(withId);
+      if (!voices.length && response.data.complete === false) {
+        // The listing ran out of time before its end: "not found" could make a Find-or-Create Zap
+        // clone (and pay for) a voice that exists. Fail the step instead; Zapier can replay it.
+        throw new z.errors.Error(
+          'The voice list could not be read to its end in time, so "not found" is not certain. Try again.',
+          'listing_incomplete'
+        );
+      }
+      return voices;
     },
     outputFields: VOICE_FIELDS,
     sample: VOICE_SAMPLE,

@@ -131,6 +131,36 @@ test('Find Voice finds the voice by name, New Cloned Voice lists it, Delete Voic
   assert.equal(again.deleted, false);
 });
 
+test('Clone Voice fails the step when the callback says the clone failed', async () => {
+  const started = { ok: true, status: 'queued', job_id: 'j1', callback_status: 'pending' };
+  const failed = { ok: false, status: 'failed', job_id: 'j1', error_code: 'not_audio', error_message: 'Expected audio but received an HTML web page.' };
+  const resume = (cleanedRequest) =>
+    appTester(App.creates.clone_voice.operation.performResume, { authData: {}, inputData: {}, outputData: started, cleanedRequest });
+  await assert.rejects(resume(failed), /Expected audio but received an HTML web page/);
+  await assert.rejects(resume({ ...failed, error_code: 'upstream_unauthorized', error_message: 'useapi.net refused the token.' }), (err) => err.name === 'ExpiredAuthError');
+  const ready = await resume({ ok: true, status: 'ready', job_id: 'j1', cloned_voice_item_id: 'user:1-tempolor:2-voice:3' });
+  assert.equal(ready.cloned_voice_item_id, 'user:1-tempolor:2-voice:3');
+});
+
+test('Find Voice fails rather than answer "not found" from a voice list cut short', async () => {
+  // A server on loopback answering as the relay does when useapi's list runs out of time.
+  const http = require('node:http');
+  const server = http.createServer((request, response) => {
+    response.setHeader('Content-Type', 'application/json');
+    response.end(JSON.stringify({ ok: true, voices: [], complete: false, request_id: 'r1' }));
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    const relay = { relay_url: `http://127.0.0.1:${server.address().port}`, relay_key: 'k' };
+    await assert.rejects(
+      appTester(App.searches.find_voice.operation.perform, { authData: relay, inputData: { name: 'x' } }),
+      /not certain/
+    );
+  } finally {
+    server.close();
+  }
+});
+
 test("a relay error surfaces the relay's error_message", { skip: !live }, async () => {
   const bundle = { authData, inputData: { audio_url: 'http://169.254.169.254/latest/meta-data', name: 'x' } };
   await assert.rejects(appTester(App.creates.clone_voice.operation.perform, bundle), /not a public internet address/);
