@@ -6,6 +6,7 @@ server (`.ci/run` starts one); elsewhere those cases are skipped, visibly.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -924,3 +925,25 @@ def test_other_processes_wake_at_once_for_new_jobs_and_changes(make_app, job_set
     assert answer["status"] == "ready" and fake.upload_count() == 1  # taken at once, not after 60 s
     # The web process, which works no job itself, learnt of the job's end from the notification.
     assert waiter.notifier.generation > 0
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",  # Heroku's generator: hex
+        "Zx3_k9Lq-2VbNw8tYp4RmA7sDcFhJuEo",  # Render's generateValue: a random string
+        "whsec_c2VjcmV0LWtleS1vZi10aGUtdGVzdHM=",
+    ],
+)
+def test_the_readmes_receiver_recipe_verifies_every_kind_of_secret(secret):
+    from relay import callbacks
+
+    body = b'{"ok":true}'
+    timestamp = int(time.time())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": callbacks.sign(secret, "msg_1", timestamp, body),
+    }
+    key = secret if secret.startswith("whsec_") else "whsec_" + base64.b64encode(secret.encode()).decode()
+    assert Webhook(key).verify(body, headers) == {"ok": True}
