@@ -105,6 +105,18 @@ def _openapi() -> dict:
 @bp.get("/readyz")
 def readyz():
     """Ready to serve: database reachable, schema current, a worker seen within 30 s."""
+    return _readiness(need_workers=True)
+
+
+@bp.get("/readyz/web")
+def readyz_web():
+    """Ready to take requests: database reachable and schema current. A worker's absence is reported
+    but not a failure: this process still accepts and queues clones (a host's health check, which
+    takes an unhealthy instance out of rotation, must not stop the API because the worker is down)."""
+    return _readiness(need_workers=False)
+
+
+def _readiness(need_workers: bool):
     runtime = _runtime()
     problems = []
     try:
@@ -117,8 +129,10 @@ def readyz():
     if version is not None and version != db.LATEST:
         problems.append(f"database schema at version {version}, expected {db.LATEST}: run `relay migrate`")
     age = None if heartbeat is None else round((utcnow() - heartbeat).total_seconds(), 1)
+    notes = []
     if version is not None and (age is None or age > HEARTBEAT_STALE_SECONDS):
-        problems.append("no worker heartbeat in the last 30 s: start `relay worker` or set RELAY_INPROCESS_WORKERS")
+        missing = "no worker heartbeat in the last 30 s: start `relay worker` or set RELAY_INPROCESS_WORKERS"
+        (problems if need_workers else notes).append(missing)
     response = jsonify(
         ok=not problems,
         version=__version__,
@@ -127,6 +141,7 @@ def readyz():
         schema_latest=db.LATEST,
         worker_heartbeat_age_seconds=age,
         problems=problems,
+        **({} if need_workers else {"warnings": notes}),
     )
     response.status_code = 503 if problems else 200
     return response

@@ -353,17 +353,21 @@ def build_spec() -> dict[str, Any]:
                             }
                         },
                     },
-                    **_errors(401),
+                    **_errors(400, 401),  # 400: secret_key_required (a per-request token this relay cannot keep)
                 },
             }
         },
     )
-    for path, summary in (("/healthz", "Process alive"), ("/readyz", "Ready to serve")):
+    for path, summary in (
+        ("/healthz", "Process alive"),
+        ("/readyz", "Ready to serve"),
+        ("/readyz/web", "Ready to take requests (a worker not required)"),
+    ):
         spec.path(
             path=path,
             operations={
                 "get": {
-                    "operationId": path.strip("/"),
+                    "operationId": path.strip("/").replace("/", "_"),
                     "summary": summary,
                     "security": [],
                     "responses": {
@@ -385,7 +389,7 @@ def build_spec() -> dict[str, Any]:
                                     "content": {"application/json": {"schema": {"type": "object"}}},
                                 }
                             }
-                            if path == "/readyz"
+                            if path.startswith("/readyz")
                             else {}
                         ),
                     },

@@ -135,6 +135,7 @@ def test_the_start_page_is_html_for_browsers_and_json_for_api_clients(web):
     assert f"{base}/v1/voice-clones" in page.text  # the setup guide names this relay's own address
     assert "Make" in page.text and "Zapier" in page.text and "n8n" in page.text
     assert RELAY_KEY not in page.text and TOKEN not in page.text
+    assert "waits up to 20 s" in page.text  # this relay's RELAY_MAX_WAIT_SECONDS, not Make's 280
     for accept in ("*/*", "application/json", None):
         answer = requests.get(base + "/", headers={"Accept": accept} if accept else {}, timeout=10)
         assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/json"

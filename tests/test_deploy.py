@@ -112,7 +112,7 @@ def test_render_blueprint_fields():
             if "sync" in var:
                 assert var["sync"] is False
     web = services["web"]
-    assert web["healthCheckPath"] == "/readyz"
+    assert web["healthCheckPath"] == "/readyz/web"  # a worker outage must not take the API down
     assert web["startCommand"] == procfile()["web"]
     assert services["worker"]["startCommand"] == procfile()["worker"]
     assert web["preDeployCommand"] == procfile()["release"]
@@ -153,10 +153,15 @@ def test_readyz_is_ready_once_a_worker_beats(app):
 
 
 def test_readyz_without_any_worker_says_what_to_do(make_app, settings):
-    response = make_app(settings, workers=0).test_client().get("/readyz")
+    client = make_app(settings, workers=0).test_client()
+    response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json["database"] is True
     assert any("relay worker" in problem for problem in response.json["problems"])
+    # The web process alone still takes and queues clones: its own readiness does not need a worker.
+    web = client.get("/readyz/web")
+    assert web.status_code == 200 and web.json["ok"] is True and web.json["problems"] == []
+    assert any("relay worker" in warning for warning in web.json["warnings"])
 
 
 # --- relay clone ----------------------------------------------------------------------------

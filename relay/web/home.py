@@ -80,4 +80,6 @@ def home():
             console_url=f"{base}/console",
             request_id=g.request_id,
         )
-    return render_template("home.html", base=base, health=state, version=__version__)
+    # Make's module asks to wait 280 s; this relay waits at most RELAY_MAX_WAIT_SECONDS (25 on Heroku).
+    make_wait = min(280, int(current_app.extensions["relay.settings"].max_wait_seconds))
+    return render_template("home.html", base=base, health=state, version=__version__, make_wait=make_wait)
