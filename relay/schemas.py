@@ -59,6 +59,21 @@ def _metadata_size(value: dict) -> None:
         raise ValidationError(f"Must be at most {METADATA_MAX_BYTES} bytes as JSON (got {size}).")
 
 
+class _JsonObject(fields.Dict):
+    """A JSON object, or the same written as text: a no-code tool's free-form field (Make's ``any``)
+    sends an object its user typed as a string."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValidationError("Must be a JSON object, or one written as JSON text.") from None
+            except RecursionError:
+                raise ValidationError("Nested too deeply.") from None
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class CloneRequestSchema(Schema):
     """Body of ``POST /v1/voice-clones``. Unknown fields are ignored and named in ``warnings``."""
 
@@ -125,11 +140,13 @@ class CloneRequestSchema(Schema):
             "a video…) is converted to one useapi takes; never: refuse it (unsupported_audio_format)."
         },
     )
-    metadata = fields.Dict(
+    metadata = _JsonObject(
         load_default=None,
         allow_none=True,
         validate=_metadata_size,
-        metadata={"description": "Any JSON object up to 4 KB, echoed back untouched in the answer."},
+        metadata={
+            "description": "Any JSON object up to 4 KB (or the same as JSON text), echoed back as an object."
+        },
     )
 
     def load_with_warnings(self, data: Any) -> tuple[dict, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -188,6 +189,12 @@ def test_metadata_is_echoed_untouched(client, audio_host):
     metadata = {"row": 7, "nested": {"list": [1, "two", None]}, "unicode": "héllo"}
     response = clone(client, {"audio_url": url, "name": "x", "dry_run": True, "metadata": metadata})
     assert response.json["metadata"] == metadata
+    # An object typed into a no-code tool's free-form field arrives as JSON text: the same object.
+    response = clone(client, {"audio_url": url, "name": "x", "dry_run": True, "metadata": json.dumps(metadata)})
+    assert response.json["metadata"] == metadata
+    for text, says in (('"just text"', "Not a valid mapping"), ("{not json", "JSON object"), ("[1]", "mapping")):
+        refused = clone(client, {"audio_url": url, "name": "x", "dry_run": True, "metadata": text})
+        assert refused.json["error_code"] == "invalid_request" and says in refused.json["error_message"], text
 
 
 @pytest.mark.parametrize(
