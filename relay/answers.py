@@ -56,6 +56,10 @@ def for_job(job: Job, now: datetime) -> dict[str, Any]:
             answer["message"] = "The clone waits to be tried again" + (
                 "; warnings say what happened." if answer.get("warnings") else "."
             )
+        elif status == "queued" and job.follows and job.exclusive_key is None:
+            answer["message"] = (
+                f"The clone waits for job {job.follows}, which makes a voice of the same name for this account."
+            )
         elif status == "queued":
             answer["message"] = "The clone is waiting for a worker."
     answer.update(

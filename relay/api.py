@@ -198,24 +198,23 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     request_hash = _hash({**hashed, "callback_url": callback_url})
     name_key = None if clone_request.dry_run else _name_key(account, clone_request.name)
     exclusive = clone_request.if_exists != "create" and name_key is not None
-    if exclusive and key is None:
-        # if_exists=reuse|fail: a voice of this name already being made for this account is the answer.
-        running = runtime.store.active_by_name(name_key)
-        if running is not None:
-            return _attached(running, wait, runtime.notifier.generation)
+    # if_exists=reuse|fail: a voice of this name already being made for this account is this
+    # request's answer too. Its job waits for that one (its own job_id, callback and metadata).
+    leader = runtime.store.active_by_name(name_key) if exclusive and key is None else None
     job_id = uuid.uuid4().hex
     existing = runtime.store.get_by_key(key) if key and upload is not None else None
     if upload is not None and existing is None:  # a repeat needs no second copy of the file
         stored_request["upload_id"] = bodies.store(runtime, upload, job_id).id
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     generation = runtime.notifier.generation  # before the job exists: no change to it is missed
-    if existing is not None:
-        job, created = existing, False
-    else:
+
+    def create(follows) -> tuple:
+        if follows is not None:
+            g.answer["warnings"] = [*g.answer["warnings"], _following_note(clone_request.name, follows.id)]
         # An idle worker of this process gets its job from the insert's own transaction (SQLite):
         # no claim and no wake-up of its own on the way to the download.
         with runtime.pool.reserved() if runtime.pool is not None else contextlib.nullcontext() as claim:
-            job, created = runtime.store.create(
+            return runtime.store.create(
                 job_id,
                 claim=claim,
                 request=stored_request,
@@ -232,15 +231,21 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
                 webhook_id=f"msg_{job_id}",
                 account_key=account,
                 name_key=name_key,
-                exclusive_key=name_key if exclusive else None,
+                exclusive_key=name_key if exclusive and follows is None else None,
+                follows=follows.id if follows is not None else None,
                 dry_run=clone_request.dry_run,
             )
+
+    if existing is not None:
+        job, created = existing, False
+    else:
+        job, created = create(leader)
+        if not created and job.matched == "name":  # another request took the name since we looked
+            job, created = create(job)
     if not created:
         runtime.vault.forget(job_id)
         if stored_request.get("upload_id"):  # the job that holds this key has its own copy
             uploads.delete_upload(runtime.engine, stored_request["upload_id"])
-        if job.matched == "name":
-            return _attached(job, wait, generation)
         if job.request_hash != request_hash:
             raise IdempotencyKeyReused()
     elif job.lease_owner is None:  # not claimed at once (the reserved worker, if any, took an older job)
@@ -264,14 +269,12 @@ def get_voice_clone(job_id: str):
     return answer
 
 
-def _attached(job, wait: float, generation: int):
-    """Answer with another request's running job that makes the same voice (if_exists=reuse|fail)."""
-    g.log["job_id"] = job.id
-    note = (
-        f"A clone of a voice named {job.request.get('name')!r} was already running for this account (job "
-        f"{job.id}); this answer follows it instead of making a second voice."
+def _following_note(name: str, leader_id: str) -> str:
+    return (
+        f"A clone of a voice named {name!r} was already running for this account (job {leader_id}): this job "
+        "waits for it and answers with its voice instead of making a second one (or makes the voice itself "
+        "if that job makes none)."
     )
-    return _job_answer(_wait_within_budget(job, wait, generation), note)
 
 
 # Callback URLs found acceptable lately, with when that check ends: a connector sends every clone to

@@ -83,7 +83,11 @@ jobs = Table(
     # The voice this job adopted after its upload's answer was lost; unique, so two jobs whose
     # answers were lost can never both adopt one voice. (Answered and reused voices are not set here.)
     Column("made_voice_id", String(300), nullable=True, unique=True),
+    # The job this one waits for: it makes a voice of the same name for the account (if_exists=
+    # reuse|fail), and this one then answers with that voice, or makes it if that job made none.
+    Column("follows", String(32), nullable=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
+    Index("ix_jobs_follows", "follows"),
     Index("ix_jobs_name_key", "name_key"),
     Index("ix_jobs_callback_next_at", "callback_next_at"),
     Index("ix_jobs_account_key", "account_key"),
@@ -224,6 +228,14 @@ def _v7(conn: Connection) -> None:
         conn.execute(text("CREATE UNIQUE INDEX ux_jobs_made_voice_id ON jobs (made_voice_id)"))
 
 
+def _v8(conn: Connection) -> None:
+    found = inspect(conn)
+    if "follows" not in {column["name"] for column in found.get_columns("jobs")}:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN follows VARCHAR(32)"))
+    if not any(index["name"] == "ix_jobs_follows" for index in found.get_indexes("jobs")):
+        conn.execute(text("CREATE INDEX ix_jobs_follows ON jobs (follows)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
@@ -232,6 +244,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "job events: each job's timeline", _v5),
     (6, "uploaded files, stored in chunks until their job is done with them", _v6),
     (7, "one job per adopted voice", _v7),
+    (8, "jobs that wait for a job making a voice of the same name", _v8),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -81,6 +81,7 @@ class Job:
     name_key: str | None = None
     exclusive_key: str | None = None
     made_voice_id: str | None = None
+    follows: str | None = None
     # Not columns: the place in its account's queue, known when the job was just written; and,
     # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)
@@ -617,6 +618,38 @@ class JobStore:
             existing.matched = "name"
             return existing, False
         return Job.from_row(created), True
+
+    def take_name(self, job_id: str, owner: str, name_key: str) -> tuple[bool, str | None]:
+        """Make the job (leased by ``owner``) the one that makes its voice name's voice for its
+        account (its ``exclusive_key``): ``(True, None)`` when it is now; ``(False, holder)`` when
+        job ``holder`` already is; ``(False, None)`` when the lease passed to another worker."""
+        for _ in range(3):  # the holder may end between the refusal and the look
+            try:
+                with self.engine.begin() as conn:
+                    taken = conn.execute(
+                        update(jobs)
+                        .where(jobs.c.id == job_id, jobs.c.lease_owner == owner)
+                        .values(exclusive_key=name_key, updated_at=self.clock())
+                    ).rowcount
+            except IntegrityError:
+                holder = self._get(_BY_EXCLUSIVE, name_key)
+                if holder is not None:
+                    return False, holder.id
+                continue
+            return bool(taken), None
+        return False, None
+
+    def wake_followers(self, job_id: str) -> int:
+        """Jobs waiting for ``job_id`` (which just ended) are due now; how many."""
+        with self.engine.begin() as conn:
+            woken = conn.execute(
+                update(jobs)
+                .where(jobs.c.follows == job_id, jobs.c.phase.not_in(TERMINAL))
+                .values(next_run_at=self.clock())
+            ).rowcount
+        if woken:
+            self.announcer.jobs_arrived(woken)
+        return woken
 
     def active_by_name(self, name_key: str) -> Job | None:
         """The oldest unfinished job making a voice of this name for this account, if any."""

@@ -26,7 +26,7 @@ NEXT_STEPS: dict[str, str] = {
     "download_too_large": "Over `RELAY_MAX_BYTES` (by `Content-Length` or while streaming).",
     "not_audio": "The link gave a web page, document, image, empty file or an MP4 without audio (the message says which): use the file's direct download link (shared publicly), or send the recording itself.",
     "unsupported_audio_format": 'Audio useapi does not take and the relay did not convert (`convert: "never"` or `RELAY_CONVERT=off`; or a format the relay does not decode, e.g. MIDI): convert to WAV, MP3, FLAC or M4A.',
-    "audio_corrupt": "Looks like an accepted format but is truncated or damaged.",
+    "audio_corrupt": "Looks like an accepted format but is truncated or damaged (or more than 10 % of its frames cannot be decoded).",
     "audio_too_short": "Shorter than `RELAY_MIN_SECONDS` (or no samples).",
     "audio_too_long": "Longer than `RELAY_MAX_SECONDS` (or, decoded, than `RELAY_CONVERT_MAX_SECONDS`).",
     "audio_silent": "Digital silence or near-silence for the whole length (peak below `RELAY_SILENCE_DBFS`): a muted microphone or a failed export. Nothing was uploaded.",

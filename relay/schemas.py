@@ -144,9 +144,7 @@ class CloneRequestSchema(Schema):
         load_default=None,
         allow_none=True,
         validate=_metadata_size,
-        metadata={
-            "description": "Any JSON object up to 4 KB (or the same as JSON text), echoed back as an object."
-        },
+        metadata={"description": "Any JSON object up to 4 KB (or the same as JSON text), echoed back as an object."},
     )
 
     def load_with_warnings(self, data: Any) -> tuple[dict, list[str]]:

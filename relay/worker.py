@@ -38,6 +38,7 @@ from .errors import (
     UpstreamPaymentRequired,
     UpstreamUnauthorized,
     UpstreamUnavailable,
+    VoiceExists,
 )
 from .jobs import (
     DELIVERED,
@@ -60,6 +61,9 @@ from .useapi import Useapi
 
 log = logging.getLogger("relay.worker")
 _CLOCK_SKEW = timedelta(seconds=120)
+# A job waiting for another that makes a voice of the same name looks again this often, in case
+# that job's end did not wake it (its process stopped); its end wakes it at once otherwise.
+FOLLOW_CHECK_SECONDS = 60
 
 __all__ = ["CloneWorker", "LeaseLost", "Notifier", "start_pool"]
 
@@ -110,9 +114,17 @@ class CloneWorker:
             return
         answer = dict(job.answer or {})
         try:
-            self._check_queue_time(job)
-            token = self._open_token(job)
             request = pipeline.CloneRequest(**job.request)
+            if (
+                job.follows
+                and job.exclusive_key is None
+                and job.phase == RECEIVED
+                and self._follow(job, request, answer)
+            ):
+                return
+            if not job.follows:  # a job that waited for another waited for it, not for a worker
+                self._check_queue_time(job)
+            token = self._open_token(job)
             if job.phase in (RECEIVED, DOWNLOADED):
                 self._clone(job, request, token, answer)
             elif job.phase == UPLOADING and job.body_sent_at is None:
@@ -183,6 +195,46 @@ class CloneWorker:
                 {},
             )
         return None
+
+    def _follow(self, job: Job, request: pipeline.CloneRequest, answer: dict) -> bool:
+        """A job that waits for another making a voice of the same name for the account
+        (if_exists=reuse|fail). True when it still waits, or has ended with that job's voice;
+        False when it is to make the voice itself (the job it followed made none)."""
+        leader = self.store.get(job.follows) if job.follows else None
+        while True:
+            if leader is not None and not leader.terminal:
+                self._event(job, "follows", f"waits for job {leader.id}, which makes the voice {request.name!r}")
+                self._save(
+                    job, release=True, follows=leader.id, next_run_at=utcnow() + timedelta(seconds=FOLLOW_CHECK_SECONDS)
+                )
+                return True
+            if leader is not None and leader.phase == READY and leader.cloned_voice_item_id:
+                voice, item = leader.cloned_voice_item_id, leader.item_id
+                if request.if_exists == "fail":
+                    raise VoiceExists(
+                        f"A voice named {request.name!r} was made for this account ({voice}, by job {leader.id}) "
+                        "while this request waited for it. Use if_exists=reuse to get it instead.",
+                        cloned_voice_item_id=voice,
+                        item_id=item,
+                    )
+                self._event(job, "reused", f"the voice {voice}, made by job {leader.id}")
+                answer.update(
+                    reused=True,
+                    cloned_voice_item_id=voice,
+                    item_id=item,
+                    message=f"Reused the voice {request.name!r} made by job {leader.id}; nothing was uploaded.",
+                )
+                self._accepted(job, answer, "ready", voice, item)
+                return True
+            # The job it followed made no voice (or is gone): make it, unless another job took the name.
+            taken, holder = self.store.take_name(job.id, self.id, job.name_key or "")
+            if taken:
+                job.exclusive_key = job.name_key
+                self._event(job, "leads", "the job it waited for made no voice: this one makes it")
+                return False
+            if holder is None:
+                raise LeaseLost(job.id)
+            leader = self.store.get(holder)
 
     def _check_queue_time(self, job: Job) -> None:
         if job.phase != RECEIVED or job.upload_attempts:
@@ -504,6 +556,8 @@ class CloneWorker:
         )
         self.vault.forget(job.id)
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})
+        if job.request.get("if_exists", "create") != "create" and self.store.wake_followers(job.id):
+            self.notifier.work_arrived()  # jobs that waited for this one: their answer is known now
 
     def _deliver_callback(self, job: Job) -> None:
         body = json.dumps(answers.for_job(job, utcnow()), separators=(",", ":")).encode("utf-8")

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -24,6 +25,7 @@ import pytest
 import requests
 import sqlalchemy
 from sqlalchemy import func, select, text, update
+from werkzeug import Response
 
 from relay import db, events
 from relay.db import utcnow
@@ -521,9 +523,74 @@ def test_concurrent_reuse_requests_for_one_name_make_one_voice(make_app, job_set
         thread.join(30)
     assert len(answers) == 8
     assert fake.upload_count() == 1
-    ids = {a["cloned_voice_item_id"] for a in answers if a["status"] == "ready"}
-    assert len(ids) == 1
-    assert len({a["job_id"] for a in answers}) == 1 or all(a["status"] == "ready" for a in answers)
+    assert len({a["job_id"] for a in answers}) == 8  # each request has a job of its own (callback, metadata)
+    # One voice: made once, reused by the other "reuse" requests, named by the "fail" ones' 409.
+    assert len({a["cloned_voice_item_id"] for a in answers}) == 1 and answers[0]["cloned_voice_item_id"]
+    for answer in answers:
+        assert answer["status"] == "ready" or answer["error_code"] == "voice_exists", answer
+
+
+def test_a_request_waiting_for_a_clone_of_the_same_name_keeps_its_own_callback_and_metadata(
+    make_app, job_settings, fake, audio_host, receiver
+):
+    # n8n and Make bulk runs send if_exists=reuse, each run with its own resume URL and row.
+    seen: list = []
+    receiver.expect_request(re.compile("/run/.*"), method="POST").respond_with_handler(
+        lambda request: seen.append((request.path, json.loads(request.get_data()))) or Response("ok")
+    )
+    fake.upload_delay = 1.0
+    settings = job_settings.replace(callback_first_delay_seconds=0)
+    app = make_app(settings)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    started = []
+    for row in (1, 2, 3):
+        body = {
+            "audio_url": url,
+            "name": "Bulk",
+            "if_exists": "reuse",
+            "callback_url": receiver.url_for(f"/run/{row}"),
+            "metadata": {"row": row},
+        }
+        started.append(post(client, body).json)
+    assert [answer["metadata"] for answer in started] == [{"row": 1}, {"row": 2}, {"row": 3}]
+    assert len({answer["job_id"] for answer in started}) == 3
+    assert "waits for it" in " ".join(started[2]["warnings"])
+    wait_until(lambda: len(seen) == 3, timeout=30)
+    by_path = dict(seen)
+    assert fake.upload_count() == 1
+    for row in (1, 2, 3):
+        final = by_path[f"/run/{row}"]
+        assert final["metadata"] == {"row": row} and final["status"] == "ready"
+        assert final["job_id"] == started[row - 1]["job_id"]
+    assert len({by_path[f"/run/{row}"]["cloned_voice_item_id"] for row in (1, 2, 3)}) == 1
+    assert [by_path[f"/run/{row}"]["reused"] for row in (1, 2, 3)] == [False, True, True]
+
+
+def test_a_request_that_waited_for_a_clone_that_failed_makes_the_voice_itself(make_app, job_settings, fake, audio_host):
+    client = make_app(job_settings).test_client()
+    audio_host.expect_request("/slow-page.html").respond_with_handler(
+        lambda _request: time.sleep(1.0) or Response(audio_bytes("drive_interstitial.html"), content_type="text/html")
+    )
+    page = {
+        "audio_url": audio_host.url_for("/slow-page.html"),
+        "name": "Again",
+        "if_exists": "reuse",
+        "wait_seconds": 0,
+    }
+    first = post(client, page).json
+    good = serve_file(audio_host, "wav_pcm16_mono.wav")
+    second = post(client, {"audio_url": good, "name": "Again", "if_exists": "reuse", "wait_seconds": 0}).json
+    assert any(f"(job {first['job_id']})" in warning for warning in second["warnings"])  # it waits for the first
+
+    def ended(answer: dict):
+        now = client.get(answer["status_url"], headers=HEADERS).json
+        return now["status"] in ("ready", "failed") and now
+
+    assert wait_until(lambda: ended(first))["error_code"] == "not_audio"  # a web page: no voice was made
+    final = wait_until(lambda: ended(second))
+    assert final["status"] == "ready" and final["reused"] is False and final["cloned_voice_item_id"]
+    assert fake.upload_count() == 1
 
 
 # --- several processes ----------------------------------------------------------------------------
@@ -780,8 +847,9 @@ def test_a_request_attached_to_a_running_job_of_the_same_name_keeps_to_the_waite
     finally:
         for _ in range(taken):
             waiters.release()
-    assert attached.status_code == 202 and attached.json["job_id"] == first["job_id"]
+    assert attached.status_code == 202 and attached.json["job_id"] != first["job_id"]
     assert any("RELAY_MAX_WAITERS" in w for w in attached.json["warnings"])
+    assert any(f"(job {first['job_id']})" in w for w in attached.json["warnings"])
 
 
 # --- the timeline -------------------------------------------------------------------------------
