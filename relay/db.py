@@ -86,6 +86,9 @@ jobs = Table(
     # The job this one waits for: it makes a voice of the same name for the account (if_exists=
     # reuse|fail), and this one then answers with that voice, or makes it if that job made none.
     Column("follows", String(32), nullable=True),
+    # Once the callback settled: the whole callback URL sealed (RELAY_SECRET_KEY), as the stored one
+    # keeps no query; "" when it had one the relay could not keep. A re-send needs it.
+    Column("callback_sealed", Text, nullable=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
     Index("ix_jobs_follows", "follows"),
     Index("ix_jobs_name_key", "name_key"),
@@ -236,6 +239,11 @@ def _v8(conn: Connection) -> None:
         conn.execute(text("CREATE INDEX ix_jobs_follows ON jobs (follows)"))
 
 
+def _v9(conn: Connection) -> None:
+    if "callback_sealed" not in {column["name"] for column in inspect(conn).get_columns("jobs")}:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN callback_sealed TEXT"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
@@ -245,6 +253,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (6, "uploaded files, stored in chunks until their job is done with them", _v6),
     (7, "one job per adopted voice", _v7),
     (8, "jobs that wait for a job making a voice of the same name", _v8),
+    (9, "callback URLs kept sealed for a re-send", _v9),
 ]
 LATEST = MIGRATIONS[-1][0]
 

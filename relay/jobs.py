@@ -82,6 +82,7 @@ class Job:
     exclusive_key: str | None = None
     made_voice_id: str | None = None
     follows: str | None = None
+    callback_sealed: str | None = None
     # Not columns: the place in its account's queue, known when the job was just written; and,
     # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)
@@ -882,11 +883,12 @@ class JobStore:
             conn.execute(delete(heartbeats).where(heartbeats.c.seen_at < older_than))
         return gone
 
-    def resend_callback(self, job_id: str) -> bool:
+    def resend_callback(self, job_id: str, url: str | None = None) -> bool:
         """Deliver a finished job's callback again, from the start of the schedule (same
-        ``webhook-id``). False when the job has not ended, has no callback URL, or a worker is
-        delivering it right now."""
+        ``webhook-id``), to ``url`` when given (the whole URL, opened from ``callback_sealed``).
+        False when the job has not ended, has no callback URL, or a worker is delivering it now."""
         now = self.clock()
+        restored = {"callback_url": url, "callback_sealed": None} if url else {}
         free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
         with self.engine.begin() as conn:
             changed = conn.execute(
@@ -899,6 +901,7 @@ class JobStore:
                     callback_next_at=now,
                     next_run_at=now,
                     updated_at=now,
+                    **restored,
                 )
             ).rowcount
         return changed == 1

@@ -88,6 +88,19 @@ class TokenVault:
                 return token
         raise TokenUnavailable()
 
+    def seal_text(self, text: str) -> str | None:
+        """``text`` sealed for storage (a callback URL with its token), or None without a secret key."""
+        return self._fernet.encrypt(text.encode("utf-8")).decode("ascii") if self._fernet is not None else None
+
+    def open_text(self, sealed: str) -> str | None:
+        """What :meth:`seal_text` sealed; None when no key this relay has opens it."""
+        if self._fernet is None or not sealed:
+            return None
+        try:
+            return self._fernet.decrypt(sealed.encode("ascii")).decode("utf-8")
+        except InvalidToken:
+            return None
+
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._memory.pop(job_id, None)

@@ -572,6 +572,9 @@ class CloneWorker:
         )
         if delay is None:
             settled = DELIVERED if delivery.delivered else GIVEN_UP
+            url = job.callback_url or ""
+            kept = urlguard.redact(url)  # its signed query is not needed any more, but for a re-send:
+            sealed = None if kept == url else (self.vault.seal_text(url) or "")
             log.log(
                 logging.INFO if delivery.delivered else logging.WARNING,
                 f"callback {settled.replace('_', ' ')}",
@@ -583,7 +586,8 @@ class CloneWorker:
                 callback_status=settled,
                 callback_attempts=attempts,
                 callback_last_error=None if delivery.delivered else delivery.detail,
-                callback_url=urlguard.redact(job.callback_url or ""),  # its signed query is not needed any more
+                callback_url=kept,
+                callback_sealed=sealed,
                 next_run_at=None,
             )
             return

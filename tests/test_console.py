@@ -97,6 +97,7 @@ def web(make_app, fake, tmp_path):
 @pytest.fixture
 def console(served):
     client = Console(served[1])
+    client.app = served[0]
     assert client.login().status_code == 200
     return client
 
@@ -363,21 +364,44 @@ def test_the_callback_can_be_sent_again_from_the_job_page(console, audio_host, r
 
     receiver.expect_request("/hook", method="POST").respond_with_handler(hook)
     url = serve_file(audio_host, "wav_pcm16_mono.wav", "/voice.wav")
+    # A receiver that authenticates by query (n8n's ?signature=, a ?token= endpoint).
+    callback = receiver.url_for("/hook") + "?token=receiver-s3cret"
     job_id = requests.post(
         f"{console.base}/v1/voice-clones",
-        json={"audio_url": url, "name": "Hooked", "callback_url": receiver.url_for("/hook")},
+        json={"audio_url": url, "name": "Hooked", "callback_url": callback},
         headers=HEADERS,
         timeout=30,
     ).json()["job_id"]
     wait_until(lambda: len(seen) == 1)
     status = f"{console.base}/v1/voice-clones/{job_id}"
     wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
+    stored = console.app.extensions["relay.runtime"].store.get(job_id)
+    assert stored.callback_url == receiver.url_for("/hook")  # no query kept in clear once settled
+    assert stored.callback_sealed and "receiver-s3cret" not in stored.callback_sealed
     page = console.post(f"/console/clones/{job_id}/resend-callback", {})
     assert page.status_code == 200 and "will be sent again" in page.text
     wait_until(lambda: len(seen) == 2)
     assert seen[0].headers["webhook-id"] == seen[1].headers["webhook-id"]
+    assert [request.args.get("token") for request in seen] == ["receiver-s3cret", "receiver-s3cret"]
     page = wait_until(lambda: (p := console.get(f"/console/clones/{job_id}").text).count("Callback attempt") == 2 and p)
     assert "Callback re-send asked" in page
+
+
+def test_a_callback_whose_query_was_not_kept_is_not_sent_again_without_it(make_app, job_settings, audio_host, receiver):
+    # No RELAY_SECRET_KEY: the relay cannot keep the URL's token once the callback settled.
+    receiver.expect_request("/hook", method="POST").respond_with_data("")
+    app = make_app(job_settings.replace(secret_key=None))
+    with over_http(app) as base:
+        console = Console(base)
+        assert console.login().status_code == 200
+        url = serve_file(audio_host, "wav_pcm16_mono.wav", "/voice.wav")
+        body = {"audio_url": url, "name": "Hooked", "callback_url": receiver.url_for("/hook") + "?token=t0ken"}
+        job_id = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()["job_id"]
+        status = f"{base}/v1/voice-clones/{job_id}"
+        wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
+        page = console.post(f"/console/clones/{job_id}/resend-callback", {})
+    assert page.status_code == 200 and "had a query string" in page.text
+    assert len(receiver.log) == 1  # sent once, never again to the address without its token
 
 
 def test_only_a_finished_job_with_a_callback_is_sent_again(tmp_path):

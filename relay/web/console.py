@@ -43,6 +43,10 @@ _SECRET_PARAM = re.compile(r"sig|token|key|secret|credential|auth|password|pass"
 NOTICES = {
     "resent": "The callback will be sent again now; its attempts appear in the timeline.",
     "resend_refused": "Not sent again: the job has no callback URL, has not ended, or a delivery is running.",
+    "resend_query_lost": (
+        "Not sent again: the callback URL had a query string (a token or signature) that the relay does not keep "
+        "once a callback is settled unless RELAY_SECRET_KEY is set (or it was sealed with a key it no longer has)."
+    ),
     "signed_out": "You are signed out.",
 }
 EVENT_LABELS = {
@@ -297,7 +301,12 @@ def job_page(job_id: str):
 def resend_callback(job_id: str):
     job = _job(job_id)
     runtime = _runtime()
-    resent = runtime.store.resend_callback(job.id)
+    url = None
+    if job.callback_sealed is not None:  # the stored URL lost a query: the whole one is sealed, or gone
+        url = runtime.vault.open_text(job.callback_sealed)
+        if url is None:
+            return redirect(url_for("console.job_page", job_id=job.id, notice="resend_query_lost"), 303)
+    resent = runtime.store.resend_callback(job.id, url)
     if resent:
         events.record(runtime.engine, job.id, "callback_resend", "asked from the console")
         runtime.notifier.work_arrived()
