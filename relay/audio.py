@@ -416,6 +416,7 @@ _L2_BITRATES = (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 38
 _L1_BITRATES = (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448)
 _SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 _MP3_SYNC_SEARCH = 64 * 1024
+_MP3_RESYNC_LIMIT = 1024 * 1024  # a damaged stretch longer than this ends the count: a walk in Python is slow
 
 
 @dataclass(frozen=True)
@@ -482,6 +483,7 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
         offset, frames, duration, bits = first, 0, 0.0, 0
         frame = _mpeg_frame(data, offset)
         rate, channels = frame.sample_rate, frame.channels
+        lost = 0  # bytes searched since the last good frame
         while offset < size:
             # A last frame cut short is not counted: only audio that arrived has a duration.
             if frame is not None and frame.layer == 3 and offset + frame.length <= size:
@@ -489,14 +491,18 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
                 duration += frame.samples / frame.sample_rate  # joined files may change rate
                 bits += frame.length * 8
                 offset += frame.length
+                lost = 0
             else:  # a damaged spot (or a tag at the end): go on from the next two good frames, as players do
                 found = _find_mp3_sync(data, offset + 1, size)
                 if found is None:
-                    if offset + _MP3_SYNC_SEARCH >= size:
+                    lost += _MP3_SYNC_SEARCH
+                    # Past 1 MiB without a frame (or at the end), the rest is not audio: stop counting.
+                    if offset + _MP3_SYNC_SEARCH >= size or lost >= _MP3_RESYNC_LIMIT:
                         break
-                    offset += _MP3_SYNC_SEARCH - 4  # a long damaged stretch: search the next window
+                    offset += _MP3_SYNC_SEARCH - 4  # search the next window
                     frame = None
                     continue
+                lost += found - offset
                 offset = found
             frame = _mpeg_frame(data, offset)
     bitrate = int(bits / duration) if duration else None

@@ -641,7 +641,12 @@ class JobStore:
         return False, None
 
     def wake_followers(self, job_id: str) -> int:
-        """Jobs waiting for ``job_id`` (which just ended) are due now; how many."""
+        """Jobs waiting for ``job_id`` (which just ended) are due now; how many. A read first: most
+        jobs have none, and a write would queue behind every other (SQLite)."""
+        waiting = (jobs.c.follows == job_id) & jobs.c.phase.not_in(TERMINAL)
+        with reader(self.engine) as conn:
+            if conn.execute(select(jobs.c.id).where(waiting).limit(1)).first() is None:
+                return 0
         with self.engine.begin() as conn:
             woken = conn.execute(
                 update(jobs)

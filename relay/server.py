@@ -57,17 +57,70 @@ def request_state(buffer: bytes, body_limit: int, upload_limit: int) -> str:
         return "too_large" if len(buffer) > HEAD_LIMIT else "partial"
     head, body = buffer[: end + 2], buffer[end + 4 :]
     if _CHUNKED.search(head):
-        # The last chunk and an empty trailer section; a request with trailers waits for its timeout.
-        if body == b"0\r\n\r\n" or body.endswith(b"\r\n0\r\n\r\n"):
+        chunks = Chunks()
+        chunks.feed(body)
+        if chunks.done:
             return "complete"
         return "spool" if len(body) > body_limit + 4096 else "partial"
-    match = _CONTENT_LENGTH.search(head)
-    length = int(match.group(1)) if match else 0
+    length = declared_length(head)
     if length > upload_limit:
         return "too_large"
     if length > body_limit:
         return "spool"
     return "complete" if len(body) >= length else "partial"
+
+
+def declared_length(head: bytes) -> int:
+    """The Content-Length a head declares (0 without one; one past any limit when it has more
+    digits than a length can: ``int()`` of thousands of digits would raise in the event loop)."""
+    match = _CONTENT_LENGTH.search(head)
+    if not match:
+        return 0
+    digits = match.group(1)
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+class Chunks:
+    """Follows a chunked body's framing as it arrives (size lines with any ``;extension``, data,
+    the last chunk and trailer lines): ``done`` once it has ended — or once it is malformed, so
+    that gunicorn's parser, not a timeout, answers it."""
+
+    LINE_LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.state = "size"  # size | data | crlf | trailer
+        self.left = 0
+        self.line = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        i, end = 0, len(data)
+        while i < end and not self.done:
+            if self.state == "data":
+                taken = min(self.left, end - i)
+                self.left -= taken
+                i += taken
+                if not self.left:
+                    self.state = "crlf"
+                continue
+            newline = data.find(b"\n", i)
+            if newline < 0:
+                self.line += data[i:]
+                self.done = len(self.line) > self.LINE_LIMIT  # not a chunked body: let the parser say so
+                return
+            line, self.line, i = (self.line + data[i:newline]).rstrip(b"\r"), b"", newline + 1
+            if self.state == "crlf":
+                self.state, self.done = "size", bool(line)
+            elif self.state == "size":
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
+                    self.done = True
+                elif int(size, 16):
+                    self.left, self.state = int(size, 16), "data"
+                else:
+                    self.state = "trailer"
+            elif not line:  # the empty line after the trailers
+                self.done = True
 
 
 def error_response(err: RelayError) -> bytes:
@@ -90,6 +143,14 @@ def timeout_response() -> bytes:
     return error_response(RequestTimeout())
 
 
+def _disk_full(err: OSError) -> RelayError:
+    return UploadStorageFull(
+        f"The relay could not keep the file on its temporary disk ({err.strerror or err}). Retry in a few "
+        "seconds, or send a link (audio_url) instead.",
+        retry_after=10,
+    )
+
+
 def _header(head: bytes, name: bytes) -> str:
     match = re.search(rb"^" + name + rb"[ \t]*:[ \t]*([^\r\n]*)", head, re.IGNORECASE | re.MULTILINE)
     return match.group(1).strip().decode("latin-1") if match else ""
@@ -104,7 +165,7 @@ class _Arrival:
     deadline: float
     spool: BinaryIO | None = None
     left: int | None = None  # body bytes still to come; None for a chunked body
-    tail: bytes = b""  # a chunked body's last bytes, where its end shows
+    chunks: Chunks | None = None  # a chunked body's framing, followed to its end
     received: int = 0  # body bytes spooled
     charged: int = 0  # bytes counted against what this process receives at once
     waits_to_send: bool = False  # the client sent "Expect: 100-continue" and waits for the go-ahead
@@ -112,7 +173,7 @@ class _Arrival:
     def whole(self) -> bool:
         if self.left is not None:
             return self.left <= 0
-        return self.tail.endswith(b"\r\n0\r\n\r\n") or self.tail == b"0\r\n\r\n"
+        return self.chunks is not None and self.chunks.done
 
 
 def _spooled(spool: BinaryIO):
@@ -158,7 +219,13 @@ class RelayWorker(ThreadWorker):
         conn.sock.setblocking(False)
         # A kept-alive connection is handed here because it is readable, and a new one has often
         # received its request already: read at once, and wait on the poller only for the rest.
-        if not self._receive(conn) or self._check(conn):
+        try:
+            if not self._receive(conn) or self._check(conn):
+                return
+        except Exception:  # noqa: BLE001 - as in _on_readable
+            self.log.exception("reading a request failed; its connection is closed")
+            if conn in self.reading:
+                self._drop(conn)
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 
@@ -176,30 +243,57 @@ class RelayWorker(ThreadWorker):
         arrival = self.reading[conn]
         if arrival.spool is None:
             arrival.buffer.extend(data)
-        else:
-            self._spool(arrival, data)
+            return True
+        refusal = self._spool(arrival, data)
+        if refusal is not None:
+            self._drop(conn, error_response(refusal))
+            return False
         return True
 
-    @staticmethod
-    def _spool(arrival: _Arrival, data: bytes) -> None:
+    def _spool(self, arrival: _Arrival, data: bytes) -> RelayError | None:
+        """Write ``data`` to the arrival's file; the refusal to answer when it cannot be taken."""
         assert arrival.spool is not None
-        arrival.spool.write(data)
+        if arrival.chunks is not None:  # a chunked body is counted as it comes
+            refusal = self._over_budget(len(data))
+            if refusal is not None:
+                return refusal
+            arrival.charged += len(data)
+            self.receiving += len(data)
+            arrival.chunks.feed(data)
+        try:
+            arrival.spool.write(data)
+        except OSError as err:
+            return _disk_full(err)
         arrival.received += len(data)
         if arrival.left is not None:
             arrival.left -= len(data)
-        else:
-            arrival.tail = (arrival.tail + data)[-7:]
+        return None
+
+    def _over_budget(self, more: int) -> RelayError | None:
+        budget = self.settings.upload_store_bytes
+        if self.receiving + more <= budget:
+            return None
+        return UploadStorageFull(
+            f"The relay is receiving {self.receiving / 1048576:.0f} MiB of files at once, and RELAY_UPLOAD_STORE_BYTES "
+            f"allows {budget / 1048576:.0f} MiB. Retry in a few seconds, or send a link (audio_url) instead.",
+            retry_after=10,
+        )
 
     def _on_readable(self, conn, _sock):
-        if self._receive(conn):
-            self._check(conn, registered=True)
+        try:
+            if self._receive(conn):
+                self._check(conn, registered=True)
+        except Exception:  # noqa: BLE001 - one connection must never take the event loop (and the worker) down
+            self.log.exception("reading a request failed; its connection is closed")
+            if conn in self.reading:
+                self._drop(conn)
 
     def _check(self, conn, registered: bool = False) -> bool:
         """Hand ``conn`` to a thread if its request is complete; answer it if it cannot be taken.
         True when ``conn`` left the event loop's hands."""
         arrival = self.reading[conn]
         if arrival.spool is not None:
-            if arrival.left is None and arrival.received > self.upload_limit + 4096:
+            if arrival.left is None and arrival.received > self.upload_limit + 4096 and not arrival.whole():
                 self._drop(conn, error_response(RequestTooLarge(self._too_large())))
                 return True
             if not arrival.whole():
@@ -263,27 +357,37 @@ class RelayWorker(ThreadWorker):
         head, body = bytes(buffer[:end]), bytes(buffer[end:])
         if not self.settings.accepts_key(_header(head, b"x-relay-key"), _header(head, b"authorization")):
             return Unauthorized()
-        match = _CONTENT_LENGTH.search(head)
-        length = None if _CHUNKED.search(head) or not match else int(match.group(1))
-        charged = self.upload_limit if length is None else length
+        chunked = _CHUNKED.search(head) is not None
+        length = None if chunked else declared_length(head)
         budget = self.settings.upload_store_bytes
-        if self.receiving + charged > budget:
-            return UploadStorageFull(
-                f"The relay is receiving {self.receiving / 1048576:.0f} MiB of other files at once; this one "
-                f"({charged / 1048576:.1f} MiB) would pass RELAY_UPLOAD_STORE_BYTES ({budget / 1048576:.0f} MiB). "
-                "Retry in a few seconds, or send a link (audio_url) instead.",
-                retry_after=10,
+        if length is not None and length > budget:  # it could never be taken: waiting would not help
+            return RequestTooLarge(
+                f"The file is {length / 1048576:.1f} MiB; this relay receives at most {budget / 1048576:.1f} MiB "
+                "of files at once (RELAY_UPLOAD_STORE_BYTES). Send a link (audio_url) instead."
             )
+        refusal = self._over_budget(length or 0)
+        if refusal is not None:
+            return refusal
         expects = _EXPECT.search(head) is not None
         # The thread reads this request from the file and closes the connection after answering it.
         head = _CONNECTION.sub(b"", _EXPECT.sub(b"", head))
         head = head[:-2] + b"Connection: close\r\n\r\n"
-        arrival.spool = tempfile.TemporaryFile(prefix="relay-request-")
-        arrival.spool.write(head)
-        arrival.left, arrival.charged, arrival.buffer = length, charged, bytearray()
-        self.receiving += charged
-        arrival.deadline = time.monotonic() + self.read_timeout + charged / MIN_UPLOAD_RATE
-        self._spool(arrival, body)
+        try:
+            arrival.spool = tempfile.TemporaryFile(prefix="relay-request-")
+            arrival.spool.write(head)
+        except OSError as err:
+            if arrival.spool is not None:
+                arrival.spool.close()
+                arrival.spool = None
+            return _disk_full(err)
+        # A declared length is counted at once; a chunked body as its bytes arrive.
+        arrival.left, arrival.charged, arrival.buffer = length, length or 0, bytearray()
+        arrival.chunks = Chunks() if chunked else None
+        self.receiving += arrival.charged
+        arrival.deadline = time.monotonic() + self.read_timeout + (length or self.upload_limit) / MIN_UPLOAD_RATE
+        refusal = self._spool(arrival, body)
+        if refusal is not None:
+            return refusal
         arrival.waits_to_send = expects and not arrival.received
         return None
 

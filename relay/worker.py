@@ -207,6 +207,9 @@ class CloneWorker:
                 self._save(
                     job, release=True, follows=leader.id, next_run_at=utcnow() + timedelta(seconds=FOLLOW_CHECK_SECONDS)
                 )
+                # Its end may have woken its followers between the look above and this write.
+                if (again := self.store.get(leader.id)) is None or again.terminal:
+                    self.store.wake_followers(leader.id)
                 return True
             if leader is not None and leader.phase == READY and leader.cloned_voice_item_id:
                 voice, item = leader.cloned_voice_item_id, leader.item_id
@@ -226,6 +229,9 @@ class CloneWorker:
                 )
                 self._accepted(job, answer, "ready", voice, item)
                 return True
+            if leader is not None and (leader.answer or {}).get("error_code") == "queue_timeout":
+                # No worker took the job it waited for in time: neither did one take this one.
+                raise QueueTimeout(leader.answer.get("error_message") or QueueTimeout.default_message)
             # The job it followed made no voice (or is gone): make it, unless another job took the name.
             taken, holder = self.store.take_name(job.id, self.id, job.name_key or "")
             if taken:
@@ -556,7 +562,7 @@ class CloneWorker:
         )
         self.vault.forget(job.id)
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})
-        if job.request.get("if_exists", "create") != "create" and self.store.wake_followers(job.id):
+        if not job.dry_run and self.store.wake_followers(job.id):
             self.notifier.work_arrived()  # jobs that waited for this one: their answer is known now
 
     def _deliver_callback(self, job: Job) -> None:

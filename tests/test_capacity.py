@@ -27,7 +27,7 @@ HEADERS = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
 def serve(tmp_path):
     started = []
 
-    def start(**env_changes: str) -> str:
+    def start(preexec=None, **env_changes: str) -> str:
         port = free_port()
         env = {
             **os.environ,
@@ -43,7 +43,9 @@ def serve(tmp_path):
             **env_changes,
         }
         env.pop("DATABASE_URL", None)
-        process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec
+        )
         started.append(process)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -197,6 +199,16 @@ def test_a_json_body_sent_after_100_continue_is_served(serve):
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "complete"),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11000\r\n" + b"a" * 70000, "spool"),
         (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (70 * 1024), "too_large"),
+        # A chunk extension and a trailer end a chunked body too.
+        (
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0;done=1\r\nX-Sum: 9\r\n\r\n",
+            "complete",
+        ),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 9\r\n", "partial"),
+        # Not chunked framing at all: gunicorn's parser answers it (400), not a timeout.
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "complete"),
+        # More digits than any length has (int() of thousands of them raises): too large, not a crash.
+        (b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "too_large"),
     ],
 )
 def test_the_event_loop_knows_when_a_request_is_whole(buffer, state):
@@ -345,3 +357,56 @@ def test_a_large_upload_sent_after_100_continue_is_served(serve):
         sock.sendall(wav)
         seen, answer = answer_of(sock)
     assert seen.startswith(b"HTTP/1.1 202") and answer["status"] == "queued"
+
+
+def test_a_content_length_of_thousands_of_digits_is_refused_and_the_worker_lives_on(serve):
+    base = serve()
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
+        seen, answer = answer_of(sock)
+    assert seen.startswith(b"HTTP/1.1 413") and answer["error_code"] == "request_too_large"
+    assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
+    assert serve.processes[-1].poll() is None
+
+
+def test_chunked_uploads_are_counted_as_they_arrive_and_may_end_with_trailers(serve):
+    from .conftest import audio_bytes
+
+    # A budget far below RELAY_MAX_BYTES: a small chunked file still fits; a declared one that
+    # never could is 413 at once (retrying would not help), not 503.
+    base = serve(RELAY_MAX_JSON_BYTES="4096", RELAY_UPLOAD_STORE_BYTES="200000")
+    wav = audio_bytes("wav_pcm16_mono.wav")
+    host, port = base.removeprefix("http://").split(":")
+    head = upload_head(0).replace(b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n")
+    body = b"".join(
+        b"%x;piece=%d\r\n%s\r\n" % (len(wav[n : n + 9000]), n, wav[n : n + 9000]) for n in range(0, len(wav), 9000)
+    )
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head + body + b"0\r\nX-Checksum: none\r\n\r\n")
+        seen, answer = answer_of(sock)
+    assert seen.startswith(b"HTTP/1.1 202") and answer["status"] == "queued", answer
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(upload_head(300_000))
+        seen, answer = answer_of(sock)
+    assert seen.startswith(b"HTTP/1.1 413") and "RELAY_UPLOAD_STORE_BYTES" in answer["error_message"]
+
+
+def test_an_upload_the_disk_cannot_hold_is_503_and_the_worker_lives_on(serve):
+    import resource
+
+    def small_files() -> None:  # every file the relay writes stops at 1 MiB, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+
+    base = serve(preexec=small_files, RELAY_MAX_JSON_BYTES="4096")
+    response = requests.post(  # requests reads an answer that comes while it still sends
+        base + "/v1/voice-clones",
+        params={"name": "Big", "wait_seconds": "0"},
+        data=b"RIFF" + bytes(2_999_996),
+        headers={**HEADERS, "Content-Type": "audio/wav"},
+        timeout=30,
+    )
+    assert response.status_code == 503 and response.json()["error_code"] == "upload_storage_full"
+    assert response.headers["Retry-After"] == "10" and "temporary disk" in response.json()["error_message"]
+    assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
+    assert serve.processes[-1].poll() is None

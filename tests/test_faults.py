@@ -567,6 +567,67 @@ def test_a_request_waiting_for_a_clone_of_the_same_name_keeps_its_own_callback_a
     assert [by_path[f"/run/{row}"]["reused"] for row in (1, 2, 3)] == [False, True, True]
 
 
+def _ended(client, answer: dict):
+    now = client.get(answer["status_url"], headers=HEADERS).json
+    return now if now["status"] in ("ready", "failed") else None
+
+
+def test_a_request_waiting_for_an_if_exists_create_clone_is_answered_when_it_ends(
+    make_app, job_settings, fake, audio_host
+):
+    # The running clone of that name was sent with if_exists=create (the default): its end wakes the
+    # waiting job at once too, not at its next look a minute later.
+    fake.upload_delay = 1.0
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(client, {"audio_url": url, "name": "Bob", "wait_seconds": 0}).json
+    second = post(client, {"audio_url": url, "name": "Bob", "if_exists": "reuse", "wait_seconds": 0}).json
+    assert any(first["job_id"] in warning for warning in second["warnings"])
+    assert wait_until(lambda: _ended(client, first), timeout=30)["status"] == "ready"
+    ended = time.monotonic()
+    final = wait_until(lambda: _ended(client, second), timeout=90)
+    assert time.monotonic() - ended < 10  # FOLLOW_CHECK_SECONDS is 60
+    assert final["reused"] is True and final["cloned_voice_item_id"] == _ended(client, first)["cloned_voice_item_id"]
+    assert fake.upload_count() == 1
+
+
+def test_a_request_waiting_for_a_clone_that_timed_out_in_the_queue_is_not_cloned_later(
+    make_app, job_settings, fake, audio_host
+):
+    # No worker for longer than RELAY_QUEUE_TIMEOUT_SECONDS: the first clone fails queue_timeout
+    # ("nothing was uploaded"); the request that waited for it, just as old, must not be uploaded then.
+    down = make_app(job_settings.replace(queue_timeout_seconds=1), workers=0).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(down, {"audio_url": url, "name": "Late", "if_exists": "reuse", "wait_seconds": 0}).json
+    second = post(down, {"audio_url": url, "name": "Late", "if_exists": "reuse", "wait_seconds": 0}).json
+    assert any(first["job_id"] in warning for warning in second["warnings"])
+    time.sleep(1.5)  # both are older than the queue timeout when a worker comes
+    up = make_app(job_settings.replace(queue_timeout_seconds=1)).test_client()
+    assert wait_until(lambda: _ended(up, first), timeout=30)["error_code"] == "queue_timeout"
+    assert wait_until(lambda: _ended(up, second), timeout=30)["error_code"] == "queue_timeout"
+    assert fake.upload_count() == 0
+
+
+def test_requests_waiting_in_two_processes_for_a_clone_that_failed_upload_once(
+    make_app, job_settings, fake, audio_host
+):
+    audio_host.expect_request("/slow-page.html").respond_with_handler(
+        lambda _request: time.sleep(1.0) or Response(audio_bytes("drive_interstitial.html"), content_type="text/html")
+    )
+    fake.upload_delay = 0.5
+    apps = [make_app(job_settings).test_client(), make_app(job_settings).test_client()]  # two pools of workers
+    good = serve_file(audio_host, "wav_pcm16_mono.wav")
+    page = {"audio_url": audio_host.url_for("/slow-page.html"), "name": "Two", "if_exists": "reuse", "wait_seconds": 0}
+    first = post(apps[0], page).json
+    body = {"audio_url": good, "name": "Two", "if_exists": "reuse", "wait_seconds": 0}
+    others = [post(apps[n % 2], body).json for n in range(6)]
+    finals = [wait_until(lambda a=a: _ended(apps[0], a), timeout=120) for a in (first, *others)]
+    assert finals[0]["error_code"] == "not_audio"
+    assert fake.upload_count() == 1  # one of the six made the voice; the other five reused it
+    assert len({final["cloned_voice_item_id"] for final in finals[1:]}) == 1
+    assert sorted(final["reused"] for final in finals[1:]) == [False, True, True, True, True, True]
+
+
 def test_a_request_that_waited_for_a_clone_that_failed_makes_the_voice_itself(make_app, job_settings, fake, audio_host):
     client = make_app(job_settings).test_client()
     audio_host.expect_request("/slow-page.html").respond_with_handler(
