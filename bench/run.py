@@ -935,7 +935,8 @@ def _capacity(
     env: dict,
     postgres: bool = False,
 ) -> dict:
-    """``slow`` slowloris connections and ``waiters`` clones waiting ``wait`` s on an upstream that
+    """``slow`` slow senders (half slowloris heads, half uploads dripping their bodies) and ``waiters``
+    clones waiting ``wait`` s on an upstream that
     takes ``upstream_seconds`` per upload, all at once; meanwhile /healthz and new clones are probed.
     Afterwards every waited clone must end ready."""
     audio = make_wav(work / "voice-short.wav", 1)
@@ -948,12 +949,17 @@ def _capacity(
             host, port = "127.0.0.1", relay.port
             stop = threading.Event()
             slow_socks: list[socket.socket] = []
-            for _ in range(slow):
+            upload = (  # a recording sent as the body, whose bytes then come one every 2 s
+                "POST /v1/voice-clones?name=Slow&dry_run=true HTTP/1.1\r\nHost: relay\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Type: audio/wav\r\nContent-Length: 1000000\r\n\r\nRIFF"
+            ).encode()
+            for n in range(slow):
                 sock = socket.create_connection((host, port), timeout=10)
-                sock.sendall(b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\n")
+                # Half send their head slowly (a slowloris), half their body (a slow upload).
+                sock.sendall(b"POST /v1/voice-clones HTTP/1.1\r\nHost: relay\r\n" if n % 2 == 0 else upload)
                 slow_socks.append(sock)
 
-            def drip():  # one more header byte every 2 s, as a slowloris does (bounded by stop)
+            def drip():  # one more byte every 2 s on each, as a slowloris does (bounded by stop)
                 while not stop.wait(2):
                     for sock in slow_socks:
                         with contextlib.suppress(OSError):
