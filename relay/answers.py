@@ -51,14 +51,14 @@ def for_job(job: Job, now: datetime) -> dict[str, Any]:
         answer.update(ok=True, status=status, error_code=None, error_message=None)
         if status == "running":
             answer["message"] = "The clone is being worked on."
+        elif status == "queued" and job.follows and job.exclusive_key is None:
+            answer["message"] = (
+                f"The clone waits for job {job.follows}, which makes a voice of the same name for this account."
+            )
         elif status == "queued" and job.attempts and job.next_run_at is not None and job.next_run_at > now:
             # Tried and put back (useapi unreachable or busy, say): not the same as no worker at all.
             answer["message"] = "The clone waits to be tried again" + (
                 "; warnings say what happened." if answer.get("warnings") else "."
-            )
-        elif status == "queued" and job.follows and job.exclusive_key is None:
-            answer["message"] = (
-                f"The clone waits for job {job.follows}, which makes a voice of the same name for this account."
             )
         elif status == "queued":
             answer["message"] = "The clone is waiting for a worker."

@@ -27,7 +27,7 @@ import selectors
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO
 
@@ -35,7 +35,7 @@ from gunicorn import http
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import answers
-from .errors import RelayError, RequestTimeout, RequestTooLarge, Unauthorized, UploadStorageFull
+from .errors import InvalidRequest, RelayError, RequestTimeout, RequestTooLarge, Unauthorized, UploadStorageFull
 from .settings import Settings
 
 HEAD_LIMIT = 64 * 1024
@@ -48,17 +48,21 @@ _CONNECTION = re.compile(rb"^connection[ \t]*:[^\n]*\n", re.IGNORECASE | re.MULT
 _STOP_GRACE = 2.0  # a stopping worker still takes a request that is arriving, for this long
 
 
-def request_state(buffer: bytes, body_limit: int, upload_limit: int) -> str:
+def request_state(buffer: bytes, body_limit: int, upload_limit: int, chunks: Chunks | None = None) -> str:
     """What ``buffer`` (a request's first bytes) holds: ``"complete"`` a whole request that fits
     the buffer, ``"spool"`` a head whose body is larger than ``body_limit`` (received into a file),
-    ``"too_large"`` a head over 64 KiB or a body declared over ``upload_limit``, else ``"partial"``."""
+    ``"too_large"`` a head over 64 KiB or a body declared over ``upload_limit``, ``"bad"`` a chunked
+    body that is not one, else ``"partial"``. ``chunks``: the framing seen in earlier calls for this
+    request (fed only the bytes since), so a body is not parsed again at every read."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return "too_large" if len(buffer) > HEAD_LIMIT else "partial"
     head, body = buffer[: end + 2], buffer[end + 4 :]
     if _CHUNKED.search(head):
-        chunks = Chunks()
-        chunks.feed(body)
+        chunks = chunks if chunks is not None else Chunks()
+        chunks.feed(body[chunks.fed :])
+        if chunks.bad:
+            return "bad"
         if chunks.done:
             return "complete"
         return "spool" if len(body) > body_limit + 4096 else "partial"
@@ -82,8 +86,9 @@ def declared_length(head: bytes) -> int:
 
 class Chunks:
     """Follows a chunked body's framing as it arrives (size lines with any ``;extension``, data,
-    the last chunk and trailer lines): ``done`` once it has ended — or once it is malformed, so
-    that gunicorn's parser, not a timeout, answers it."""
+    the last chunk and trailer lines, every line ended by CRLF): ``done`` once it has ended,
+    ``bad`` once it cannot be a chunked body (answered 400 by the event loop: gunicorn's parser
+    would wait for more on a thread). ``fed``: how many body bytes it has seen."""
 
     LINE_LIMIT = 4096
 
@@ -91,11 +96,13 @@ class Chunks:
         self.state = "size"  # size | data | crlf | trailer
         self.left = 0
         self.line = b""
-        self.done = False
+        self.done = self.bad = False
+        self.fed = 0
 
     def feed(self, data: bytes) -> None:
+        self.fed += len(data)
         i, end = 0, len(data)
-        while i < end and not self.done:
+        while i < end and not (self.done or self.bad):
             if self.state == "data":
                 taken = min(self.left, end - i)
                 self.left -= taken
@@ -106,15 +113,19 @@ class Chunks:
             newline = data.find(b"\n", i)
             if newline < 0:
                 self.line += data[i:]
-                self.done = len(self.line) > self.LINE_LIMIT  # not a chunked body: let the parser say so
+                self.bad = len(self.line) > self.LINE_LIMIT
                 return
-            line, self.line, i = (self.line + data[i:newline]).rstrip(b"\r"), b"", newline + 1
+            whole, self.line, i = self.line + data[i:newline], b"", newline + 1
+            if not whole.endswith(b"\r") or len(whole) > self.LINE_LIMIT:
+                self.bad = True  # a bare LF, or a line no chunked body has
+                return
+            line = whole[:-1]
             if self.state == "crlf":
-                self.state, self.done = "size", bool(line)
+                self.state, self.bad = "size", bool(line)
             elif self.state == "size":
                 size = line.split(b";", 1)[0].strip()
                 if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
-                    self.done = True
+                    self.bad = True
                 elif int(size, 16):
                     self.left, self.state = int(size, 16), "data"
                 else:
@@ -135,12 +146,25 @@ def error_response(err: RelayError) -> bytes:
     return head.encode("ascii") + body
 
 
-_REASONS = {401: "Unauthorized", 408: "Request Timeout", 413: "Content Too Large", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    503: "Service Unavailable",
+}
 
 
 def timeout_response() -> bytes:
     """The 408 answer."""
     return error_response(RequestTimeout())
+
+
+def _malformed() -> RelayError:
+    return InvalidRequest(
+        "The request's chunked body is malformed (each line must end in CRLF; sizes are hexadecimal). "
+        "Send it with a Content-Length, or as a well-formed chunked body."
+    )
 
 
 def _disk_full(err: OSError) -> RelayError:
@@ -165,7 +189,8 @@ class _Arrival:
     deadline: float
     spool: BinaryIO | None = None
     left: int | None = None  # body bytes still to come; None for a chunked body
-    chunks: Chunks | None = None  # a chunked body's framing, followed to its end
+    chunks: Chunks | None = None  # a spooled chunked body's framing, followed to its end
+    framing: Chunks = field(default_factory=Chunks)  # a chunked body's framing while in the buffer
     received: int = 0  # body bytes spooled
     charged: int = 0  # bytes counted against what this process receives at once
     waits_to_send: bool = False  # the client sent "Expect: 100-continue" and waits for the go-ahead
@@ -259,7 +284,10 @@ class RelayWorker(ThreadWorker):
                 return refusal
             arrival.charged += len(data)
             self.receiving += len(data)
-            arrival.chunks.feed(data)
+            # What the buffer's look already followed is not fed again.
+            arrival.chunks.feed(data[max(arrival.chunks.fed - arrival.received, 0) :])
+            if arrival.chunks.bad:
+                return _malformed()
         try:
             arrival.spool.write(data)
         except OSError as err:
@@ -305,7 +333,10 @@ class RelayWorker(ThreadWorker):
             self._hand_over(conn)
             return True
         buffer = arrival.buffer
-        state = request_state(bytes(buffer), self.body_limit, self.upload_limit)
+        state = request_state(bytes(buffer), self.body_limit, self.upload_limit, arrival.framing)
+        if state == "bad":
+            self._drop(conn, error_response(_malformed()))
+            return True
         if state == "too_large":
             self._drop(conn, error_response(RequestTooLarge(self._too_large(buffer))))
             return True
@@ -382,7 +413,7 @@ class RelayWorker(ThreadWorker):
             return _disk_full(err)
         # A declared length is counted at once; a chunked body as its bytes arrive.
         arrival.left, arrival.charged, arrival.buffer = length, length or 0, bytearray()
-        arrival.chunks = Chunks() if chunked else None
+        arrival.chunks = arrival.framing if chunked else None
         self.receiving += arrival.charged
         arrival.deadline = time.monotonic() + self.read_timeout + (length or self.upload_limit) / MIN_UPLOAD_RATE
         refusal = self._spool(arrival, body)

@@ -21,6 +21,7 @@ import logging
 import threading
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
 
@@ -229,9 +230,23 @@ class CloneWorker:
                 )
                 self._accepted(job, answer, "ready", voice, item)
                 return True
+            if leader is not None and (
+                leader.cloned_voice_item_id or leader.made_voice_id or leader.body_sent_at is not None
+            ):
+                # useapi has (or may have) that job's voice, listed only once it is ready: making
+                # another would pay twice. This job ends as that one did, to its own callback.
+                self._event(job, "followed", f"job {leader.id} ended {leader.phase} with a voice in doubt")
+                self._end(job, FAILED, leader.http_status or 502, _outcome_of(leader, job, answer))
+                return True
             if leader is not None and (leader.answer or {}).get("error_code") == "queue_timeout":
                 # No worker took the job it waited for in time: neither did one take this one.
                 raise QueueTimeout(leader.answer.get("error_message") or QueueTimeout.default_message)
+            limit = self.settings.queue_timeout_seconds
+            if utcnow() - job.created_at > timedelta(seconds=limit):
+                raise QueueTimeout(
+                    f"The clone waited longer than {limit:g} s (RELAY_QUEUE_TIMEOUT_SECONDS) for another job making "
+                    f"a voice named {request.name!r}, which made none. Nothing was uploaded; send it again."
+                )
             # The job it followed made no voice (or is gone): make it, unless another job took the name.
             taken, holder = self.store.take_name(job.id, self.id, job.name_key or "")
             if taken:
@@ -580,7 +595,8 @@ class CloneWorker:
             settled = DELIVERED if delivery.delivered else GIVEN_UP
             url = job.callback_url or ""
             kept = urlguard.redact(url)  # its signed query is not needed any more, but for a re-send:
-            sealed = None if kept == url else (self.vault.seal_text(url) or "")
+            parts = urlsplit(url)
+            sealed = (self.vault.seal_text(url) or "") if parts.query or "@" in parts.netloc else None
             log.log(
                 logging.INFO if delivery.delivered else logging.WARNING,
                 f"callback {settled.replace('_', ' ')}",
@@ -657,6 +673,15 @@ class CloneWorker:
                 setattr(job, key, value)
         if release:  # the step is over: wake requests waiting on this job (once, not per write)
             self.notifier.job_changed(job.id)
+
+
+def _outcome_of(leader: Job, job: Job, answer: dict) -> dict:
+    """``job``'s answer ending as ``leader`` ended: its outcome (error, voice ids), this job's own
+    request fields (metadata, name), and a warning saying whose outcome it is."""
+    own = {"request_id", "metadata", "warnings", "name", "user_id", "dry_run"}
+    ended = {key: value for key, value in (leader.answer or {}).items() if key not in own}
+    note = f"This request waited for job {leader.id}, which made a voice of the same name; this is how it ended."
+    return {**answer, **ended, "warnings": [*answer.get("warnings", []), note]}
 
 
 def _warn(answer: dict, note: str) -> None:

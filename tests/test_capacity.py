@@ -205,8 +205,11 @@ def test_a_json_body_sent_after_100_continue_is_served(serve):
             "complete",
         ),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 9\r\n", "partial"),
-        # Not chunked framing at all: gunicorn's parser answers it (400), not a timeout.
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "complete"),
+        # Not chunked framing: answered 400 by the event loop (gunicorn's parser would wait on a thread).
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\n\n", "bad"),  # bare LF
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 17 + b"\r\n", "bad"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: " + b"a" * 5000, "bad"),
         # More digits than any length has (int() of thousands of them raises): too large, not a crash.
         (b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "too_large"),
     ],
@@ -410,3 +413,29 @@ def test_an_upload_the_disk_cannot_hold_is_503_and_the_worker_lives_on(serve):
     assert response.headers["Retry-After"] == "10" and "temporary disk" in response.json()["error_message"]
     assert requests.get(base + "/healthz", timeout=10).json()["ok"] is True
     assert serve.processes[-1].poll() is None
+
+
+def test_a_malformed_chunked_body_is_answered_400_and_holds_no_thread(serve):
+    # More such connections than threads, with the key, both small and past the buffer (a file).
+    base = serve(RELAY_MAX_JSON_BYTES="4096")
+    host, port = base.removeprefix("http://").split(":")
+    head = upload_head(0).replace(b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n")
+    bodies = [b"0\n\n", b"zz\r\n", b"1000\r\n" + b"R" * 4096 + b"\r\n" + b"1" * 17 + b"\r\n"] * 3
+    for body in bodies:
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(head + body)
+            seen, answer = answer_of(sock)
+        assert seen.startswith(b"HTTP/1.1 400") and answer["error_code"] == "invalid_request", body[:20]
+    assert requests.get(base + "/healthz", timeout=5).json()["ok"] is True
+
+
+def test_the_chunk_parser_finds_the_end_wherever_the_reads_split_the_body():
+    from relay.server import Chunks
+
+    body = b"4;ext=1\r\nabcd\r\n5\r\n0\r\n\r\n\r\n0\r\nX-Sum: 1\r\n\r\n"  # a payload holding "0\r\n\r\n"
+    for split in range(1, len(body)):
+        chunks = Chunks()
+        chunks.feed(body[:split])
+        assert not chunks.done or split == len(body), split
+        chunks.feed(body[split:])
+        assert chunks.done and not chunks.bad, split

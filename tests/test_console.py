@@ -400,8 +400,16 @@ def test_a_callback_whose_query_was_not_kept_is_not_sent_again_without_it(make_a
         status = f"{base}/v1/voice-clones/{job_id}"
         wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
         page = console.post(f"/console/clones/{job_id}/resend-callback", {})
-    assert page.status_code == 200 and "had a query string" in page.text
-    assert len(receiver.log) == 1  # sent once, never again to the address without its token
+        assert page.status_code == 200 and "had a query string" in page.text
+        assert len(receiver.log) == 1  # sent once, never again to the address without its token
+        # A URL without a query (a fragment does not count: it is never sent) loses nothing: sent again.
+        body = {"audio_url": url, "name": "Plain", "callback_url": receiver.url_for("/hook") + "#part"}
+        plain = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()["job_id"]
+        status = f"{base}/v1/voice-clones/{plain}"
+        wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
+        page = console.post(f"/console/clones/{plain}/resend-callback", {})
+        assert page.status_code == 200 and "will be sent again" in page.text
+        wait_until(lambda: len(receiver.log) == 3)
 
 
 def test_only_a_finished_job_with_a_callback_is_sent_again(tmp_path):

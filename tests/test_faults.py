@@ -608,6 +608,46 @@ def test_a_request_waiting_for_a_clone_that_timed_out_in_the_queue_is_not_cloned
     assert fake.upload_count() == 0
 
 
+def test_a_request_waiting_for_a_clone_whose_voice_is_in_doubt_never_uploads_another(
+    make_app, job_settings, fake, audio_host
+):
+    # The first clone's upload was taken, then the voice was not ready in time (ready_timeout). It is
+    # listed only once ready, so a second upload by the waiting request would pay for a second voice.
+    fake.upload_delay = 0.5
+    fake.ready_after_polls = 10_000
+    client = make_app(job_settings.replace(ready_timeout_seconds=1)).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(client, {"audio_url": url, "name": "Twice", "if_exists": "reuse", "wait_seconds": 0}).json
+    second = post(client, {"audio_url": url, "name": "Twice", "if_exists": "reuse", "wait_seconds": 0}).json
+    waiting = wait_until(
+        lambda: (a := client.get(second["status_url"], headers=HEADERS).json)["status"] == "queued" and a
+    )
+    assert f"waits for job {first['job_id']}" in waiting["message"]
+    ended = wait_until(lambda: _ended(client, first), timeout=30)
+    assert ended["error_code"] == "ready_timeout" and ended["cloned_voice_item_id"]
+    final = wait_until(lambda: _ended(client, second), timeout=30)
+    assert (final["error_code"], final["cloned_voice_item_id"]) == ("ready_timeout", ended["cloned_voice_item_id"])
+    assert any(f"waited for job {first['job_id']}" in warning for warning in final["warnings"])
+    assert fake.upload_count() == 1
+
+
+def test_a_request_that_waited_past_the_queue_timeout_for_a_clone_that_failed_sends_nothing(
+    make_app, job_settings, fake, audio_host
+):
+    audio_host.expect_request("/slow-page.html").respond_with_handler(
+        lambda _request: time.sleep(1.5) or Response(audio_bytes("drive_interstitial.html"), content_type="text/html")
+    )
+    client = make_app(job_settings.replace(queue_timeout_seconds=1)).test_client()
+    page = {"audio_url": audio_host.url_for("/slow-page.html"), "name": "Old", "if_exists": "reuse", "wait_seconds": 0}
+    first = post(client, page).json
+    good = serve_file(audio_host, "wav_pcm16_mono.wav")
+    second = post(client, {"audio_url": good, "name": "Old", "if_exists": "reuse", "wait_seconds": 0}).json
+    assert wait_until(lambda: _ended(client, first), timeout=30)["error_code"] == "not_audio"
+    final = wait_until(lambda: _ended(client, second), timeout=30)
+    assert final["error_code"] == "queue_timeout" and "made none" in final["error_message"]
+    assert fake.upload_count() == 0
+
+
 def test_requests_waiting_in_two_processes_for_a_clone_that_failed_upload_once(
     make_app, job_settings, fake, audio_host
 ):
