@@ -230,9 +230,7 @@ class CloneWorker:
                 )
                 self._accepted(job, answer, "ready", voice, item)
                 return True
-            if leader is not None and (
-                leader.cloned_voice_item_id or leader.made_voice_id or leader.body_sent_at is not None
-            ):
+            if leader is not None and _voice_may_exist(leader):
                 # useapi has (or may have) that job's voice, listed only once it is ready: making
                 # another would pay twice. This job ends as that one did, to its own callback.
                 self._event(job, "followed", f"job {leader.id} ended {leader.phase} with a voice in doubt")
@@ -675,12 +673,36 @@ class CloneWorker:
             self.notifier.job_changed(job.id)
 
 
+# useapi's answers that say no voice was made: a refused upload (the token, the subscription, the
+# request) or a clone that failed. Any other end after the body went out may have left a voice.
+_NO_VOICE = ("upstream_rejected", "upstream_unauthorized", "upstream_payment_required", "clone_failed")
+_OWN_FIELDS = {"request_id", "metadata", "warnings", "name", "user_id", "dry_run", "source_format", "converted"}
+
+
+def _voice_may_exist(leader: Job) -> bool:
+    """Whether a job that ended without a ready voice may still have one at useapi (listed only
+    once ready): then a job that waited for it must not make another."""
+    code = (leader.answer or {}).get("error_code")
+    if code == "clone_failed":
+        return False
+    if leader.made_voice_id or leader.cloned_voice_item_id:
+        return True
+    return leader.body_sent_at is not None and code not in _NO_VOICE
+
+
 def _outcome_of(leader: Job, job: Job, answer: dict) -> dict:
     """``job``'s answer ending as ``leader`` ended: its outcome (error, voice ids), this job's own
-    request fields (metadata, name), and a warning saying whose outcome it is."""
-    own = {"request_id", "metadata", "warnings", "name", "user_id", "dry_run"}
-    ended = {key: value for key, value in (leader.answer or {}).items() if key not in own}
-    note = f"This request waited for job {leader.id}, which made a voice of the same name; this is how it ended."
+    request fields (metadata, name; it downloaded nothing, so no audio fields), and a warning."""
+    ended = {
+        key: value
+        for key, value in (leader.answer or {}).items()
+        if key not in _OWN_FIELDS and not key.startswith("audio_")
+    }
+    note = (
+        f"This request waited for job {leader.id}, whose upload of a voice of the same name went out but did not "
+        "end with a ready voice: it ends as that job did, so that no second voice is paid for. Check that voice "
+        "(cloned_voice_item_id, or GET /v1/voices?name=) before sending it again."
+    )
     return {**answer, **ended, "warnings": [*answer.get("warnings", []), note]}
 
 

@@ -627,8 +627,28 @@ def test_a_request_waiting_for_a_clone_whose_voice_is_in_doubt_never_uploads_ano
     assert ended["error_code"] == "ready_timeout" and ended["cloned_voice_item_id"]
     final = wait_until(lambda: _ended(client, second), timeout=30)
     assert (final["error_code"], final["cloned_voice_item_id"]) == ("ready_timeout", ended["cloned_voice_item_id"])
+    assert final["audio_bytes"] is None and final["source_format"] is None  # it downloaded nothing
     assert any(f"waited for job {first['job_id']}" in warning for warning in final["warnings"])
     assert fake.upload_count() == 1
+
+
+def test_a_request_waiting_for_a_clone_useapi_refused_or_failed_makes_its_own_voice(
+    make_app, job_settings, fake, audio_host
+):
+    # useapi refused the first clone's upload (400): no voice exists, so the waiting request's own
+    # recording is cloned; its answer describes its own request, not the first one's audio.
+    fake.lookup_delay = 0.5  # the first job's if_exists look-up takes long enough for the second to wait
+    fake.refusals = [(400, {})]
+    fake.refusal_body = {"error": "Audio is too short", "code": 400}
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(client, {"audio_url": url, "name": "Ref", "if_exists": "reuse", "wait_seconds": 0}).json
+    second = post(client, {"audio_url": url, "name": "Ref", "if_exists": "reuse", "wait_seconds": 0}).json
+    assert any(first["job_id"] in warning for warning in second["warnings"])
+    assert wait_until(lambda: _ended(client, first), timeout=30)["error_code"] == "upstream_rejected"
+    final = wait_until(lambda: _ended(client, second), timeout=30)
+    assert final["status"] == "ready" and final["reused"] is False and final["cloned_voice_item_id"]
+    assert fake.upload_count() == 1 and len(fake.uploads) == 2
 
 
 def test_a_request_that_waited_past_the_queue_timeout_for_a_clone_that_failed_sends_nothing(
