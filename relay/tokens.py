@@ -63,8 +63,8 @@ class TokenVault:
         """``(token_kind, sealed, fingerprint)`` for a job; ``token`` None means the server token."""
         if token is None or token == self.settings.useapi_token:
             return SERVER, None, fingerprint(self.settings.useapi_token) if self.settings.useapi_token else None
-        if self._fernet is not None:
-            return SEALED, self._fernet.encrypt(token.encode("utf-8")).decode("ascii"), fingerprint(token)
+        if (sealed := self.seal_text(token)) is not None:
+            return SEALED, sealed, fingerprint(token)
         with self._lock:
             self._memory[job_id] = token
         return MEMORY, None, fingerprint(token)
@@ -74,13 +74,13 @@ class TokenVault:
         if kind == SERVER:
             return self.settings.useapi_token
         if kind == SEALED and sealed and self._fernet is not None:
-            try:
-                return self._fernet.decrypt(sealed.encode("ascii")).decode("utf-8")
-            except InvalidToken:
+            token = self.open_text(sealed)
+            if token is None:
                 raise TokenUnavailable(
                     "This job's useapi token was sealed with a RELAY_SECRET_KEY the relay no longer has "
                     f"(add the old key to RELAY_SECRET_KEY_OLD). {RESUBMIT}"
-                ) from None
+                )
+            return token
         if kind == MEMORY:
             with self._lock:
                 token = self._memory.get(job_id)
@@ -89,7 +89,7 @@ class TokenVault:
         raise TokenUnavailable()
 
     def seal_text(self, text: str) -> str | None:
-        """``text`` sealed for storage (a callback URL with its token), or None without a secret key."""
+        """``text`` (a useapi token, a callback URL with its query) sealed for storage; None without a secret key."""
         return self._fernet.encrypt(text.encode("utf-8")).decode("ascii") if self._fernet is not None else None
 
     def open_text(self, sealed: str) -> str | None:

@@ -395,19 +395,21 @@ def test_a_callback_whose_query_was_not_kept_is_not_sent_again_without_it(make_a
         console = Console(base)
         assert console.login().status_code == 200
         url = serve_file(audio_host, "wav_pcm16_mono.wav", "/voice.wav")
-        body = {"audio_url": url, "name": "Hooked", "callback_url": receiver.url_for("/hook") + "?token=t0ken"}
-        job_id = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()["job_id"]
-        status = f"{base}/v1/voice-clones/{job_id}"
-        wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
-        page = console.post(f"/console/clones/{job_id}/resend-callback", {})
+
+        def delivered_then_resent(name: str, callback: str) -> requests.Response:
+            body = {"audio_url": url, "name": name, "callback_url": callback}
+            job_id = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()["job_id"]
+            status = f"{base}/v1/voice-clones/{job_id}"
+            wait_until(
+                lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered"
+            )
+            return console.post(f"/console/clones/{job_id}/resend-callback", {})
+
+        page = delivered_then_resent("Hooked", receiver.url_for("/hook") + "?token=t0ken")
         assert page.status_code == 200 and "had a query string" in page.text
         assert len(receiver.log) == 1  # sent once, never again to the address without its token
         # A URL without a query (a fragment does not count: it is never sent) loses nothing: sent again.
-        body = {"audio_url": url, "name": "Plain", "callback_url": receiver.url_for("/hook") + "#part"}
-        plain = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()["job_id"]
-        status = f"{base}/v1/voice-clones/{plain}"
-        wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
-        page = console.post(f"/console/clones/{plain}/resend-callback", {})
+        page = delivered_then_resent("Plain", receiver.url_for("/hook") + "#part")
         assert page.status_code == 200 and "will be sent again" in page.text
         wait_until(lambda: len(receiver.log) == 3)
 

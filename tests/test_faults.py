@@ -704,12 +704,8 @@ def test_a_request_that_waited_for_a_clone_that_failed_makes_the_voice_itself(ma
     second = post(client, {"audio_url": good, "name": "Again", "if_exists": "reuse", "wait_seconds": 0}).json
     assert any(f"(job {first['job_id']})" in warning for warning in second["warnings"])  # it waits for the first
 
-    def ended(answer: dict):
-        now = client.get(answer["status_url"], headers=HEADERS).json
-        return now["status"] in ("ready", "failed") and now
-
-    assert wait_until(lambda: ended(first))["error_code"] == "not_audio"  # a web page: no voice was made
-    final = wait_until(lambda: ended(second))
+    assert wait_until(lambda: _ended(client, first))["error_code"] == "not_audio"  # a web page: no voice was made
+    final = wait_until(lambda: _ended(client, second))
     assert final["status"] == "ready" and final["reused"] is False and final["cloned_voice_item_id"]
     assert fake.upload_count() == 1
 
