@@ -572,7 +572,9 @@ def two_step_pool(settings, kind: type[JobStore], start: bool = True, workers: i
 def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
     # An idle poll far longer than the test: whatever happens soon happens because it was due.
     with two_step_pool(job_settings.replace(idle_poll_seconds=30), CountingStore) as (store, notifier, done, _):
-        wait_until(lambda: store.claims == 1)  # its first look, at start: nothing yet
+        # Its first look, at start, found nothing and ended (counted as it begins: a look still running
+        # could take the job added next, and the two steps would then be counted as one).
+        wait_until(lambda: store.claims == 1 and len(notifier._idle) == 1)
         store.claims = 0
         add_job(store, "a" * 32)
         notifier.work_arrived()
