@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, answers, audio, bodies, db, deadline, pipeline, uploads, urlguard, voices
 from .db import utcnow
 from .errors import (
+    DatabaseUnavailable,
     DownloadFailed,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -214,6 +215,7 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         # An idle worker of this process gets its job from the insert's own transaction (SQLite):
         # no claim and no wake-up of its own on the way to the download.
         with runtime.pool.reserved() if runtime.pool is not None else contextlib.nullcontext() as claim:
+            g.job_write = True
             return runtime.store.create(
                 job_id,
                 claim=claim,
@@ -603,6 +605,27 @@ def _on_http_error(err: HTTPException):
     return _on_unexpected(err)
 
 
+def database_unavailable(err: Exception) -> DatabaseUnavailable:
+    """The answer to a database that did not answer: named for what happened, no traceback per request."""
+    log.warning(
+        "database unavailable: %s",
+        type(getattr(err, "orig", None) or err).__name__,
+        extra={"fields": {"request_id": g.get("request_id")}},
+    )
+    unavailable = DatabaseUnavailable(retry_after=10)
+    if g.get("job_write"):  # the job's insert may have committed before the database went away
+        g.status_unknown = True
+        unavailable.message += (
+            " This clone may have been stored just before: send it again with the same Idempotency-Key "
+            "(the relay then answers with that job if it exists)."
+        )
+    return unavailable
+
+
+def _on_database_error(err: Exception):
+    return _on_relay_error(database_unavailable(err))
+
+
 def _on_unexpected(err: Exception):
     log.error("unexpected error", exc_info=err, extra={"fields": {"request_id": g.get("request_id")}})
     return _on_relay_error(RelayError())
@@ -613,4 +636,6 @@ def register(app: Flask) -> None:
     app.register_blueprint(bp)
     app.register_error_handler(RelayError, _on_relay_error)
     app.register_error_handler(HTTPException, _on_http_error)
+    for unavailable in db.UNAVAILABLE:
+        app.register_error_handler(unavailable, _on_database_error)
     app.register_error_handler(Exception, _on_unexpected)

@@ -34,7 +34,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+# The database did not answer (refused, dropped, restarting, locked, every pooled connection busy),
+# as opposed to a statement it answered with an error (a bug): answered 503 database_unavailable.
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 metadata = MetaData()
 

@@ -136,6 +136,16 @@ class StorageFull(RelayError):
     error_code, http_status = "storage_full", 503
 
 
+class DatabaseUnavailable(RelayError):
+    """The relay's own database did not answer (down, restarting, locked, out of connections)."""
+
+    error_code, http_status = "database_unavailable", 503
+    default_message = (
+        "The relay's own database did not answer just now (unreachable, restarting, busy or out of connections). "
+        "Retry in a few seconds; if it goes on, the operator checks the database and GET /readyz."
+    )
+
+
 # The audio URL and what it serves
 class UrlNotAllowed(RelayError):
     error_code, http_status = "url_not_allowed", 422

@@ -7,6 +7,7 @@ and stops when the test ends.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -204,5 +205,25 @@ def takes_body_then_resets():
                 return
             body += more
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    return behave
+
+
+def forwards_to(address: tuple[str, int], cut: threading.Event):
+    """A TCP forwarder to ``address`` (a database, say) whose connections all drop once ``cut`` is
+    set; a connection made after that is closed at once, as by a server that went away."""
+
+    def behave(conn, stop):
+        if cut.is_set():
+            return
+        with socket.create_connection(address, timeout=5) as upstream:
+            upstream.sendall(conn.received)
+            while not (stop.is_set() or cut.is_set()):
+                readable, _, _ = select.select([conn, upstream], [], [], 0.05)
+                for source in readable:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (upstream if source is conn else conn).sendall(data)
 
     return behave

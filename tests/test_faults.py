@@ -37,10 +37,12 @@ from .conftest import (
     RELAY_KEY,
     TOKEN,
     audio_bytes,
+    over_http,
     post,
     serve_file,
     wait_until,
 )
+from .test_console import Console
 
 UPLOAD_HELD = 1.0  # the stand-in holds an upload this long; the relay gives up waiting sooner
 
@@ -386,6 +388,41 @@ def test_a_callback_receiver_redirecting_to_nonsense_is_a_failed_attempt(
     assert job.callback_attempts == 2  # tried on schedule, not crashed and retried as a crash
     assert "cannot be parsed" in job.callback_last_error
     assert events.count(app.extensions["relay.runtime"].engine, job_id, "crashed") == 0
+
+
+def test_a_database_that_stops_answering_is_503_database_unavailable(make_app, job_settings, audio_host, caplog):
+    # PostgreSQL reached through a TCP forwarder that then drops every connection and refuses new
+    # ones (a restart, a failover, a full connection slot): each request names that, with Retry-After,
+    # instead of a 500 "bug in the relay"; a clone's answer says whether it may have been stored.
+    if not job_settings.database_url.startswith("postgresql"):
+        pytest.skip("the forwarder stands between the relay and PostgreSQL")
+    target = sqlalchemy.make_url(job_settings.database_url)
+    cut = threading.Event()
+    with servers.RawServer(servers.forwards_to((target.host, target.port or 5432), cut), host="127.0.0.1") as proxy:
+        url = target.set(host=proxy.host, port=proxy.port).render_as_string(hide_password=False)
+        app = make_app(job_settings.replace(database_url=url), workers=0)
+        client = app.test_client()
+        body = {"audio_url": audio_host.url_for("/a.wav"), "name": "Down", "wait_seconds": 0}
+        first = post(client, body)
+        assert first.status_code == 202, first.json
+        with over_http(app) as base:
+            console = Console(base)
+            assert console.login().status_code == 200
+            cut.set()
+            with caplog.at_level(logging.WARNING, logger="relay"):
+                status = client.get(f"/v1/voice-clones/{first.json['job_id']}", headers=HEADERS)
+                again = post(client, {**body, "name": "Down again"})
+                page = console.get("/console")
+    for response in (status, again):
+        assert response.status_code == 503 and response.headers["Retry-After"] == "10", response.json
+        assert response.json["error_code"] == "database_unavailable" and response.json["ok"] is False
+        assert "database did not answer" in response.json["error_message"]
+    assert status.json["status"] is None  # a poll that could not read the job says nothing of the clone
+    # The console's page says the same, as a page.
+    assert page.status_code == 503 and "text/html" in page.headers["Content-Type"]
+    assert "database did not answer" in page.text and "database_unavailable" in page.text
+    logged = [record for record in caplog.records if "database unavailable" in record.getMessage()]
+    assert logged and not any(record.exc_info for record in logged)  # one line per request, no traceback
 
 
 def test_a_waiting_request_whose_job_cannot_be_read_again_answers_with_the_job(make_app, job_settings, audio_host):

@@ -30,7 +30,8 @@ from flask import (
 from markupsafe import Markup, escape
 
 from .. import __version__, answers, events, history, next_steps, voices
-from ..db import utcnow
+from ..api import database_unavailable
+from ..db import UNAVAILABLE, utcnow
 from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, RelayError, Unauthorized
 from ..jobs import Job
 from ..useapi import Useapi
@@ -134,6 +135,14 @@ def _on_error(err: RelayError):
     if err.retry_after:
         response.headers["Retry-After"] = str(err.retry_after)
     return response
+
+
+def _on_database_error(err: Exception):
+    return _on_error(database_unavailable(err))
+
+
+for _unavailable in UNAVAILABLE:
+    bp.register_error_handler(_unavailable, _on_database_error)
 
 
 @bp.app_template_filter("markup")
