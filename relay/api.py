@@ -615,9 +615,11 @@ def database_unavailable(err: Exception) -> DatabaseUnavailable:
     unavailable = DatabaseUnavailable(retry_after=10)
     if g.get("job_write"):  # the job's insert may have committed before the database went away
         g.status_unknown = True
-        unavailable.message += (
-            " This clone may have been stored just before: send it again with the same Idempotency-Key "
-            "(the relay then answers with that job if it exists)."
+        unavailable.message += " This clone may have been stored just before: " + (
+            "send it again with the same Idempotency-Key (the relay then answers with that job if it exists)."
+            if request.headers.get("Idempotency-Key")
+            else "look for it in the console's job list (/console) before sending it again (with an "
+            "Idempotency-Key, a repeat is always safe)."
         )
     return unavailable
 

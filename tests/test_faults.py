@@ -412,12 +412,16 @@ def test_a_database_that_stops_answering_is_503_database_unavailable(make_app, j
             with caplog.at_level(logging.WARNING, logger="relay"):
                 status = client.get(f"/v1/voice-clones/{first.json['job_id']}", headers=HEADERS)
                 again = post(client, {**body, "name": "Down again"})
+                keyed = post(client, {**body, "name": "Down, keyed"}, headers={"Idempotency-Key": "k-1"})
                 page = console.get("/console")
     for response in (status, again):
         assert response.status_code == 503 and response.headers["Retry-After"] == "10", response.json
         assert response.json["error_code"] == "database_unavailable" and response.json["ok"] is False
         assert "database did not answer" in response.json["error_message"]
     assert status.json["status"] is None  # a poll that could not read the job says nothing of the clone
+    # The clone's insert was under way: it may have committed, so nothing is claimed about the clone.
+    assert again.json["status"] is None and "console's job list" in again.json["error_message"], again.json
+    assert keyed.status_code == 503 and "same Idempotency-Key" in keyed.json["error_message"], keyed.json
     # The console's page says the same, as a page.
     assert page.status_code == 503 and "text/html" in page.headers["Content-Type"]
     assert "database did not answer" in page.text and "database_unavailable" in page.text
