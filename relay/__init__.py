@@ -30,7 +30,9 @@ def create_app(settings: Settings | None = None, workers: int | None = None) -> 
     app = Flask(__name__)
     # Heroku and Render terminate TLS in front and say so in X-Forwarded-Proto. X-Forwarded-Host is
     # believed only when the operator says a proxy sets it: any caller can send the header.
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1 if settings.trust_forwarded_host else 0)
+    # x_for=0: the client address stays the connecting one (the console's login limit reads
+    # X-Forwarded-For itself, beside it; ProxyFix's default would let a client choose its address).
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=0, x_proto=1, x_host=1 if settings.trust_forwarded_host else 0)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_json_bytes, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.extensions["relay.settings"] = settings

@@ -220,6 +220,19 @@ def test_failed_logins_are_rate_limited_per_client(web):
     assert other.login().status_code == 200
 
 
+def test_a_client_inventing_x_forwarded_for_is_still_limited_per_connecting_address(web):
+    # Straight to the relay (relay serve, a container, a VM): the header is the client's own words.
+    guesser = Console(web)
+    answers = []
+    for n in range(LoginLimiter.MAX_PER_ADDRESS + 5):
+        guesser.http.headers["X-Forwarded-For"] = f"198.51.100.{n}"
+        answers.append(guesser.login(f"wrong-{n}").status_code)
+    assert answers[: LoginLimiter.MAX_PER_ADDRESS] == [401] * LoginLimiter.MAX_PER_ADDRESS
+    assert set(answers[LoginLimiter.MAX_PER_ADDRESS :]) == {429}
+    guesser.http.headers["X-Forwarded-For"] = "198.51.100.250"
+    assert guesser.login().status_code == 429  # the right key waits too: no guessing past the limit
+
+
 def test_logout_ends_the_session(web_console):
     response = web_console.post("/console/logout", {})
     assert response.status_code == 200 and response.url.endswith("/console/login?notice=signed_out")
@@ -467,6 +480,20 @@ def test_try_a_clone_runs_a_dry_run_through_the_api(console, audio_host, fake):
     assert "HTTP 200" in page.text and "validated" in page.text and "Nothing was uploaded" in page.text
     assert fake.upload_count() == 0
     assert "Tried" in console.get("/console?status=validated").text
+
+
+def test_try_a_clone_sent_twice_from_one_page_makes_one_clone(console, audio_host, fake):
+    # A double click while the page loads, or a reload that sends the form again: one paid clone.
+    url = serve_file(audio_host, "wav_pcm16_mono.wav", "/twice.wav")
+    form_page = console.get("/console/try").text
+    try_key = re.search(r'name="try_key" value="([0-9a-f]{32})"', form_page).group(1)
+    form = {"audio_url": url, "name": "Sent twice", "token": TOKEN, "try_key": try_key}
+    first, second = console.post("/console/try", form), console.post("/console/try", form)
+    jobs = [re.search(r'href="(/console/clones/[0-9a-f]{32})"', page.text).group(1) for page in (first, second)]
+    assert first.status_code == second.status_code == 200 and jobs[0] == jobs[1]
+    assert fake.upload_count() == 1
+    # The result page's form has a new key: sending it again on purpose is a new clone.
+    assert try_key not in re.findall(r'name="try_key" value="([0-9a-f]{32})"', second.text)
 
 
 def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web, fake, audio_host):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,7 @@ from .security import LoginLimiter, Session, Sessions, csrf_ok, key_ok, security
 
 bp = Blueprint("console", __name__, url_prefix="/console")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_TRY_KEY = re.compile(r"^[0-9a-f]{32}$")
 _SECRET_PARAM = re.compile(r"sig|token|key|secret|credential|auth|password|pass", re.IGNORECASE)
 NOTICES = {
     "resent": "The callback will be sent again now; its attempts appear in the timeline.",
@@ -460,7 +462,11 @@ def try_clone():
         body: dict[str, Any] = {"audio_url": form["audio_url"], "name": form["name"], "dry_run": form["dry_run"]}
         if form["user_id"]:
             body["user_id"] = form["user_id"]
-        status, answer = _through_the_api(body, (request.form.get("token") or "").strip() or None)
+        # The form's one-time key: a second click, or a reload that sends the form again, gets this
+        # job's answer instead of starting (and paying for) a second clone.
+        try_key = (request.form.get("try_key") or "").strip()
+        key = f"console-try-{try_key}" if _TRY_KEY.match(try_key) else None
+        status, answer = _through_the_api(body, (request.form.get("token") or "").strip() or None, key)
         result = {
             "status": status,
             "answer": answer,
@@ -468,15 +474,24 @@ def try_clone():
             "next_step": next_steps.for_code(answer.get("error_code")),
             "job_url": url_for("console.job_page", job_id=answer["job_id"]) if answer.get("job_id") else None,
         }
-    return render_template("try.html", form=form, result=result, server_token=bool(_settings().useapi_token))
+    return render_template(
+        "try.html",
+        form=form,
+        result=result,
+        server_token=bool(_settings().useapi_token),
+        try_key=secrets.token_hex(16),  # a new one per page shown: the next Send is a new clone
+    )
 
 
-def _through_the_api(body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
+def _through_the_api(body: dict[str, Any], token: str | None, key: str | None = None) -> tuple[int, dict[str, Any]]:
     """POST /v1/voice-clones in this process, through the API's own route: the same checks, job,
-    wait and answer as any caller gets. A typed token goes only into that request."""
+    wait and answer as any caller gets. A typed token goes only into that request; ``key`` is its
+    Idempotency-Key."""
     headers = {"Authorization": f"Bearer {_settings().relay_api_key}", "X-Request-Id": f"{g.request_id}-try"}
     if token:
         headers["X-Useapi-Token"] = token
+    if key:
+        headers["Idempotency-Key"] = key
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     with app.app_context():  # the inner request gets its own g (request id, log fields)
         response = app.test_client().post(

@@ -17,12 +17,29 @@ document.addEventListener("DOMContentLoaded", function () {
       }
     });
   });
+  // A form that starts something (a clone) is sent once: a second click while the page loads does nothing.
+  document.querySelectorAll("form[data-once]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (form.getAttribute("data-sent")) {
+        event.preventDefault();
+        return;
+      }
+      form.setAttribute("data-sent", "yes");
+      form.querySelectorAll("button[type=submit]").forEach(function (button) {
+        button.disabled = true;
+        button.textContent = "Sending…";
+      });
+    });
+  });
   var seconds = parseInt(document.body.getAttribute("data-refresh") || "0", 10);
   if (seconds > 0) {
     setInterval(function () {
-      // Never pull the page away from someone typing in a filter.
+      // Never pull the page away from someone using it: typing in a filter, moving through it by
+      // keyboard (focus on a link or button), or selecting text to copy.
       var active = document.activeElement;
-      if (active && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName)) return;
+      if (active && active !== document.body && active !== document.documentElement) return;
+      var selection = window.getSelection();
+      if (selection && selection.toString()) return;
       window.location.reload();
     }, seconds * 1000);
   }
