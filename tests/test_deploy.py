@@ -75,6 +75,13 @@ def test_app_json_deploys_without_editing_a_file():
     assert set(manifest["formation"]) == {"web", "worker"}
     assert manifest["buildpacks"] == [{"url": "heroku/python"}]
     assert (ROOT / ".python-version").read_text().strip().startswith("3.")
+    # The Python buildpack stops a build without one of its package manager files (pyproject.toml
+    # alone is not one): requirements.txt installs this project, whose pyproject.toml lists the rest.
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    assert [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")] == ["."]
+    assert not any((ROOT / name).exists() for name in ("Pipfile.lock", "poetry.lock", "uv.lock"))  # one only
+    # After the build, Heroku's "View" opens the start page (it says what to copy where), not JSON.
+    assert manifest["success_url"] == "/"
 
 
 def test_render_blueprint_fields():
