@@ -94,7 +94,11 @@ jobs = Table(
     # Once the callback settled: the whole callback URL sealed (RELAY_SECRET_KEY), as the stored one
     # keeps no query; "" when it had one the relay could not keep. A re-send needs it.
     Column("callback_sealed", Text, nullable=True),
+    # The same for the audio link once the job no longer needs it (the stored one keeps no query):
+    # the console's "Repeat this request" shows it, its secret-looking parameters masked.
+    Column("audio_url_sealed", Text, nullable=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
+    Index("ix_jobs_created_at", "created_at", "id"),  # the console's newest-first pages
     Index("ix_jobs_follows", "follows"),
     Index("ix_jobs_name_key", "name_key"),
     Index("ix_jobs_callback_next_at", "callback_next_at"),
@@ -249,6 +253,14 @@ def _v9(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE jobs ADD COLUMN callback_sealed TEXT"))
 
 
+def _v10(conn: Connection) -> None:
+    found = inspect(conn)
+    if "audio_url_sealed" not in {column["name"] for column in found.get_columns("jobs")}:
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN audio_url_sealed TEXT"))
+    if not any(index["name"] == "ix_jobs_created_at" for index in found.get_indexes("jobs")):
+        conn.execute(text("CREATE INDEX ix_jobs_created_at ON jobs (created_at, id)"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs and worker heartbeats", _v1),
     (2, "per-account fairness, limits and back-off", _v2),
@@ -259,6 +271,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "one job per adopted voice", _v7),
     (8, "jobs that wait for a job making a voice of the same name", _v8),
     (9, "callback URLs kept sealed for a re-send", _v9),
+    (10, "audio links kept sealed for the console; jobs by creation time", _v10),
 ]
 LATEST = MIGRATIONS[-1][0]
 

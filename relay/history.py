@@ -62,13 +62,19 @@ def recent(
     return Page(found, page, len(rows) > per_page)
 
 
-def error_codes(engine: Engine, limit: int = 200) -> list[str]:
-    """The distinct ``error_code`` values among kept jobs (for the filter's choices)."""
-    code = _json_text(engine, jobs.c.answer, "error_code")
+def error_codes(engine: Engine, limit: int = 200, among: int = 1000) -> list[str]:
+    """The distinct ``error_code`` values among the newest ``among`` failed jobs (the filter's
+    choices): a bounded read on every view of the list, however many jobs are kept."""
+    newest = (
+        select(jobs.c.answer)
+        .where(jobs.c.phase == FAILED)
+        .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+        .limit(among)
+        .subquery()
+    )
+    code = _json_text(engine, newest.c.answer, "error_code")
     with reader(engine) as conn:
-        found = conn.scalars(
-            select(code).where(jobs.c.phase == FAILED, code.is_not(None)).group_by(code).order_by(code).limit(limit)
-        ).all()
+        found = conn.scalars(select(code).where(code.is_not(None)).group_by(code).order_by(code).limit(limit)).all()
     return [c for c in found if c]
 
 

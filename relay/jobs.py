@@ -83,6 +83,7 @@ class Job:
     made_voice_id: str | None = None
     follows: str | None = None
     callback_sealed: str | None = None
+    audio_url_sealed: str | None = None
     # Not columns: the place in its account's queue, known when the job was just written; and,
     # for a request that did not create it, why it got this job ("key" or "name").
     queue_position: int | None = field(default=None, compare=False)

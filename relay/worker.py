@@ -474,7 +474,7 @@ class CloneWorker:
             attempt=attempt,
             phase=UPLOADED,
             answer=answer,
-            request=_without_secrets(job.request, "audio_url"),  # the link is not needed any more
+            **self._without_link(job),  # the link is not needed any more
             accepted_at=utcnow(),
             cloned_voice_item_id=voice_id,
             item_id=item_id,
@@ -565,7 +565,7 @@ class CloneWorker:
             token_holder=None,
             name_key=None,
             exclusive_key=None,
-            request=_without_secrets(job.request, "audio_url"),
+            **self._without_link(job),
             cloned_voice_item_id=answer.get("cloned_voice_item_id"),
             item_id=answer.get("item_id"),
             callback_status=PENDING if job.callback_url else None,
@@ -577,6 +577,18 @@ class CloneWorker:
         log.info("job finished", extra={"fields": {"job_id": job.id, "phase": phase, "status": http_status}})
         if not job.dry_run and self.store.wake_followers(job.id):
             self.notifier.work_arrived()  # jobs that waited for this one: their answer is known now
+
+    def _without_link(self, job: Job) -> dict[str, Any]:
+        """The stored request's audio link cut to scheme, host and path (no signed query, no
+        credentials), and the whole link sealed under RELAY_SECRET_KEY for the console ("" when
+        it had more than that and there is no key to seal it with)."""
+        url = job.request.get("audio_url")
+        if not url or job.audio_url_sealed is not None:
+            return {}
+        kept = urlguard.redact(url)
+        if kept == url:
+            return {}
+        return {"request": {**job.request, "audio_url": kept}, "audio_url_sealed": self.vault.seal_text(url) or ""}
 
     def _deliver_callback(self, job: Job) -> None:
         body = json.dumps(answers.for_job(job, utcnow()), separators=(",", ":")).encode("utf-8")
@@ -709,13 +721,6 @@ def _outcome_of(leader: Job, job: Job, answer: dict) -> dict:
 def _warn(answer: dict, note: str) -> None:
     if note not in answer.get("warnings", []):
         answer["warnings"] = [*answer.get("warnings", []), note]
-
-
-def _without_secrets(request: dict, key: str) -> dict:
-    """The stored request with ``key``'s URL cut to scheme, host and path (no signed query)."""
-    if not request.get(key):
-        return request
-    return {**request, key: urlguard.redact(request[key])}
 
 
 def _unconfirmed_message(request: pipeline.CloneRequest, window: float) -> str:

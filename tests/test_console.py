@@ -350,6 +350,41 @@ def test_events_and_the_curl_never_carry_secrets_from_urls(web_console, audio_ho
     assert events.scrub("GET https://h.example/a?sig=x failed") == "GET https://h.example/a failed"
 
 
+def _curl_of(console: Console, job_id: str) -> tuple[str, str]:
+    page = console.get(f"/console/clones/{job_id}").text
+    return html.unescape(re.search(r'<pre id="curl">(.*?)</pre>', page, re.DOTALL).group(1)), page
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["secret_key", "no_secret_key"])
+def test_the_curl_of_an_ended_job_repeats_its_links_whole_or_says_what_was_not_kept(
+    make_app, fake, audio_host, tmp_path, sealed
+):
+    # A share link's query is the link (Drive's id, Dropbox's rlkey): the repeat needs it, masked
+    # only where a parameter looks secret; kept sealed (RELAY_SECRET_KEY) once the job is done.
+    settings = fast_settings(fake.base_url, tmp_path / "data", secret_key=JOBS_SECRET_KEY if sealed else None)
+    serve_file(audio_host, "wav_pcm16_mono.wav", "/share")
+    audio_host.expect_request("/hook", method="POST").respond_with_data("", status=200)
+    link = audio_host.url_for("/share") + "?id=1AbCdEf&rlkey=k9x8&X-Amz-Signature=s3cr3t"
+    hook = audio_host.url_for("/hook") + "?signature=abc123&row=7"
+    body = {"audio_url": link, "name": "Shared", "convert": "never", "callback_url": hook, "wait_seconds": 20}
+    with over_http(make_app(settings)) as base:
+        answer = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()
+        assert answer["status"] == "ready", answer
+        console = Console(base)
+        console.login()
+        wait_until(lambda: "delivered" in console.get(f"/console/clones/{answer['job_id']}").text)
+        curl, page = _curl_of(console, answer["job_id"])
+    assert '"convert": "never"' in curl
+    for secret in ("s3cr3t", "abc123"):
+        assert secret not in page
+    if sealed:
+        assert "id=1AbCdEf&rlkey=****&X-Amz-Signature=****" in curl and "signature=****&row=7" in curl
+        assert "?…" not in curl
+    else:
+        assert audio_host.url_for("/share") + "?…" in curl and audio_host.url_for("/hook") + "?…" in curl
+        assert "lost its query" in page
+
+
 def test_the_curl_of_a_job_that_received_a_file_sends_a_file_again(web_console):
     with open(AUDIO / "wav_pcm16_mono.wav", "rb") as recording:
         answer = requests.post(

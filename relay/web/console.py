@@ -295,6 +295,7 @@ def _when(moment: datetime | None, precise: bool = False) -> str:
 def job_page(job_id: str):
     job = _job(job_id)
     answer = answers.for_job(job, utcnow())
+    curl, lost_query = _curl(job)
     return render_template(
         "job.html",
         job=job,
@@ -303,7 +304,8 @@ def job_page(job_id: str):
         answer_json=json.dumps(answer, indent=2, ensure_ascii=False),
         timeline=_timeline(job),
         next_step=next_steps.for_code(answer.get("error_code")),
-        curl=_curl(job),
+        curl=curl,
+        curl_lost_query=lost_query,
         notice=NOTICES.get(request.args.get("notice", "")),
     )
 
@@ -357,18 +359,29 @@ def _timeline(job: Job) -> list[dict[str, str]]:
     return items
 
 
-def _curl(job: Job) -> str:
-    """A curl command that sends this request again; keys and tokens are shell variables, and query
-    parameters whose names look secret (signature, token, key…) are masked."""
+def _curl(job: Job) -> tuple[str, bool]:
+    """A curl command that sends this request again, and whether a link in it lost its query.
+    Keys and tokens are shell variables; query parameters whose names look secret (signature,
+    token, key…) are masked. A link the relay cut once the job was done with it is opened from
+    its sealed copy; without one it ends in ``?…`` (the query was not kept)."""
     body: dict[str, Any] = {}
-    for field in ("audio_url", "name", "user_id", "content_type", "dry_run", "if_exists", "metadata"):
+    for field in ("audio_url", "name", "user_id", "content_type", "dry_run", "if_exists", "convert", "metadata"):
         value = job.request.get(field)
-        if field == "if_exists" and value == "create":
+        if (field, value) in (("if_exists", "create"), ("convert", "auto")):
             continue
         if value not in (None, False, ""):
-            body[field] = _masked_url(value) if field == "audio_url" else value
-    if job.callback_url:
-        body["callback_url"] = _masked_url(job.callback_url)
+            body[field] = value
+    lost = False
+    for field, sealed in (("audio_url", job.audio_url_sealed), ("callback_url", job.callback_sealed)):
+        url = body.get(field) if field == "audio_url" else job.callback_url
+        if not url:
+            continue
+        whole = _runtime().vault.open_text(sealed) if sealed else None
+        if whole is None and sealed is not None:  # it had a query the relay did not keep
+            lost = True
+            body[field] = url + "?…"
+        else:
+            body[field] = _masked_url(whole or url)
     lines = [
         f"curl -s {shlex.quote(public_base() + '/v1/voice-clones')}",
         '-H "Authorization: Bearer $RELAY_API_KEY"',
@@ -381,10 +394,10 @@ def _curl(job: Job) -> str:
         for field, value in body.items():
             text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
             lines.append("--form-string " + shlex.quote(f"{field}={text}"))  # never "@file" or ";type="
-        return " \\\n  ".join(lines)
+        return " \\\n  ".join(lines), lost
     lines.append('-H "Content-Type: application/json"')
     lines.append("-d " + shlex.quote(json.dumps(body, ensure_ascii=False)))
-    return " \\\n  ".join(lines)
+    return " \\\n  ".join(lines), lost
 
 
 def _masked_url(url: str) -> str:
