@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -549,6 +550,30 @@ def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web
     assert TOKEN not in "".join(client.http.cookies.values())
     wrong = client.post("/console/voices", {"action": "list", "token": "wrong-token-123456"})
     assert "upstream_unauthorized" in wrong.text
+
+
+def test_the_voices_page_names_its_account_keeps_it_on_cancel_and_ends_within_the_lookup_timeout(
+    make_app, fake, tmp_path
+):
+    settings = fast_settings(fake.base_url, tmp_path / "data", useapi_token=None, read_timeout=30, lookup_timeout=1.0)
+    with over_http(make_app(settings)) as base:
+        client = Console(base)
+        client.login()
+        listed = client.post("/console/voices", {"action": "list", "token": TOKEN, "user_id": "u-7"})
+        assert f"u-7 · token …{TOKEN[-4:]}" in html.unescape(listed.text)
+        voice = "user:1-tempolor:2-voice:3"
+        asked = {"action": "delete", "voice_id": voice, "token": TOKEN, "user_id": "u-7"}
+        confirm = client.post("/console/voices", asked)
+        assert f"u-7 · token …{TOKEN[-4:]}" in html.unescape(confirm.text)
+        # Cancel goes back to the same account's list (it dropped the typed token and user_id).
+        form = r'<form[^>]*>((?:(?!</form>).)*id="cancel-delete".*?)</form>'
+        cancel = re.search(form, confirm.text, re.DOTALL).group(1)
+        fields = dict(re.findall(r'name="([a-z_]+)" value="([^"]*)"', cancel))
+        assert fields["action"] == "list" and fields["user_id"] == "u-7" and fields["token"] == TOKEN
+        fake.lookup_delay = 4.0  # a slow useapi: the page answers before the host's 30 s
+        started = time.monotonic()
+        slow = client.post("/console/voices", {"action": "list", "token": TOKEN})
+        assert time.monotonic() - started < 3 and "upstream_timeout" in slow.text
 
 
 # --- one table of next steps ----------------------------------------------------------------

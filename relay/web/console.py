@@ -30,11 +30,12 @@ from flask import (
 )
 from markupsafe import Markup, escape
 
-from .. import __version__, answers, events, history, next_steps, voices
+from .. import __version__, answers, deadline, events, history, next_steps, voices
 from ..api import database_unavailable
 from ..db import UNAVAILABLE, utcnow
 from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, RelayError, Unauthorized
 from ..jobs import Job
+from ..tokens import fingerprint
 from ..useapi import Useapi
 from .home import public_base
 from .security import LoginLimiter, Session, Sessions, csrf_ok, key_ok, security_headers, wants_html
@@ -419,31 +420,36 @@ def voices_page():
     typed = (request.form.get("token") or "").strip() or None  # for this request only: never stored
     user_id = (request.values.get("user_id") or "").strip() or None
     token = typed or _settings().useapi_token
+    account = f"{user_id or 'default account'} · {'token' if typed else 'server token'} {fingerprint(token or '')}"
     listed, error, notice = None, None, None
-    if request.method == "POST" and request.form.get("action") == "delete":
-        voice_id = request.form.get("voice_id", "")
-        if request.form.get("confirm") != "yes":
-            return render_template(
-                "voice_delete.html",
-                voice_id=voice_id,
-                voice_name=request.form.get("voice_name"),
-                typed=typed,
-                user_id=user_id,
-            )
-        try:
-            voices.check_id(voice_id)
-            with Useapi(_settings(), token or "") as client:
-                deleted = client.delete_voice(voice_id)
-            notice = f"Deleted {voice_id}." if deleted else f"{voice_id} was already gone."
-        except RelayError as err:
-            error = _error_view(err)
-    if token and (request.method == "GET" or request.form.get("action") in ("list", "delete")):
-        try:
-            with Useapi(_settings(), token) as client:
-                found, complete = voices.list_all(client, user_id, _settings().max_list_pages)
-            listed = {"voices": found, "complete": complete}
-        except RelayError as err:
-            error = error or _error_view(err)
+    if request.method == "POST" and request.form.get("action") == "delete" and request.form.get("confirm") != "yes":
+        return render_template(
+            "voice_delete.html",
+            voice_id=request.form.get("voice_id", ""),
+            voice_name=request.form.get("voice_name"),
+            typed=typed,
+            user_id=user_id,
+            account=account,
+        )
+    # One bound for the page's useapi calls, as the API's look-ups have: an answer after the
+    # host's 30 s reaches nobody (Heroku shows its own error page instead).
+    with deadline.bounded(_settings().lookup_timeout):
+        if request.method == "POST" and request.form.get("action") == "delete":
+            voice_id = request.form.get("voice_id", "")
+            try:
+                voices.check_id(voice_id)
+                with Useapi(_settings(), token or "") as client:
+                    deleted = client.delete_voice(voice_id)
+                notice = f"Deleted {voice_id}." if deleted else f"{voice_id} was already gone."
+            except RelayError as err:
+                error = _error_view(err)
+        if token and (request.method == "GET" or request.form.get("action") in ("list", "delete")):
+            try:
+                with Useapi(_settings(), token) as client:
+                    found, complete = voices.list_all(client, user_id, _settings().max_list_pages)
+                listed = {"voices": found, "complete": complete}
+            except RelayError as err:
+                error = error or _error_view(err)
     return render_template(
         "voices.html",
         listed=listed,
@@ -451,6 +457,7 @@ def voices_page():
         notice=notice,
         typed=typed,
         user_id=user_id or "",
+        account=account if token else None,
         server_token=bool(_settings().useapi_token),
     )
 
