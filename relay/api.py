@@ -596,7 +596,7 @@ def _on_relay_error(err: RelayError):
 _HTTP_ERRORS = {404: NotFound, 405: MethodNotAllowed, 413: RequestTooLarge}
 
 
-def _on_http_error(err: HTTPException):
+def on_http_error(err: HTTPException):
     translated = _HTTP_ERRORS.get(err.code or 500)
     if translated is not None:
         return _on_relay_error(translated())
@@ -637,7 +637,7 @@ def register(app: Flask) -> None:
     """Mount the routes and route every error, of any kind, through the one answer shape."""
     app.register_blueprint(bp)
     app.register_error_handler(RelayError, _on_relay_error)
-    app.register_error_handler(HTTPException, _on_http_error)
+    app.register_error_handler(HTTPException, on_http_error)
     for unavailable in db.UNAVAILABLE:
         app.register_error_handler(unavailable, _on_database_error)
     app.register_error_handler(Exception, _on_unexpected)

@@ -137,6 +137,13 @@ class Settings:
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        if self.relay_api_key and not (self.relay_api_key.isascii() and self.relay_api_key.isprintable()):
+            # HTTP headers carry Latin-1: such a key would open the console but no API call.
+            raise SettingsError(
+                "RELAY_API_KEY must be printable ASCII (letters, digits, punctuation): a key with other "
+                "characters cannot be sent in an HTTP header. Use a long random secret such as the one "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` prints."
+            )
         return self
 
     def check_serving(self) -> Settings:

@@ -215,10 +215,18 @@ def test_failed_logins_are_rate_limited_per_client(web):
         assert client.login("wrong").status_code == 401
     limited = client.post("/console/login", {"key": RELAY_KEY}, headers={"Accept": "application/json"})
     assert limited.status_code == 429 and limited.json()["error_code"] == "login_rate_limited"
+    as_page = client.post("/console/login", {"key": RELAY_KEY})  # a browser sees no Retry-After header
+    assert as_page.status_code == 429 and re.search(r"Try again in (about \d+ minutes|\d+ seconds)", as_page.text)
     assert 0 < int(limited.headers["Retry-After"]) <= LoginLimiter.WINDOW_SECONDS + 1
     other = Console(base)  # another client behind the same proxy
     other.http.headers["X-Forwarded-For"] = "203.0.113.9"
     assert other.login().status_code == 200
+
+
+def test_a_pasted_key_with_spaces_around_it_signs_in_as_the_api_takes_it(web):
+    client = Console(web)
+    assert client.login(f"  {RELAY_KEY} ").status_code == 200 and client.get("/console").status_code == 200
+    assert requests.get(f"{web}/v1/auth", headers={"Authorization": f"Bearer {RELAY_KEY} "}, timeout=10).ok
 
 
 def test_a_client_inventing_x_forwarded_for_is_still_limited_per_connecting_address(web):
@@ -500,6 +508,19 @@ def test_events_are_deleted_with_their_job(job_settings, console, audio_host):
         assert events.for_job(engine, job_id) == [] and events.for_job(engine, made["failed"]["job_id"]) == []
     finally:
         engine.dispose()
+
+
+def test_an_unknown_console_url_is_the_consoles_own_page_and_the_api_keeps_its_shape(web_console):
+    page = web_console.get("/console/nope")
+    assert page.status_code == 404 and "text/html" in page.headers["Content-Type"] and "not_found" in page.text
+    assert page.headers["Cache-Control"] == "no-store" and page.headers["X-Frame-Options"] == "DENY"
+    api = requests.get(f"{web_console.base}/v1/nope", headers=HEADERS, timeout=10)
+    assert api.status_code == 404 and api.json()["error_code"] == "not_found"
+
+
+def test_a_page_past_the_last_says_so_and_links_the_first(web_console):
+    page = web_console.get("/console?page=999").text
+    assert "No clones on this page" in page and "No clones yet" not in page
 
 
 def test_an_unknown_job_is_404_in_the_one_error_shape(web_console):

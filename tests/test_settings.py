@@ -54,6 +54,9 @@ def test_values_are_parsed_and_typed():
         ({"USEAPI_BASE_URL": "ftp://x"}, "USEAPI_BASE_URL"),
         ({"RELAY_MIN_SECONDS": "5", "RELAY_MAX_SECONDS": "2"}, "RELAY_MAX_SECONDS"),
         ({"RELAY_LOG_LEVEL": "chatty"}, "RELAY_LOG_LEVEL"),
+        # Headers are Latin-1: such a key opened the console and no API call.
+        ({"RELAY_API_KEY": "пароль-очень-длинный-1234567890"}, "RELAY_API_KEY must be printable ASCII"),
+        ({"RELAY_API_KEY": "tab\tinside-a-long-key-123456"}, "RELAY_API_KEY must be printable ASCII"),
     ],
 )
 def test_bad_values_stop_with_one_clear_line(env, says):

@@ -24,3 +24,4 @@ def register(app: Flask) -> None:
     app.extensions["relay.console.limiter"] = LoginLimiter()
     app.register_blueprint(home.bp)
     app.register_blueprint(console.bp)
+    app.register_error_handler(404, console.unknown_path)

@@ -29,11 +29,12 @@ from flask import (
     url_for,
 )
 from markupsafe import Markup, escape
+from werkzeug.exceptions import HTTPException
 
 from .. import __version__, answers, deadline, events, history, next_steps, voices
-from ..api import database_unavailable
+from ..api import database_unavailable, on_http_error
 from ..db import UNAVAILABLE, utcnow
-from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, RelayError, Unauthorized
+from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, NotFound, RelayError, Unauthorized
 from ..jobs import Job
 from ..tokens import fingerprint
 from ..useapi import Useapi
@@ -129,7 +130,13 @@ def _on_error(err: RelayError):
     g.answer = answer
     if wants_html():
         response = Response(
-            render_template("error.html", answer=answer, status=status, next_step=next_steps.for_code(err.error_code)),
+            render_template(
+                "error.html",
+                answer=answer,
+                status=status,
+                next_step=next_steps.for_code(err.error_code),
+                wait=_in_words(err.retry_after),  # a browser shows no Retry-After header
+            ),
             status=status,
         )
     else:
@@ -138,6 +145,22 @@ def _on_error(err: RelayError):
     if err.retry_after:
         response.headers["Retry-After"] = str(err.retry_after)
     return response
+
+
+def unknown_path(err: HTTPException):
+    """A URL no route has: under /console, a browser gets the console's error page (with its
+    headers); anything else the API's one answer shape."""
+    if request.path == "/console" or request.path.startswith("/console/"):
+        return _headers(_on_error(NotFound("No such console page: start from the list of recent clones.")))
+    return on_http_error(err)
+
+
+def _in_words(seconds: int | None) -> str | None:
+    if not seconds:
+        return None
+    if seconds < 90:
+        return f"{seconds} seconds"
+    return f"about {round(seconds / 60)} minutes"
 
 
 def _on_database_error(err: Exception):
@@ -186,7 +209,7 @@ def login():
         raise LoginRateLimited(retry_after=wait)
     if not csrf_ok(session):
         raise CsrfFailed()
-    if not key_ok(request.form.get("key", ""), _settings().relay_api_key):
+    if not key_ok(request.form.get("key", "").strip(), _settings().relay_api_key):  # a pasted key's space
         _limiter().failed()
         if not wants_html():
             raise Unauthorized("Wrong relay key.")
