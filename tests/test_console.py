@@ -518,6 +518,19 @@ def test_an_unknown_console_url_is_the_consoles_own_page_and_the_api_keeps_its_s
     assert api.status_code == 404 and api.json()["error_code"] == "not_found"
 
 
+def test_pages_over_plain_http_from_afar_say_so_and_https_pages_ask_browsers_to_keep_to_it(web):
+    remote = {**BROWSER, "Host": "my-relay.herokuapp.com", "X-Forwarded-Proto": "http"}
+    login = requests.get(f"{web}/console/login", headers=remote, timeout=10)
+    assert 'id="plain-http"' in login.text and "https://my-relay.herokuapp.com/console/login" in login.text
+    assert "Strict-Transport-Security" not in login.headers
+    home = requests.get(web + "/", headers=remote, timeout=10)
+    assert 'id="plain-http"' in home.text
+    secure = requests.get(f"{web}/console/login", headers={**remote, "X-Forwarded-Proto": "https"}, timeout=10)
+    assert 'id="plain-http"' not in secure.text and "max-age" in secure.headers["Strict-Transport-Security"]
+    local = requests.get(f"{web}/console/login", headers=BROWSER, timeout=10)  # 127.0.0.1: a developer's own
+    assert 'id="plain-http"' not in local.text
+
+
 def test_a_page_past_the_last_says_so_and_links_the_first(web_console):
     page = web_console.get("/console?page=999").text
     assert "No clones on this page" in page and "No clones yet" not in page

@@ -39,7 +39,16 @@ from ..jobs import Job
 from ..tokens import fingerprint
 from ..useapi import Useapi
 from .home import public_base
-from .security import LoginLimiter, Session, Sessions, csrf_ok, key_ok, security_headers, wants_html
+from .security import (
+    LoginLimiter,
+    Session,
+    Sessions,
+    csrf_ok,
+    key_ok,
+    plain_http_alternative,
+    security_headers,
+    wants_html,
+)
 
 bp = Blueprint("console", __name__, url_prefix="/console")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -185,6 +194,7 @@ def _globals() -> dict[str, Any]:
         "signed_in": bool(session and session.signed_in),
         "csrf_token": session.csrf if session else "",
         "version": __version__,
+        "plain_http": plain_http_alternative(),
     }
 
 

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -43,7 +44,24 @@ def security_headers(response: Response) -> Response:
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Referrer-Policy"] = "same-origin"
+    if request.is_secure:  # reached over https (or a proxy that says so): browsers keep to it
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
     return response
+
+
+def plain_http_alternative() -> str | None:
+    """The https address of this page when it came over plain http from beyond this machine (a
+    key typed into it would travel in clear); None over https or on loopback."""
+    if request.is_secure:
+        return None
+    try:
+        host = urlsplit("//" + (request.host or "")).hostname or ""
+    except ValueError:
+        return None
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return "https://" + shown + request.full_path.rstrip("?")
 
 
 @dataclass(frozen=True)
