@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,48 @@ def test_a_dry_run_from_the_form_checks_the_link_without_uploading(browser, rela
     assert '"status": "validated"' in browser.find_element(By.ID, "try-answer").text
     assert relay["fake"].upload_count() == uploads
     screenshot(browser, "try-a-clone")
+
+
+def test_a_double_click_on_send_makes_one_paid_clone(browser, relay):
+    base, fake = relay["base"], relay["fake"]
+    uploads = fake.upload_count()
+    sign_in(browser, base)
+    browser.get(base + "/console/try")
+    wait_for(browser, EC.element_to_be_clickable((By.ID, "t-dry"))).click()  # dry run off: a real clone
+    browser.find_element(By.ID, "t-url").send_keys(relay["audio"].url_for("/my-voice.wav"))
+    browser.find_element(By.ID, "t-name").send_keys("Clicked twice")
+    fake.upload_delay = 1.0  # the page is still loading when the second click comes
+    try:
+        disabled = browser.execute_script(
+            "var b = document.getElementById('try-submit'); b.click(); var d = b.disabled; b.click(); return d;"
+        )
+        words = wait_for(browser, EC.visibility_of_element_located((By.ID, "plain-words")))
+    finally:
+        fake.upload_delay = 0.0
+    assert disabled is True and words.text
+    assert fake.upload_count() == uploads + 1
+
+
+def test_the_list_refresh_waits_while_someone_uses_the_page(browser, relay):
+    base, fake = relay["base"], relay["fake"]
+    fake.upload_delay = 15.0  # a clone that runs while the list is open
+    try:
+        body = {"audio_url": relay["audio"].url_for("/my-voice.wav"), "name": "Still running", "wait_seconds": 0}
+        running = _clone(base, body)
+        assert running["status"] in ("queued", "running"), running
+        sign_in(browser, base)
+        browser.get(base + "/console")
+        wait_for(browser, EC.presence_of_element_located((By.CSS_SELECTOR, "body[data-refresh]")))
+        # Focus on a link (keyboard use): the 5 s refresh leaves the page alone.
+        link = "main a[href^='/console/clones/']"
+        browser.execute_script(f'window.marker = 1; document.querySelector("{link}").focus();')
+        time.sleep(6.5)
+        assert browser.execute_script("return window.marker") == 1
+        # Nobody using it: it refreshes.
+        browser.execute_script("document.activeElement.blur();")
+        wait_for(browser, lambda driver: driver.execute_script("return window.marker") is None)
+    finally:
+        fake.upload_delay = 0.0
 
 
 def test_the_voices_page_lists_and_deletes_after_confirmation(browser, relay):
