@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ class Settings:
             value = getattr(self, spec.attr)
             if value is None:
                 continue
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise SettingsError(f"{spec.env} must be a finite number (got {value})")
             if spec.minimum is not None and value < spec.minimum:
                 raise SettingsError(f"{spec.env} must be at least {spec.minimum} (got {value})")
             if spec.maximum is not None and value > spec.maximum:
@@ -210,10 +213,16 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
 
 
+MAX_SCHEDULE_DELAY = 7 * 24 * 3600.0  # one callback delay: a week at most
+
+
 def _seconds_list(raw: str) -> tuple[float, ...]:
-    values = tuple(float(part) for part in raw.split(",") if part.strip())
-    if any(value < 0 for value in values):
-        raise ValueError("delays must not be negative")
+    try:
+        values = tuple(float(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError("expected numbers of seconds separated by commas, e.g. 5,300,1800") from None
+    if not all(0 <= value <= MAX_SCHEDULE_DELAY for value in values):  # also false for nan
+        raise ValueError(f"each delay must be between 0 and {MAX_SCHEDULE_DELAY:g} seconds (a week)")
     return values
 
 

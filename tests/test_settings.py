@@ -54,6 +54,13 @@ def test_values_are_parsed_and_typed():
         ({"USEAPI_BASE_URL": "ftp://x"}, "USEAPI_BASE_URL"),
         ({"RELAY_MIN_SECONDS": "5", "RELAY_MAX_SECONDS": "2"}, "RELAY_MAX_SECONDS"),
         ({"RELAY_LOG_LEVEL": "chatty"}, "RELAY_LOG_LEVEL"),
+        # nan passes every range check: a lease of nan seconds queued clones for ever.
+        ({"RELAY_LEASE_SECONDS": "nan"}, "RELAY_LEASE_SECONDS must be a finite number"),
+        ({"RELAY_JOB_RETENTION_HOURS": "NaN"}, "RELAY_JOB_RETENTION_HOURS must be a finite number"),
+        ({"RELAY_MAX_WAIT_SECONDS": "nan"}, "RELAY_MAX_WAIT_SECONDS must be a finite number"),
+        ({"RELAY_CALLBACK_SCHEDULE": "5,inf"}, "RELAY_CALLBACK_SCHEDULE='5,inf' is invalid: each delay"),
+        ({"RELAY_CALLBACK_SCHEDULE": "nan"}, "RELAY_CALLBACK_SCHEDULE='nan' is invalid: each delay"),
+        ({"RELAY_CALLBACK_SCHEDULE": "soon"}, "expected numbers of seconds separated by commas"),
         # Headers are Latin-1: such a key opened the console and no API call.
         ({"RELAY_API_KEY": "пароль-очень-длинный-1234567890"}, "RELAY_API_KEY must be printable ASCII"),
         ({"RELAY_API_KEY": "tab\tinside-a-long-key-123456"}, "RELAY_API_KEY must be printable ASCII"),
