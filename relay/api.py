@@ -127,10 +127,17 @@ def _readiness(need_workers: bool):
         log.warning("readiness: database unreachable (%s)", type(err).__name__)
         version, heartbeat = None, None
         problems.append("database unreachable")
-    if version is not None and version != db.LATEST:
-        problems.append(f"database schema at version {version}, expected {db.LATEST}: run `relay migrate`")
-    age = None if heartbeat is None else round((utcnow() - heartbeat).total_seconds(), 1)
     notes = []
+    if version is not None and version < db.LATEST:
+        problems.append(f"database schema at version {version}, expected {db.LATEST}: run `relay migrate`")
+    elif version is not None and version > db.LATEST:
+        # A newer release migrated it (a deploy under way, or a rollback): migrations only add, so
+        # this code runs on it; an instance still serving must not be taken out of rotation.
+        notes.append(
+            f"database schema at version {version}, newer than this code's {db.LATEST}: a deploy or rollback "
+            "is under way (this code runs on it)"
+        )
+    age = None if heartbeat is None else round((utcnow() - heartbeat).total_seconds(), 1)
     if version is not None and (age is None or age > HEARTBEAT_STALE_SECONDS):
         missing = "no worker heartbeat in the last 30 s: start `relay worker` or set RELAY_INPROCESS_WORKERS"
         (problems if need_workers else notes).append(missing)
@@ -142,7 +149,7 @@ def _readiness(need_workers: bool):
         schema_latest=db.LATEST,
         worker_heartbeat_age_seconds=age,
         problems=problems,
-        **({} if need_workers else {"warnings": notes}),
+        warnings=notes,
     )
     response.status_code = 503 if problems else 200
     return response
@@ -461,8 +468,9 @@ def list_voices():
         []
         if complete
         else [
-            f"The listing stopped before its end ({settings().max_list_pages} pages, RELAY_MAX_LIST_PAGES, or "
-            "the time of one look-up, RELAY_LOOKUP_TIMEOUT); more voices may exist."
+            f"The listing stopped before its end ({settings().max_list_pages} pages, RELAY_MAX_LIST_PAGES; "
+            "the time of one look-up, RELAY_LOOKUP_TIMEOUT; or useapi.net announced more pages without a way "
+            "to them); more voices may exist."
         ]
     )
     return jsonify(

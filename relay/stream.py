@@ -199,6 +199,14 @@ class EarlyUpload:
         if not self._begun:  # begin() failed: nothing was sent
             self.abandon()
             raise self._error or RuntimeError("the early upload ended before it began")
+        if not self._thread.is_alive():
+            # It ended while the tail was held (an early answer, a broken connection): the body never
+            # completed, so nothing is written down as "complete" and its error is the answer.
+            self._ended = True
+            self._body.close()
+            if self._error is None and self._result is not None:
+                return self._result
+            raise self._error or RuntimeError("the early upload ended before its last bytes were sent")
         if self._before_release is not None:
             self._before_release()  # raising here leaves the upload to abandon(): short, harmless
         self._ended = True

@@ -203,7 +203,7 @@ class Useapi:
         params = {key: value for key, value in (("user_id", user_id), ("cursor", cursor)) if value}
         response = self._call("GET", VOICES_PATH, params=params, what="the voice listing")
         page = _json(response)
-        records, has_next, next_cursor = page.get("records"), page.get("hasNext", False), page.get("cursor")
+        records, has_next, next_cursor = page.get("records"), page.get("hasNext"), page.get("cursor")
         if (
             not isinstance(records, list)
             or not all(
@@ -287,7 +287,8 @@ class Useapi:
         if missing_ok and response.status_code == 404:
             return response
         if not 200 <= response.status_code < 300:
-            raise _error_for(response, what, self._token, method == "POST", self.settings.max_retry_after_seconds)
+            complete = method == "POST" and sent is not None and sent.complete
+            raise _error_for(response, what, self._token, complete, self.settings.max_retry_after_seconds)
         return response
 
     def _translate(self, err, method: str, what: str, total: float, expired: bool, sent) -> UpstreamError:
@@ -359,11 +360,16 @@ class UploadBody:
 
 
 def _error_for(
-    response: requests.Response, what: str, token: str, upload: bool, max_retry_after: float
+    response: requests.Response, what: str, token: str, complete: bool, max_retry_after: float
 ) -> UpstreamError:
+    """The error for a non-2xx answer. ``complete``: an upload whose whole body went out, so
+    useapi may have made the voice unless the answer is useapi's own refusal."""
     status = response.status_code
     payload = _json(response)
-    readable = isinstance(payload.get("error"), str)  # useapi's own {error, code}
+    said_error = isinstance(payload.get("error"), str)
+    # useapi's own refusal: {error, code} (a gateway's JSON has an error too, rarely a code), and
+    # never a gateway's 502/504, which after a whole body is the classic lost answer.
+    readable = said_error and isinstance(payload.get("code"), int) and status not in (502, 504)
     said = _text(payload.get("error")) or _text(payload.get("message")) or response.reason or "no details"
     said = scrub(said, token)[:_MAX_MESSAGE]  # scrubbed first: a cut could leave part of a token
     if status == 401:
@@ -382,19 +388,21 @@ def _error_for(
             retry_after=_retry_after(response, max_retry_after),
         )
     if 300 <= status < 400:
-        return _invalid(response, what, "an answer, not a redirect", maybe_created=upload)
-    if 400 <= status < 500:
-        return UpstreamRejected(f"useapi.net rejected {what}: {said} (HTTP {status}).", upstream_status=status)
-    if upload and not readable:
-        # A proxy's error page after the whole body went through: useapi may have taken it.
+        return _invalid(response, what, "an answer, not a redirect", maybe_created=complete)
+    if complete and not (readable or (400 <= status < 500 and said_error)):
+        # A proxy's error page (or a gateway's 502/504) after the whole body went through: useapi may have taken it.
         return UpstreamUnavailable(
             f"useapi.net's side failed with HTTP {status} during {what}, without useapi's own answer. "
             "The voice may still have been created: the relay checks the account's voices before anything else.",
             upstream_status=status,
             maybe_created=True,
         )
+    if 400 <= status < 500:
+        return UpstreamRejected(f"useapi.net rejected {what}: {said} (HTTP {status}).", upstream_status=status)
     return UpstreamUnavailable(
-        f"useapi.net failed with HTTP {status} ({said}). Try again later.", upstream_status=status
+        f"useapi.net failed with HTTP {status} ({said}). Try again later.",
+        upstream_status=status,
+        retry_after=_retry_after(response, max_retry_after),  # e.g. a 503 during maintenance
     )
 
 

@@ -56,13 +56,15 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
 def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[dict[str, Any]], bool]:
     """Every voice of the account, walking useapi's cursor pages; ``(voices, complete)``.
 
-    ``complete`` is False when ``max_pages`` was reached with more pages left, a cursor repeated, or
+    ``complete`` is False when ``max_pages`` was reached with more pages left, a cursor repeated or
+    missing while more pages are announced, or
     the walk's time ran out after its first page: the whole walk has the total time of one look-up
     (``RELAY_CONNECT_TIMEOUT`` + ``RELAY_READ_TIMEOUT``), not one per page, and keeps what it read.
     """
     voices: list[dict[str, Any]] = []
     cursor: str | None = None
     seen: set[str] = set()
+    listed: set[str] = set()  # a page repeated (useapi sent a cursor again) lists no voice twice
     with deadline.bounded(client.settings.connect_timeout + client.settings.read_timeout) as walk:
         for read in range(max_pages):
             if read and walk.remaining() <= 0:
@@ -73,10 +75,15 @@ def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[
                 if read and walk.remaining() <= _LATE:  # a later page ran into the walk's end
                     return voices, False
                 raise
-            voices.extend(flatten(record) for record in page["records"])
+            for record in page["records"]:
+                if record["clonedVoiceItemId"] not in listed:
+                    listed.add(record["clonedVoiceItemId"])
+                    voices.append(flatten(record))
             cursor = page["cursor"]
-            if not page["hasNext"] or not cursor:
+            if not page["hasNext"]:
                 return voices, True
+            if not cursor:  # more pages announced, and no way to them: never "that was all"
+                return voices, False
             if cursor in seen:
                 return voices, False
             seen.add(cursor)
@@ -103,11 +110,13 @@ def find_existing(client: Useapi, user_id: str | None, name: str, max_pages: int
     voices, complete = list_all(client, user_id, max_pages)
     matches = [v for v in filtered(voices, name=name) if v["status"] != "failed"]
     if not matches and not complete:  # not in what was read: it may be in what was not
-        raise UpstreamTimeout(
+        err = UpstreamTimeout(
             f"useapi.net's voice listing could not be read to its end (RELAY_MAX_LIST_PAGES pages, or the time "
             f"of one look-up), so the relay cannot tell whether a voice named {name!r} exists and did not clone. "
             "Try again later, or send if_exists: create."
         )
+        err.listing_cut_short = True  # type: ignore[attr-defined]
+        raise err
     matches.sort(key=lambda v: (v["status"] == "ready", v["created_at"] or ""), reverse=True)
     return matches[0] if matches else None
 

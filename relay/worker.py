@@ -73,10 +73,23 @@ def start_pool(store: JobStore, settings: Settings, vault: TokenVault, notifier:
     """A started pool of ``threads`` clone workers (plus hourly clean-up of old jobs and spools)."""
 
     def hourly() -> None:
-        store.purge(utcnow() - timedelta(hours=settings.job_retention_hours))
-        # Spool files of a process killed mid-job (SIGKILL leaves no chance to clean up).
-        fetch.sweep_stale_spools(settings.download_timeout + settings.upload_timeout + 600, settings.spool_dir)
-        uploads.sweep(store.engine, utcnow() - timedelta(minutes=10))  # files no job needs (a crash between)
+        # Each clean-up on its own: one that fails (logged) does not keep the others from running.
+        for name, clean in (
+            ("old jobs", lambda: store.purge(utcnow() - timedelta(hours=settings.job_retention_hours))),
+            # Spool files of a process killed mid-job (SIGKILL leaves no chance to clean up).
+            (
+                "spool files",
+                lambda: fetch.sweep_stale_spools(
+                    settings.download_timeout + settings.upload_timeout + 600, settings.spool_dir
+                ),
+            ),
+            # Stored files no job needs (a crash between storing and the job's write).
+            ("stored uploads", lambda: uploads.sweep(store.engine, utcnow() - timedelta(minutes=10))),
+        ):
+            try:
+                clean()
+            except Exception:  # noqa: BLE001 - logged; tried again at the next hour
+                log.exception("clean-up of %s failed", name)
 
     threading.Thread(target=convert.warm_up, daemon=True, name="relay-warm-up").start()
     return Pool(
@@ -197,6 +210,14 @@ class CloneWorker:
             )
         return None
 
+    def _with_doubt(self, job: Job, err: UpstreamError) -> UpstreamError:
+        """``err`` (the token refused, no subscription) met after the upload went out: its advice
+        ("fix the token") must not hide that a paid voice exists or may (sending again pays twice)."""
+        doubt = self._voice_doubt(job)
+        if doubt is None:
+            return err
+        return type(err)(f"{err.message} {doubt[0]}", upstream_status=err.fields.get("upstream_status"), **doubt[1])
+
     def _follow(self, job: Job, request: pipeline.CloneRequest, answer: dict) -> bool:
         """A job that waits for another making a voice of the same name for the account
         (if_exists=reuse|fail). True when it still waits, or has ended with that job's voice;
@@ -267,7 +288,15 @@ class CloneWorker:
             )
 
     def _clone(self, job: Job, request: pipeline.CloneRequest, token: str | None, answer: dict) -> None:
-        existing = pipeline.existing_voice(request, token, self.settings, answer)
+        try:
+            existing = pipeline.existing_voice(request, token, self.settings, answer)
+        except (UpstreamUnauthorized, UpstreamPaymentRequired):
+            raise
+        except UpstreamError as err:
+            if getattr(err, "listing_cut_short", False):  # more pages than it may read: not a passing failure
+                raise
+            self._later(job, err)  # a failed look at the account's voices: look again, nothing was sent
+            return
         if existing is not None:  # if_exists=reuse: adopt the account's voice, no upload
             self._event(job, "reused", f"if_exists=reuse: the account's voice {existing['cloned_voice_item_id']}")
             self._accepted(job, answer, existing["status"], existing["cloned_voice_item_id"], existing["item_id"])
@@ -390,12 +419,16 @@ class CloneWorker:
         window_end = started + timedelta(seconds=self.settings.ready_timeout_seconds)
         now = utcnow()
         if now > window_end:
-            raise UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds))
+            looked = any(  # a listing was read at least once (the first "reconcile" only says why it looks)
+                event.kind == "reconcile" and not (event.detail or "").startswith("answer lost")
+                for event in events.for_job(self.store.engine, job.id)
+            )
+            raise UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds, looked))
         try:
             with Useapi(self.settings, token or "") as client:
                 found, _complete = voices.list_all(client, request.user_id, self.settings.max_list_pages)
-        except (UpstreamUnauthorized, UpstreamPaymentRequired):
-            raise
+        except (UpstreamUnauthorized, UpstreamPaymentRequired) as err:
+            raise self._with_doubt(job, err) from None
         except UpstreamError as err:
             self._later(job, err, until=window_end)
             return
@@ -487,9 +520,16 @@ class CloneWorker:
         accepted = job.accepted_at or job.created_at
         window_end = accepted + timedelta(seconds=self.settings.ready_timeout_seconds)
         if utcnow() > window_end:
+            failed = events.count(self.store.engine, job.id, "lookup_failed", since=accepted)
             raise ReadyTimeout(
                 f"The voice was not ready {self.settings.ready_timeout_seconds:g} s after useapi.net accepted it. "
-                "It may still finish: check it with GET /v1/voices/<cloned_voice_item_id>.",
+                "It may still finish: check it with GET /v1/voices/<cloned_voice_item_id>."
+                + (
+                    f" {failed} of the relay's looks at it got no readable answer from useapi.net (see the job's "
+                    "timeline)."
+                    if failed
+                    else ""
+                ),
                 cloned_voice_item_id=voice_id,
                 item_id=job.item_id,
             )
@@ -506,8 +546,8 @@ class CloneWorker:
                         ),
                         None,
                     )
-        except (UpstreamUnauthorized, UpstreamPaymentRequired):
-            raise
+        except (UpstreamUnauthorized, UpstreamPaymentRequired) as err:
+            raise self._with_doubt(job, err) from None
         except UpstreamError as err:
             self._later(job, err, until=window_end)
             return
@@ -639,11 +679,18 @@ class CloneWorker:
     def _later(self, job: Job, err: UpstreamError, until=None) -> None:
         """A look-up failed (useapi busy, down or answering nonsense): try again later — within
         ``until`` when the step has a window of its own, else at most ``RELAY_MAX_ATTEMPTS`` × 3 times."""
-        if until is None and job.attempts >= self.settings.max_attempts * 3:
-            raise err
-        delay = self.policy.delay(job.attempts, err.retry_after)
+        if until is None:
+            if job.attempts >= self.settings.max_attempts * 3:
+                raise err
+            delay = self.policy.delay(job.attempts, err.retry_after)
+        else:
+            # A step with a window of its own (reconcile, poll) claims the job at every look, so
+            # its claims are not failures to back off from: look again at the step's own pace.
+            delay = max(self.policy.poll_delay(job.attempts), self.policy.retry_after(err.retry_after))
         if err.fields.get("upstream_status") == 429:
-            self.store.back_off(job.account_key, delay)
+            # The account waits what useapi asked (else one retry base), not this job's back-off.
+            self.store.back_off(job.account_key, self.policy.retry_after(err.retry_after) or self.policy.base)
+        self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
         when = utcnow() + timedelta(seconds=delay)
         self._save(job, release=True, next_run_at=min(when, until) if until is not None else when)
 
@@ -723,9 +770,14 @@ def _warn(answer: dict, note: str) -> None:
         answer["warnings"] = [*answer.get("warnings", []), note]
 
 
-def _unconfirmed_message(request: pipeline.CloneRequest, window: float) -> str:
+def _unconfirmed_message(request: pipeline.CloneRequest, window: float, looked: bool = True) -> str:
+    seen = (
+        f"no new voice named {request.name!r} appeared on the account within {window:g} s"
+        if looked
+        else f"the account's voice listing could not be read within {window:g} s to look for it"
+    )
     return (
-        f"useapi.net received the whole recording, but its answer was lost and no new voice named "
-        f"{request.name!r} appeared on the account within {window:g} s. A voice may still exist and may "
-        f"have been charged: check GET /v1/voices?name={request.name} before you send this clone again."
+        f"useapi.net received the whole recording, but its answer was lost and {seen}. A voice may still "
+        f"exist and may have been charged: check GET /v1/voices?name={request.name} before you send this "
+        "clone again."
     )

@@ -66,6 +66,7 @@ class FakeUseapi:
         self.list_answer: tuple[int, str, str] | None = None  # the voice list answers this instead
         self.list_calls = 0
         self.lookup_delay = 0.0  # seconds a list or read of voices is held before answering
+        self.lookup_refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next looks
 
     def start(self) -> FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
@@ -169,6 +170,10 @@ class FakeUseapi:
         if not self._authorized(request):
             return _json({"error": "Unauthorized", "code": 401}, 401)
         time.sleep(self.lookup_delay)
+        if (refused := self._lookup_refusal()) is not None:
+            with self.lock:
+                self.list_calls += 1
+            return refused
         with self.lock:
             self.list_calls += 1
             if self.list_answer is not None:
@@ -187,6 +192,8 @@ class FakeUseapi:
             return _json({"error": "Unauthorized", "code": 401}, 401)
         voice_id = request.path[len(UPLOAD) :]
         time.sleep(self.lookup_delay)
+        if (refused := self._lookup_refusal()) is not None:
+            return refused
         with self.lock:
             self._ripen()
             voice = self.voices.get(voice_id)
@@ -198,6 +205,16 @@ class FakeUseapi:
                     voice["status"] = 30
             shown = {k: v for k, v in voice.items() if k not in ("polls_left", "ready_at")}
         return _json({**shown, "status_name": "COMPLETED" if shown["status"] == 30 else "PROCESSING"}, 200)
+
+    def _lookup_refusal(self) -> Response | None:
+        with self.lock:
+            if not self.lookup_refusals:
+                return None
+            status, headers = self.lookup_refusals.pop(0)
+        said = {401: "Unauthorized", 429: "Too many requests"}.get(status, "Server error")
+        response = _json({"error": said, "code": status}, status)
+        response.headers.update(headers)
+        return response
 
     def _delete(self, request: Request) -> Response:
         if not self._authorized(request):

@@ -118,8 +118,21 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         (202, '{"message": "still processing"}', "application/json"),
         (502, "<html>proxy error</html>", "text/html"),
         (200, '{"itemId": true, "clonedVoiceItemId": "user:1-tempolor:2-voice:x"}', "application/json"),
+        # A gateway's JSON error (no useapi code), a gateway status even in useapi's shape, a proxy's 4xx page.
+        (500, '{"error": "Internal"}', "application/json"),
+        (502, '{"error": "Bad gateway", "code": 502}', "application/json"),
+        (408, "<html>Request Timeout</html>", "text/html"),
     ],
-    ids=["html-200", "empty-200", "202-without-id", "proxy-502", "id-of-the-wrong-type"],
+    ids=[
+        "html-200",
+        "empty-200",
+        "202-without-id",
+        "proxy-502",
+        "id-of-the-wrong-type",
+        "json-error-without-code-500",
+        "gateway-502-json",
+        "proxy-408-html",
+    ],
 )
 def test_an_unreadable_upload_answer_is_never_success_and_never_resent(
     make_app, lossy, fake, audio_host, status, text, kind
@@ -138,6 +151,68 @@ def test_an_unreadable_answer_with_no_voice_is_upload_unconfirmed_not_success(ma
     answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Odd"})
     assert (answer["ok"], answer["error_code"], answer["cloned_voice_item_id"]) == (False, "upload_unconfirmed", None)
     assert fake.upload_count() == 1
+
+
+# --- look-ups that fail now and then ---------------------------------------------------------------
+
+
+def test_one_429_on_a_poll_holds_the_account_for_its_retry_after_not_a_back_off_per_poll(
+    make_app, job_settings, fake, audio_host
+):
+    # Claims count every poll: a back-off from them made one short 429 pause the account for minutes.
+    fake.ready_after_polls = 6
+    client = make_app(job_settings.replace(retry_base_seconds=2.0, ready_timeout_seconds=60)).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Polled", "wait_seconds": 0}
+    first = post(client, body)
+    job_id = first.json["job_id"]
+    wait_until(lambda: client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS).json["status"] == "processing")
+    wait_until(lambda: sum(1 for v in fake.voices.values() if v["polls_left"] <= 3), timeout=15)
+    fake.lookup_refusals = [(429, {"Retry-After": "1"})]
+    answer = wait_until(lambda: _ended(client, first.json), timeout=10)  # the old back-off: 2 s × 2^polls
+    assert answer["status"] == "ready" and not fake.lookup_refusals
+    engine = client.application.extensions["relay.runtime"].engine
+    steps = [e.detail or "" for e in events.for_job(engine, job_id) if e.kind == "lookup_failed"]
+    assert steps and "upstream_rate_limited" in steps[0]
+
+
+def test_if_exists_looks_again_after_a_failed_voice_listing(make_app, job_settings, fake, audio_host):
+    fake.lookup_refusals = [(500, {}), (429, {"Retry-After": "1"})]
+    client = make_app(job_settings).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Looked", "if_exists": "reuse"}
+    answer = clone_and_wait(client, body)
+    assert (answer["status"], answer["reused"]) == ("ready", False) and fake.upload_count() == 1
+    assert fake.list_calls == 3 and not fake.lookup_refusals
+
+
+def test_a_refused_token_while_looking_for_a_lost_answers_voice_says_a_voice_may_exist(
+    make_app, lossy, fake, audio_host
+):
+    fake.upload_delay = UPLOAD_HELD  # the answer is lost; the voice is made
+    fake.lookup_refusals = [(401, {})]
+    client = make_app(lossy).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Kept"})
+    assert answer["error_code"] == "upstream_unauthorized"
+    said = answer["error_message"]
+    assert "may have created a voice" in said and "GET /v1/voices?name=Kept" in said
+    assert fake.upload_count() == 1
+
+
+def test_a_listing_never_readable_while_reconciling_says_so(make_app, lossy, fake, audio_host):
+    fake.upload_delay = UPLOAD_HELD
+    fake.list_answer = (200, "<html>maintenance</html>", "text/html")
+    client = make_app(lossy.replace(ready_timeout_seconds=1.5)).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Unread"})
+    assert answer["error_code"] == "upload_unconfirmed"
+    assert "listing could not be read" in answer["error_message"] and "appeared" not in answer["error_message"]
+    assert fake.upload_count() == 1
+
+
+def test_a_503_refusal_is_retried_after_its_retry_after(make_app, job_settings, fake, audio_host):
+    fake.refusals = [(503, {"Retry-After": "2"})]
+    client = make_app(job_settings).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Later"})
+    assert answer["status"] == "ready" and len(fake.uploads) == 2
+    assert fake.uploads[1]["started"] - fake.uploads[0]["at"] >= 1.9  # not the 0.05 s retry base
 
 
 # --- strict parsing of lists and look-ups -------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from relay.stream import TAIL, EarlyUpload, GrowingFile, Withheld
 
 from . import servers
-from .conftest import audio_bytes, post, wait_until
+from .conftest import HEADERS, audio_bytes, post, wait_until
 
 STREAM_FROM = 10_000  # bytes: the fixtures below are larger
 
@@ -182,3 +182,33 @@ def test_a_body_the_host_compresses_is_uploaded_whole_not_at_its_compressed_leng
         response = post(client, {"audio_url": host.url("/a.flac"), "name": "Packed", "wait_seconds": 20})
     assert response.json["status"] == "ready", response.json
     assert [upload["bytes"] for upload in fake.uploads] == [len(body)]
+
+
+def test_an_early_answer_before_the_tail_went_is_a_refusal_not_a_body_useapi_may_have(make_app, job_settings):
+    # A proxy answers 502 (an HTML page) right after the request's head and closes, while the relay
+    # streams the file and holds its tail: the body never completed, so the upload is tried again
+    # (never "useapi received the whole recording… may have been charged" after a reconcile).
+    page = b"<html>502 Bad Gateway</html>"
+
+    def early_502(conn, stop):
+        conn.sendall(servers.headers("502 Bad Gateway", Content_Type="text/html", Content_Length=str(len(page))) + page)
+
+    body = audio_bytes("wav_pcm24_stereo.wav")
+    with servers.RawServer(early_502, host="127.0.0.1") as upstream:
+        settings = job_settings.replace(
+            stream_min_bytes=STREAM_FROM, useapi_base_url=upstream.url("/v1"), max_attempts=2, retry_base_seconds=0.05
+        )
+        client = make_app(settings).test_client()
+        with servers.RawServer(servers.in_pieces(body, pieces=12, interval=0.05)) as host:
+            first = post(client, {"audio_url": host.url("/a.wav"), "name": "Early answer", "wait_seconds": 0})
+            job_id = first.json["job_id"]
+
+            def ended():
+                answer = client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS).json
+                return answer if answer["status"] == "failed" else None
+
+            answer = wait_until(ended, timeout=30)
+        requests_seen = list(upstream.requests)
+    assert answer["error_code"] == "upstream_unavailable", answer
+    assert sum(1 for seen in requests_seen if seen.startswith(b"POST")) == 2  # tried again, as a refusal is
+    assert not any(seen.startswith(b"GET") for seen in requests_seen)  # nothing to look for

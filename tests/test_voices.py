@@ -110,6 +110,30 @@ def test_a_repeating_cursor_stops_the_walk(client, useapi):
     assert body["complete"] is False and body["count"] == 2
 
 
+def test_a_page_announcing_more_without_a_cursor_is_an_incomplete_listing(client, useapi):
+    # "hasNext: true" and no way to the next page: never "that was all" (if_exists would pay again).
+    useapi.expect_request(LIST).respond_with_json({"records": [record("a", "A")], "hasNext": True, "cursor": ""})
+    body = client.get("/v1/voices", headers=AUTH).json
+    assert body["complete"] is False and body["count"] == 1 and body["warnings"]
+
+
+def test_a_repeated_page_lists_each_voice_once(client, useapi):
+    useapi.expect_request(LIST, query_string={"user_id": "67890"}).respond_with_json(
+        {"records": [record("a", "A")], "hasNext": True, "cursor": "same"}
+    )
+    useapi.expect_request(LIST, query_string={"user_id": "67890", "cursor": "same"}).respond_with_json(
+        {"records": [record("a", "A")], "hasNext": True, "cursor": "same"}
+    )
+    body = client.get("/v1/voices?user_id=67890", headers=AUTH).json
+    assert body["complete"] is False and body["count"] == 1
+
+
+def test_a_listing_without_has_next_is_not_the_documented_shape(client, useapi):
+    useapi.expect_request(LIST).respond_with_json({"records": []})
+    response = client.get("/v1/voices", headers=AUTH)
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
+
+
 def test_a_bad_status_filter_is_400(client):
     response = client.get("/v1/voices?status=done", headers=AUTH)
     assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")

@@ -76,6 +76,7 @@ EVENT_LABELS = {
     "upload_failed": "Upload failed",
     "reconcile": "Reconciliation",
     "poll": "Readiness poll",
+    "lookup_failed": "Look-up failed (tried again)",
     "ready": "Ready",
     "validated": "Dry run passed",
     "failed": "Failed",
