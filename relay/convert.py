@@ -663,6 +663,11 @@ def _limit_self(job: dict) -> None:
 
 def child_main(argv: list[str]) -> int:
     """Entry point of ``python -m relay.convert '<job JSON>'``: prints one JSON line."""
+    # A host stopping the dyno signals every process in it (Heroku: SIGTERM to each): the decode is
+    # bounded already (RLIMIT_CPU here, RELAY_CONVERT_TIMEOUT in the parent), so it finishes for the
+    # worker, which has its grace period; dying here would fail the clone as "decode_limit_exceeded".
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     job = json.loads(argv[0])
     _limit_self(job)
     try:

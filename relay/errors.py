@@ -136,6 +136,14 @@ class StorageFull(RelayError):
     error_code, http_status = "storage_full", 503
 
 
+class RelayRestarting(RelayError):
+    error_code, http_status = "relay_restarting", 503
+    default_message = (
+        "The relay is restarting (a deploy, or the host's daily restart) and stopped receiving this request "
+        "before it arrived whole; nothing was kept. Send it again in a few seconds."
+    )
+
+
 class DatabaseUnavailable(RelayError):
     """The relay's own database did not answer (down, restarting, locked, out of connections)."""
 

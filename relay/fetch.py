@@ -99,7 +99,11 @@ def sweep_stale_spools(older_than_seconds: float, directory: str | None = None) 
     directory = directory or tempfile.gettempdir()
     cutoff = time.time() - older_than_seconds
     removed = 0
-    for name in os.listdir(directory):
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:  # RELAY_SPOOL_DIR not made yet (the first download makes it): nothing left
+        return 0
+    for name in names:
         if name.startswith("relay-") and name.endswith(".audio"):
             path = os.path.join(directory, name)
             with contextlib.suppress(OSError):

@@ -455,9 +455,12 @@ class Pool:
         while not self._stop.is_set():
             try:
                 self.store.heartbeat(self.id)
-                if self._hourly is not None and time.monotonic() - last_hourly > 3600:
-                    self._hourly()
-                    last_hourly = time.monotonic()
             except Exception:
                 log.exception("heartbeat failed")
+            if self._hourly is not None and time.monotonic() - last_hourly > 3600:
+                last_hourly = time.monotonic()  # once an hour, also when it fails (it logs what failed)
+                try:
+                    self._hourly()
+                except Exception:
+                    log.exception("hourly clean-up failed")
             self._stop.wait(5)

@@ -22,6 +22,7 @@ TLS-terminating router) keep gthread's own behaviour.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import selectors
 import tempfile
@@ -30,12 +31,21 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 from gunicorn import http
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import answers
-from .errors import InvalidRequest, RelayError, RequestTimeout, RequestTooLarge, Unauthorized, UploadStorageFull
+from .errors import (
+    InvalidRequest,
+    RelayError,
+    RelayRestarting,
+    RequestTimeout,
+    RequestTooLarge,
+    Unauthorized,
+    UploadStorageFull,
+)
 from .settings import Settings
 
 HEAD_LIMIT = 64 * 1024
@@ -134,9 +144,9 @@ class Chunks:
                 self.done = True
 
 
-def error_response(err: RelayError) -> bytes:
+def error_response(err: RelayError, request_id: str | None = None) -> bytes:
     """``err`` as a whole HTTP answer in the relay's one JSON error shape, closing the connection."""
-    status, answer = answers.failure(err, answers.blank(uuid.uuid4().hex))
+    status, answer = answers.failure(err, answers.blank(request_id or uuid.uuid4().hex))
     body = json.dumps(answer, separators=(",", ":")).encode("utf-8")
     retry = f"Retry-After: {err.retry_after}\r\n" if getattr(err, "retry_after", None) else ""
     head = (
@@ -146,6 +156,27 @@ def error_response(err: RelayError) -> bytes:
     return head.encode("ascii") + body
 
 
+access_log = logging.getLogger("relay.access")
+
+
+def _log_refusal(arrival: _Arrival | None, refusal: RelayError, request_id: str) -> None:
+    """The access line of an answer the event loop gave (the app's lines have the same fields)."""
+    line = (arrival.line or bytes(arrival.buffer[:HEAD_LIMIT]).split(b"\r\n", 1)[0]) if arrival else b""
+    parts = line.decode("latin-1", "replace").split(" ")
+    method = parts[0][:16] if parts and parts[0] else "-"
+    path = urlsplit(parts[1]).path[:512] if len(parts) > 1 else "-"  # no query: it may carry secrets
+    fields = {
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "status": refusal.http_status,
+        "duration_ms": round((time.monotonic() - arrival.started) * 1000, 1) if arrival else None,
+        "error_code": refusal.error_code,
+        "received_by": "event loop",
+    }
+    access_log.info("%s %s %s", method, path, refusal.http_status, extra={"fields": fields})
+
+
 _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -153,11 +184,6 @@ _REASONS = {
     413: "Content Too Large",
     503: "Service Unavailable",
 }
-
-
-def timeout_response() -> bytes:
-    """The 408 answer."""
-    return error_response(RequestTimeout())
 
 
 def _malformed() -> RelayError:
@@ -194,6 +220,8 @@ class _Arrival:
     received: int = 0  # body bytes spooled
     charged: int = 0  # bytes counted against what this process receives at once
     waits_to_send: bool = False  # the client sent "Expect: 100-continue" and waits for the go-ahead
+    line: bytes = b""  # the request line, once the body went to the spool (for the access log)
+    started: float = field(default_factory=time.monotonic)
 
     def whole(self) -> bool:
         if self.left is not None:
@@ -271,7 +299,7 @@ class RelayWorker(ThreadWorker):
             return True
         refusal = self._spool(arrival, data)
         if refusal is not None:
-            self._drop(conn, error_response(refusal))
+            self._drop(conn, refusal)
             return False
         return True
 
@@ -322,7 +350,7 @@ class RelayWorker(ThreadWorker):
         arrival = self.reading[conn]
         if arrival.spool is not None:
             if arrival.left is None and arrival.received > self.upload_limit + 4096 and not arrival.whole():
-                self._drop(conn, error_response(RequestTooLarge(self._too_large())))
+                self._drop(conn, RequestTooLarge(self._too_large()))
                 return True
             if not arrival.whole():
                 return False
@@ -335,15 +363,15 @@ class RelayWorker(ThreadWorker):
         buffer = arrival.buffer
         state = request_state(bytes(buffer), self.body_limit, self.upload_limit, arrival.framing)
         if state == "bad":
-            self._drop(conn, error_response(_malformed()))
+            self._drop(conn, _malformed())
             return True
         if state == "too_large":
-            self._drop(conn, error_response(RequestTooLarge(self._too_large(buffer))))
+            self._drop(conn, RequestTooLarge(self._too_large(buffer)))
             return True
         if state == "spool":
             refusal = self._start_spool(arrival)
             if refusal is not None:
-                self._drop(conn, error_response(refusal))
+                self._drop(conn, refusal)
                 return True
             if arrival.waits_to_send:
                 self._continue(conn)
@@ -412,6 +440,7 @@ class RelayWorker(ThreadWorker):
                 arrival.spool = None
             return _disk_full(err)
         # A declared length is counted at once; a chunked body as its bytes arrive.
+        arrival.line = head.split(b"\r\n", 1)[0]
         arrival.left, arrival.charged, arrival.buffer = length, length or 0, bytearray()
         arrival.chunks = arrival.framing if chunked else None
         self.receiving += arrival.charged
@@ -436,7 +465,9 @@ class RelayWorker(ThreadWorker):
             f"({self.settings.max_bytes / 1048576:.1f} MiB) and a form around it. Send a smaller recording."
         )
 
-    def _drop(self, conn, answer: bytes | None = None):
+    def _drop(self, conn, refusal: RelayError | None = None):
+        """Close a connection whose request no thread will serve, answering ``refusal`` if given
+        (and logging it as the app logs every answer: one ``relay.access`` line)."""
         arrival = self.reading.get(conn)
         self._release(conn)
         if arrival is not None and arrival.spool is not None:
@@ -445,11 +476,13 @@ class RelayWorker(ThreadWorker):
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
-        if answer:
+        if refusal is not None:
+            request_id = uuid.uuid4().hex
             try:
-                conn.sock.send(answer)  # small: fits the socket buffer, or is lost with the client
+                conn.sock.send(error_response(refusal, request_id))  # small: fits the socket buffer
             except OSError:
                 pass
+            _log_refusal(arrival, refusal, request_id)
         self.nr_conns -= 1
         conn.close()
 
@@ -461,4 +494,9 @@ class RelayWorker(ThreadWorker):
                 arrival.deadline = now + _STOP_GRACE
             elif arrival.deadline <= now:
                 # A connection that never sent a byte is closed quietly (a browser's pre-connect).
-                self._drop(conn, timeout_response() if arrival.buffer or arrival.spool else None)
+                if not arrival.buffer and arrival.spool is None:
+                    self._drop(conn)
+                elif not self.alive:  # the process stops (a deploy, a restart): not the caller's fault
+                    self._drop(conn, RelayRestarting(retry_after=10))
+                else:
+                    self._drop(conn, RequestTimeout())

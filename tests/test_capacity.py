@@ -6,6 +6,7 @@ budget of 2; no in-process workers, so every clone stays queued and every wait l
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -345,6 +346,32 @@ def test_an_upload_that_stalls_past_its_time_is_answered_408(serve):
         sock.close()
     assert seen.startswith(b"HTTP/1.1 408") and answer["error_code"] == "request_timeout"
     assert time.monotonic() - started < 15
+
+
+def test_a_relay_that_stops_while_an_upload_arrives_says_it_is_restarting_and_logs_each_refusal(serve):
+    # A deploy's SIGTERM cuts an arriving upload after a short grace: 503 relay_restarting (retry it),
+    # not 408 "a slow or stalled connection" (which Make takes as the caller's own error).
+    base = serve(RELAY_MAX_JSON_BYTES="4096")
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(upload_head(5_000_000_000))  # refused by the event loop at once: 413
+        _, too_large = answer_of(sock)
+    sock = slow_upload(base, 1_000_000)
+    try:
+        process = serve.processes[-1]
+        process.terminate()
+        seen, answer = answer_of(sock)
+    finally:
+        sock.close()
+    assert seen.startswith(b"HTTP/1.1 503") and b"\r\nRetry-After: 10\r\n" in seen
+    assert answer["error_code"] == "relay_restarting" and answer["ok"] is False
+    output = process.communicate(timeout=30)[0].decode()
+    # One access line per answer, as the app writes for the requests it serves (request_id, code).
+    for refused in (too_large, answer):
+        [line] = [line for line in output.splitlines() if refused["request_id"] in line]
+        logged = json.loads(line)
+        assert logged["logger"] == "relay.access" and logged["error_code"] == refused["error_code"]
+        assert logged["path"] == "/v1/voice-clones" and "name=" not in line  # never the query
 
 
 def test_a_large_upload_sent_after_100_continue_is_served(serve):

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import struct
+import threading
+import time
+from pathlib import Path
 
 import av
 import pytest
@@ -316,6 +320,45 @@ def test_a_decoder_that_hangs_is_stopped_by_the_wall_clock(tmp_path):
         convert._run_child(str(fifo), None, "ogg", SETTINGS.replace(convert_timeout=2), convert=False)
     assert caught.value.error_code == "decode_limit_exceeded"
     assert "RELAY_CONVERT_TIMEOUT" in caught.value.message
+
+
+def _child_of(marker: str) -> int:
+    """The pid of the decoder child whose command line holds ``marker``, once it ignores SIGTERM."""
+    for _ in range(400):
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            ignored = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+            if b"relay.convert" in cmdline and marker.encode() in cmdline and ignored & (1 << (signal.SIGTERM - 1)):
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError("no decoder child ignoring SIGTERM")
+
+
+def test_a_host_stopping_every_process_lets_the_decode_finish(tmp_path):
+    # Heroku stops a dyno with SIGTERM to each of its processes: the decoder child must not die of it
+    # (the clone failed "decode_limit_exceeded"); its worker has the grace period to finish the step.
+    fifo = tmp_path / "arriving.opus"
+    os.mkfifo(fifo)  # the child waits on it, after it started: the signal comes mid-job
+    outcome: dict = {}
+
+    def decode() -> None:
+        try:
+            outcome["result"] = convert._run_child(str(fifo), None, "ogg", SETTINGS.replace(convert_timeout=30), False)
+        except RelayError as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    os.kill(_child_of(str(fifo)), signal.SIGTERM)
+    with open(fifo, "wb") as feed:
+        feed.write((AUDIO / "opus.opus").read_bytes())
+    worker.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"]["ok"] and outcome["result"]["seconds"] > 0
 
 
 SEEDS = ["voice_note.opus", "browser.webm", "phone.mp4", "raw.aac", "voice.wma", "studio.aiff", "android.amr"]

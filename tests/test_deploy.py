@@ -17,6 +17,7 @@ import pytest
 import requests
 import yaml
 
+from relay import db
 from relay.settings import _SPECS
 
 from .conftest import AUDIO, AUDIO_HOST, RELAY_KEY, TOKEN, serve_file
@@ -169,6 +170,27 @@ def test_readyz_without_any_worker_says_what_to_do(make_app, settings):
     web = client.get("/readyz/web")
     assert web.status_code == 200 and web.json["ok"] is True and web.json["problems"] == []
     assert any("relay worker" in warning for warning in web.json["warnings"])
+
+
+def test_a_schema_migrated_by_a_newer_release_keeps_this_instance_in_rotation(make_app, settings):
+    # Render runs the new release's `relay migrate` while this instance still serves (and a rollback
+    # runs older code on a newer schema): a warning, not a failed health check.
+    app = make_app(settings)
+    engine = app.extensions["relay.runtime"].engine
+    with engine.begin() as conn:
+        conn.execute(
+            db.schema_migrations.insert().values(version=db.LATEST + 1, name="a newer release", applied_at=db.utcnow())
+        )
+    client = app.test_client()
+    web = client.get("/readyz/web")
+    assert web.status_code == 200 and web.json["problems"] == []
+    assert any("newer than this code's" in warning for warning in web.json["warnings"])
+    page = client.get("/", headers={"Accept": "text/html"}).text
+    assert "run <code>relay migrate</code>" not in page and "a deploy or rollback is under way" in page
+    with engine.begin() as conn:  # an older schema is still a problem
+        conn.execute(db.schema_migrations.delete().where(db.schema_migrations.c.version >= db.LATEST))
+    older = client.get("/readyz/web")
+    assert older.status_code == 503 and any("run `relay migrate`" in problem for problem in older.json["problems"])
 
 
 # --- relay clone ----------------------------------------------------------------------------

@@ -168,6 +168,11 @@ def test_stale_spools_of_killed_processes_are_swept_and_live_ones_kept(tmp_path)
     assert not stale.exists() and live.exists() and other.exists()
 
 
+def test_a_spool_folder_not_made_yet_has_nothing_to_sweep(tmp_path):
+    # RELAY_SPOOL_DIR is made by the first download; the hourly clean-up before it raised every 5 s.
+    assert fetch.sweep_stale_spools(3600, str(tmp_path / "not-yet")) == 0
+
+
 def test_a_body_the_host_compresses_anyway_is_stored_decoded(settings):
     original = bytes(range(256)) * 400
 
