@@ -12,20 +12,39 @@ from . import __version__, create_app
 from .settings import Settings, SettingsError
 
 
+def _ranged(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``), refused with one line otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: from {low}" + (f" to {high}" if high is not None else " up")
+            )
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay", description="The voice-clone relay for useapi.net.")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP relay (gunicorn)")
     serve.add_argument("--host", help="address to bind (default RELAY_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind (default PORT or 8000)")
+    serve.add_argument("--port", type=_ranged(1, 65535), help="port to bind (default PORT or 8000)")
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_ranged(1),
         default=None,
         help="gunicorn worker processes (default WEB_CONCURRENCY, else 1 on SQLite and 2 with DATABASE_URL)",
     )
-    serve.add_argument("--threads", type=int, default=None, help="threads per worker (default RELAY_THREADS, else 64)")
+    serve.add_argument(
+        "--threads", type=_ranged(2), default=None, help="threads per worker (default RELAY_THREADS, else 64)"
+    )
     commands.add_parser("config", help="print the effective settings, secrets masked")
     commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
     spec = commands.add_parser("openapi", help="print the OpenAPI document (YAML) generated from the schemas")
@@ -54,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker = commands.add_parser("worker", help="run job workers only (the Procfile's worker process)")
     worker.add_argument(
-        "--concurrency", type=int, default=None, help="worker threads (default RELAY_WORKER_CONCURRENCY)"
+        "--concurrency", type=_ranged(1), default=None, help="worker threads (default RELAY_WORKER_CONCURRENCY)"
     )
     args = parser.parse_args(argv)
     try:
@@ -88,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.output == "-":
             sys.stdout.write(text)
         else:
-            with open(args.output, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            try:
+                with open(args.output, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            except OSError as err:
+                print(f"relay: cannot write {args.output}: {err.strerror or err}", file=sys.stderr)
+                return 2
         return 0
     if args.command == "worker":
-        return _worker(settings, args.concurrency or settings.worker_concurrency)
+        return _worker(settings, settings.worker_concurrency if args.concurrency is None else args.concurrency)
     return _serve(settings, args)
 
 
@@ -326,8 +349,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    workers = args.workers or settings.gunicorn_workers()
-    if args.threads:
+    workers = settings.gunicorn_workers() if args.workers is None else args.workers
+    if args.threads is not None:
         try:
             settings = settings.replace(threads=args.threads)
         except SettingsError as err:
@@ -349,7 +372,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             return create_app(settings)
 
     def listening(server):  # gunicorn's hook: its sockets are bound by now
-        said = f"relay {__version__} listening on http://{host}:{port} ({_where(settings)})"
+        bound = next((listener.sock.getsockname()[1] for listener in getattr(server, "LISTENERS", [])), port)
+        shown = f"[{host}]" if ":" in host else host
+        said = f"relay {__version__} listening on http://{shown}:{bound} ({_where(settings)})"
         print(said, file=sys.stderr, flush=True)
         gunicorn_conf.when_ready(server)  # the open-relay warning, as the Procfile's process gives it
 

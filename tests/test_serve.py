@@ -118,3 +118,41 @@ def test_relay_config_masks_secrets():
     assert result.returncode == 0
     assert RELAY_KEY not in result.stdout and "server-token" not in result.stdout
     assert '"USEAPI_TOKEN": "****abcd"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["worker", "--concurrency", "-3"], "--concurrency: -3 is out of range"),
+        (["worker", "--concurrency", "0"], "--concurrency: 0 is out of range"),  # was: the default, silently
+        (["serve", "--workers", "0"], "--workers: 0 is out of range"),
+        (["serve", "--port", "99999"], "--port: 99999 is out of range"),  # was: gunicorn's traceback
+        (["serve", "--threads", "lots"], "--threads: 'lots' is not a whole number"),
+    ],
+)
+def test_bad_command_line_numbers_stop_with_one_line(argv, says):
+    result = subprocess.run(relay_command(*argv), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_openapi_to_a_folder_that_does_not_exist_is_one_line(tmp_path):
+    command = relay_command("openapi", "--output", str(tmp_path / "no" / "x.yaml"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_relay_serve_on_port_0_says_which_port_it_got(tmp_path):
+    env = {**os.environ, "PORT": "0", "RELAY_DATA_DIR": str(tmp_path)}
+    env.pop("USEAPI_TOKEN", None)
+    process = subprocess.Popen(relay_command("serve"), env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        for _ in range(50):
+            line = process.stderr.readline()
+            if "listening on" in line:
+                break
+        port = int(line.split("listening on http://127.0.0.1:")[1].split()[0])
+        assert port > 0 and requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).ok
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
