@@ -16,6 +16,8 @@ const addHeaders = (request, z, bundle) => {
   return request;
 };
 
+const NOTHING_KEPT = ['relay_restarting', 'upload_storage_full', 'database_unavailable'];
+
 // The relay answers every failure in one shape: surface its error_message (and code) in Zapier.
 const relayErrors = (response, z) => {
   if (response.status >= 400) {
@@ -28,6 +30,12 @@ const relayErrors = (response, z) => {
     const message = answer.error_message || `The relay answered HTTP ${response.status}.`;
     if (response.status === 401 && answer.error_code === 'unauthorized') {
       throw new z.errors.ExpiredAuthError(message);
+    }
+    // The relay is restarting, or briefly out of room or database, and kept nothing of the request
+    // (status "failed", never null): Zapier tries the step again after Retry-After, no one has to.
+    if (response.status === 503 && NOTHING_KEPT.includes(answer.error_code) && answer.status === 'failed') {
+      const delay = parseInt(response.getHeader('retry-after'), 10);
+      throw new z.errors.ThrottledError(message, Number.isFinite(delay) && delay > 0 ? delay : 10);
     }
     throw new z.errors.Error(message, answer.error_code || 'relay_error', response.status);
   }

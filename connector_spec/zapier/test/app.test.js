@@ -161,6 +161,29 @@ test('Find Voice fails rather than answer "not found" from a voice list cut shor
   }
 });
 
+test('a relay that kept nothing (restarting, out of room) is retried later; a clone that may be stored is not', async () => {
+  const http = require('node:http');
+  let answer;
+  const server = http.createServer((request, response) => {
+    response.statusCode = 503;
+    response.setHeader('Content-Type', 'application/json');
+    response.setHeader('Retry-After', '7');
+    response.end(JSON.stringify(answer));
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    const bundle = { authData: { relay_url: `http://127.0.0.1:${server.address().port}`, relay_key: 'k' }, inputData: { audio_url: 'https://a/b.wav', name: 'x' } };
+    const clone = () => appTester(App.creates.clone_voice.operation.perform, bundle);
+    answer = { ok: false, status: 'failed', error_code: 'relay_restarting', error_message: 'The relay is restarting.' };
+    await assert.rejects(clone(), (err) => err.name === 'ThrottledError' && JSON.parse(err.message).delay === 7);
+    // status null: the clone may have been stored just before the database went away; a person decides.
+    answer = { ok: false, status: null, error_code: 'database_unavailable', error_message: 'The database did not answer.' };
+    await assert.rejects(clone(), (err) => err.name !== 'ThrottledError' && /did not answer/.test(err.message));
+  } finally {
+    server.close();
+  }
+});
+
 test("a relay error surfaces the relay's error_message", { skip: !live }, async () => {
   const bundle = { authData, inputData: { audio_url: 'http://169.254.169.254/latest/meta-data', name: 'x' } };
   await assert.rejects(appTester(App.creates.clone_voice.operation.perform, bundle), /not a public internet address/);
