@@ -86,15 +86,16 @@ def early_upload(
 ) -> stream.EarlyUpload | None:
     """An upload that may start while the file downloads (see :mod:`relay.stream`), for
     :func:`prepared`; None when ``RELAY_STREAM_MIN_BYTES`` is 0 or for a dry run.
-    ``before_release()`` runs once the file is valid, just before the held-back tail may go."""
+    ``before_release()`` runs once the file is valid and all but the held-back tail has gone, just
+    before the tail goes (in the upload's thread)."""
     if request.dry_run or not settings.stream_min_bytes:
         return None
 
-    def send(growing: stream.GrowingFile, size: int, content_type: str) -> UploadResult:
+    def send(growing: stream.GrowingFile, size: int, content_type: str, before_tail) -> UploadResult:
         with Useapi(settings, token) as client:
             # The body follows the download, so the call may last as long as both together.
             return client.upload_body(
-                UploadBody(growing.file, size, source=growing),
+                UploadBody(growing.file, size, before_tail=before_tail, source=growing),
                 content_type,
                 request.name,
                 request.user_id,

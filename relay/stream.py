@@ -71,6 +71,14 @@ class GrowingFile:
             self._released = True
             self._changed.notify_all()
 
+    def wait_released(self) -> None:
+        """Until :meth:`release` (the file is valid); raises :class:`Withheld` once :meth:`abort`
+        was called, or after ``patience`` seconds without either."""
+        with self._changed:
+            while not self._released:
+                if self._aborted or not self._changed.wait(self._patience) and not self._released:
+                    raise Withheld()
+
     def abort(self) -> None:
         with self._changed:
             self._aborted = True
@@ -117,10 +125,12 @@ class EarlyUpload:
 
     ``begin()`` runs once, in the upload's thread, just before the first byte is sent (the
     worker commits its "uploading" phase there; the download goes on meanwhile).
-    ``send(growing_file, size, content_type)`` runs in that thread and returns the upload's
-    result. ``before_release()`` runs in :meth:`finish`, before the held-back tail may go (the
-    worker writes down there that the body is about to complete); if it raises, the upload is
-    abandoned short and that error is raised.
+    ``send(growing_file, size, content_type, before_tail)`` runs in that thread and returns the
+    upload's result; it calls ``before_tail()`` when all but the held-back tail has gone (as
+    :class:`relay.useapi.UploadBody` does). That waits until :meth:`finish` found the file valid,
+    then runs ``before_release()`` (the worker writes down that the body is about to complete):
+    in the upload's thread, once the body really is that far — never while most of it is still
+    to go. If it raises, the upload ends short and that error is raised from :meth:`finish`.
     """
 
     def __init__(
@@ -175,12 +185,20 @@ class EarlyUpload:
                 self._begun = True
             finally:
                 self._begin_over.set()
-            self._result = self._send(self._body, self._body.size, self.content_type)
+            self._result = self._send(self._body, self._body.size, self.content_type, self._at_tail)
         except BaseException as err:  # noqa: BLE001 - handed to finish()
             self._error = err
         finally:
             if self._ended and self._body is not None:  # given up on while this thread was stuck
                 self._body.close()
+
+    def _at_tail(self) -> None:
+        """In the upload's thread, all but the tail sent: wait for the file to be found valid, then
+        let the worker write down that the body is about to complete."""
+        assert self._body is not None
+        self._body.wait_released()
+        if self._before_release is not None:
+            self._before_release()
 
     @property
     def size(self) -> int | None:
@@ -190,8 +208,8 @@ class EarlyUpload:
     def finish(self) -> object:
         """The file is valid: send the rest and return the upload's result (or raise its error)."""
         assert self._body is not None and self._thread is not None
-        # "uploading" (begin) must be committed before "body complete" (before_release): written
-        # the other way round, the first would erase the second while useapi holds the upload.
+        # "uploading" (begin) must be committed before the tail may go (and "body complete" is
+        # written after it, in the same thread): the other way round, the first would erase it.
         if not self._begin_over.wait(self.patience):  # still writing "uploading": send nothing more
             self._ended = True
             self._body.abort()
@@ -207,10 +225,8 @@ class EarlyUpload:
             if self._error is None and self._result is not None:
                 return self._result
             raise self._error or RuntimeError("the early upload ended before its last bytes were sent")
-        if self._before_release is not None:
-            self._before_release()  # raising here leaves the upload to abandon(): short, harmless
         self._ended = True
-        self._body.release()
+        self._body.release()  # the upload's thread writes "body complete" when it reaches the tail
         self._thread.join()
         self._body.close()
         if self._error is not None:

@@ -125,7 +125,7 @@ def test_only_accepted_formats_start_early_and_send_every_byte_once(tmp_path, na
     (tmp_path / "spool").write_bytes(data)
     begun = []
 
-    def send(body, size, sent_as):
+    def send(body, size, sent_as, before_tail):
         pieces = []
         while piece := body.read(4096):
             pieces.append(piece)
@@ -140,21 +140,31 @@ def test_only_accepted_formats_start_early_and_send_every_byte_once(tmp_path, na
     early.abandon()  # after finish, or with nothing started: nothing happens
 
 
-def test_the_uploading_write_is_done_before_the_tail_is_released(tmp_path):
-    # begin() ("uploading", in the upload's thread) and before_release() ("body complete", in the
-    # download's) are two writes of one row: the second must never be overwritten by the first.
+def test_body_complete_is_written_only_when_the_body_reached_its_tail_and_the_file_is_valid(tmp_path):
+    # begin() ("uploading") and before_release() ("body complete") are two writes of one row, in the
+    # upload's thread: the second never overwritten by the first. And "body complete" waits until
+    # the body has really reached its tail: written when the file was found valid while most of a
+    # large body was still to go, a worker killed then left a job that never uploaded again
+    # (it took the truncated request for one useapi may have) and ended upload_unconfirmed.
     order: list[str] = []
     path = tmp_path / "spool"
     data = audio_bytes("wav_pcm24_stereo.wav")
     path.write_bytes(data)
+    halfway, go_on = threading.Event(), threading.Event()
 
     def begin():
         order.append("begin-start")
         time.sleep(0.3)  # a database write that takes a while
         order.append("begin-committed")
 
-    def send(body, size, content_type):
+    def send(body, size, content_type, before_tail):
         position = 0
+        while position < size - TAIL and (count := body.ready(position, min(4096, size - TAIL - position), least=1)):
+            position += count
+            if position >= size // 4 and not halfway.is_set():
+                halfway.set()
+                go_on.wait(10)  # a slow useapi: the validation is over long before the body gets here
+        before_tail()
         while count := body.ready(position, 65536, least=1):
             position += count
         return position
@@ -162,8 +172,15 @@ def test_the_uploading_write_is_done_before_the_tail_is_released(tmp_path):
     early = EarlyUpload(10_000, 5.0, begin, send, lambda: order.append("before_release"))
     early.path = str(path)
     early.progress(len(data), len(data))
-    assert early.started
-    assert early.finish() == len(data)
+    assert early.started and halfway.wait(10)
+    finished: list = []
+    finishing = threading.Thread(target=lambda: finished.append(early.finish()))
+    finishing.start()  # the file is valid now
+    time.sleep(0.2)
+    assert "before_release" not in order  # a quarter of the body is out: nothing is "complete"
+    go_on.set()
+    finishing.join(10)
+    assert finished == [len(data)]
     assert order == ["begin-start", "begin-committed", "before_release"]
 
 
