@@ -99,6 +99,13 @@ jobs = Table(
     Column("audio_url_sealed", Text, nullable=True),
     Index("ix_jobs_next_run_at", "next_run_at"),
     Index("ix_jobs_created_at", "created_at", "id"),  # the console's newest-first pages
+    # Clones useapi accepted and is still making: they count against the account's limit.
+    Index(
+        "ix_jobs_processing",
+        "account_key",
+        sqlite_where=text("phase = 'uploaded'"),
+        postgresql_where=text("phase = 'uploaded'"),
+    ),
     Index("ix_jobs_follows", "follows"),
     Index("ix_jobs_name_key", "name_key"),
     Index("ix_jobs_callback_next_at", "callback_next_at"),
@@ -257,8 +264,11 @@ def _v10(conn: Connection) -> None:
     found = inspect(conn)
     if "audio_url_sealed" not in {column["name"] for column in found.get_columns("jobs")}:
         conn.execute(text("ALTER TABLE jobs ADD COLUMN audio_url_sealed TEXT"))
-    if not any(index["name"] == "ix_jobs_created_at" for index in found.get_indexes("jobs")):
+    indexes = {index["name"] for index in found.get_indexes("jobs")}
+    if "ix_jobs_created_at" not in indexes:
         conn.execute(text("CREATE INDEX ix_jobs_created_at ON jobs (created_at, id)"))
+    if "ix_jobs_processing" not in indexes:
+        conn.execute(text("CREATE INDEX ix_jobs_processing ON jobs (account_key) WHERE phase = 'uploaded'"))
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
@@ -271,7 +281,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "one job per adopted voice", _v7),
     (8, "jobs that wait for a job making a voice of the same name", _v8),
     (9, "callback URLs kept sealed for a re-send", _v9),
-    (10, "audio links kept sealed for the console; jobs by creation time", _v10),
+    (10, "audio links kept sealed for the console; jobs by creation time; clones useapi is making", _v10),
 ]
 LATEST = MIGRATIONS[-1][0]
 

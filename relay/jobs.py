@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError
 
 from .db import accounts, heartbeats, job_events, jobs, reader, utcnow
@@ -159,11 +159,12 @@ def _pick(limited: bool, pinned_accounts: bool, lock: bool = True):
     Built once per shape (building it costs more than running it)."""
     now = bindparam("now")
     free = or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now)
-    account_ok = or_(accounts.c.backoff_until.is_(None), accounts.c.backoff_until <= now)
+    not_backing_off = or_(accounts.c.backoff_until.is_(None), accounts.c.backoff_until <= now)
+    account_ok = not_backing_off
     if limited:
         busy = (
             select(jobs.c.account_key)
-            .where(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL), jobs.c.account_key.is_not(None))
+            .where(jobs.c.account_key.is_not(None), _useapi_job(now))
             .group_by(jobs.c.account_key)
             .having(func.count() >= bindparam("account_limit"))
         )
@@ -183,19 +184,40 @@ def _pick(limited: bool, pinned_accounts: bool, lock: bool = True):
         jobs.c.next_run_at <= now,
         token_ok,
         or_(
-            and_(jobs.c.phase.not_in(TERMINAL), or_(account_ok, _queue_expired())),
+            and_(jobs.c.phase.not_in(TERMINAL), or_(account_ok, _queue_expired(), and_(_looking(), not_backing_off))),
             and_(jobs.c.phase.in_(TERMINAL), jobs.c.callback_status == PENDING),
         ),
     )
     pick = (
-        select(jobs.c.id, jobs.c.account_key, jobs.c.phase, _queue_expired().label("expired"))
+        select(
+            jobs.c.id, jobs.c.account_key, jobs.c.phase, _queue_expired().label("expired"), _looking().label("looking")
+        )
         .select_from(jobs.outerjoin(accounts, accounts.c.account_key == jobs.c.account_key))
         .where(due, free)
-        .order_by(func.coalesce(accounts.c.last_claimed_at, _EPOCH), jobs.c.next_run_at, jobs.c.created_at)
+        # Looks at what useapi already has come first: behind an account's backlog of new uploads,
+        # they ran past their window and failed voices that were ready.
+        .order_by(
+            case((_looking(), 0), else_=1),
+            func.coalesce(accounts.c.last_claimed_at, _EPOCH),
+            jobs.c.next_run_at,
+            jobs.c.created_at,
+        )
         .limit(1)
     )
     # lock=False: only to learn whether anything (else) is due, taking no row.
     return pick.with_for_update(of=jobs, skip_locked=True) if lock else pick
+
+
+def _looking():
+    """A job that only looks at useapi (polls a voice useapi accepted, or lists the voices for an
+    upload whose answer was lost): it starts no useapi job, so the account's limit does not hold it."""
+    return or_(jobs.c.phase == UPLOADED, and_(jobs.c.phase == UPLOADING, jobs.c.body_sent_at.is_not(None)))
+
+
+def _useapi_job(now):
+    """A job that counts against its account's limit (useapi's maxJobs): worked on by a worker
+    now, or accepted by useapi (202) and still cloning there."""
+    return or_(and_(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL)), jobs.c.phase == UPLOADED)
 
 
 def _queue_expired():
@@ -227,11 +249,7 @@ def _lease(where):
 
 
 _LEASE_BY_ID = _lease(jobs.c.id == bindparam("job"))
-_IN_FLIGHT = select(func.count()).where(
-    jobs.c.account_key == bindparam("account"),
-    jobs.c.lease_expires_at > bindparam("now"),
-    jobs.c.phase.not_in(TERMINAL),
-)
+_IN_FLIGHT = select(func.count()).where(jobs.c.account_key == bindparam("account"), _useapi_job(bindparam("now")))
 _ACCOUNT_LOCK = select(func.pg_try_advisory_xact_lock(724390119, func.hashtext(bindparam("account"))))
 
 
@@ -760,7 +778,13 @@ class JobStore:
                 if contended:
                     raise Contended()
                 return None
-            if account_limit and candidate.account_key and candidate.phase not in TERMINAL and not candidate.expired:
+            if (
+                account_limit
+                and candidate.account_key
+                and candidate.phase not in TERMINAL
+                and not candidate.expired
+                and not candidate.looking
+            ):
                 # One claim per account at a time (another claimer holding it: try another account,
                 # never wait — two claimers each holding one account's lock would deadlock); then
                 # count what is really in flight.

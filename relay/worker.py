@@ -418,18 +418,16 @@ class CloneWorker:
         started = job.upload_started_at or job.created_at
         window_end = started + timedelta(seconds=self.settings.ready_timeout_seconds)
         now = utcnow()
-        if now > window_end:
-            looked = any(  # a listing was read at least once (the first "reconcile" only says why it looks)
-                event.kind == "reconcile" and not (event.detail or "").startswith("answer lost")
-                for event in events.for_job(self.store.engine, job.id)
-            )
-            raise UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds, looked))
+        last = now > window_end  # past the window: one last look (a claim may come late), then say so
         try:
             with Useapi(self.settings, token or "") as client:
                 found, _complete = voices.list_all(client, request.user_id, self.settings.max_list_pages)
         except (UpstreamUnauthorized, UpstreamPaymentRequired) as err:
             raise self._with_doubt(job, err) from None
         except UpstreamError as err:
+            if last:
+                self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
+                raise self._unconfirmed(job, request) from None
             self._later(job, err, until=window_end)
             return
         since = (started - _CLOCK_SKEW).isoformat(timespec="seconds") + "Z"
@@ -457,9 +455,23 @@ class CloneWorker:
                 self._save(job, release=True, next_run_at=later)
             return
         self._event(job, "reconcile", f"no new voice among {len(found)} on the account yet")
+        if last:
+            raise self._unconfirmed(job, request)
         # useapi may list the voice only once it is ready: look again, less and less often.
         later = min(now + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
         self._save(job, release=True, next_run_at=later)
+
+    def _unconfirmed(self, job: Job, request: pipeline.CloneRequest) -> UploadUnconfirmed:
+        looked = any(  # a listing was read at least once (the first "reconcile" only says why it looks)
+            event.kind == "reconcile" and not (event.detail or "").startswith("answer lost")
+            for event in events.for_job(self.store.engine, job.id)
+        ) or any(detail.startswith("no new voice") for _kind, detail in self._pending_events("reconcile"))
+        return UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds, looked))
+
+    def _pending_events(self, kind: str) -> list[tuple[str, str]]:
+        """This step's events not yet written, of ``kind``: (kind, detail)."""
+        with self._events_lock:
+            return [(row["kind"], row.get("detail") or "") for row in self._events if row["kind"] == kind]
 
     def _unambiguous(self, job: Job, candidates: list[dict], wanted: str) -> dict | None:
         """The voice this job's lost upload made, when the list says so beyond doubt: the newest
@@ -519,20 +531,7 @@ class CloneWorker:
         voice_id = job.cloned_voice_item_id or ""
         accepted = job.accepted_at or job.created_at
         window_end = accepted + timedelta(seconds=self.settings.ready_timeout_seconds)
-        if utcnow() > window_end:
-            failed = events.count(self.store.engine, job.id, "lookup_failed", since=accepted)
-            raise ReadyTimeout(
-                f"The voice was not ready {self.settings.ready_timeout_seconds:g} s after useapi.net accepted it. "
-                "It may still finish: check it with GET /v1/voices/<cloned_voice_item_id>."
-                + (
-                    f" {failed} of the relay's looks at it got no readable answer from useapi.net (see the job's "
-                    "timeline)."
-                    if failed
-                    else ""
-                ),
-                cloned_voice_item_id=voice_id,
-                item_id=job.item_id,
-            )
+        last = utcnow() > window_end  # past the window: one last look (a claim may come late), then say so
         try:
             with Useapi(self.settings, token or "") as client:
                 record = client.get_voice(voice_id)
@@ -549,6 +548,9 @@ class CloneWorker:
         except (UpstreamUnauthorized, UpstreamPaymentRequired) as err:
             raise self._with_doubt(job, err) from None
         except UpstreamError as err:
+            if last:
+                self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
+                raise self._not_ready(job, accepted) from None
             self._later(job, err, until=window_end)
             return
         state = voices.status_name(record.get("status")) if record else "processing"
@@ -557,9 +559,27 @@ class CloneWorker:
             self._finish(job, 200, answer, status="ready")
         elif state == "failed":
             raise CloneFailed(cloned_voice_item_id=voice_id, item_id=job.item_id)
+        elif last:
+            raise self._not_ready(job, accepted)
         else:
             later = min(utcnow() + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
             self._save(job, release=True, next_run_at=later)
+
+    def _not_ready(self, job: Job, accepted) -> ReadyTimeout:
+        failed = events.count(self.store.engine, job.id, "lookup_failed", since=accepted) + len(
+            self._pending_events("lookup_failed")
+        )
+        return ReadyTimeout(
+            f"The voice was not ready {self.settings.ready_timeout_seconds:g} s after useapi.net accepted it. "
+            "It may still finish: check it with GET /v1/voices/<cloned_voice_item_id>."
+            + (
+                f" {failed} of the relay's looks at it got no readable answer from useapi.net (see the job's timeline)."
+                if failed
+                else ""
+            ),
+            cloned_voice_item_id=job.cloned_voice_item_id or "",
+            item_id=job.item_id,
+        )
 
     # --- endings --------------------------------------------------------------------------
 

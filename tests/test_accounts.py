@@ -36,6 +36,33 @@ def test_an_account_never_has_more_uploads_in_flight_than_its_limit(make_app, jo
     assert fake.upload_count() == 15
 
 
+def test_clones_useapi_is_still_making_count_against_the_accounts_limit(make_app, job_settings, fake, audio_host):
+    # useapi's maxJobs counts a clone it accepted (202) and is still making: with a limit of 1, the
+    # second upload waits until the first voice is ready (it went out at once, and useapi said 429).
+    fake.ready_after_polls = 3
+    app = make_app(job_settings.replace(account_concurrency=1, inprocess_workers=3, poll_interval_seconds=0.2))
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    ids = [submit(client, url, "A", f"voice {n}") for n in range(2)]
+    store = app.extensions["relay.runtime"].store
+    wait_for_all(store, ids, timeout=30)
+    first, second = sorted((store.get(job_id) for job_id in ids), key=lambda job: job.upload_started_at)
+    assert (first.phase, second.phase) == ("ready", "ready") and fake.upload_count() == 2
+    assert first.completed_at <= second.upload_started_at  # not while useapi was still making the first
+
+
+def test_a_poll_claimed_after_its_window_looks_once_more_before_failing(make_app, job_settings, fake, audio_host):
+    # A backlog can hold a poll past its window: the voice may be ready by then, so look before failing.
+    fake.ready_after_polls = 1
+    app = make_app(job_settings.replace(ready_timeout_seconds=1.0, poll_interval_seconds=2.0))
+    client = app.test_client()
+    [job_id] = [submit(client, serve_file(audio_host, "wav_pcm16_mono.wav"), "A", "Late look")]
+    store = app.extensions["relay.runtime"].store
+    wait_for_all(store, [job_id], timeout=20)
+    job = store.get(job_id)
+    assert (job.phase, job.answer["error_code"]) == ("ready", None), job.answer
+
+
 def test_queued_jobs_show_their_place_in_line(make_app, job_settings, fake, audio_host):
     fake.upload_delay = 0.5
     app = make_app(job_settings.replace(account_concurrency=1, inprocess_workers=3))
