@@ -164,7 +164,12 @@ def _log_refusal(arrival: _Arrival | None, refusal: RelayError, request_id: str)
     line = (arrival.line or bytes(arrival.buffer[:HEAD_LIMIT]).split(b"\r\n", 1)[0]) if arrival else b""
     parts = line.decode("latin-1", "replace").split(" ")
     method = parts[0][:16] if parts and parts[0] else "-"
-    path = urlsplit(parts[1]).path[:512] if len(parts) > 1 else "-"  # no query: it may carry secrets
+    target = parts[1] if len(parts) > 1 else "-"
+    try:
+        path = urlsplit(target).path or "-"
+    except ValueError:  # not a URL at all ("http://[/"): what comes before any query
+        path = target.split("?", 1)[0]
+    path = path.split("?", 1)[0][:512]  # no query: it may carry secrets
     fields = {
         "request_id": request_id,
         "method": method,
@@ -476,27 +481,37 @@ class RelayWorker(ThreadWorker):
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
-        if refusal is not None:
-            request_id = uuid.uuid4().hex
-            try:
-                conn.sock.send(error_response(refusal, request_id))  # small: fits the socket buffer
-            except OSError:
-                pass
-            _log_refusal(arrival, refusal, request_id)
-        self.nr_conns -= 1
-        conn.close()
+        try:
+            if refusal is not None:
+                request_id = uuid.uuid4().hex
+                try:
+                    conn.sock.send(error_response(refusal, request_id))  # small: fits the socket buffer
+                except OSError:
+                    pass
+                try:
+                    _log_refusal(arrival, refusal, request_id)
+                except Exception:  # noqa: BLE001 - a log line must never cost the connection count
+                    self.log.exception("logging a refused request failed")
+        finally:
+            self.nr_conns -= 1
+            conn.close()
 
     def murder_pending(self):
         super().murder_pending()
         now = time.monotonic()
         for conn, arrival in list(self.reading.items()):
-            if not self.alive and arrival.deadline > now + _STOP_GRACE:
-                arrival.deadline = now + _STOP_GRACE
-            elif arrival.deadline <= now:
-                # A connection that never sent a byte is closed quietly (a browser's pre-connect).
-                if not arrival.buffer and arrival.spool is None:
+            try:
+                if not self.alive and arrival.deadline > now + _STOP_GRACE:
+                    arrival.deadline = now + _STOP_GRACE
+                elif arrival.deadline <= now:
+                    # A connection that never sent a byte is closed quietly (a browser's pre-connect).
+                    if not arrival.buffer and arrival.spool is None:
+                        self._drop(conn)
+                    elif not self.alive:  # the process stops (a deploy, a restart): not the caller's fault
+                        self._drop(conn, RelayRestarting(retry_after=10))
+                    else:
+                        self._drop(conn, RequestTimeout())
+            except Exception:  # noqa: BLE001 - as in _on_readable: one connection never takes the loop down
+                self.log.exception("closing a timed-out request failed")
+                if conn in self.reading:
                     self._drop(conn)
-                elif not self.alive:  # the process stops (a deploy, a restart): not the caller's fault
-                    self._drop(conn, RelayRestarting(retry_after=10))
-                else:
-                    self._drop(conn, RequestTimeout())

@@ -374,6 +374,27 @@ def test_a_relay_that_stops_while_an_upload_arrives_says_it_is_restarting_and_lo
         assert logged["path"] == "/v1/voice-clones" and "name=" not in line  # never the query
 
 
+def test_a_request_target_that_is_no_url_is_refused_and_logged_without_harm(serve):
+    # "http://[/" makes urlsplit raise: logging its refusal killed the worker (a stalled one) or
+    # left its connection counted for ever (a refused one; a thousand of them and it took no more).
+    base = serve(RELAY_REQUEST_READ_TIMEOUT="1", RELAY_MAX_JSON_BYTES="4096")
+    host, port = base.removeprefix("http://").split(":")
+    head = b"POST http://[/v1/voice-clones HTTP/1.1\r\nHost: relay\r\n"
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head + b"Content-Length: 999999999999\r\n\r\n")
+        refused, _ = answer_of(sock)
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head + b"Content-Type: application/json\r\n")  # and stalls
+        stalled, _ = answer_of(sock)
+    assert refused.startswith(b"HTTP/1.1 413") and stalled.startswith(b"HTTP/1.1 408")
+    assert requests.get(base + "/healthz", timeout=10).ok
+    process = serve.processes[-1]
+    process.terminate()
+    output = process.communicate(timeout=30)[0].decode()
+    assert "Exception in worker process" not in output and "exited with code" not in output
+    assert output.count('"path": "http://[/v1/voice-clones"') == 2
+
+
 def test_a_large_upload_sent_after_100_continue_is_served(serve):
     from .conftest import audio_bytes
 
