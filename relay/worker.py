@@ -37,6 +37,7 @@ from .errors import (
     UploadUnconfirmed,
     UpstreamError,
     UpstreamPaymentRequired,
+    UpstreamRejected,
     UpstreamUnauthorized,
     UpstreamUnavailable,
     VoiceExists,
@@ -293,7 +294,8 @@ class CloneWorker:
         except (UpstreamUnauthorized, UpstreamPaymentRequired):
             raise
         except UpstreamError as err:
-            if getattr(err, "listing_cut_short", False):  # more pages than it may read: not a passing failure
+            refused = isinstance(err, UpstreamRejected) and err.fields.get("upstream_status") != 408
+            if refused or getattr(err, "listing_cut_short", False):  # looking again gets the same answer
                 raise
             self._later(job, err)  # a failed look at the account's voices: look again, nothing was sent
             return
@@ -700,9 +702,19 @@ class CloneWorker:
         """A look-up failed (useapi busy, down or answering nonsense): try again later — within
         ``until`` when the step has a window of its own, else at most ``RELAY_MAX_ATTEMPTS`` × 3 times."""
         if until is None:
-            if job.attempts >= self.settings.max_attempts * 3:
+            # Counted by the looks that failed (claims count every wait and check as well), and
+            # never past the queue's own bound: the job ends with the error it met, not queue_timeout.
+            failed = (
+                events.count(self.store.engine, job.id, "lookup_failed")
+                + len(self._pending_events("lookup_failed"))
+                + 1
+            )
+            if failed >= self.settings.max_attempts * 3:
                 raise err
-            delay = self.policy.delay(job.attempts, err.retry_after)
+            delay = self.policy.delay(failed, err.retry_after)
+            queue_end = job.created_at + timedelta(seconds=self.settings.queue_timeout_seconds)
+            if utcnow() + timedelta(seconds=delay) >= queue_end:
+                raise err
         else:
             # A step with a window of its own (reconcile, poll) claims the job at every look, so
             # its claims are not failures to back off from: look again at the step's own pace.

@@ -184,6 +184,20 @@ def test_if_exists_looks_again_after_a_failed_voice_listing(make_app, job_settin
     assert fake.list_calls == 3 and not fake.lookup_refusals
 
 
+def test_if_exists_ends_with_useapis_refusal_or_outage_not_a_queue_timeout(make_app, job_settings, fake, audio_host):
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    client = make_app(job_settings.replace(queue_timeout_seconds=2)).test_client()
+    # useapi's own 400 on the listing: looking again gets the same answer.
+    fake.lookup_refusals = [(400, {})]
+    refused = clone_and_wait(client, {"audio_url": url, "name": "Refused", "if_exists": "reuse"})
+    assert refused["error_code"] == "upstream_rejected" and fake.list_calls == 1
+    # An outage whose Retry-After outlasts the queue's bound: the error it met, never "no worker took it".
+    fake.lookup_refusals = [(503, {"Retry-After": "3"})]
+    down = clone_and_wait(client, {"audio_url": url, "name": "Down", "if_exists": "reuse"})
+    assert down["error_code"] == "upstream_unavailable", down
+    assert fake.upload_count() == 0
+
+
 def test_a_refused_token_while_looking_for_a_lost_answers_voice_says_a_voice_may_exist(
     make_app, lossy, fake, audio_host
 ):
