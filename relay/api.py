@@ -633,6 +633,8 @@ def database_unavailable(err: Exception) -> DatabaseUnavailable:
 
 
 def _on_database_error(err: Exception):
+    if not db.unavailable(err):  # a statement the database refused: a bug, with its traceback
+        return _on_unexpected(err)
     return _on_relay_error(database_unavailable(err))
 
 

@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=_ranged(1, 65535), help="port to bind (default PORT or 8000)")
     serve.add_argument(
         "--workers",
-        type=_ranged(1),
+        type=_ranged(1, 64),
         default=None,
         help="gunicorn worker processes (default WEB_CONCURRENCY, else 1 on SQLite and 2 with DATABASE_URL)",
     )
     serve.add_argument(
-        "--threads", type=_ranged(2), default=None, help="threads per worker (default RELAY_THREADS, else 64)"
+        "--threads", type=_ranged(2, 1024), default=None, help="threads per worker (default RELAY_THREADS, else 64)"
     )
     commands.add_parser("config", help="print the effective settings, secrets masked")
     commands.add_parser("migrate", help="create or upgrade the database schema, then exit")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker = commands.add_parser("worker", help="run job workers only (the Procfile's worker process)")
     worker.add_argument(
-        "--concurrency", type=_ranged(1), default=None, help="worker threads (default RELAY_WORKER_CONCURRENCY)"
+        "--concurrency", type=_ranged(1, 256), default=None, help="worker threads (default RELAY_WORKER_CONCURRENCY)"
     )
     args = parser.parse_args(argv)
     try:

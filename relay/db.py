@@ -39,7 +39,29 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 # The database did not answer (refused, dropped, restarting, locked, every pooled connection busy),
 # as opposed to a statement it answered with an error (a bug): answered 503 database_unavailable.
+# These classes also carry bugs (SQLite's "no such column" is an OperationalError): see unavailable().
 UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+_SQLITE_UNAVAILABLE = ("locked", "unable to open", "disk i/o error", "busy")
+
+
+def unavailable(err: BaseException) -> bool:
+    """Whether ``err`` says the database could not be reached or used just now (retry later),
+    rather than that a statement was wrong (a bug, with its traceback)."""
+    if isinstance(err, (PoolTimeout, InterfaceError)):
+        return True
+    if not isinstance(err, OperationalError):
+        return False
+    if err.connection_invalidated:
+        return True
+    orig = err.orig
+    code = getattr(orig, "sqlstate", None)  # PostgreSQL (psycopg): the SQLSTATE's class says which
+    if code:
+        return code[:2] in ("08", "53", "57")  # connection, insufficient resources, operator intervention
+    if type(orig).__module__.startswith("sqlite3"):
+        said = str(orig).lower()
+        return any(word in said for word in _SQLITE_UNAVAILABLE)
+    return True  # a driver error without a code: a connection that failed before any statement
+
 
 metadata = MetaData()
 

@@ -389,7 +389,7 @@ def _error_for(
         )
     if 300 <= status < 400:
         return _invalid(response, what, "an answer, not a redirect", maybe_created=complete)
-    if complete and not (readable or (400 <= status < 500 and said_error)):
+    if complete and not readable:
         # A proxy's error page (or a gateway's 502/504) after the whole body went through: useapi may have taken it.
         return UpstreamUnavailable(
             f"useapi.net's side failed with HTTP {status} during {what}, without useapi's own answer. "

@@ -111,8 +111,9 @@ def find_existing(client: Useapi, user_id: str | None, name: str, max_pages: int
     matches = [v for v in filtered(voices, name=name) if v["status"] != "failed"]
     if not matches and not complete:  # not in what was read: it may be in what was not
         err = UpstreamTimeout(
-            f"useapi.net's voice listing could not be read to its end (RELAY_MAX_LIST_PAGES pages, or the time "
-            f"of one look-up), so the relay cannot tell whether a voice named {name!r} exists and did not clone. "
+            f"useapi.net's voice listing could not be read to its end (RELAY_MAX_LIST_PAGES pages, the time of "
+            "one look-up, or useapi.net announced more pages without a way to them), so the relay cannot tell "
+            f"whether a voice named {name!r} exists and did not clone. "
             "Try again later, or send if_exists: create."
         )
         err.listing_cut_short = True  # type: ignore[attr-defined]

@@ -531,6 +531,14 @@ def test_pages_over_plain_http_from_afar_say_so_and_https_pages_ask_browsers_to_
     assert 'id="plain-http"' not in local.text
 
 
+def test_behind_a_proxy_that_says_nothing_an_https_public_url_is_https(make_app, fake, tmp_path):
+    # nginx's default passes no X-Forwarded-Proto: RELAY_PUBLIC_URL says how callers reach the relay.
+    settings = fast_settings(fake.base_url, tmp_path / "data", public_url="https://relay.example.com")
+    with over_http(make_app(settings)) as base:
+        page = requests.get(f"{base}/console/login", headers={**BROWSER, "Host": "relay.example.com"}, timeout=10)
+    assert 'id="plain-http"' not in page.text and "max-age" in page.headers["Strict-Transport-Security"]
+
+
 def test_a_page_past_the_last_says_so_and_links_the_first(web_console):
     page = web_console.get("/console?page=999").text
     assert "No clones on this page" in page and "No clones yet" not in page

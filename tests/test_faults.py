@@ -122,6 +122,7 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         (500, '{"error": "Internal"}', "application/json"),
         (502, '{"error": "Bad gateway", "code": 502}', "application/json"),
         (408, "<html>Request Timeout</html>", "text/html"),
+        (408, '{"error": "Request Timeout"}', "application/json"),  # a proxy's JSON: no useapi code
     ],
     ids=[
         "html-200",
@@ -132,6 +133,7 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         "json-error-without-code-500",
         "gateway-502-json",
         "proxy-408-html",
+        "proxy-408-json-without-code",
     ],
 )
 def test_an_unreadable_upload_answer_is_never_success_and_never_resent(
@@ -516,6 +518,19 @@ def test_a_database_that_stops_answering_is_503_database_unavailable(make_app, j
     assert "database did not answer" in page.text and "database_unavailable" in page.text
     logged = [record for record in caplog.records if "database unavailable" in record.getMessage()]
     assert logged and not any(record.exc_info for record in logged)  # one line per request, no traceback
+
+
+def test_a_statement_the_database_refuses_is_a_bug_with_its_traceback_not_unavailable(make_app, settings, caplog):
+    # SQLite calls a missing column an OperationalError, as it calls "database is locked": only the
+    # second is the database not answering; the first must stay visible (500, traceback in the log).
+    app = make_app(settings, workers=0)
+    client = app.test_client()
+    with app.extensions["relay.runtime"].engine.begin() as conn:
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN audio_url_sealed"))
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        response = client.get(f"/v1/voice-clones/{'0' * 32}", headers=HEADERS)
+    assert (response.status_code, response.json["error_code"]) == (500, "internal_error")
+    assert any(record.exc_info for record in caplog.records if record.getMessage() == "unexpected error")
 
 
 def test_a_waiting_request_whose_job_cannot_be_read_again_answers_with_the_job(make_app, job_settings, audio_host):

@@ -128,6 +128,8 @@ def test_relay_config_masks_secrets():
         (["serve", "--workers", "0"], "--workers: 0 is out of range"),
         (["serve", "--port", "99999"], "--port: 99999 is out of range"),  # was: gunicorn's traceback
         (["serve", "--threads", "lots"], "--threads: 'lots' is not a whole number"),
+        (["serve", "--workers", "99999"], "--workers: 99999 is out of range: from 1 to 64"),  # as WEB_CONCURRENCY
+        (["worker", "--concurrency", "99999"], "--concurrency: 99999 is out of range: from 1 to 256"),
     ],
 )
 def test_bad_command_line_numbers_stop_with_one_line(argv, says):

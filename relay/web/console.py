@@ -10,6 +10,7 @@ person asks for: a callback sent again, a voice deleted, a clone started through
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import shlex
@@ -33,7 +34,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__, answers, deadline, events, history, next_steps, voices
 from ..api import database_unavailable, on_http_error
-from ..db import UNAVAILABLE, utcnow
+from ..db import UNAVAILABLE, unavailable, utcnow
 from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, NotFound, RelayError, Unauthorized
 from ..jobs import Job
 from ..tokens import fingerprint
@@ -50,6 +51,7 @@ from .security import (
     wants_html,
 )
 
+log = logging.getLogger("relay.web")
 bp = Blueprint("console", __name__, url_prefix="/console")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _TRY_KEY = re.compile(r"^[0-9a-f]{32}$")
@@ -174,6 +176,9 @@ def _in_words(seconds: int | None) -> str | None:
 
 
 def _on_database_error(err: Exception):
+    if not unavailable(err):  # a statement the database refused: a bug
+        log.error("unexpected error", exc_info=err, extra={"fields": {"request_id": g.get("request_id")}})
+        return _on_error(RelayError())
     return _on_error(database_unavailable(err))
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flask import Response, request
+from flask import Response, current_app, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from ..settings import Settings
@@ -44,15 +44,22 @@ def security_headers(response: Response) -> Response:
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Referrer-Policy"] = "same-origin"
-    if request.is_secure:  # reached over https (or a proxy that says so): browsers keep to it
+    if _secure():  # reached over https: browsers keep to it
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
     return response
+
+
+def _secure() -> bool:
+    """Over https: directly, by X-Forwarded-Proto from the host's proxy, or because the relay's
+    public address is https (a proxy that says nothing, as the session cookie takes it too)."""
+    settings = current_app.extensions.get("relay.settings")
+    return request.is_secure or bool(settings and (settings.public_url or "").startswith("https://"))
 
 
 def plain_http_alternative() -> str | None:
     """The https address of this page when it came over plain http from beyond this machine (a
     key typed into it would travel in clear); None over https or on loopback."""
-    if request.is_secure:
+    if _secure():
         return None
     try:
         host = urlsplit("//" + (request.host or "")).hostname or ""
