@@ -212,7 +212,7 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     job_id = uuid.uuid4().hex
     existing = runtime.store.get_by_key(key) if key and upload is not None else None
     if upload is not None and existing is None:  # a repeat needs no second copy of the file
-        stored_request["upload_id"] = bodies.store(runtime, upload, job_id).id
+        stored_request["upload_id"] = bodies.store(runtime, upload, job_id, account).id
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
     generation = runtime.notifier.generation  # before the job exists: no change to it is missed
 

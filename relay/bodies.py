@@ -103,10 +103,12 @@ def clone_body(
         yield body, warnings, Upload(spool, received, sha256, name)
 
 
-def store(runtime, upload: Upload, job_id: str) -> uploads.Stored:
-    """Put the file in the database for the job ``job_id`` (bounded by RELAY_UPLOAD_STORE_BYTES)."""
+def store(runtime, upload: Upload, job_id: str, account: str | None = None) -> uploads.Stored:
+    """Put the file in the database for the job ``job_id`` of ``account`` (bounded by
+    RELAY_UPLOAD_STORE_BYTES, and half of it per account)."""
     upload.file.seek(0)
-    return uploads.save(runtime.engine, upload.file, upload.size, job_id, runtime.settings.upload_store_bytes)
+    limit = runtime.settings.upload_store_bytes
+    return uploads.save(runtime.engine, upload.file, upload.size, job_id, limit, account)
 
 
 def _copy(source, sink: BinaryIO, limit: int, declared: int | None) -> tuple[int, str]:

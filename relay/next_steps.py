@@ -14,7 +14,7 @@ NEXT_STEPS: dict[str, str] = {
     "method_not_allowed": "Wrong HTTP method.",
     "request_too_large": "The JSON body is over `RELAY_MAX_JSON_BYTES`, or an uploaded file is over `RELAY_MAX_BYTES`.",
     "request_timeout": "The request did not arrive whole within `RELAY_REQUEST_READ_TIMEOUT` (a stalled or very slow connection): send it again.",
-    "upload_storage_full": "The relay already holds (or is receiving) `RELAY_UPLOAD_STORE_BYTES` of uploaded files waiting for their jobs: retry after `Retry-After`, or send a link.",
+    "upload_storage_full": "The relay already holds (or is receiving) `RELAY_UPLOAD_STORE_BYTES` of uploaded files waiting for their jobs, or this account half of it: retry after `Retry-After`, or send a link.",
     "invalid_voice_id": "The path id is not a `cloned_voice_item_id` (`user:…-tempolor:…-voice:…`).",
     "voice_not_found": "useapi.net has no voice with that id (it answered 404: `upstream_status` 404).",
     "voice_exists": '`if_exists: "fail"` and the account has a voice with that name; its id is in `cloned_voice_item_id`.',

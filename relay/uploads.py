@@ -35,10 +35,11 @@ class Stored:
     sha256: str
 
 
-def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int) -> Stored:
-    """Store ``size`` bytes read from ``source`` (a local file) for job ``job_id``.
+def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int, account: str | None = None) -> Stored:
+    """Store ``size`` bytes read from ``source`` (a local file) for job ``job_id`` of ``account``.
 
-    Raises :class:`UploadStorageFull` when the stored uploads would exceed ``limit`` bytes."""
+    Raises :class:`UploadStorageFull` when the stored uploads would exceed ``limit`` bytes, or
+    ``account``'s would exceed half of it (one account's backlog never takes every other's room)."""
     upload_id = job_id  # one upload per job: the job's id names it, so a sweep can find its job
     digest = hashlib.sha256()
     with engine.begin() as conn:
@@ -52,6 +53,23 @@ def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int) -
                 f"({limit / 1048576:.0f} MiB). Retry in a minute, or send a link (audio_url) instead.",
                 retry_after=60,
             )
+        if account is not None:
+            own = (
+                conn.scalar(
+                    select(func.coalesce(func.sum(uploads.c.size), 0))
+                    .select_from(uploads.join(jobs, jobs.c.id == uploads.c.id))
+                    .where(jobs.c.account_key == account)
+                )
+                or 0
+            )
+            if own + size > limit // 2:
+                raise UploadStorageFull(
+                    f"This account's uploaded files waiting for their jobs take {own / 1048576:.0f} MiB; one account "
+                    f"may hold at most half of RELAY_UPLOAD_STORE_BYTES ({limit // 2 / 1048576:.0f} MiB), so that "
+                    "others can send files too. Retry once some of its clones have started, or send a link "
+                    "(audio_url) instead.",
+                    retry_after=60,
+                )
         conn.execute(insert(uploads).values(id=upload_id, size=size, sha256="", complete=False, created_at=utcnow()))
         seq = 0
         while chunk := source.read(CHUNK):

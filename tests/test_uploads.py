@@ -205,14 +205,29 @@ def test_files_over_relay_max_bytes_are_413(make_app, job_settings, form, paddin
 
 
 def test_stored_bytes_are_bounded_with_a_clear_503(make_app, job_settings):
-    app = make_app(job_settings.replace(upload_store_bytes=100_000), workers=0)
+    app = make_app(job_settings.replace(upload_store_bytes=300_000), workers=0)
     client = app.test_client()
-    data = audio_bytes("wav_pcm16_mono.wav")  # 64 KB: one fits, two do not
-    assert raw(client, {"name": "one", "wait_seconds": "0"}, data).status_code == 202
-    response = raw(client, {"name": "two", "wait_seconds": "0"}, data)
+    data = audio_bytes("wav_pcm16_mono.wav")  # 64 KB
+    for account in ("A", "B"):  # two each: 256 KB of 300 KB
+        for n in range(2):
+            query = {"name": f"{account}{n}", "user_id": account, "wait_seconds": "0"}
+            assert raw(client, query, data).status_code == 202
+    response = raw(client, {"name": "C", "user_id": "C", "wait_seconds": "0"}, data)
     assert (response.status_code, response.json["error_code"]) == (503, "upload_storage_full")
-    assert response.headers["Retry-After"] == "60"
-    assert stored(app)[0] == 1
+    assert response.headers["Retry-After"] == "60" and "RELAY_UPLOAD_STORE_BYTES" in response.json["error_message"]
+    assert stored(app)[0] == 4
+
+
+def test_one_accounts_waiting_files_leave_room_for_the_others(make_app, job_settings):
+    # A backlog of one account's files (waiting behind its own limit) must not refuse everyone else's.
+    app = make_app(job_settings.replace(upload_store_bytes=300_000), workers=0)
+    client = app.test_client()
+    data = audio_bytes("wav_pcm16_mono.wav")  # 64 KB: one account may hold 150 KB, two files
+    answers = [raw(client, {"name": f"A{n}", "user_id": "A", "wait_seconds": "0"}, data) for n in range(3)]
+    assert [answer.status_code for answer in answers] == [202, 202, 503]
+    assert "one account may hold at most half" in answers[2].json["error_message"]
+    other = raw(client, {"name": "B", "user_id": "B", "wait_seconds": "0"}, data)
+    assert other.status_code == 202
 
 
 def test_the_same_key_and_file_make_one_job(app, fake):
