@@ -270,12 +270,21 @@ def get_voice_clone(job_id: str):
     g.status_unknown = True
     authenticate()
     job = _runtime().store.get(job_id) if _JOB_ID.match(job_id) else None
-    if job is None:
+    if job is None or not _same_account(job):
         raise JobNotFound()
     g.log["job_id"] = job.id
     answer = _job_answer(job)
     answer.status_code = 200  # reading the job worked; the body says how the clone went
     return answer
+
+
+def _same_account(job) -> bool:
+    """A request that names its useapi account (``X-Useapi-Token``) sees only that account's jobs,
+    as if the others did not exist; one that names none (the relay key alone) sees any."""
+    token = request.headers.get("X-Useapi-Token", "").strip()
+    if not token or job.account_key is None:
+        return True
+    return account_key(token, job.request.get("user_id")) == job.account_key
 
 
 def _following_note(name: str, leader_id: str) -> str:

@@ -63,6 +63,20 @@ def test_a_poll_claimed_after_its_window_looks_once_more_before_failing(make_app
     assert (job.phase, job.answer["error_code"]) == ("ready", None), job.answer
 
 
+def test_a_job_is_read_only_by_its_own_account_when_the_request_names_one(make_app, job_settings, fake, audio_host):
+    client = make_app(job_settings).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Mine", "metadata": {"row": "private"}}
+    job = post(client, body).json  # made with TOKEN's account
+    path = f"/v1/voice-clones/{job['job_id']}"
+    other = {**HEADERS, "X-Useapi-Token": "another-accounts-token-0000"}
+    refused = client.get(path, headers=other)
+    assert (refused.status_code, refused.json["error_code"]) == (404, "job_not_found")
+    assert "private" not in refused.get_data(as_text=True)
+    assert client.get(path, headers=HEADERS).json["metadata"] == {"row": "private"}  # its own account
+    key_only = {"Authorization": HEADERS["Authorization"]}  # the relay key alone: the operator sees any job
+    assert client.get(path, headers=key_only).status_code == 200
+
+
 def test_queued_jobs_show_their_place_in_line(make_app, job_settings, fake, audio_host):
     fake.upload_delay = 0.5
     app = make_app(job_settings.replace(account_concurrency=1, inprocess_workers=3))
