@@ -41,7 +41,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 # as opposed to a statement it answered with an error (a bug): answered 503 database_unavailable.
 # These classes also carry bugs (SQLite's "no such column" is an OperationalError): see unavailable().
 UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
-_SQLITE_UNAVAILABLE = ("locked", "unable to open", "disk i/o error", "busy")
+_SQLITE_UNAVAILABLE = ("locked", "unable to open", "disk i/o error", "busy", "disk is full", "readonly")
+# PostgreSQL SQLSTATE classes of a database that cannot be used just now: connection, transaction
+# rolled back (deadlock, serialization), insufficient resources, lock not available, operator
+# intervention, system (I/O) error.
+_PG_UNAVAILABLE = ("08", "40", "53", "55P03", "57", "58")
 
 
 def unavailable(err: BaseException) -> bool:
@@ -56,7 +60,7 @@ def unavailable(err: BaseException) -> bool:
     orig = err.orig
     code = getattr(orig, "sqlstate", None)  # PostgreSQL (psycopg): the SQLSTATE's class says which
     if code:
-        return code[:2] in ("08", "53", "57")  # connection, insufficient resources, operator intervention
+        return code.startswith(_PG_UNAVAILABLE)
     if type(orig).__module__.startswith("sqlite3"):
         said = str(orig).lower()
         return any(word in said for word in _SQLITE_UNAVAILABLE)
@@ -170,6 +174,7 @@ uploads = Table(
     Column("sha256", String(64), nullable=False),
     Column("complete", Boolean, nullable=False, default=False),  # all chunks written
     Column("created_at", DateTime, nullable=False),
+    Column("account_key", String(64), nullable=True),  # whose: one account holds at most half the store
 )
 
 upload_chunks = Table(
@@ -289,8 +294,14 @@ def _v10(conn: Connection) -> None:
     indexes = {index["name"] for index in found.get_indexes("jobs")}
     if "ix_jobs_created_at" not in indexes:
         conn.execute(text("CREATE INDEX ix_jobs_created_at ON jobs (created_at, id)"))
-    if "ix_jobs_processing" not in indexes:
+
+
+def _v11(conn: Connection) -> None:
+    found = inspect(conn)
+    if "ix_jobs_processing" not in {index["name"] for index in found.get_indexes("jobs")}:
         conn.execute(text("CREATE INDEX ix_jobs_processing ON jobs (account_key) WHERE phase = 'uploaded'"))
+    if "account_key" not in {column["name"] for column in found.get_columns("uploads")}:
+        conn.execute(text("ALTER TABLE uploads ADD COLUMN account_key VARCHAR(64)"))
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
@@ -303,7 +314,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "one job per adopted voice", _v7),
     (8, "jobs that wait for a job making a voice of the same name", _v8),
     (9, "callback URLs kept sealed for a re-send", _v9),
-    (10, "audio links kept sealed for the console; jobs by creation time; clones useapi is making", _v10),
+    (10, "audio links kept sealed for the console; jobs by creation time", _v10),
+    (11, "clones useapi is making, by account; uploaded files by account", _v11),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -54,15 +54,13 @@ def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int, a
                 retry_after=60,
             )
         if account is not None:
+            # Counted in this locked transaction (a burst of one account's files is counted whole);
+            # an account may always store one file that fits the store.
             own = (
-                conn.scalar(
-                    select(func.coalesce(func.sum(uploads.c.size), 0))
-                    .select_from(uploads.join(jobs, jobs.c.id == uploads.c.id))
-                    .where(jobs.c.account_key == account)
-                )
+                conn.scalar(select(func.coalesce(func.sum(uploads.c.size), 0)).where(uploads.c.account_key == account))
                 or 0
             )
-            if own + size > limit // 2:
+            if own and own + size > limit // 2:
                 raise UploadStorageFull(
                     f"This account's uploaded files waiting for their jobs take {own / 1048576:.0f} MiB; one account "
                     f"may hold at most half of RELAY_UPLOAD_STORE_BYTES ({limit // 2 / 1048576:.0f} MiB), so that "
@@ -70,7 +68,11 @@ def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int, a
                     "(audio_url) instead.",
                     retry_after=60,
                 )
-        conn.execute(insert(uploads).values(id=upload_id, size=size, sha256="", complete=False, created_at=utcnow()))
+        conn.execute(
+            insert(uploads).values(
+                id=upload_id, size=size, sha256="", complete=False, created_at=utcnow(), account_key=account
+            )
+        )
         seq = 0
         while chunk := source.read(CHUNK):
             digest.update(chunk)

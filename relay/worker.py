@@ -713,7 +713,9 @@ class CloneWorker:
                 raise err
             delay = self.policy.delay(failed, err.retry_after)
             queue_end = job.created_at + timedelta(seconds=self.settings.queue_timeout_seconds)
-            if utcnow() + timedelta(seconds=delay) >= queue_end:
+            # Only a job the queue's bound still applies to (never uploaded, waiting for no other job).
+            queued = job.phase == RECEIVED and not job.upload_attempts and not job.follows
+            if queued and utcnow() + timedelta(seconds=delay) >= queue_end:
                 raise err
         else:
             # A step with a window of its own (reconcile, poll) claims the job at every look, so

@@ -200,6 +200,21 @@ def test_if_exists_ends_with_useapis_refusal_or_outage_not_a_queue_timeout(make_
     assert fake.upload_count() == 0
 
 
+def test_a_clone_past_the_queue_bound_after_a_refused_upload_still_looks_again(
+    make_app, job_settings, fake, audio_host
+):
+    # The queue's bound is for jobs no worker took: one already uploading (a 503, retried later)
+    # that meets a failed listing looks again, as any if_exists look does.
+    fake.refusals = [(503, {"Retry-After": "3"})]
+    client = make_app(job_settings.replace(queue_timeout_seconds=2)).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Retried", "if_exists": "reuse"}
+    first = post(client, {**body, "wait_seconds": 0}).json
+    wait_until(lambda: len(fake.uploads) == 1)
+    fake.lookup_refusals = [(500, {})]  # the look before the second upload fails once
+    answer = wait_until(lambda: _ended(client, first), timeout=20)
+    assert (answer["status"], len(fake.uploads)) == ("ready", 2), answer
+
+
 def test_a_refused_token_while_looking_for_a_lost_answers_voice_says_a_voice_may_exist(
     make_app, lossy, fake, audio_host
 ):
@@ -518,6 +533,20 @@ def test_a_database_that_stops_answering_is_503_database_unavailable(make_app, j
     assert "database did not answer" in page.text and "database_unavailable" in page.text
     logged = [record for record in caplog.records if "database unavailable" in record.getMessage()]
     assert logged and not any(record.exc_info for record in logged)  # one line per request, no traceback
+
+
+def test_a_database_that_cannot_take_writes_is_unavailable_not_a_bug(tmp_path):
+    # A read-only (or full) SQLite file: the database cannot be used just now; retry later, no bug.
+    path = tmp_path / "ro.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    engine.dispose()
+    readonly = sqlalchemy.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    with pytest.raises(sqlalchemy.exc.OperationalError) as caught, readonly.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+    readonly.dispose()
+    assert "readonly" in str(caught.value) and db.unavailable(caught.value)
 
 
 def test_a_statement_the_database_refuses_is_a_bug_with_its_traceback_not_unavailable(make_app, settings, caplog):

@@ -11,6 +11,7 @@ import requests
 from sqlalchemy import func, select
 
 from relay import db, uploads
+from relay.errors import UploadStorageFull
 
 from .conftest import HEADERS, audio_bytes, over_http, post, wait_until
 from .test_convert import MEDIA
@@ -228,6 +229,22 @@ def test_one_accounts_waiting_files_leave_room_for_the_others(make_app, job_sett
     assert "one account may hold at most half" in answers[2].json["error_message"]
     other = raw(client, {"name": "B", "user_id": "B", "wait_seconds": "0"}, data)
     assert other.status_code == 202
+
+
+def test_an_accounts_share_counts_files_whose_jobs_are_not_written_yet_and_one_file_always_fits(make_app, job_settings):
+    # A burst: each file is stored before its job row exists, so the share is counted on the files.
+    app = make_app(job_settings.replace(upload_store_bytes=300_000), workers=0)
+    engine = app.extensions["relay.runtime"].engine
+    data = audio_bytes("wav_pcm16_mono.wav")  # 64 KB; one account may hold 150 KB
+    for n in range(2):
+        uploads.save(engine, io.BytesIO(data), len(data), f"{n:032x}", 300_000, account="A")
+    with pytest.raises(UploadStorageFull, match="one account may hold at most half"):
+        uploads.save(engine, io.BytesIO(data), len(data), f"{2:032x}", 300_000, account="A")
+    # A file larger than half the store, while the account holds none: taken (a 60 s retry would never help).
+    big = data * 3  # 192 KB of 300 KB, with 128 KB stored: over the whole store
+    with pytest.raises(UploadStorageFull, match="RELAY_UPLOAD_STORE_BYTES"):
+        uploads.save(engine, io.BytesIO(big), len(big), f"{3:032x}", 300_000, account="B")
+    assert uploads.save(engine, io.BytesIO(big[:160_000]), 160_000, f"{4:032x}", 300_000, account="B").size == 160_000
 
 
 def test_the_same_key_and_file_make_one_job(app, fake):
