@@ -302,6 +302,13 @@ def _v11(conn: Connection) -> None:
         conn.execute(text("CREATE INDEX ix_jobs_processing ON jobs (account_key) WHERE phase = 'uploaded'"))
     if "account_key" not in {column["name"] for column in found.get_columns("uploads")}:
         conn.execute(text("ALTER TABLE uploads ADD COLUMN account_key VARCHAR(64)"))
+    # Files stored before: their job's account (a file whose job is not written yet stays unnamed).
+    conn.execute(
+        text(
+            "UPDATE uploads SET account_key = (SELECT jobs.account_key FROM jobs WHERE jobs.id = uploads.id) "
+            "WHERE account_key IS NULL"
+        )
+    )
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [

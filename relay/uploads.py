@@ -56,8 +56,13 @@ def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int, a
         if account is not None:
             # Counted in this locked transaction (a burst of one account's files is counted whole);
             # an account may always store one file that fits the store.
+            # A file an older process stored names no account: its job does.
             own = (
-                conn.scalar(select(func.coalesce(func.sum(uploads.c.size), 0)).where(uploads.c.account_key == account))
+                conn.scalar(
+                    select(func.coalesce(func.sum(uploads.c.size), 0))
+                    .select_from(uploads.outerjoin(jobs, jobs.c.id == uploads.c.id))
+                    .where(func.coalesce(uploads.c.account_key, jobs.c.account_key) == account)
+                )
                 or 0
             )
             if own and own + size > limit // 2:

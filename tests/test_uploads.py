@@ -247,6 +247,19 @@ def test_an_accounts_share_counts_files_whose_jobs_are_not_written_yet_and_one_f
     assert uploads.save(engine, io.BytesIO(big[:160_000]), 160_000, f"{4:032x}", 300_000, account="B").size == 160_000
 
 
+def test_a_file_an_older_process_stored_counts_for_its_jobs_account(make_app, job_settings):
+    # During a deploy an older process stores files without their account: their job names it.
+    app = make_app(job_settings.replace(upload_store_bytes=300_000), workers=0)
+    runtime = app.extensions["relay.runtime"]
+    data = audio_bytes("wav_pcm16_mono.wav")  # 64 KB; one account may hold 150 KB
+    for n in range(2):
+        job_id = f"{n:032x}"
+        uploads.save(runtime.engine, io.BytesIO(data), len(data), job_id, 300_000)  # no account, as before
+        runtime.store.create(job_id, request={"name": "old"}, account_key="A", token_kind="server")
+    with pytest.raises(UploadStorageFull, match="one account may hold at most half"):
+        uploads.save(runtime.engine, io.BytesIO(data), len(data), f"{9:032x}", 300_000, account="A")
+
+
 def test_the_same_key_and_file_make_one_job(app, fake):
     client = app.test_client()
     data = audio_bytes("wav_pcm16_mono.wav")
