@@ -428,7 +428,7 @@ class CloneWorker:
             raise self._with_doubt(job, err) from None
         except UpstreamError as err:
             if last:
-                self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
+                self._note_failed_look(job, err)
                 raise self._unconfirmed(job, request) from None
             self._later(job, err, until=window_end)
             return
@@ -469,6 +469,14 @@ class CloneWorker:
             for event in events.for_job(self.store.engine, job.id)
         ) or any(detail.startswith("no new voice") for _kind, detail in self._pending_events("reconcile"))
         return UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds, looked))
+
+    def _note_failed_look(self, job: Job, err: UpstreamError) -> None:
+        self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
+
+    def _failed_looks(self, job: Job, since=None) -> int:
+        """The job's looks at useapi that failed: written ones (``since`` a moment) and this step's."""
+        written = events.count(self.store.engine, job.id, "lookup_failed", since=since)
+        return written + len(self._pending_events("lookup_failed"))
 
     def _pending_events(self, kind: str) -> list[tuple[str, str]]:
         """This step's events not yet written, of ``kind``: (kind, detail)."""
@@ -551,7 +559,7 @@ class CloneWorker:
             raise self._with_doubt(job, err) from None
         except UpstreamError as err:
             if last:
-                self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
+                self._note_failed_look(job, err)
                 raise self._not_ready(job, accepted) from None
             self._later(job, err, until=window_end)
             return
@@ -568,9 +576,7 @@ class CloneWorker:
             self._save(job, release=True, next_run_at=later)
 
     def _not_ready(self, job: Job, accepted) -> ReadyTimeout:
-        failed = events.count(self.store.engine, job.id, "lookup_failed", since=accepted) + len(
-            self._pending_events("lookup_failed")
-        )
+        failed = self._failed_looks(job, since=accepted)
         return ReadyTimeout(
             f"The voice was not ready {self.settings.ready_timeout_seconds:g} s after useapi.net accepted it. "
             "It may still finish: check it with GET /v1/voices/<cloned_voice_item_id>."
@@ -704,11 +710,7 @@ class CloneWorker:
         if until is None:
             # Counted by the looks that failed (claims count every wait and check as well), and
             # never past the queue's own bound: the job ends with the error it met, not queue_timeout.
-            failed = (
-                events.count(self.store.engine, job.id, "lookup_failed")
-                + len(self._pending_events("lookup_failed"))
-                + 1
-            )
+            failed = self._failed_looks(job) + 1
             if failed >= self.settings.max_attempts * 3:
                 raise err
             delay = self.policy.delay(failed, err.retry_after)
@@ -724,7 +726,7 @@ class CloneWorker:
         if err.fields.get("upstream_status") == 429:
             # The account waits what useapi asked (else one retry base), not this job's back-off.
             self.store.back_off(job.account_key, self.policy.retry_after(err.retry_after) or self.policy.base)
-        self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
+        self._note_failed_look(job, err)
         when = utcnow() + timedelta(seconds=delay)
         self._save(job, release=True, next_run_at=min(when, until) if until is not None else when)
 
