@@ -45,7 +45,7 @@ NEXT_STEPS: dict[str, str] = {
     "queue_timeout": "No worker started the clone within `RELAY_QUEUE_TIMEOUT_SECONDS` (workers not running, or far more work than workers). Nothing was uploaded: send it again.",
     "storage_full": "The relay could not write the recording to its own disk (full, or `RELAY_SPOOL_DIR` unusable). The relay's problem, not the link's: the operator frees space; retry later.",
     "relay_restarting": "The relay stopped (a deploy, the host's daily restart) while the request was still arriving; nothing was kept: send it again after `Retry-After`.",
-    "database_unavailable": "The relay's own database did not answer (down, restarting, busy, or every connection of `RELAY_DATABASE_CONNECTIONS` in use): retry after `Retry-After`; the operator checks `/readyz`. A clone request answered so with `status` null may have been stored just before: send it again with the same `Idempotency-Key` (safe), or look for it before sending it without one.",
+    "database_unavailable": "The relay's own database could not be used (down, restarting, busy, full or read-only, or every connection of `RELAY_DATABASE_CONNECTIONS` in use): retry after `Retry-After`; the operator checks `/readyz`. A clone request answered so with `status` null may have been stored just before: send it again with the same `Idempotency-Key` (safe), or look for it before sending it without one.",
     "csrf_failed": "The console form was not sent from its own page, or the page is too old: reload it and send the form again.",
     "login_rate_limited": "Too many wrong relay keys from one address: wait `Retry-After` seconds, then sign in with the right key.",
     "internal_error": "A bug in the relay; the `request_id` finds it in the logs.",
