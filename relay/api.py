@@ -449,11 +449,10 @@ def _job_answer(job, note: str | None = None):
 
 def _idempotency_key(account: str | None) -> str | None:
     """The request's ``Idempotency-Key`` as stored: scoped to its account (see :func:`db.scoped_key`)."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key:  # absent, or left blank by a no-code tool's header template: no key
         return None
-    key = key.strip()
-    if not key or len(key) > 255 or not key.isprintable():
+    if len(key) > 255 or not key.isprintable():
         raise InvalidRequest("Idempotency-Key must be 1-255 printable characters.")
     return db.scoped_key(account, key)
 

@@ -75,9 +75,24 @@ def test_the_blueprint_body_is_json_encoded_by_make_never_pasted(client, audio_h
     sent["dry_run"] = True
     headers = {h["name"]: h["value"] for h in http["headers"]}
     assert headers["Authorization"] == "Bearer YOUR_RELAY_API_KEY"
-    response = client.post("/v1/voice-clones", json=sent, headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    # one Drive file, one clone: Make running the module again for the file gets the first job
+    assert headers["Idempotency-Key"] == "drive-file-{{1.id}}"
+    sent_headers = {"Authorization": f"Bearer {RELAY_KEY}", "Idempotency-Key": f"drive-file-{drive['1.id']}"}
+    response = client.post("/v1/voice-clones", json=sent, headers=sent_headers)
     assert response.status_code == 200, response.json
     assert response.json["name"] == 'Bob "take 2"'
+    again = client.post("/v1/voice-clones", json=sent, headers=sent_headers)
+    assert again.json["job_id"] == response.json["job_id"]
+
+
+def test_both_blueprints_send_one_idempotency_key_per_drive_file():
+    for path in (SPEC / "make" / "blueprints").glob("*.json"):
+        found = modules(json.loads(path.read_text())["flow"])
+        posts = [m for m in found if m["module"] == "http:MakeRequest" and m["mapper"]["method"] == "post"]
+        assert posts, path.name
+        for http in posts:
+            headers = {h["name"]: h["value"] for h in http["mapper"]["headers"]}
+            assert headers["Idempotency-Key"] == "drive-file-{{1.id}}", path.name
 
 
 def passes(module: dict, outputs: dict[int, dict]) -> bool:
@@ -153,6 +168,16 @@ def node_types(workflow: dict) -> list[str]:
     return [node["type"] for node in workflow["nodes"]]
 
 
+# One key per execution and item: n8n's "Retry On Fail" reruns the node within the same execution. The
+# resume URL without its query names the n8n instance and the execution (the id alone restarts at 1 on a
+# new instance); a key met again with another body is a clear 422, never someone else's clone.
+N8N_KEY = "={{ $execution.resumeUrl.split('?')[0] }}/item-{{ $itemIndex }}"
+
+
+def n8n_idempotency_key(http: dict) -> str:
+    return {h["name"]: h["value"] for h in http["headerParameters"]["parameters"]}["Idempotency-Key"]
+
+
 def test_the_n8n_workflow_waits_for_the_relays_callback():
     workflow = json.loads(N8N.read_text())
     assert workflow["id"]  # `n8n import:workflow --input=<file>` needs one
@@ -168,6 +193,7 @@ def test_the_n8n_workflow_waits_for_the_relays_callback():
     http = nodes["Start the clone (relay)"]["parameters"]
     assert http["url"].endswith("/v1/voice-clones") and http["method"] == "POST"
     assert "callback_url: $execution.resumeUrl" in http["jsonBody"]
+    assert n8n_idempotency_key(http) == N8N_KEY  # Retry On Fail, or a rerun, never pays twice
     # a relay that refuses at once (401, 422) must reach the branch, not stop the workflow
     assert http["options"]["response"]["response"]["neverError"] is True
     wait = nodes["Wait for the relay's callback"]["parameters"]
@@ -220,6 +246,7 @@ def test_the_n8n_binary_workflow_sends_the_item_as_a_multipart_file(client):
     assert binary == [{"parameterType": "formBinaryData", "name": "file", "inputDataFieldName": "data"}]
     fields = {p["name"]: p["value"] for p in parts if p.get("parameterType") != "formBinaryData"}
     assert fields["callback_url"] == "={{ $execution.resumeUrl }}"
+    assert n8n_idempotency_key(http) == N8N_KEY
     # What n8n sends for a binary item read from disk: the file as part "file", the fields as text.
     sent = {name: value for name, value in fields.items() if not value.startswith("=")}
     sent.update(metadata=json.dumps({"file": "voice-note.ogg"}), dry_run="true", wait_seconds="20")

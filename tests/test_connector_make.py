@@ -184,19 +184,39 @@ def test_the_file_module_sends_a_multipart_request_the_relay_takes(client):
         "dry_run": "true",
         "convert": "auto",
         "metadata": '{"row": 7}',
+        "idempotency_key": "",
     }
-    form = {}
-    for key, value in communication["body"].items():
-        if isinstance(value, dict):  # the file: value and file name
-            form[key] = (io.BytesIO(given["data"]), given["fileName"])
-        elif isinstance(value, str):
-            form[key] = re.sub(r"\{\{parameters\.(\w+)\}\}", lambda m: given[m.group(1)], value)
-        else:
-            form[key] = str(value)
-    form["wait_seconds"] = "20"  # the test client is not Make: it need not wait 280 s
-    headers = {"Authorization": f"Bearer {RELAY_KEY}"}
-    response = client.post("/v1/voice-clones", data=form, content_type="multipart/form-data", headers=headers)
-    assert response.status_code == 200, response.json
-    body = response.json
+
+    def send(**changes):
+        values = {**given, **changes}
+        fill = lambda text: re.sub(r"\{\{parameters\.(\w+)\}\}", lambda m: values[m.group(1)], text)  # noqa: E731
+        form = {}
+        for key, value in communication["body"].items():
+            if isinstance(value, dict):  # the file: value and file name
+                form[key] = (io.BytesIO(values["data"]), values["fileName"])
+            elif isinstance(value, str):
+                form[key] = fill(value)
+            else:
+                form[key] = str(value)
+        form["wait_seconds"] = "20"  # the test client is not Make: it need not wait 280 s
+        headers = {name: fill(value) for name, value in communication["headers"].items()}
+        headers["Authorization"] = f"Bearer {RELAY_KEY}"
+        response = client.post("/v1/voice-clones", data=form, content_type="multipart/form-data", headers=headers)
+        assert response.status_code == 200, response.json
+        return response.json
+
+    body = send()  # the key left unmapped: Make sends the header blank
     assert (body["status"], body["source_format"], body["converted"]) == ("validated", "opus", True)
     assert body["metadata"] == {"row": 7}
+    assert send()["job_id"] != body["job_id"]
+    keyed = send(idempotency_key="form-entry-7")
+    assert send(idempotency_key="form-entry-7")["job_id"] == keyed["job_id"]  # Make ran the module again
+
+
+def test_each_clone_module_can_send_an_idempotency_key():
+    for module in ("cloneVoice", "cloneVoiceFromFile", "startVoiceClone"):
+        communication = json.loads((MAKE / f"modules/{module}/{module}.communication.iml.json").read_text())
+        assert communication["headers"] == {"Idempotency-Key": "{{parameters.idempotency_key}}"}
+        params = json.loads((MAKE / f"modules/{module}/{module}.mappable-params.iml.json").read_text())
+        (param,) = [p for p in params if p["name"] == "idempotency_key"]
+        assert param["required"] is False

@@ -108,7 +108,7 @@ def scenario(workflow_id: str, relay: str, key: str, audio_url: str, name: str, 
     start["url"] = start["url"].replace("https://YOUR-RELAY.example.com", relay)
     values = {"Bearer YOUR_RELAY_API_KEY": f"Bearer {key}", "YOUR_USEAPI_TOKEN_OR_EMPTY": TOKEN}
     for header in start["headerParameters"]["parameters"]:
-        header["value"] = values[header["value"]]
+        header["value"] = values.get(header["value"], header["value"])
     assert PLACEHOLDER_AUDIO in start["jsonBody"] and "'My voice'" in start["jsonBody"]
     start["jsonBody"] = start["jsonBody"].replace(PLACEHOLDER_AUDIO, audio_url).replace("'My voice'", repr(name))
     for n, branch in enumerate(("true", "false")):
@@ -180,6 +180,7 @@ def test_each_relay_answer_takes_its_branch_first_time(n8n, relay, fake, audio_h
             n8n.import_workflow(scenario(workflow_id, base, key, url, name, httpserver))
         n8n.start()
         store = app.extensions["relay.runtime"].store
+        keys = []
         for workflow_id, (*_, branch, code) in cases.items():
             httpserver.clear_log()
             result = n8n.execute(workflow_id)
@@ -192,8 +193,17 @@ def test_each_relay_answer_takes_its_branch_first_time(n8n, relay, fake, audio_h
             if answer["job_id"]:
                 job = store.get(answer["job_id"])
                 assert job.callback_status == "delivered"
+                assert job.idempotency_key, "the workflow sends one key per execution and item"
+                keys.append(job.idempotency_key)
                 # How many deliveries it took is timing, not an assertion: test_measure_the_first_callback_race.
                 print(f"{workflow_id}: callback delivered at attempt {job.callback_attempts}")
+        # Each execution sends its own key: running a workflow again is a new clone, not the last one's answer.
+        httpserver.clear_log()
+        assert n8n.execute("relayE2eReady001").returncode == 0
+        ((taken, again),) = wait_until(lambda: reports(httpserver), timeout=60)
+        assert taken == "true" and again["job_id"]
+        keys.append(store.get(again["job_id"]).idempotency_key)
+        assert len(keys) >= 2 and len(set(keys)) == len(keys), keys
 
 
 @pytest.mark.skipif(not os.environ.get("N8N_E2E_RACE_RUNS"), reason="a measurement: set N8N_E2E_RACE_RUNS")

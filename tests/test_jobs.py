@@ -198,6 +198,16 @@ def test_the_same_key_with_another_body_is_422(make_app, job_settings, audio_hos
     assert (other.status_code, other.json["error_code"]) == (422, "idempotency_key_reused")
 
 
+def test_a_blank_idempotency_key_counts_as_none(make_app, job_settings, audio_host):
+    """A no-code tool's header template sends the header even when its field is left empty."""
+    client = make_app(job_settings).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = post(client, {"audio_url": url, "name": "A", "dry_run": True}, {"Idempotency-Key": ""})
+    other = post(client, {"audio_url": url, "name": "B", "dry_run": True}, {"Idempotency-Key": "  "})
+    assert (first.status_code, other.status_code) == (200, 200), (first.json, other.json)
+    assert first.json["job_id"] != other.json["job_id"]
+
+
 def test_an_overlong_idempotency_key_is_400(make_app, job_settings):
     client = make_app(job_settings).test_client()
     response = post(client, {"audio_url": "https://example.com/a.wav", "name": "x"}, {"Idempotency-Key": "k" * 256})
