@@ -363,7 +363,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             self.cfg.set("workers", workers)
             self.cfg.set("threads", settings.threads)
             # The rest as in production (Procfile, Dockerfile): relay/gunicorn_conf.py.
-            for name in ("worker_class", "timeout", "graceful_timeout", "keepalive", "accesslog", "worker_exit"):
+            copied = ("worker_class", "worker_connections", "timeout", "graceful_timeout", "keepalive", "accesslog")
+            for name in (*copied, "worker_exit"):
                 self.cfg.set(name, getattr(gunicorn_conf, name))
             self.cfg.set("when_ready", listening)
 

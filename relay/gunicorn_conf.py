@@ -33,6 +33,10 @@ threads = _settings.threads
 timeout = int(max(_settings.max_wait_seconds, _settings.upload_timeout) + 60)
 graceful_timeout = 25  # Heroku and Render send SIGKILL 30 s after SIGTERM
 keepalive = 5
+# Connections a worker process holds at once (gunicorn's default, said here because the event loop
+# counts on it): requests still arriving may take at most 3/4 of them, the oldest is answered 408
+# past that (relay/server.py), so whole requests are always accepted.
+worker_connections = 1000
 accesslog = None  # the relay writes its own JSON access line per request
 
 

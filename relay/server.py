@@ -21,11 +21,15 @@ TLS-terminating router) keep gthread's own behaviour.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import selectors
+import socket
+import struct
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +60,17 @@ _CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:.*chunked", re.IGNORECASE | re
 _EXPECT = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r?\n", re.IGNORECASE | re.MULTILINE)
 _CONNECTION = re.compile(rb"^connection[ \t]*:[^\n]*\n", re.IGNORECASE | re.MULTILINE)
 _STOP_GRACE = 2.0  # a stopping worker still takes a request that is arriving, for this long
+# Unfinished requests the event loop holds at most, in bytes of buffered heads and JSON bodies and as
+# a share of gunicorn's worker_connections (past which it stops accepting connections at all): past
+# either, the oldest unfinished one is answered 408 so that complete requests are always taken.
+ARRIVAL_BYTES = 32 * 1024 * 1024
+ARRIVAL_SHARE = 0.75
+# What the kernel does not take of an answer at once is kept here and sent by the event loop, so a
+# thread never waits on a client that reads slowly or not at all; beyond these (per connection, per
+# process) a thread waits after all, for at most RELAY_REQUEST_READ_TIMEOUT without progress.
+KEPT_PER_ANSWER = 4 * 1024 * 1024
+KEPT_BYTES = 64 * 1024 * 1024
+LINGER = 2.0  # after the last answer, how long a closing connection's late bytes are read and dropped
 
 
 def request_state(buffer: bytes, body_limit: int, upload_limit: int, chunks: Chunks | None = None) -> str:
@@ -182,6 +197,12 @@ def _log_refusal(arrival: _Arrival | None, refusal: RelayError, request_id: str)
     access_log.info("%s %s %s", method, path, refusal.http_status, extra={"fields": fields})
 
 
+_CROWDED = (
+    "The relay was holding too many unfinished requests, and this one was the oldest: send the whole "
+    "request in one go, then retry."
+)
+
+
 _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -218,6 +239,7 @@ class _Arrival:
 
     buffer: bytearray
     deadline: float
+    counted: int = 0  # bytes of ``buffer`` counted in the worker's ``buffered``
     spool: BinaryIO | None = None
     left: int | None = None  # body bytes still to come; None for a chunked body
     chunks: Chunks | None = None  # a spooled chunked body's framing, followed to its end
@@ -243,6 +265,68 @@ def _spooled(spool: BinaryIO):
             yield chunk
 
 
+class _Answering:
+    """A connection's socket as the thread serving it writes the answer: what the kernel takes at
+    once is sent, the rest is kept for the event loop to send (:meth:`RelayWorker.finish_request`),
+    and the thread goes back to the pool. A client that reads its answer slowly, or never, costs
+    memory within ``KEPT_PER_ANSWER``/``KEPT_BYTES``, never a thread. Anything else is the socket's."""
+
+    def __init__(self, sock: socket.socket, worker: RelayWorker):
+        self._sock = sock
+        self._worker = worker
+        self.pending = bytearray()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def sendall(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if not self.pending:
+            sent = 0
+            try:
+                while sent < len(view):
+                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+            view = view[sent:]
+            if not view:
+                return
+        if len(self.pending) + len(view) <= KEPT_PER_ANSWER and self._worker.keep(len(view)):
+            self.pending += view
+            return
+        # Over what may be kept: wait for the reader (bounded by the socket's send timeout).
+        if self.pending:
+            self._sock.sendall(self.pending)
+            self._worker.unkeep(len(self.pending))
+            self.pending = bytearray()
+        self._sock.sendall(view)
+
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        """Small files (the pages' assets) go the same way as any answer."""
+        file.seek(offset)
+        data = file.read(count) if count else file.read()
+        self.sendall(data)
+        return len(data)
+
+    def send_rest(self) -> bool:
+        """From the event loop: send what the kernel takes now; True once nothing is left."""
+        try:
+            while self.pending:
+                sent = self._sock.send(self.pending, socket.MSG_DONTWAIT)
+                del self.pending[:sent]
+                self._worker.unkeep(sent)
+        except (BlockingIOError, InterruptedError):
+            pass
+        return not self.pending
+
+    def drop(self) -> None:
+        self._worker.unkeep(len(self.pending))
+        self.pending = bytearray()
+
+
 class RelayWorker(ThreadWorker):
     """gunicorn's gthread worker whose event loop reads each request whole before a thread serves it.
 
@@ -255,8 +339,13 @@ class RelayWorker(ThreadWorker):
         self.read_timeout = settings.request_read_timeout
         self.body_limit = settings.max_json_bytes
         self.upload_limit = settings.upload_request_limit
-        self.reading: dict[object, _Arrival] = {}
+        self.reading: dict[object, _Arrival] = {}  # in arrival order: the first is the oldest
         self.receiving = 0  # bytes of large bodies this process is receiving, as they declare
+        self.buffered = 0  # bytes of unfinished heads and JSON bodies held in buffers
+        self.kept = 0  # bytes of answers kept for the event loop to send (see _Answering)
+        self._kept_lock = threading.Lock()
+        self.closing: dict[object, float] = {}  # connections finishing an answer, then closing: their deadlines
+        self.arrival_limit = max(16, int((self.cfg.worker_connections - self.cfg.threads) * ARRIVAL_SHARE))
 
     def handle_exit(self, sig, frame):
         """SIGTERM: requests waiting for a clone answer now (202 + ``status_url``) instead of being
@@ -273,7 +362,8 @@ class RelayWorker(ThreadWorker):
             return super().enqueue_req(conn)
         # Bytes a previous request's body drain read ahead (a pipelined request) start the buffer.
         ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
-        self.reading[conn] = _Arrival(bytearray(ahead), time.monotonic() + self.read_timeout)
+        self.reading[conn] = arrival = _Arrival(bytearray(ahead), time.monotonic() + self.read_timeout)
+        self._count(arrival, len(ahead))
         conn.sock.setblocking(False)
         # A kept-alive connection is handed here because it is readable, and a new one has often
         # received its request already: read at once, and wait on the poller only for the rest.
@@ -286,6 +376,29 @@ class RelayWorker(ThreadWorker):
                 self._drop(conn)
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        self._shed(keep=conn)
+
+    def _count(self, arrival: _Arrival, more: int) -> None:
+        arrival.counted += more
+        self.buffered += more
+
+    def _uncount(self, arrival: _Arrival) -> None:
+        self.buffered -= arrival.counted
+        arrival.counted = 0
+
+    def _shed(self, keep) -> None:
+        """Answer the oldest unfinished requests 408 while more are held than the event loop allows
+        (``ARRIVAL_SHARE`` of the connections, ``ARRIVAL_BYTES`` of buffers): one client opening a
+        thousand connections and sending a byte now and then must not stop the worker accepting.
+        Files being received are bounded by ``RELAY_UPLOAD_STORE_BYTES`` instead, and kept."""
+        if len(self.reading) <= self.arrival_limit and self.buffered <= ARRIVAL_BYTES:
+            return
+        for conn, arrival in list(self.reading.items()):
+            if len(self.reading) <= self.arrival_limit and self.buffered <= ARRIVAL_BYTES:
+                return
+            if conn is keep or arrival.spool is not None:
+                continue
+            self._drop(conn, RequestTimeout(_CROWDED) if arrival.buffer else None)
 
     def _receive(self, conn) -> bool:
         """Read what has arrived; False (and the connection dropped) when the client went away."""
@@ -301,6 +414,9 @@ class RelayWorker(ThreadWorker):
         arrival = self.reading[conn]
         if arrival.spool is None:
             arrival.buffer.extend(data)
+            self._count(arrival, len(data))
+            if self.buffered > ARRIVAL_BYTES:
+                self._shed(keep=conn)
             return True
         refusal = self._spool(arrival, data)
         if refusal is not None:
@@ -391,7 +507,7 @@ class RelayWorker(ThreadWorker):
             return False
         if registered:
             self.poller.unregister(conn.sock)
-        del self.reading[conn]
+        self._uncount(self.reading.pop(conn))
         if conn.parser is None:
             # What TConn.init would build in the thread (plain HTTP/1.x); the thread then reads
             # the request from this buffer instead of the socket.
@@ -412,7 +528,115 @@ class RelayWorker(ThreadWorker):
         conn.data_ready = True  # nothing more may arrive on the socket: do not wait for it
         conn.relay_buffered = True
         conn.sock.setblocking(True)
+        if not isinstance(conn.sock, _Answering):
+            # A thread that must wait for its reader after all (an answer over what may be kept)
+            # gives up after this long without progress: the kernel's send timeout, as gthread
+            # makes the socket blocking again.
+            seconds = self.read_timeout
+            conn.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+            )
+            conn.sock = _Answering(conn.sock, self)
         self.enqueue_req(conn)
+
+    def keep(self, size: int) -> bool:
+        """Count ``size`` bytes of an answer as kept, if the process's budget has room (any thread)."""
+        with self._kept_lock:
+            if self.kept + size > KEPT_BYTES:
+                return False
+            self.kept += size
+            return True
+
+    def unkeep(self, size: int) -> None:
+        with self._kept_lock:
+            self.kept -= size
+
+    def finish_request(self, conn, fs):
+        """After a thread served ``conn``: an answer not yet all sent is sent from here, and a
+        connection to close is closed from here without waiting on its client (gthread's own
+        graceful close would wait up to 2 s for the client, in the event loop, for every one)."""
+        if isinstance(conn.sock, _Answering) and conn.sock.pending:
+            self._close_later(conn)
+            return
+        try:
+            result = fs.result() if not fs.cancelled() else False
+        except Exception:  # noqa: BLE001 - the thread's failure was logged there; close as gthread does
+            result = False
+        if not result and not self.cfg.is_ssl:
+            self._close_later(conn)
+            return
+        super().finish_request(conn, fs)
+
+    def _close_later(self, conn) -> None:
+        """Send what is left of the answer, then close the connection the graceful way (RFC 9112
+        section 9.6: end our side, read and drop what the client still sends, then close), all by
+        the event loop; the answer has ``RELAY_REQUEST_READ_TIMEOUT`` without progress, the rest
+        ``LINGER`` seconds."""
+        try:
+            conn.sock.setblocking(False)
+        except OSError:
+            self._closed(conn)
+            return
+        out = conn.sock if isinstance(conn.sock, _Answering) else None
+        if out is not None and out.pending:
+            self.closing[conn] = time.monotonic() + self.read_timeout
+            self.poller.register(conn.sock, selectors.EVENT_WRITE, partial(self._on_writable, conn))
+        else:
+            self._linger(conn)
+
+    def _on_writable(self, conn, _sock) -> None:
+        out = conn.sock
+        try:
+            before = len(out.pending)
+            done = out.send_rest()
+        except OSError:  # the client went away
+            self._closed(conn)
+            return
+        if done:
+            self.poller.unregister(conn.sock)
+            self._linger(conn)
+        elif len(out.pending) < before:
+            self.closing[conn] = time.monotonic() + self.read_timeout
+
+    def _linger(self, conn) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._closed(conn)
+            return
+        self.closing[conn] = time.monotonic() + LINGER
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering, conn))
+
+    def _on_lingering(self, conn, _sock) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client closed its side too
+            self._closed(conn)
+
+    def _closed(self, conn) -> None:
+        self.closing.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        if isinstance(conn.sock, _Answering):
+            conn.sock.drop()
+        self.nr_conns -= 1
+        conn.close()
+
+    def handle_request(self, req, conn):
+        try:
+            return super().handle_request(req, conn)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            # The send timeout passed: the client took no byte of its answer for that long.
+            self.log.info("closed a connection whose client took no byte of its answer in %g s", self.read_timeout)
+            return False
 
     def _start_spool(self, arrival: _Arrival) -> RelayError | None:
         """Receive the rest of a large body into a file; or the refusal to answer instead."""
@@ -446,6 +670,7 @@ class RelayWorker(ThreadWorker):
             return _disk_full(err)
         # A declared length is counted at once; a chunked body as its bytes arrive.
         arrival.line = head.split(b"\r\n", 1)[0]
+        self._uncount(arrival)
         arrival.left, arrival.charged, arrival.buffer = length, length or 0, bytearray()
         arrival.chunks = arrival.framing if chunked else None
         self.receiving += arrival.charged
@@ -461,6 +686,7 @@ class RelayWorker(ThreadWorker):
         if arrival is not None:
             self.receiving -= arrival.charged
             arrival.charged = 0
+            self._uncount(arrival)
 
     def _too_large(self, buffer: bytes | None = None) -> str:
         if buffer is not None and buffer.find(b"\r\n\r\n") < 0:
@@ -499,6 +725,9 @@ class RelayWorker(ThreadWorker):
     def murder_pending(self):
         super().murder_pending()
         now = time.monotonic()
+        for conn, deadline in list(self.closing.items()):
+            if deadline <= now:
+                self._closed(conn)
         for conn, arrival in list(self.reading.items()):
             try:
                 if not self.alive and arrival.deadline > now + _STOP_GRACE:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import socket
 import subprocess
 import threading
@@ -129,6 +131,85 @@ def test_slow_clients_and_waiters_past_the_budget_leave_health_checks_answered(s
             assert body["status"] == "queued" and body["status_url"].endswith(body["job_id"])
         busy = [n for n, response in answers.items() if BUSY_WARNING in response.json()["warnings"]]
         assert len(busy) == 2  # the two past the budget; the other two waited their 15 s
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_clients_that_never_read_large_answers_hold_no_thread(serve):
+    """Pipelined requests for a 70 KB answer, never read: the kernel takes a little of each answer,
+    the relay keeps the rest for its event loop to send, and the threads serve everyone else."""
+    base = serve(RELAY_LOG_LEVEL="WARNING")  # no access lines: they would fill the output pipe
+    host, port = base.removeprefix("http://").split(":")
+    hogs = []
+    try:
+        for _ in range(8):  # twice the 4 threads
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+            sock.connect((host, int(port)))
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: relay\r\n\r\n" * 100)  # 7 MB of answers
+            hogs.append(sock)
+        time.sleep(1)  # every hog's first answers are written, or being written
+        for _ in range(5):
+            assert requests.get(base + "/healthz", timeout=5).json()["ok"] is True
+            time.sleep(0.2)
+        # A hog that reads after all gets its first answer whole, then the connection ends.
+        hog = hogs[0]
+        hog.settimeout(20)
+        received = b""
+        while chunk := hog.recv(65536):
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        assert len(body) >= length and body[:length].rstrip().endswith(b"}")
+    finally:
+        for sock in hogs:
+            sock.close()
+
+
+def test_closing_connections_do_not_hold_up_the_event_loop(serve):
+    """Clients that ask for ``Connection: close`` and then neither read nor close: each connection is
+    closed the graceful way (late bytes read and dropped for a moment) by the event loop, without
+    waiting on it (gunicorn's own close waited up to 2 s per connection, the whole worker stalled)."""
+    base = serve()
+    host, port = base.removeprefix("http://").split(":")
+    lingering = []
+    try:
+        for _ in range(10):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            lingering.append(sock)
+        for _ in range(3):
+            assert requests.get(base + "/healthz", timeout=5).json()["ok"] is True
+        answer = lingering[0].recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200") and lingering[0].recv(65536) == b""  # answered, then closed
+    finally:
+        for sock in lingering:
+            sock.close()
+
+
+def test_a_thousand_unfinished_requests_cannot_stop_the_relay_accepting(serve):
+    """Past 3/4 of gunicorn's worker_connections (1000), the oldest unfinished request is answered
+    408, so whole requests are still accepted (at 1000 gthread stops accepting at all)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip("this test needs 1400 open files (ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    # Warnings only: hundreds of 408 access lines would fill the output pipe this test does not read.
+    base = serve(RELAY_LOG_LEVEL="WARNING")
+    stalled = []
+    try:
+        for _ in range(1050):
+            stalled.append(slow_client(base))
+        for _ in range(3):
+            assert requests.get(base + "/healthz", timeout=5).json()["ok"] is True
+        shed = stalled[0]  # the oldest
+        shed.settimeout(10)
+        answer = shed.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and b"too many unfinished requests" in answer
+        assert stalled[-1].send(b"X") == 1  # the newest is still being read
     finally:
         for sock in stalled:
             sock.close()
