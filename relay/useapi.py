@@ -367,9 +367,12 @@ def _error_for(
     status = response.status_code
     payload = _json(response)
     said_error = isinstance(payload.get("error"), str)
-    # useapi's own refusal: {error, code} (a gateway's JSON has an error too, rarely a code), and
-    # never a gateway's 502/504, which after a whole body is the classic lost answer.
-    readable = said_error and isinstance(payload.get("code"), int) and status not in (502, 504)
+    # useapi's own refusal: {error, code} (a gateway's JSON has an error too, rarely a code) with a
+    # 4xx, or a 503 with Retry-After ("unable to handle the request now", RFC 9110). After a whole
+    # body no other 5xx proves that nothing was made, useapi's own {error, code} 500 included (it
+    # creates a voice, then names it): that is reconciled, never uploaded again.
+    refused = status < 500 or (status == 503 and bool(response.headers.get("Retry-After")))
+    readable = said_error and isinstance(payload.get("code"), int) and refused
     said = _text(payload.get("error")) or _text(payload.get("message")) or response.reason or "no details"
     said = scrub(said, token)[:_MAX_MESSAGE]  # scrubbed first: a cut could leave part of a token
     if status == 401:
@@ -390,10 +393,12 @@ def _error_for(
     if 300 <= status < 400:
         return _invalid(response, what, "an answer, not a redirect", maybe_created=complete)
     if complete and not readable:
-        # A proxy's error page (or a gateway's 502/504) after the whole body went through: useapi may have taken it.
+        # A 5xx or a proxy's page after the whole body went through: useapi may have taken it.
+        how = f"({said})" if said_error and status >= 500 else "without useapi's own answer"
         return UpstreamUnavailable(
-            f"useapi.net's side failed with HTTP {status} during {what}, without useapi's own answer. "
-            "The voice may still have been created: the relay checks the account's voices before anything else.",
+            f"useapi.net's side failed with HTTP {status} during {what}, {how}, after the whole recording "
+            "went out. The voice may still have been created: the relay checks the account's voices before "
+            "anything else.",
             upstream_status=status,
             maybe_created=True,
         )

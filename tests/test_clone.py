@@ -74,11 +74,10 @@ UPSTREAM_FAILURES = [
     (404, {"error": "Account not found", "code": 404}, 422, "upstream_rejected", "Account not found", 1),
     # useapi answered, so it did not take the voice: retried up to RELAY_MAX_ATTEMPTS (3 here)
     (429, {"error": "Too many requests", "code": 429}, 429, "upstream_rate_limited", "Wait", 3),
-    (500, {"error": "Internal error", "code": 500}, 502, "upstream_unavailable", "HTTP 500", 3),
-    (503, {"error": "Service Unavailable", "code": 503}, 502, "upstream_unavailable", "HTTP 503", 3),
 ]
-# (An error page that is not useapi's own answer may come from a proxy after the whole body went
-# through: that one is reconciled, never resent — see tests/test_faults.py.)
+# (Any other 5xx after the whole body went through, useapi's own included, and an error page that is
+# not useapi's own answer, are reconciled, never resent — see tests/test_faults.py. A 503 with
+# Retry-After is useapi saying it took nothing: retried, see tests/test_jobs.py.)
 
 
 @pytest.mark.parametrize(("status", "payload", "relay_status", "code", "says", "uploads"), UPSTREAM_FAILURES)

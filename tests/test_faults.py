@@ -123,6 +123,9 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         (502, '{"error": "Bad gateway", "code": 502}', "application/json"),
         (408, "<html>Request Timeout</html>", "text/html"),
         (408, '{"error": "Request Timeout"}', "application/json"),  # a proxy's JSON: no useapi code
+        # useapi's own 500, or 503 without Retry-After: it may have made the voice before it failed
+        (500, '{"error": "Internal error", "code": 500}', "application/json"),
+        (503, '{"error": "Service Unavailable", "code": 503}', "application/json"),
     ],
     ids=[
         "html-200",
@@ -134,6 +137,8 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         "gateway-502-json",
         "proxy-408-html",
         "proxy-408-json-without-code",
+        "useapi-own-500",
+        "useapi-own-503-without-retry-after",
     ],
 )
 def test_an_unreadable_upload_answer_is_never_success_and_never_resent(

@@ -102,7 +102,7 @@ def test_a_wait_that_sees_the_end_answers_like_the_synchronous_relay(make_app, j
 
 
 def test_429_before_acceptance_is_retried_honouring_retry_after(make_app, job_settings, fake, audio_host):
-    fake.refusals = [(429, {"Retry-After": "1"}), (503, {})]
+    fake.refusals = [(429, {"Retry-After": "1"}), (503, {"Retry-After": "1"})]
     client = make_app(job_settings).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     response = post(client, {"audio_url": url, "name": "Patient", "wait_seconds": 15})
