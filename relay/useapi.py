@@ -285,7 +285,9 @@ class Useapi:
                 maybe_created=sent is not None and sent.complete,
             )
         if missing_ok and response.status_code == 404:
-            return response
+            if _says_missing(response):
+                return response
+            raise _invalid(response, what, "useapi's {error, code: 404} for a voice it does not have")
         if not 200 <= response.status_code < 300:
             complete = method == "POST" and sent is not None and sent.complete
             raise _error_for(response, what, self._token, complete, self.settings.max_retry_after_seconds)
@@ -409,6 +411,13 @@ def _error_for(
         upstream_status=status,
         retry_after=_retry_after(response, max_retry_after),  # e.g. a 503 during maintenance
     )
+
+
+def _says_missing(response: requests.Response) -> bool:
+    """A 404 that is useapi's own "No record found" (``{error, code: 404}``): the voice does not
+    exist. A proxy's page or an empty 404 says nothing about the voice, and is an error."""
+    payload = _json(response)
+    return isinstance(payload.get("error"), str) and payload.get("code") == 404
 
 
 def scrub(text: str, token: str | None) -> str:

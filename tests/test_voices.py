@@ -210,6 +210,22 @@ def test_deleting_a_voice_that_is_gone_is_still_ok(client, useapi):
     assert (response.json["ok"], response.json["deleted"]) == (True, False)
 
 
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [("<html><body>404 Not Found</body></html>", "text/html"), ("", "text/plain"), ('{"error": "nope"}', "x")],
+    ids=["proxy-page", "empty", "json-without-code"],
+)
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_404_that_is_not_useapis_own_says_nothing_about_the_voice(client, useapi, body, kind, method):
+    """Only useapi's {error, code: 404} means "no such voice": a proxy's 404 is an unreadable answer,
+    never "not found" (someone would clone again) nor "already deleted"."""
+    voice_id = ODD_IDS[0]
+    useapi.expect_request(f"{LIST}{voice_id}", method=method).respond_with_data(body, status=404, content_type=kind)
+    response = client.open(f"/v1/voices/{voice_id}", method=method, headers=AUTH)
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer"), response.json
+    assert response.json["ok"] is False
+
+
 def test_voice_endpoints_need_the_relay_key_and_a_token(client, useapi):
     assert client.get("/v1/voices", headers={"X-Useapi-Token": TOKEN}).status_code == 401
     response = client.get("/v1/voices", headers={"Authorization": f"Bearer {RELAY_KEY}"})
