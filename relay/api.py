@@ -39,7 +39,7 @@ from .errors import (
 from .runtime import Runtime
 from .schemas import CloneRequestSchema, VoiceQuerySchema, describe_validation_error
 from .settings import Settings
-from .tokens import MEMORY, account_key
+from .tokens import MEMORY, account_key, check_token
 from .useapi import Useapi
 
 access_log = logging.getLogger("relay.access")
@@ -511,6 +511,7 @@ def authenticate() -> None:
     """Require the relay key when one is configured (constant-time comparison)."""
     if not settings().accepts_key(request.headers.get("X-Relay-Key", ""), request.headers.get("Authorization", "")):
         raise Unauthorized()
+    check_token(request.headers.get("X-Useapi-Token", "").strip() or None)
 
 
 def upstream_token() -> str | None:

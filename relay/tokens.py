@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import RESUBMIT, TokenUnavailable
+from .errors import RESUBMIT, InvalidRequest, TokenUnavailable
 from .settings import Settings
 
 SERVER, SEALED, MEMORY = "server", "sealed", "memory"
@@ -104,3 +104,13 @@ class TokenVault:
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._memory.pop(job_id, None)
+
+
+def check_token(token: str | None) -> None:
+    """Refuse a useapi token no HTTP header can carry (a curly quote, a zero-width space or a line
+    break from a paste): useapi's tokens are printable ASCII. ``None``: none given, nothing to check."""
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise InvalidRequest(
+            "The useapi.net token holds a character no token has (a curly quote, a zero-width space or a "
+            "line break, often from a paste). Copy it again from useapi.net and paste it as plain text."
+        )

@@ -160,6 +160,7 @@ def _is_public(address: IPAddress) -> bool:
         or address.is_link_local
         or address.is_reserved
         or address.is_unspecified
+        or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)  # fec0::/10, still routed in places
     )
 
 

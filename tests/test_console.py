@@ -594,6 +594,29 @@ def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web
     assert "upstream_unauthorized" in wrong.text
 
 
+@pytest.mark.parametrize("pasted", [TOKEN + "\u2019", "\u200b" + TOKEN, TOKEN[:8] + "\r\n" + TOKEN[8:]])
+def test_a_token_pasted_with_a_character_no_token_has_is_refused_before_any_job(console, audio_host, fake, pasted):
+    """A curly quote, a zero-width space or a line break from a paste: before, a job was made whose
+    upload crashed at every retry (no header can carry them), and the voices page was a 500."""
+    url = serve_file(audio_host, "wav_pcm16_mono.wav", "/pasted.wav")
+    tried = console.post("/console/try", {"audio_url": url, "name": "Pasted", "token": pasted})
+    assert tried.status_code == 200 and "invalid_request" in tried.text and "plain text" in tried.text
+    assert "Pasted" not in console.get("/console").text and fake.upload_count() == 0  # no job
+    listed = console.post("/console/voices", {"action": "list", "token": pasted})
+    assert listed.status_code == 200 and "invalid_request" in listed.text and "plain text" in listed.text
+
+
+def test_an_api_call_whose_token_no_header_may_carry_is_400(client):
+    response = client.get("/v1/voices", headers={**HEADERS, "X-Useapi-Token": TOKEN + "\u00e9"})
+    assert (response.status_code, response.json["error_code"]) == (400, "invalid_request")
+
+
+def test_a_next_target_with_a_line_break_goes_to_the_list(console):
+    page = console.get("/console/login", params={"next": "/console\r\nX-Evil: 1"}, allow_redirects=False)
+    assert page.status_code in (302, 303) and page.headers["Location"].endswith("/console")
+    assert "X-Evil" not in page.headers
+
+
 def test_the_voices_page_names_its_account_keeps_it_on_cancel_and_ends_within_the_lookup_timeout(
     make_app, fake, tmp_path
 ):

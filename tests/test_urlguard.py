@@ -36,6 +36,7 @@ FORBIDDEN_ADDRESSES = [
     "64:ff9b::a9fe:a9fe",
     "::127.0.0.1",
     "2001:db8::1",
+    "fec0::1",  # site-local: deprecated, still routed inside some networks
 ]
 PUBLIC_ADDRESSES = ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
 

@@ -37,7 +37,7 @@ from ..api import database_unavailable, on_http_error
 from ..db import UNAVAILABLE, unavailable, utcnow
 from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, NotFound, RelayError, Unauthorized
 from ..jobs import Job
-from ..tokens import fingerprint
+from ..tokens import check_token, fingerprint
 from ..useapi import Useapi
 from .home import public_base
 from .security import (
@@ -247,7 +247,13 @@ def logout():
 
 def _safe_next(target: str | None) -> str:
     """Only a path inside the console: never another host (no open redirect)."""
-    if target and target.startswith("/console") and not target.startswith("//") and "\\" not in target:
+    if (
+        target
+        and target.startswith("/console")
+        and not target.startswith("//")
+        and "\\" not in target
+        and target.isprintable()  # no CR/LF: a header value cannot hold them
+    ):
         return target
     return url_for("console.clones")
 
@@ -457,6 +463,19 @@ def _masked_url(url: str) -> str:
 @bp.route("/voices", methods=["GET", "POST"])
 def voices_page():
     typed = (request.form.get("token") or "").strip() or None  # for this request only: never stored
+    try:
+        check_token(typed)
+    except RelayError as err:
+        return render_template(
+            "voices.html",
+            listed=None,
+            error=_error_view(err),
+            notice=None,
+            typed=None,
+            user_id=(request.values.get("user_id") or "").strip(),
+            account=None,
+            server_token=bool(_settings().useapi_token),
+        )
     user_id = (request.values.get("user_id") or "").strip() or None
     token = typed or _settings().useapi_token
     account = f"{user_id or 'default account'} · {'token' if typed else 'server token'} {fingerprint(token or '')}"
@@ -525,7 +544,12 @@ def try_clone():
         # job's answer instead of starting (and paying for) a second clone.
         try_key = (request.form.get("try_key") or "").strip()
         key = f"console-try-{try_key}" if _TRY_KEY.match(try_key) else None
-        status, answer = _through_the_api(body, (request.form.get("token") or "").strip() or None, key)
+        typed = (request.form.get("token") or "").strip() or None
+        try:
+            check_token(typed)
+            status, answer = _through_the_api(body, typed, key)
+        except RelayError as err:  # a token no header can carry: refused before any job exists
+            status, answer = answers.failure(err, answers.blank(g.request_id))
         result = {
             "status": status,
             "answer": answer,
