@@ -858,12 +858,14 @@ class JobStore:
         if self.on_change is not None:
             self.on_change(job_id)  # this one
 
-    def uploads_in_doubt(self, account_key: str | None, job_id: str) -> int:
-        """How many other jobs of the account have an upload whose outcome is not known yet."""
+    def uploads_in_doubt(self, account_key: str | None, job_id: str, name_key: str | None = None) -> int:
+        """How many other jobs of the account have an upload whose outcome is not known yet (with
+        ``name_key``: of the same voice name)."""
+        same_name = [jobs.c.name_key == name_key] if name_key is not None else []
         with reader(self.engine) as conn:
             return conn.scalar(
                 select(func.count()).where(
-                    jobs.c.account_key == account_key, jobs.c.id != job_id, jobs.c.phase == UPLOADING
+                    jobs.c.account_key == account_key, jobs.c.id != job_id, jobs.c.phase == UPLOADING, *same_name
                 )
             )
 

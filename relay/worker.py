@@ -484,12 +484,20 @@ class CloneWorker:
             return [(row["kind"], row.get("detail") or "") for row in self._events if row["kind"] == kind]
 
     def _unambiguous(self, job: Job, candidates: list[dict], wanted: str) -> dict | None:
-        """The voice this job's lost upload made, when the list says so beyond doubt: the newest
-        one with the job's name; or the only unnamed one while no other upload of the account is in
-        doubt (an unnamed voice could be another job's — then wait for the names to show)."""
+        """The voice this job's lost upload made, when the list says so beyond doubt: the one new
+        voice with the job's name while no other upload of that name is in doubt; or the only
+        unnamed one while no other upload of the account is. A voice could be another job's: then
+        wait for that job's own answer to claim it, or for the names to show. Two new voices of the
+        name that no job claims (two uploads that both lost their answers, or one made elsewhere)
+        cannot be told apart: no guess, and the job ends unconfirmed if nothing changes."""
         named = [v for v in candidates if v["name"] and v["name"].strip().casefold() == wanted]
         if named:
-            return max(named, key=lambda v: v["created_at"])
+            others = job.name_key is not None and self.store.uploads_in_doubt(job.account_key, job.id, job.name_key)
+            if len(named) == 1 and not others:
+                return named[0]
+            why = "another upload of this name is in doubt" if others else "no job claims them"
+            self._event(job, "reconcile", f"{len(named)} new voice(s) of this name; {why}: waiting")
+            return None
         if len(candidates) == 1 and not self.store.uploads_in_doubt(job.account_key, job.id):
             return candidates[0]
         if candidates:

@@ -67,6 +67,9 @@ class FakeUseapi:
         self.list_calls = 0
         self.lookup_delay = 0.0  # seconds a list or read of voices is held before answering
         self.lookup_refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next looks
+        # per upload, in the order they arrive: {"delay": s, "answer": (status, text, type)} instead of
+        # upload_delay and upload_answer
+        self.upload_plans: list[dict] = []
 
     def start(self) -> FakeUseapi:
         self.server.expect_request(UPLOAD, method="POST").respond_with_handler(self._upload)
@@ -106,6 +109,7 @@ class FakeUseapi:
         with self.lock:
             own = self.refusals_for.get(account)
             refusal = own.pop(0) if own else (self.refusals.pop(0) if self.refusals else None)
+            plan = self.upload_plans.pop(0) if self.upload_plans and refusal is None else {}
             self.uploads.append(
                 {
                     "name": request.args.get("name"),
@@ -145,9 +149,9 @@ class FakeUseapi:
                     "clonedVoiceItemId": voice_id,
                     "vocalUrl": f"https://cdn.example/{item_id}.mp3",
                 }
-            time.sleep(self.upload_delay)
-            if self.upload_answer is not None:
-                status, text, kind = self.upload_answer
+            time.sleep(plan.get("delay", self.upload_delay))
+            if (lost := plan.get("answer", self.upload_answer)) is not None:
+                status, text, kind = lost
                 return Response(text, status=status, content_type=kind)
             if ready:
                 return _json({"result": True, "itemId": item_id, "clonedVoiceItemId": voice_id}, 200)

@@ -220,6 +220,41 @@ def test_a_clone_past_the_queue_bound_after_a_refused_upload_still_looks_again(
     assert (answer["status"], len(fake.uploads)) == ("ready", 2), answer
 
 
+PROXY_502 = (502, "<html>502 Bad Gateway</html>", "text/html")
+
+
+def test_a_lost_answer_never_adopts_the_voice_of_another_upload_of_its_name(make_app, job_settings, fake, audio_host):
+    # A's answer is lost; B, same account and name, is answered late (useapi holds uploads up to
+    # 120 s). A must not take B's voice, the newest of its name: it waits for B's answer to claim it.
+    fake.upload_plans = [{"answer": PROXY_502}, {"delay": 2.5}]
+    # A looks once B's voice exists and before B's answer comes; B's voice is a second newer (the
+    # listing's times have whole seconds).
+    settings = job_settings.replace(reconcile_grace_seconds=2.0, ready_timeout_seconds=12, poll_interval_seconds=0.1)
+    client = make_app(settings).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Same name", "wait_seconds": 0}
+    first = post(client, body).json
+    wait_until(lambda: len(fake.uploads) == 1)
+    time.sleep(1.1)
+    second = post(client, body).json
+    a, b = (wait_until(lambda job=job: _ended(client, job), timeout=20) for job in (first, second))
+    assert (a["status"], b["status"]) == ("ready", "ready"), (a, b)
+    assert {a["cloned_voice_item_id"], b["cloned_voice_item_id"]} == set(fake.voices)  # one each
+    assert fake.upload_count() == 2
+
+
+def test_two_lost_answers_of_one_name_guess_no_voice(make_app, job_settings, fake, audio_host):
+    # Both answers lost: the two new voices of the name cannot be told apart. No guess (each job
+    # took the other's before): both end upload_unconfirmed, saying to list the voices first.
+    fake.upload_plans = [{"answer": PROXY_502}, {"answer": PROXY_502}]
+    settings = job_settings.replace(reconcile_grace_seconds=0.05, ready_timeout_seconds=3, poll_interval_seconds=0.1)
+    client = make_app(settings).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Twice", "wait_seconds": 0}
+    jobs = [post(client, body).json, post(client, body).json]
+    ended = [wait_until(lambda job=job: _ended(client, job), timeout=20) for job in jobs]
+    assert [job["error_code"] for job in ended] == ["upload_unconfirmed"] * 2, ended
+    assert fake.upload_count() == 2
+
+
 def test_a_refused_token_while_looking_for_a_lost_answers_voice_says_a_voice_may_exist(
     make_app, lossy, fake, audio_host
 ):
