@@ -287,7 +287,7 @@ class Useapi:
         if missing_ok and response.status_code == 404:
             if _says_missing(response):
                 return response
-            raise _invalid(response, what, "useapi's {error, code: 404} for a voice it does not have")
+            raise _wrong_address(response, what)
         if not 200 <= response.status_code < 300:
             complete = method == "POST" and sent is not None and sent.complete
             raise _error_for(response, what, self._token, complete, self.settings.max_retry_after_seconds)
@@ -394,6 +394,8 @@ def _error_for(
         )
     if 300 <= status < 400:
         return _invalid(response, what, "an answer, not a redirect", maybe_created=complete)
+    if status == 404 and not readable:
+        return _wrong_address(response, what)
     if complete and not readable:
         # A 5xx or a proxy's page after the whole body went through: useapi may have taken it.
         how = f"({said})" if said_error and status >= 500 else "without useapi's own answer"
@@ -410,6 +412,17 @@ def _error_for(
         f"useapi.net failed with HTTP {status} ({said}). Try again later.",
         upstream_status=status,
         retry_after=_retry_after(response, max_retry_after),  # e.g. a 503 during maintenance
+    )
+
+
+def _wrong_address(response: requests.Response, what: str) -> UpstreamInvalidAnswer:
+    """A 404 that is not useapi's own answer: no such address, so nothing was made or found there
+    (a web site's page for an unknown path: USEAPI_BASE_URL without ``api.``, or a proxy's)."""
+    return UpstreamInvalidAnswer(
+        f"useapi.net answered {what} with HTTP 404 and {_shape(response)}, not useapi's own answer: that address "
+        f"does not exist ({response.url.split('?', 1)[0]}). Check USEAPI_BASE_URL: it is https://api.useapi.net/v1 "
+        "unless you run a stand-in.",
+        upstream_status=404,
     )
 
 

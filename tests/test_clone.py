@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -97,6 +98,17 @@ def test_upstream_errors_map_to_the_documented_answer(
     assert says in body["error_message"]
     assert body["audio_format"] == "wav"  # what was learned before the failure is kept
     assert len(useapi.log) == uploads
+
+
+def test_a_useapi_base_url_that_is_a_web_site_fails_at_once_naming_the_setting(client, audio_host, useapi):
+    """USEAPI_BASE_URL without ``api.``: every path is a web site's 404 page. Nothing exists at that
+    address, so nothing was made: the clone ends at once naming the setting (it used to look for
+    a voice for 30 minutes, then say one "may have been charged")."""
+    useapi.expect_request(re.compile(".*")).respond_with_data("<html>Not Found</html>", 404, content_type="text/html")
+    response = clone(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "My voice"})
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer"), response.json
+    assert "HTTP 404" in response.json["error_message"] and "USEAPI_BASE_URL" in response.json["error_message"]
+    assert [entry[0].method for entry in useapi.log] == ["POST"]  # sent once, never looked for, never again
 
 
 def test_upstream_silence_is_reconciled_never_resent_then_upload_unconfirmed(make_app, settings, audio_host, useapi):
