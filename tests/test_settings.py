@@ -52,6 +52,9 @@ def test_values_are_parsed_and_typed():
         ({"PORT": "70000"}, "PORT must be at most 65535"),
         ({"RELAY_ALLOWED_NETWORKS": "not-a-cidr"}, "RELAY_ALLOWED_NETWORKS"),
         ({"USEAPI_BASE_URL": "ftp://x"}, "USEAPI_BASE_URL"),
+        # Without a scheme, status_url and the start page's links became relative paths.
+        ({"RELAY_PUBLIC_URL": "relay.example.com"}, "RELAY_PUBLIC_URL must be the address callers use"),
+        ({"RELAY_PUBLIC_URL": "https://relay.example.com/?x=1"}, "RELAY_PUBLIC_URL must be"),
         ({"RELAY_MIN_SECONDS": "5", "RELAY_MAX_SECONDS": "2"}, "RELAY_MAX_SECONDS"),
         ({"RELAY_LOG_LEVEL": "chatty"}, "RELAY_LOG_LEVEL"),
         # nan passes every range check: a lease of nan seconds queued clones for ever.
