@@ -33,6 +33,9 @@ from .errors import (
     RequestTooLarge,
     SecretKeyRequired,
     Unauthorized,
+    UpstreamError,
+    UpstreamPaymentRequired,
+    UpstreamUnauthorized,
     UrlNotAllowed,
     VoiceNotFound,
 )
@@ -163,7 +166,22 @@ def auth_check():
     source = "request" if given else ("server" if settings().useapi_token else None)
     if given:
         _check_token_can_be_kept()  # every clone with this connection would be refused: say so now
-    return jsonify(ok=True, version=__version__, useapi_token=source, request_id=g.request_id)
+    account = None
+    if source is not None:
+        # One look at useapi (a page of voices: free) so a connection test fails on a token useapi
+        # refuses, naming which token, instead of every clone failing later. Anything else that
+        # goes wrong with the look (useapi slow or down) does not fail the relay's own check.
+        token = upstream_token() or ""
+        try:
+            with deadline.bounded(settings().lookup_timeout), Useapi(settings(), token) as client:
+                client.list_voices(None)
+            account = "ok"
+        except (UpstreamUnauthorized, UpstreamPaymentRequired) as err:
+            which = "X-Useapi-Token" if given else "the relay's USEAPI_TOKEN"
+            raise type(err)(f"{err.message} (the token checked: {which}, …{token[-4:]})", **err.fields) from None
+        except UpstreamError as err:
+            account = f"not checked: {err.error_code}"
+    return jsonify(ok=True, version=__version__, useapi_token=source, useapi_account=account, request_id=g.request_id)
 
 
 @bp.post("/v1/voice-clones")

@@ -341,6 +341,13 @@ def build_spec() -> dict[str, Any]:
                                             "type": ["string", "null"],
                                             "enum": ["request", "server", None],
                                         },
+                                        "useapi_account": {
+                                            "type": ["string", "null"],
+                                            "description": "`ok`: useapi took the token (one free look at "
+                                            "its voices); `not checked: <error_code>` when useapi could not "
+                                            "be asked; null without a token. A token useapi refuses is 401 "
+                                            "`upstream_unauthorized` (402 without a subscription).",
+                                        },
                                         "request_id": {"type": "string"},
                                     },
                                 },
@@ -348,12 +355,15 @@ def build_spec() -> dict[str, Any]:
                                     "ok": True,
                                     "version": __version__,
                                     "useapi_token": "request",
+                                    "useapi_account": "ok",
                                     "request_id": "3f0c2b9e5d6a4f1e8b7c9d0a1b2c3d4e",
                                 },
                             }
                         },
                     },
-                    **_errors(400, 401),  # 400: secret_key_required (a per-request token this relay cannot keep)
+                    # 400: secret_key_required (a per-request token this relay cannot keep), or a token no
+                    # header can carry; 401/402: the relay key, or a token useapi refuses
+                    **_errors(400, 401, 402),
                 },
             }
         },

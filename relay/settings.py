@@ -122,7 +122,8 @@ class Settings:
             if public.scheme not in ("http", "https") or not public.hostname or public.query or public.fragment:
                 raise SettingsError(
                     "RELAY_PUBLIC_URL must be the address callers use, with its scheme and no query, such as "
-                    f"https://relay.example.com (got {self.public_url!r}): status_url and the pages' links start with it"
+                    f"https://relay.example.com (got {self.public_url!r}): status_url and the pages' links "
+                    "start with it"
                 )
         if self.default_wait_seconds > self.max_wait_seconds:
             raise SettingsError("RELAY_DEFAULT_WAIT_SECONDS must not exceed RELAY_MAX_WAIT_SECONDS")

@@ -109,6 +109,11 @@ class TokenVault:
 def check_token(token: str | None) -> None:
     """Refuse a useapi token no HTTP header can carry (a curly quote, a zero-width space or a line
     break from a paste): useapi's tokens are printable ASCII. ``None``: none given, nothing to check."""
+    if token is not None and token.startswith("YOUR_") and token.isupper():
+        raise InvalidRequest(
+            f"The useapi.net token is still the placeholder {token[:40]!r} of a shipped blueprint or workflow: put "
+            "your token there, or leave the value empty to use the relay's USEAPI_TOKEN."
+        )
     if token is not None and not (token.isascii() and token.isprintable()):
         raise InvalidRequest(
             "The useapi.net token holds a character no token has (a curly quote, a zero-width space or a "

@@ -9,7 +9,7 @@ import pytest
 from relay import __version__
 from relay.schemas import ANSWER_FIELDS
 
-from .conftest import RELAY_KEY, clone
+from .conftest import RELAY_KEY, TOKEN, clone
 
 
 def assert_error_shape(response, status: int, code: str) -> dict:
@@ -184,6 +184,28 @@ def test_auth_check_for_connectors(client, headers, status, source):
         assert response.json["ok"] is True and response.json["useapi_token"] == source
     else:
         assert response.json["error_code"] == "unauthorized"
+
+
+def test_auth_check_asks_useapi_whether_it_takes_the_token(make_app, job_settings, fake):
+    """A connection test with a token useapi refuses fails there, naming the token checked (before,
+    it passed, and every clone failed later)."""
+    client = make_app(job_settings).test_client()
+    key = {"Authorization": f"Bearer {RELAY_KEY}"}
+    good = client.get("/v1/auth", headers={**key, "X-Useapi-Token": TOKEN})
+    assert (good.status_code, good.json["useapi_account"]) == (200, "ok")
+    refused = client.get("/v1/auth", headers={**key, "X-Useapi-Token": "t-wrong-0000000000"})
+    assert (refused.status_code, refused.json["error_code"]) == (401, "upstream_unauthorized")
+    assert "X-Useapi-Token, …0000" in refused.json["error_message"]
+    server = make_app(job_settings.replace(useapi_token="t-stale-1111111111")).test_client()
+    stale = server.get("/v1/auth", headers=key)
+    assert stale.status_code == 401 and "the relay's USEAPI_TOKEN, …1111" in stale.json["error_message"]
+    placeholder = client.get("/v1/auth", headers={**key, "X-Useapi-Token": "YOUR_USEAPI_TOKEN_OR_EMPTY"})
+    assert (placeholder.status_code, placeholder.json["error_code"]) == (400, "invalid_request")
+    assert "placeholder" in placeholder.json["error_message"]
+    fake.lookup_delay = 3  # useapi too slow to ask: the relay's own check still passes
+    slow = make_app(job_settings.replace(lookup_timeout=0.5)).test_client()
+    answer = slow.get("/v1/auth", headers={**key, "X-Useapi-Token": TOKEN}).json
+    assert answer["ok"] is True and answer["useapi_account"] == "not checked: upstream_timeout"
 
 
 def test_auth_check_refuses_a_per_request_token_the_relay_could_not_keep(make_app, settings):
