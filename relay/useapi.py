@@ -262,16 +262,20 @@ class Useapi:
     ) -> requests.Response:
         timeout = timeout or (self.settings.connect_timeout, self.settings.read_timeout)
         total = total or self.settings.connect_timeout + self.settings.read_timeout
+        outer = deadline.current()
         with deadline.bounded(total) as limit:
+            # The bound that applies, as the message says it: an enclosing one (a look-up's
+            # RELAY_LOOKUP_TIMEOUT over a walk of pages) when it ends first.
+            bound = round(outer.seconds if outer is not None and limit.seconds < total else total, 1)
             try:
                 response = (session or self.session).request(
                     method, self.base + path, timeout=timeout, allow_redirects=False, stream=True, **kwargs
                 )
                 whole = _read_answer(response)
             except requests.RequestException as err:
-                raise self._translate(err, method, what, total, limit.expired, sent) from None
+                raise self._translate(err, method, what, bound, limit.expired, sent) from None
         if limit.expired:  # the watchdog cut the answer short: whatever arrived is not the answer
-            raise self._translate(requests.Timeout(), method, what, total, True, sent)
+            raise self._translate(requests.Timeout(), method, what, bound, True, sent)
         if not whole:
             raise UpstreamInvalidAnswer(
                 f"useapi.net answered {what} with HTTP {response.status_code} and more than "

@@ -206,6 +206,10 @@ def test_auth_check_asks_useapi_whether_it_takes_the_token(make_app, job_setting
     slow = make_app(job_settings.replace(lookup_timeout=0.5)).test_client()
     answer = slow.get("/v1/auth", headers={**key, "X-Useapi-Token": TOKEN}).json
     assert answer["ok"] is True and answer["useapi_account"] == "not checked: upstream_timeout"
+    # The message names the bound that ended the look (RELAY_LOOKUP_TIMEOUT), not the call's own.
+    listed = slow.get("/v1/voices", headers={**key, "X-Useapi-Token": TOKEN})
+    assert (listed.status_code, listed.json["error_code"]) == (504, "upstream_timeout")
+    assert "within 0.5 s" in listed.json["error_message"], listed.json["error_message"]
 
 
 def test_auth_check_refuses_a_per_request_token_the_relay_could_not_keep(make_app, settings):
