@@ -131,15 +131,27 @@ def is_allowed(address: IPAddress, allowed: Iterable[Network] = ()) -> bool:
     return all(_in(inner, allowed) or _is_public(inner) for inner in embedded) if embedded else _is_public(address)
 
 
+# Path segments that look like a secret: a Telegram bot's token (``/file/bot<id>:<token>/…``, the link
+# a bot hands over for a voice note), or a long run of letters and digits (a key, a JWT, a signature).
+_SECRET_SEGMENT = re.compile(r"bot\d+:[\w-]+|(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{32,}")
+
+
+def secret_segment(segment: str) -> bool:
+    """Whether a URL path segment looks like a secret (see ``_SECRET_SEGMENT``)."""
+    return _SECRET_SEGMENT.fullmatch(segment) is not None
+
+
 def redact(url: str) -> str:
-    """``url`` without credentials, query string or fragment: safe for logs and answers."""
+    """``url`` without credentials, query string, fragment, or path segments that look like a
+    secret (each shown as ``…``): safe for logs, answers and rows kept after the job."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if ":" in host:
             host = f"[{host}]"
         netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        path = "/".join("…" if secret_segment(segment) else segment for segment in parts.path.split("/"))
+        return urlunsplit((parts.scheme, netloc, path, "", ""))
     except ValueError:
         return "<unparseable URL>"
 

@@ -374,7 +374,7 @@ def test_the_curl_of_an_ended_job_repeats_its_links_whole_or_says_what_was_not_k
     serve_file(audio_host, "wav_pcm16_mono.wav", "/share")
     audio_host.expect_request("/hook", method="POST").respond_with_data("", status=200)
     link = audio_host.url_for("/share") + "?id=1AbCdEf&rlkey=k9x8&X-Amz-Signature=s3cr3t"
-    hook = audio_host.url_for("/hook") + "?signature=abc123&row=7"
+    hook = audio_host.url_for("/hook") + "?signature=abc123&row=7&code=AzFuncKey9s3cr3t&hm=9f3cdead"
     body = {"audio_url": link, "name": "Shared", "convert": "never", "callback_url": hook, "wait_seconds": 20}
     with over_http(make_app(settings)) as base:
         answer = requests.post(f"{base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()
@@ -384,10 +384,11 @@ def test_the_curl_of_an_ended_job_repeats_its_links_whole_or_says_what_was_not_k
         wait_until(lambda: "delivered" in console.get(f"/console/clones/{answer['job_id']}").text)
         curl, page = _curl_of(console, answer["job_id"])
     assert '"convert": "never"' in curl
-    for secret in ("s3cr3t", "abc123"):
+    for secret in ("s3cr3t", "abc123", "9f3cdead"):
         assert secret not in page
     if sealed:
-        assert "id=1AbCdEf&rlkey=****&X-Amz-Signature=****" in curl and "signature=****&row=7" in curl
+        assert "id=1AbCdEf&rlkey=****&X-Amz-Signature=****" in curl
+        assert "signature=****&row=7&code=****&hm=****" in curl
         assert "?…" not in curl
     else:
         assert audio_host.url_for("/share") + "?…" in curl and audio_host.url_for("/hook") + "?…" in curl

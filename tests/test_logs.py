@@ -28,3 +28,20 @@ def test_a_clone_logs_one_line_without_secrets(make_app, settings, audio_host, u
     text = "\n".join(lines)
     for secret in (TOKEN, RELAY_KEY, "server-token-zzzzzzzzzzzz", "sig-s3cr3t", "cred-s3cr3t"):
         assert secret not in text
+
+
+def test_a_secret_in_a_links_path_is_not_logged_answered_or_kept(make_app, job_settings, audio_host, caplog):
+    """A Telegram bot's file link carries the bot's token in its path: it reaches neither the
+    access line, nor the error message (answered, stored, sent to the callback), nor the job row."""
+    caplog.set_level(logging.DEBUG)
+    app = make_app(job_settings)
+    bot = "bot7712345678:AAHsEcReT-kQ9xZ_abcdefghijklmnopq"
+    link = audio_host.url_for(f"/file/{bot}/voice/missing_9.oga")  # not served: the host answers 404
+    response = clone(app.test_client(), {"audio_url": link, "name": "From a bot"})
+    assert response.json["error_code"] == "download_failed", response.json
+    assert "/file/…/voice/missing_9.oga" in response.json["error_message"]
+    job = app.extensions["relay.runtime"].store.get(response.json["job_id"])
+    formatter = JsonFormatter()
+    lines = "\n".join(formatter.format(r) for r in caplog.records if r.name.startswith("relay"))
+    for where in (lines, json.dumps(response.json), json.dumps(job.request), json.dumps(job.answer)):
+        assert "AAHsEcReT" not in where

@@ -32,7 +32,7 @@ from flask import (
 from markupsafe import Markup, escape
 from werkzeug.exceptions import HTTPException
 
-from .. import __version__, answers, deadline, events, history, next_steps, voices
+from .. import __version__, answers, deadline, events, history, next_steps, urlguard, voices
 from ..api import database_unavailable, on_http_error
 from ..db import UNAVAILABLE, unavailable, utcnow
 from ..errors import CsrfFailed, JobNotFound, LoginRateLimited, NotFound, RelayError, Unauthorized
@@ -55,7 +55,11 @@ log = logging.getLogger("relay.web")
 bp = Blueprint("console", __name__, url_prefix="/console")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _TRY_KEY = re.compile(r"^[0-9a-f]{32}$")
-_SECRET_PARAM = re.compile(r"sig|token|key|secret|credential|auth|password|pass", re.IGNORECASE)
+# Query parameters that carry a secret: by name (signatures, tokens, keys), and the short names of
+# common signed links (Discord's hm, Azure Functions' code).
+_SECRET_PARAM = re.compile(
+    r"sig|token|key|secret|credential|auth|password|pass|hmac|jwt|hash|^hm$|^code$|^sas$", re.IGNORECASE
+)
 NOTICES = {
     "resent": "The callback will be sent again now; its attempts appear in the timeline.",
     "resend_refused": "Not sent again: the job has no callback URL, has not ended, or a delivery is running.",
@@ -451,10 +455,9 @@ def _masked_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return url
-    if not parts.query:
-        return url
+    path = "/".join("****" if urlguard.secret_segment(segment) else segment for segment in parts.path.split("/"))
     query = [(k, "****" if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
+    return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, safe="*"), parts.fragment))
 
 
 # --- voices ---------------------------------------------------------------------------------
