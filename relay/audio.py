@@ -417,6 +417,12 @@ _L1_BITRATES = (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416,
 _SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 _MP3_SYNC_SEARCH = 64 * 1024
 _MP3_RESYNC_LIMIT = 1024 * 1024  # a damaged stretch longer than this ends the count: a walk in Python is slow
+# All damaged stretches of a file together: past this the count ends too (a file made of a few good
+# frames between long runs of would-be headers kept a worker busy for 19 s of CPU).
+_MP3_RESYNC_TOTAL = 2 * 1024 * 1024
+# A layer III frame header's first two bytes (MPEG 1, 2 or 2.5; with or without CRC), found by the
+# regular expression engine: a run of 0xFF bytes is skipped without a Python step per byte.
+_MP3_SYNC = re.compile(rb"\xff[\xe2\xe3\xf2\xf3\xfa\xfb]")
 
 
 @dataclass(frozen=True)
@@ -484,6 +490,7 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
         frame = _mpeg_frame(data, offset)
         rate, channels = frame.sample_rate, frame.channels
         lost = 0  # bytes searched since the last good frame
+        searched = 0  # bytes searched in all
         while offset < size:
             # A last frame cut short is not counted: only audio that arrived has a duration.
             if frame is not None and frame.layer == 3 and offset + frame.length <= size:
@@ -496,13 +503,17 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
                 found = _find_mp3_sync(data, offset + 1, size)
                 if found is None:
                     lost += _MP3_SYNC_SEARCH
+                    searched += _MP3_SYNC_SEARCH
                     # Past 1 MiB without a frame (or at the end), the rest is not audio: stop counting.
-                    if offset + _MP3_SYNC_SEARCH >= size or lost >= _MP3_RESYNC_LIMIT:
+                    if offset + _MP3_SYNC_SEARCH >= size or lost >= _MP3_RESYNC_LIMIT or searched >= _MP3_RESYNC_TOTAL:
                         break
                     offset += _MP3_SYNC_SEARCH - 4  # search the next window
                     frame = None
                     continue
                 lost += found - offset
+                searched += found - offset
+                if searched >= _MP3_RESYNC_TOTAL:
+                    break
                 offset = found
             frame = _mpeg_frame(data, offset)
     bitrate = int(bits / duration) if duration else None
@@ -512,8 +523,8 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
 def _find_mp3_sync(data, start: int, size: int) -> int | None:
     """The first offset (within 64 KiB of ``start``) where two consecutive layer III frames agree."""
     end = min(size, start + _MP3_SYNC_SEARCH)
-    offset = data.find(b"\xff", start, end)
-    while offset != -1:
+    for match in _MP3_SYNC.finditer(data, start, end):
+        offset = match.start()
         frame = _mpeg_frame(data, offset)
         if frame is not None and frame.layer == 3:
             following = _mpeg_frame(data, offset + frame.length)
@@ -522,5 +533,4 @@ def _find_mp3_sync(data, start: int, size: int) -> int | None:
             ):
                 if offset + frame.length <= size:
                     return offset
-        offset = data.find(b"\xff", offset + 1, end)
     return None

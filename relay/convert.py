@@ -178,6 +178,23 @@ def prepare(
         if not result["converted"]:
             if info is None:  # pragma: no cover - the child converts whatever has no info
                 raise UnsupportedAudioFormat(audio_bytes=os.path.getsize(path))
+            extra = [f"{result['tracks']} audio tracks"] if result.get("tracks", 1) > 1 else []
+            extra += ["a video track"] if result.get("had_video") else []
+            if extra:  # sent as it is, useapi.net would get all of it, and may take its first track
+                raise UnsupportedAudioFormat(
+                    f"The {source.upper()} file has {' and '.join(extra)}, and conversion is off (convert=never "
+                    "or RELAY_CONVERT=off): useapi.net would receive all of it. Send it with convert=auto (the "
+                    "relay keeps the voiced audio track alone), or export the audio on its own.",
+                    **info.as_fields(),
+                    source_format=source,
+                )
+            missing = info.duration_seconds - result.get("seconds", info.duration_seconds)
+            if kind == "flac" and missing > max(1.0, 0.05 * info.duration_seconds):  # the decoder found less
+                raise AudioCorrupt(
+                    f"The FLAC file is truncated: its header says {info.duration_seconds:.1f} s, and only "
+                    f"{result['seconds']:.1f} s of audio is there. Upload the complete file.",
+                    **info.as_fields(),
+                )
             if kind == "m4a" and result.get("channels") and result["channels"] != info.channels:
                 # MP4 muxers write 2 channels in the track's header whatever the stream holds.
                 info = dataclasses.replace(info, channels=result["channels"])
@@ -210,6 +227,8 @@ def _conversion_note(source: str, result: dict, sent: audio.AudioInfo) -> str:
         kept.append(f"audio track {result['track']} of {result['tracks']} kept")
     if result.get("had_video"):
         kept.append("video track dropped")
+    if result.get("mixed_from"):
+        kept.append(f"its {result['mixed_from']} channels mixed to stereo: FLAC holds at most 8")
     said = f" ({', '.join(kept)})" if kept else ""
     return f"The {source.upper()} file was {how} {sent.format.upper()}{said} before upload."
 
@@ -710,7 +729,9 @@ def _work(job: dict) -> dict:
             stream = list(container.streams.audio)[track]
             context = stream.codec_context
             context.thread_count = 1  # CPU time is counted per process: one thread is enough for speech
-            had_video = bool(container.streams.video)
+            # Cover art (an attached picture: iTunes artwork, an MP3's ID3 picture) is not a video.
+            still = av.stream.Disposition.attached_pic
+            had_video = any(not (video.disposition & still) for video in container.streams.video)
             codec = context.codec.canonical_name
             result = {
                 "ok": True,
@@ -861,6 +882,8 @@ def _to_flac(container, stream, output: str, meter, max_bytes: int) -> None:
             if target is None:
                 channels = frame.layout.nb_channels
                 layout = frame.layout.name if channels <= 8 else "stereo"
+                if channels > 8:  # FLAC holds at most 8
+                    meter.mixed_from = channels
                 target = out.add_stream("flac", rate=frame.sample_rate, layout=layout, format=sample_format)
                 if deep:
                     target.codec_context.bits_per_raw_sample = 24
@@ -895,6 +918,7 @@ class _Meter:
         self.seconds = 0.0
         self.errors = self.frames = 0  # packets replaced by silence; frames decoded
         self.last = None
+        self.mixed_from: int | None = None  # channels mixed down to stereo, if any
 
     def add(self, frame) -> None:
         import numpy as np
@@ -935,6 +959,7 @@ class _Meter:
             "decode_errors": self.errors,
             "frames": self.frames,
             "channels": self.last.layout.nb_channels if self.last is not None else None,
+            "mixed_from": self.mixed_from,
         }
 
 

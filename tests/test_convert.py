@@ -235,8 +235,34 @@ def test_conversion_can_be_turned_off(prepared, mode, settings):
     with pytest.raises(RelayError) as caught:
         prepared("voice_note.opus", settings, mode)
     assert caught.value.error_code == "unsupported_audio_format"
-    # An M4A with a video track goes as it is, as it did before conversion existed.
-    assert prepared("phone.mp4", settings, mode).converted is False
+    # A video, or an MP4 of several audio tracks, would reach useapi.net whole, and it may take the
+    # first track (a screen recording's silent desktop sound): refused, as the README says.
+    for name, says in (("phone.mp4", "has a video track"), ("two_tracks.m4a", "has 2 audio tracks")):
+        with pytest.raises(RelayError) as caught:
+            prepared(name, settings, mode)
+        assert caught.value.error_code == "unsupported_audio_format" and says in caught.value.message
+        assert "convert=auto" in caught.value.message
+    # Cover art is no video: an M4A with artwork goes as it is.
+    assert prepared("cover_art.m4a", settings, mode).converted is False
+
+
+def test_cover_art_is_no_video_track_an_m4a_with_artwork_goes_byte_for_byte(prepared):
+    result = prepared("cover_art.m4a")
+    assert (result.converted, result.warnings) == (False, [])
+
+
+def test_a_mixdown_of_more_channels_than_flac_holds_is_said(prepared):
+    result = prepared("ten_channels.aiff")
+    assert (result.converted, result.info.channels) == (True, 2)
+    assert "its 10 channels mixed to stereo" in result.warnings[0]
+
+
+def test_a_flac_cut_short_is_audio_corrupt_not_sent_with_its_headers_length(prepared):
+    # An interrupted download: the header says 6.3 s, 1.7 s is there (it went to useapi as 6.3 s).
+    with pytest.raises(RelayError) as caught:
+        prepared("flac_cut.flac")
+    assert caught.value.error_code == "audio_corrupt"
+    assert "header says 6.3 s, and only 1.7 s" in caught.value.message
 
 
 def test_unknown_bytes_never_reach_the_decoder(prepared):
