@@ -290,6 +290,7 @@ def _read_wav(path: str, size: int) -> AudioInfo:
         handle.seek(12)
         data_declared = data_offset = None
         tag = None
+        fmt = None  # (channels, sample rate, byte rate, block align, bits) from the 'fmt ' chunk
         while True:
             header = handle.read(8)
             if len(header) < 8:
@@ -299,6 +300,8 @@ def _read_wav(path: str, size: int) -> AudioInfo:
                 fields = handle.read(min(chunk_size, 26))
                 handle.seek(-len(fields), os.SEEK_CUR)
                 tag = struct.unpack("<H", fields[:2])[0] if len(fields) >= 2 else 0
+                if len(fields) >= 16:
+                    fmt = struct.unpack("<HIIHH", fields[2:16])
                 if tag == 0xFFFE and len(fields) >= 26:  # EXTENSIBLE: the sub-format GUID's first two bytes
                     tag = struct.unpack("<H", fields[24:26])[0]
             if chunk_id == b"data":
@@ -324,7 +327,16 @@ def _read_wav(path: str, size: int) -> AudioInfo:
     try:
         info = WAVE(path).info
     except (MutagenError, struct.error, ValueError) as err:
-        raise AudioCorrupt(f"The WAV file cannot be read: {err}.", audio_bytes=size) from None
+        # A recorder killed before it wrote its sizes leaves a RIFF size of 0 too, which the library
+        # refuses: the 'fmt ' chunk says all there is to know, and the data runs to the end.
+        if unknown and fmt is not None and all(fmt[:2]) and fmt[3]:
+            channels, rate, byte_rate, block_align, _bits = fmt
+            length = (available // block_align) / rate
+            return AudioInfo("wav", "audio/wav", length, rate, channels, byte_rate * 8, size)
+        raise AudioCorrupt(
+            f"The WAV file's header cannot be read ({err}): it is damaged. Export or download it again.",
+            audio_bytes=size,
+        ) from None
     length = info.length
     if unknown and info.sample_rate and info.channels and info.bits_per_sample:
         length = available / (info.sample_rate * info.channels * info.bits_per_sample / 8)

@@ -153,6 +153,19 @@ def test_a_wav_written_to_a_pipe_is_measured_to_its_end_not_called_truncated(tmp
     assert info.duration_seconds == pytest.approx(2.0, abs=0.01)
 
 
+@pytest.mark.parametrize("riff_size", [0, 36], ids=["riff-0", "riff-36"])
+def test_a_wav_whose_recorder_never_wrote_its_sizes_is_measured_to_its_end(tmp_path, riff_size):
+    # A recorder killed before it finished its header (Android's AudioRecord pattern): sizes 0.
+    data = bytearray((AUDIO / "wav_pcm16_mono.wav").read_bytes())
+    data[4:8] = riff_size.to_bytes(4, "little")
+    at = data.find(b"data")
+    data[at + 4 : at + 8] = (0).to_bytes(4, "little")
+    killed = tmp_path / "killed.wav"
+    killed.write_bytes(bytes(data))
+    info = audio.probe(str(killed), min_seconds=1)
+    assert (info.duration_seconds, info.sample_rate, info.channels) == (pytest.approx(2.0, abs=0.01), 16000, 1)
+
+
 def test_mp3_sync_bytes_followed_by_garbage_are_not_mp3(tmp_path):
     fake = tmp_path / "fake.mp3"
     fake.write_bytes(b"\xff\xfb\x90\x64" + bytes(range(256)) * 20)
