@@ -351,6 +351,14 @@ def _read_flac(path: str, size: int) -> AudioInfo:
         info = FLAC(path).info
     except (MutagenError, struct.error, ValueError) as err:
         raise AudioCorrupt(f"The FLAC file cannot be read (truncated or damaged): {err}.", audio_bytes=size) from None
+    if not info.total_samples and info.sample_rate:
+        # An encoder writing to a pipe cannot go back to fill in the length: useapi.net may take such
+        # a file for empty. Re-encoded (losslessly) with its length when conversion is on.
+        raise UnsupportedAudioFormat(
+            "The FLAC file does not say how long it is (it was written to a pipe), and useapi.net may take it "
+            "for empty. Export it to a file again, or send it with convert=auto: the relay rewrites it losslessly.",
+            audio_bytes=size,
+        )
     return AudioInfo("flac", "audio/flac", info.length, info.sample_rate, info.channels, info.bitrate, size)
 
 

@@ -146,7 +146,7 @@ def prepare(
             info = audio.probe(path, settings.min_seconds, settings.max_seconds)
         except UnsupportedAudioFormat:  # audio useapi may not take in an accepted container: AMR, PCM or
             # Opus in an MP4, a fragmented MP4, an ADPCM WAV…: FFmpeg reads it, and sends a plain file
-            if not (allowed and kind in ("m4a", "wav")):
+            if not (allowed and kind in ("m4a", "wav", "flac")):
                 raise
     elif not (allowed and kind in DEMUXERS):
         audio.probe(path, settings.min_seconds, settings.max_seconds)  # raises the refusal, as without conversion

@@ -251,6 +251,16 @@ def test_cover_art_is_no_video_track_an_m4a_with_artwork_goes_byte_for_byte(prep
     assert (result.converted, result.warnings) == (False, [])
 
 
+def test_a_flac_written_to_a_pipe_is_rewritten_with_its_length(prepared):
+    # ffmpeg -f flac - | …: no total length in its header ("no samples" before).
+    result = prepared("piped.flac")
+    assert (result.converted, result.info.format) == (True, "flac")
+    assert result.info.duration_seconds == pytest.approx(1.573, abs=0.01)
+    with pytest.raises(RelayError) as caught:
+        prepared("piped.flac", SETTINGS, "never")
+    assert caught.value.error_code == "unsupported_audio_format" and "written to a pipe" in caught.value.message
+
+
 def test_a_mixdown_of_more_channels_than_flac_holds_is_said(prepared):
     result = prepared("ten_channels.aiff")
     assert (result.converted, result.info.channels) == (True, 2)
