@@ -165,15 +165,20 @@ def prepare(
 
         out = new_spool_path(workdir)  # named like a spool, so a killed process's leftovers are swept
     try:
-        result = _run_child(
-            path,
-            out,
-            DEMUXERS[kind],
-            settings,
-            convert=may_convert,
-            source=source,
-            only_video=info is not None and source in ("m4a", "mp4"),
-        )
+        try:
+            result = _run_child(
+                path,
+                out,
+                DEMUXERS[kind],
+                settings,
+                convert=may_convert,
+                source=source,
+                only_video=info is not None and source in ("m4a", "mp4"),
+            )
+        except RelayError as err:  # what was learned of the file before stays in the answer
+            for name, value in ({**info.as_fields(), "source_format": source} if info else {}).items():
+                err.fields.setdefault(name, value)
+            raise
         levels = _levels_of(result)
         if not result["converted"]:
             if info is None:  # pragma: no cover - the child converts whatever has no info
@@ -575,6 +580,9 @@ def _run_child(
         "output": os.path.abspath(out) if convert and out else None,
         "demuxer": demuxer,
         "max_seconds": max_seconds,
+        # A file that is only measured (sent as it is) is bounded by RELAY_MAX_SECONDS alone (0: none),
+        # not by what conversion allows; the CPU, memory and time limits hold either way.
+        "measure_max_seconds": settings.max_seconds,
         "max_bytes": settings.max_bytes,
         "cpu_seconds": settings.convert_cpu_seconds,
         "memory_mb": settings.convert_memory_mb,
@@ -744,6 +752,7 @@ def _work(job: dict) -> dict:
             output = job["output"]
             try:
                 if output is None or (job.get("only_video") and not had_video and len(streams) == 1):
+                    meter.max_seconds = job.get("measure_max_seconds", meter.max_seconds)
                     for frame in _frames(container, stream, meter):
                         meter.add(frame)
                 elif codec in ("aac", "alac", "mp3"):

@@ -251,6 +251,20 @@ def test_cover_art_is_no_video_track_an_m4a_with_artwork_goes_byte_for_byte(prep
     assert (result.converted, result.warnings) == (False, [])
 
 
+def test_a_file_sent_as_it_is_is_not_bound_by_the_conversion_limit(prepared):
+    # RELAY_CONVERT_MAX_SECONDS bounds what a conversion writes; a file only measured (an MP3, an
+    # A-law WAV) is bound by RELAY_MAX_SECONDS alone (a 2-hour MP3 sent unchanged was refused).
+    short = SETTINGS.replace(convert_max_seconds=1)
+    assert prepared("mp3_cbr_bare.mp3", short, folder=AUDIO).converted is False
+    assert prepared("mulaw.wav", short).converted is False
+    with pytest.raises(RelayError) as caught:  # a conversion still is
+        prepared("voice_note.opus", short)
+    assert caught.value.error_code == "audio_too_long"
+    with pytest.raises(RelayError) as caught:  # and RELAY_MAX_SECONDS bounds both, with what was learned
+        prepared("mulaw.wav", SETTINGS.replace(max_seconds=1.0, min_seconds=0.5))
+    assert caught.value.error_code == "audio_too_long" and caught.value.fields["audio_duration_seconds"]
+
+
 def test_a_flac_written_to_a_pipe_is_rewritten_with_its_length(prepared):
     # ffmpeg -f flac - | …: no total length in its header ("no samples" before).
     result = prepared("piped.flac")
