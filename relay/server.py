@@ -38,7 +38,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from gunicorn import http
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import _DEFER, ThreadWorker
 
 from . import answers
 from .errors import (
@@ -377,6 +377,25 @@ class RelayWorker(ThreadWorker):
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         self._shed(keep=conn)
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Near ``worker_connections`` (where gthread stops accepting), close the oldest idle kept-alive
+        connections, then the oldest still being answered to clients that do not read: a new request
+        matters more than either. Unfinished requests are shed by :meth:`_shed`."""
+        spare = max(8, self.worker_connections // 20)
+        while self.nr_conns > self.worker_connections - spare and self.keepalived_conns:
+            conn = self.keepalived_conns.popleft()
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass
+            self.nr_conns -= 1
+            conn.close()
+        for conn in list(self.closing):
+            if self.nr_conns <= self.worker_connections - spare:
+                break
+            self._closed(conn)
 
     def _count(self, arrival: _Arrival, more: int) -> None:
         arrival.counted += more
@@ -555,13 +574,14 @@ class RelayWorker(ThreadWorker):
         """After a thread served ``conn``: an answer not yet all sent is sent from here, and a
         connection to close is closed from here without waiting on its client (gthread's own
         graceful close would wait up to 2 s for the client, in the event loop, for every one)."""
-        if isinstance(conn.sock, _Answering) and conn.sock.pending:
-            self._close_later(conn)
-            return
         try:
             result = fs.result() if not fs.cancelled() else False
         except Exception:  # noqa: BLE001 - the thread's failure was logged there; close as gthread does
             result = False
+        if isinstance(conn.sock, _Answering) and conn.sock.pending:
+            conn.relay_keep = bool(result) and result is not _DEFER
+            self._close_later(conn)
+            return
         if not result and not self.cfg.is_ssl:
             self._close_later(conn)
             return
@@ -594,6 +614,18 @@ class RelayWorker(ThreadWorker):
             return
         if done:
             self.poller.unregister(conn.sock)
+            if getattr(conn, "relay_keep", False) and self.alive:
+                # The answer announced keep-alive: the connection goes on as gthread keeps it (a
+                # pipelined request already read is served at once).
+                conn.relay_keep = False
+                self.closing.pop(conn, None)
+                if conn.parser.unreader.buf.getvalue():
+                    self.enqueue_req(conn)
+                    return
+                conn.set_timeout()
+                self.keepalived_conns.append(conn)
+                self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+                return
             self._linger(conn)
         elif len(out.pending) < before:
             self.closing[conn] = time.monotonic() + self.read_timeout
@@ -728,6 +760,7 @@ class RelayWorker(ThreadWorker):
         for conn, deadline in list(self.closing.items()):
             if deadline <= now:
                 self._closed(conn)
+        self._make_room()
         for conn, arrival in list(self.reading.items()):
             try:
                 if not self.alive and arrival.deadline > now + _STOP_GRACE:

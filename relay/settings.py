@@ -148,6 +148,13 @@ class Settings:
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RELAY_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        if self.useapi_token and not (self.useapi_token.isascii() and self.useapi_token.isprintable()):
+            # A pasted zero-width space or curly quote: every call with it would fail, every retry too.
+            raise SettingsError(
+                "USEAPI_TOKEN must be printable ASCII, as useapi.net's tokens are: it holds a character no "
+                "token has (a curly quote, a zero-width space, a line break from a paste). Paste it again as "
+                "plain text."
+            )
         if self.relay_api_key and not (self.relay_api_key.isascii() and self.relay_api_key.isprintable()):
             # HTTP headers carry Latin-1: such a key would open the console but no API call.
             raise SettingsError(

@@ -67,6 +67,7 @@ def test_values_are_parsed_and_typed():
         # Headers are Latin-1: such a key opened the console and no API call.
         ({"RELAY_API_KEY": "пароль-очень-длинный-1234567890"}, "RELAY_API_KEY must be printable ASCII"),
         ({"RELAY_API_KEY": "tab\tinside-a-long-key-123456"}, "RELAY_API_KEY must be printable ASCII"),
+        ({"USEAPI_TOKEN": "user:1-token-pasted\u200b"}, "USEAPI_TOKEN must be printable ASCII"),
     ],
 )
 def test_bad_values_stop_with_one_clear_line(env, says):
