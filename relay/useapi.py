@@ -182,7 +182,13 @@ class Useapi:
             raise
         payload = _json(response)
         voice_id, item_id = _id(payload.get("clonedVoiceItemId")), _id(payload.get("itemId"))
-        if response.status_code not in (200, 202) or not voice_id or not VOICE_ID.match(voice_id) or not item_id:
+        if (
+            response.status_code not in (200, 202)
+            or not voice_id
+            or not VOICE_ID.match(voice_id)
+            or not item_id
+            or not voice_id.endswith(f"-voice:{item_id}")  # the two ids name one voice, or neither is sure
+        ):
             raise UpstreamInvalidAnswer(
                 f"useapi.net answered the upload with HTTP {response.status_code} but not with the documented "
                 f"{{itemId, clonedVoiceItemId}} ({_shape(response)}). A voice may have been created: the relay "
@@ -495,8 +501,8 @@ def _read_answer(response: requests.Response) -> bool:
 def is_status(value: Any) -> bool:
     """A voice status as documented: a number (0 processing, 30 ready, others failed), or its digits."""
     if isinstance(value, str):
-        return value.isascii() and value.isdigit()
-    return isinstance(value, int) and not isinstance(value, bool)
+        return value.isascii() and value.isdigit() and len(value) <= 9
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9
 
 
 def _is_voice_id(value: Any) -> bool:

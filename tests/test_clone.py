@@ -178,7 +178,7 @@ def test_dry_run_validates_everything_and_uploads_nothing(client, audio_host, us
 def test_a_disagreeing_content_type_hint_only_warns(client, audio_host, useapi):
     url = serve_file(audio_host, "flac_mono.flac", content_type="audio/mpeg")
     expect_upload(useapi, "flac_mono.flac", "audio/flac").respond_with_json(
-        {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
+        {"result": True, "itemId": "abc123", "clonedVoiceItemId": VOICE_ID}
     )
     response = clone(client, {"audio_url": url, "name": "My voice", "content_type": "audio/mpeg"})
     assert response.status_code == 200
@@ -230,7 +230,7 @@ def test_the_per_request_token_wins_over_the_server_token(make_app, settings, au
     client = make_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav", token=TOKEN).respond_with_json(
-        {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
+        {"result": True, "itemId": "abc123", "clonedVoiceItemId": VOICE_ID}
     )
     assert clone(client, {"audio_url": url, "name": "My voice"}).status_code == 200
 
@@ -239,7 +239,7 @@ def test_the_server_token_is_used_when_none_is_sent(make_app, settings, audio_ho
     client = make_app(settings.replace(useapi_token="server-token-000000000000")).test_client()
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     expect_upload(useapi, "wav_pcm16_mono.wav", "audio/wav", token="server-token-000000000000").respond_with_json(
-        {"result": True, "itemId": "1", "clonedVoiceItemId": VOICE_ID}
+        {"result": True, "itemId": "abc123", "clonedVoiceItemId": VOICE_ID}
     )
     assert clone(client, {"audio_url": url, "name": "My voice"}, token=None).status_code == 200
 

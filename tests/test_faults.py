@@ -126,6 +126,8 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         # useapi's own 500, or 503 without Retry-After: it may have made the voice before it failed
         (500, '{"error": "Internal error", "code": 500}', "application/json"),
         (503, '{"error": "Service Unavailable", "code": 503}', "application/json"),
+        # two ids that name different voices: neither is sure
+        (200, '{"itemId": "zzz", "clonedVoiceItemId": "user:12345-tempolor:67890-voice:other"}', "application/json"),
     ],
     ids=[
         "html-200",
@@ -139,6 +141,7 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         "proxy-408-json-without-code",
         "useapi-own-500",
         "useapi-own-503-without-retry-after",
+        "ids-that-disagree",
     ],
 )
 def test_an_unreadable_upload_answer_is_never_success_and_never_resent(

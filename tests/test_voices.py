@@ -226,6 +226,13 @@ def test_a_404_that_is_not_useapis_own_says_nothing_about_the_voice(client, usea
     assert response.json["ok"] is False
 
 
+def test_a_status_no_voice_has_is_an_unreadable_answer_not_a_crash(client, useapi):
+    voice_id = ODD_IDS[0]
+    useapi.expect_request(f"{LIST}{voice_id}").respond_with_json({"clonedVoiceItemId": voice_id, "status": "3" * 5000})
+    response = client.get(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
+
+
 def test_voice_endpoints_need_the_relay_key_and_a_token(client, useapi):
     assert client.get("/v1/voices", headers={"X-Useapi-Token": TOKEN}).status_code == 401
     response = client.get("/v1/voices", headers={"Authorization": f"Bearer {RELAY_KEY}"})
