@@ -12,6 +12,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import flask
 import pytest
 import requests
 from werkzeug import Request, Response
@@ -240,6 +241,22 @@ def test_a_client_inventing_x_forwarded_for_is_still_limited_per_connecting_addr
     assert set(answers[LoginLimiter.MAX_PER_ADDRESS :]) == {429}
     guesser.http.headers["X-Forwarded-For"] = "198.51.100.250"
     assert guesser.login().status_code == 429  # the right key waits too: no guessing past the limit
+
+
+def test_behind_heroku_or_renders_router_strangers_cannot_lock_the_owner_out():
+    """There every request connects from the router: 25 wrong keys from anyone would have locked
+    everyone out for 5 minutes. Each client is counted on its own there."""
+    app = flask.Flask(__name__)
+    routed, direct = LoginLimiter(behind_router=True), LoginLimiter()
+    for n in range(LoginLimiter.MAX_PER_ADDRESS + 5):
+        stranger = {"X-Forwarded-For": f"198.51.100.{n}"}
+        with app.test_request_context(headers=stranger, environ_base={"REMOTE_ADDR": "10.1.2.3"}):
+            routed.failed()
+            direct.failed()
+    owner = {"X-Forwarded-For": "203.0.113.7"}
+    with app.test_request_context(headers=owner, environ_base={"REMOTE_ADDR": "10.1.2.3"}):
+        assert routed.retry_after() == 0
+        assert direct.retry_after() > 0  # straight to the relay: the header is the client's own words
 
 
 def test_logout_ends_the_session(web_console):

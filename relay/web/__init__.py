@@ -9,6 +9,8 @@ changes are the ones a person asks for (re-send a callback, delete a voice, star
 
 from __future__ import annotations
 
+import os
+
 from flask import Flask
 
 from ..settings import Settings
@@ -21,7 +23,9 @@ def register(app: Flask) -> None:
 
     settings: Settings = app.extensions["relay.settings"]
     app.extensions["relay.console.sessions"] = Sessions(settings)
-    app.extensions["relay.console.limiter"] = LoginLimiter()
+    # Heroku sets DYNO in every dyno, Render sets RENDER: there the connecting address is the router's.
+    router = bool(os.environ.get("DYNO") or os.environ.get("RENDER"))
+    app.extensions["relay.console.limiter"] = LoginLimiter(behind_router=router)
     app.register_blueprint(home.bp)
     app.register_blueprint(console.bp)
     app.register_error_handler(404, console.unknown_path)

@@ -151,19 +151,23 @@ class LoginLimiter:
     WINDOW_SECONDS = 300.0
     MAX_TRACKED = 10_000
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, behind_router: bool = False):
         self.clock = clock
+        # On Heroku or Render every request comes through the host's router, which appends the
+        # client to X-Forwarded-For, and the connecting address is the router's, shared by every
+        # visitor: a count per connecting address there would let 25 wrong keys from anyone lock the
+        # owner out. Such a relay counts per client only.
+        self.behind_router = behind_router
         self._failures: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def keys() -> tuple[tuple[str, int], ...]:
+    def keys(self) -> tuple[tuple[str, int], ...]:
         address = request.remote_addr or "?"
         forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
-        return (f"client:{forwarded or address}", LoginLimiter.MAX_FAILURES), (
-            f"address:{address}",
-            LoginLimiter.MAX_PER_ADDRESS,
-        )
+        client = (f"client:{forwarded or address}", LoginLimiter.MAX_FAILURES)
+        if self.behind_router and forwarded:
+            return (client,)
+        return client, (f"address:{address}", LoginLimiter.MAX_PER_ADDRESS)
 
     def retry_after(self) -> int:
         """Seconds until this client may try again (0: now)."""
