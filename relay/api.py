@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import werkzeug.exceptions
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -632,12 +633,46 @@ _HTTP_ERRORS = {404: NotFound, 405: MethodNotAllowed, 413: RequestTooLarge}
 
 
 def on_http_error(err: HTTPException):
+    if err.code == 405:
+        allowed = sorted(set(getattr(err, "valid_methods", None) or []) - {"HEAD", "OPTIONS"})
+        said = f"{request.method} {request.path} is not accepted: it takes {' or '.join(allowed) or 'another method'}."
+        if request.method == "GET" and "POST" in allowed:
+            said += (
+                " A POST that arrives as a GET was most likely redirected on its way (an http:// address sent on "
+                "to https://, a missing www): send it to the final address."
+            )
+        response = _on_relay_error(MethodNotAllowed(said))
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
+    if err.code == 404:
+        return _on_relay_error(NotFound(_not_found_hint()))
     translated = _HTTP_ERRORS.get(err.code or 500)
     if translated is not None:
         return _on_relay_error(translated())
     if err.code and err.code < 500:
         return _on_relay_error(InvalidRequest(f"{err.name}: {err.description}"))
     return _on_unexpected(err)
+
+
+def _not_found_hint() -> str | None:
+    """The 404's message, with the likely mistake when the path shows it (None: the default)."""
+    path = request.path
+    if path.count("/v1/") > 1:
+        return (
+            f"No such endpoint: {path}. The address holds /v1/ twice: the relay's URL in a connector is its "
+            "base address alone (https://your-relay.example.com), without /v1/voice-clones."
+        )
+    if path.endswith("/") and len(path) > 1:
+        adapter = current_app.url_map.bind("relay")
+        try:
+            adapter.match(path.rstrip("/"), method=request.method)
+        except werkzeug.exceptions.MethodNotAllowed:
+            pass  # the path exists, for other methods
+        except HTTPException:
+            return None
+        return f"No such endpoint: {path}. Drop the trailing slash: {path.rstrip('/')}."
+    return None
 
 
 def database_unavailable(err: Exception) -> DatabaseUnavailable:

@@ -150,7 +150,24 @@ def test_unknown_route_is_a_json_404(client):
 
 
 def test_wrong_method_is_a_json_405(client):
-    assert_error_shape(client.get("/v1/voice-clones"), 405, "method_not_allowed")
+    response = client.get("/v1/voice-clones")
+    assert_error_shape(response, 405, "method_not_allowed")
+    # curl and requests turn a redirected POST into a GET (http:// sent on to https://): say so.
+    assert response.headers["Allow"] == "POST" and "redirected" in response.json["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "says"),
+    [
+        ("POST", "/v1/voice-clones/", "Drop the trailing slash: /v1/voice-clones."),
+        ("GET", "/v1/voices/", "Drop the trailing slash: /v1/voices."),
+        ("POST", "/v1/voice-clones/v1/voice-clones", "holds /v1/ twice"),
+    ],
+)
+def test_common_address_mistakes_are_named_in_the_404(client, method, path, says):
+    response = client.open(path, method=method, headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    assert_error_shape(response, 404, "not_found")
+    assert says in response.json["error_message"]
 
 
 def test_an_unexpected_exception_is_a_json_500(make_app, settings, monkeypatch):
