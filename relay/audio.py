@@ -389,6 +389,13 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
     if not info.sample_rate:
         raise NotAudio("The MP4 file has no audio track (video only). Send the audio itself.", audio_bytes=size)
     codec = (info.codec or "").lower()
+    if codec == "mp4a":  # no object type: QuickTime keeps it where this reader does not look
+        raise UnsupportedAudioFormat(
+            "The file is a QuickTime movie (MOV) whose audio the relay cannot name from its header, and "
+            "useapi.net takes AAC or ALAC in an M4A. Send it with convert=auto (the relay remuxes it to M4A "
+            "without re-encoding), or export it as M4A.",
+            audio_bytes=size,
+        )
     if not codec.startswith(_AUDIO_CODECS):
         raise UnsupportedAudioFormat(
             f"The MP4 file's audio is {_MP4_CODEC_NAMES.get(codec) or info.codec_description or info.codec}, which "
@@ -399,6 +406,11 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
     return AudioInfo("m4a", "audio/mp4", info.length, info.sample_rate, info.channels, info.bitrate, size)
 
 
+def _box_name(name: bytes) -> bool:
+    """Four printable ASCII characters, as every MP4 box name is."""
+    return len(name) == 4 and all(32 <= c < 127 for c in name)
+
+
 def _top_level_boxes(path: str, size: int) -> list[bytes]:
     names: list[bytes] = []
     offset = 0
@@ -406,6 +418,9 @@ def _top_level_boxes(path: str, size: int) -> list[bytes]:
         while offset < size:
             handle.seek(offset)
             header = handle.read(16)
+            whole = b"moov" in names and b"mdat" in names
+            if whole and (len(header) < 8 or not _box_name(header[4:8])):
+                break  # bytes after a complete file (a copy or sync tool's padding): players ignore them
             if len(header) < 8:
                 raise AudioCorrupt("The MP4/M4A file ends in the middle of a box: it is truncated.", audio_bytes=size)
             box_size, name = struct.unpack(">I4s", header[:8])
@@ -416,6 +431,8 @@ def _top_level_boxes(path: str, size: int) -> list[bytes]:
             elif box_size == 0:
                 box_size = size - offset
             if box_size < 8 or offset + box_size > size:
+                if whole:
+                    break
                 raise AudioCorrupt(
                     f"The MP4/M4A file is truncated: its '{name.decode('latin-1')}' box runs past the end of "
                     "the file. Upload the complete file.",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from relay import audio
@@ -164,6 +166,21 @@ def test_a_wav_whose_recorder_never_wrote_its_sizes_is_measured_to_its_end(tmp_p
     killed.write_bytes(bytes(data))
     info = audio.probe(str(killed), min_seconds=1)
     assert (info.duration_seconds, info.sample_rate, info.channels) == (pytest.approx(2.0, abs=0.01), 16000, 1)
+
+
+@pytest.mark.parametrize("extra", [b"\0" * 4, bytes(range(100))], ids=["4-zero-bytes", "100-junk-bytes"])
+def test_bytes_after_a_complete_m4a_are_ignored_not_called_truncated(tmp_path, extra):
+    # A copy or sync tool's padding: players ignore it (it was "truncated", with a garbage box name).
+    padded = tmp_path / "padded.m4a"
+    padded.write_bytes((AUDIO / "m4a_aac.m4a").read_bytes() + extra)
+    assert audio.probe(str(padded), min_seconds=1).duration_seconds == pytest.approx(2.05, abs=0.01)
+
+
+def test_a_quicktime_movie_is_named_as_one_with_conversion_off():
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(Path(__file__).parent / "fixtures" / "media" / "iphone.mov"))
+    assert caught.value.error_code == "unsupported_audio_format"
+    assert "QuickTime movie" in caught.value.message and "MP4A" not in caught.value.message
 
 
 def test_mp3_sync_bytes_followed_by_garbage_are_not_mp3(tmp_path):
