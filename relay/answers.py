@@ -39,7 +39,8 @@ def for_job(job: Job, now: datetime) -> dict[str, Any]:
     Until the job ends, ``status`` tells how far it got: ``queued`` (waiting for a worker, or for
     a retry), ``running`` (a worker has it) or ``processing`` (useapi accepted it and is cloning).
     """
-    stored = dict(job.answer or {})
+    # Keys starting with "_" are the relay's own notes between a job's steps, never part of an answer.
+    stored = {key: value for key, value in (job.answer or {}).items() if not key.startswith("_")}
     answer = blank(stored.pop("request_id", ""), **stored)
     if not job.terminal:
         if job.phase == "uploaded":

@@ -158,6 +158,11 @@ def _stored_upload(upload_id: str, engine, settings: Settings) -> Iterator[fetch
             os.unlink(path)
 
 
+# The answer's key (hidden from every answer shown: see answers.for_job) holding what the last
+# validation said of the file, so that a retry that validates another file replaces it.
+AUDIO_WARNINGS = "_audio_warnings"
+
+
 @contextlib.contextmanager
 def checked(
     spool: fetch.Spool,
@@ -174,14 +179,20 @@ def checked(
     prepared = convert.prepare(spool.path, settings, request.convert, workdir=settings.spool_dir, meter=meter)
     try:
         answer.update(prepared.as_fields())
-        answer["warnings"].extend(w for w in prepared.warnings if w not in answer["warnings"])
+        # What an earlier attempt said of the file it had (a link may serve another file this time)
+        # goes; what is said of this one is remembered for the next attempt (never shown: see answers).
+        earlier = answer.pop(AUDIO_WARNINGS, [])
+        said = list(prepared.warnings)
         info = prepared.info
         hint = request.content_type
         if hint and not prepared.converted and audio.format_for_content_type(hint) != info.format:
-            answer["warnings"].append(
+            said.append(
                 f"content_type {hint} does not match the file, which is {info.format.upper()}; "
                 f"sent as {info.content_type}."
             )
+        kept = [w for w in answer["warnings"] if w not in earlier]
+        answer["warnings"] = kept + [w for w in said if w not in kept]
+        answer[AUDIO_WARNINGS] = said
         if early is not None and early.started and early.size != spool.size:
             early.withdraw()  # it declared another length than the file has: send the file afterwards
         if not prepared.converted:

@@ -223,6 +223,19 @@ def test_a_clone_past_the_queue_bound_after_a_refused_upload_still_looks_again(
     assert (answer["status"], len(fake.uploads)) == ("ready", 2), answer
 
 
+def test_a_retry_that_downloads_another_file_says_only_what_is_true_of_it(make_app, job_settings, fake, audio_host):
+    # The link serves an Opus note, then (on the retry after useapi's 503) a WAV: the answer must not
+    # still say an OPUS file was converted, nor show the relay's own note of what it said.
+    audio_host.expect_ordered_request("/changing").respond_with_data(audio_bytes("opus.opus"))
+    audio_host.expect_ordered_request("/changing").respond_with_data(audio_bytes("wav_pcm16_mono.wav"))
+    fake.refusals = [(503, {"Retry-After": "1"})]
+    client = make_app(job_settings).test_client()
+    answer = clone_and_wait(client, {"audio_url": audio_host.url_for("/changing"), "name": "Changing"})
+    assert (answer["status"], answer["audio_format"], answer["converted"]) == ("ready", "wav", False), answer
+    assert not [w for w in answer["warnings"] if "OPUS" in w], answer["warnings"]
+    assert all(not key.startswith("_") for key in answer)
+
+
 PROXY_502 = (502, "<html>502 Bad Gateway</html>", "text/html")
 
 
