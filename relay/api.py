@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import werkzeug.exceptions
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -658,7 +657,7 @@ def on_http_error(err: HTTPException):
 def _not_found_hint() -> str | None:
     """The 404's message, with the likely mistake when the path shows it (None: the default)."""
     path = request.path
-    if path.count("/v1/") > 1:
+    if path.count("/v1/") > 1 or "/v1/v1/" in path:
         return (
             f"No such endpoint: {path}. The address holds /v1/ twice: the relay's URL in a connector is its "
             "base address alone (https://your-relay.example.com), without /v1/voice-clones."
@@ -667,9 +666,7 @@ def _not_found_hint() -> str | None:
         adapter = current_app.url_map.bind("relay")
         try:
             adapter.match(path.rstrip("/"), method=request.method)
-        except werkzeug.exceptions.MethodNotAllowed:
-            pass  # the path exists, for other methods
-        except HTTPException:
+        except HTTPException:  # no such path, or not for this method: the slash is not the mistake
             return None
         return f"No such endpoint: {path}. Drop the trailing slash: {path.rstrip('/')}."
     return None

@@ -389,11 +389,13 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
     if not info.sample_rate:
         raise NotAudio("The MP4 file has no audio track (video only). Send the audio itself.", audio_bytes=size)
     codec = (info.codec or "").lower()
-    if codec == "mp4a":  # no object type: QuickTime keeps it where this reader does not look
+    with open(path, "rb") as handle:
+        quicktime = handle.read(12)[4:12] == b"ftypqt  "
+    if codec == "mp4a" or (quicktime and not codec.startswith(_AUDIO_CODECS)):
+        # QuickTime keeps an AAC track's object type where this reader does not look, or holds PCM
         raise UnsupportedAudioFormat(
-            "The file is a QuickTime movie (MOV) whose audio the relay cannot name from its header, and "
-            "useapi.net takes AAC or ALAC in an M4A. Send it with convert=auto (the relay remuxes it to M4A "
-            "without re-encoding), or export it as M4A.",
+            "The file is a QuickTime movie (MOV), and useapi.net takes AAC or ALAC audio in an M4A. Send it with "
+            "convert=auto (the relay makes an M4A of it, without re-encoding AAC), or export it as M4A.",
             audio_bytes=size,
         )
     if not codec.startswith(_AUDIO_CODECS):
@@ -454,9 +456,10 @@ _L1_BITRATES = (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416,
 _SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 _MP3_SYNC_SEARCH = 64 * 1024
 _MP3_RESYNC_LIMIT = 1024 * 1024  # a damaged stretch longer than this ends the count: a walk in Python is slow
-# All damaged stretches of a file together: past this the count ends too (a file made of a few good
-# frames between long runs of would-be headers kept a worker busy for 19 s of CPU).
-_MP3_RESYNC_TOTAL = 2 * 1024 * 1024
+# Would-be frame headers checked in Python over the whole walk: past this the count ends too (a file
+# made of a few good frames between long runs of would-be headers kept a worker busy for 19 s of
+# CPU). Real damage and cover art hold few: JPEG and PNG data rarely look like a layer III header.
+_MP3_CANDIDATES = 100_000
 # A layer III frame header's first two bytes (MPEG 1, 2 or 2.5; with or without CRC), found by the
 # regular expression engine: a run of 0xFF bytes is skipped without a Python step per byte.
 _MP3_SYNC = re.compile(rb"\xff[\xe2\xe3\xf2\xf3\xfa\xfb]")
@@ -527,7 +530,7 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
         frame = _mpeg_frame(data, offset)
         rate, channels = frame.sample_rate, frame.channels
         lost = 0  # bytes searched since the last good frame
-        searched = 0  # bytes searched in all
+        budget = [_MP3_CANDIDATES]  # would-be headers left to check
         while offset < size:
             # A last frame cut short is not counted: only audio that arrived has a duration.
             if frame is not None and frame.layer == 3 and offset + frame.length <= size:
@@ -537,30 +540,31 @@ def _read_mp3(path: str, size: int) -> AudioInfo:
                 offset += frame.length
                 lost = 0
             else:  # a damaged spot (or a tag at the end): go on from the next two good frames, as players do
-                found = _find_mp3_sync(data, offset + 1, size)
+                found = _find_mp3_sync(data, offset + 1, size, budget)
                 if found is None:
                     lost += _MP3_SYNC_SEARCH
-                    searched += _MP3_SYNC_SEARCH
                     # Past 1 MiB without a frame (or at the end), the rest is not audio: stop counting.
-                    if offset + _MP3_SYNC_SEARCH >= size or lost >= _MP3_RESYNC_LIMIT or searched >= _MP3_RESYNC_TOTAL:
+                    if offset + _MP3_SYNC_SEARCH >= size or lost >= _MP3_RESYNC_LIMIT or budget[0] <= 0:
                         break
                     offset += _MP3_SYNC_SEARCH - 4  # search the next window
                     frame = None
                     continue
                 lost += found - offset
-                searched += found - offset
-                if searched >= _MP3_RESYNC_TOTAL:
-                    break
                 offset = found
             frame = _mpeg_frame(data, offset)
     bitrate = int(bits / duration) if duration else None
     return AudioInfo("mp3", "audio/mpeg", duration, rate, channels, bitrate, size)
 
 
-def _find_mp3_sync(data, start: int, size: int) -> int | None:
-    """The first offset (within 64 KiB of ``start``) where two consecutive layer III frames agree."""
+def _find_mp3_sync(data, start: int, size: int, budget: list[int] | None = None) -> int | None:
+    """The first offset (within 64 KiB of ``start``) where two consecutive layer III frames agree.
+    ``budget``: would-be headers still allowed to be checked (decremented; None when it runs out)."""
     end = min(size, start + _MP3_SYNC_SEARCH)
     for match in _MP3_SYNC.finditer(data, start, end):
+        if budget is not None:
+            if budget[0] <= 0:
+                return None
+            budget[0] -= 1
         offset = match.start()
         frame = _mpeg_frame(data, offset)
         if frame is not None and frame.layer == 3:

@@ -377,12 +377,18 @@ class RelayWorker(ThreadWorker):
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         self._shed(keep=conn)
-        self._make_room()
+
+    def on_client_socket_readable(self, conn, client):
+        if conn not in self.keepalived_conns:  # closed by _make_room meanwhile (defensive)
+            return
+        super().on_client_socket_readable(conn, client)
 
     def _make_room(self) -> None:
         """Near ``worker_connections`` (where gthread stops accepting), close the oldest idle kept-alive
         connections, then the oldest still being answered to clients that do not read: a new request
-        matters more than either. Unfinished requests are shed by :meth:`_shed`."""
+        matters more than either. Unfinished requests are shed by :meth:`_shed`. Called between
+        rounds of events only (:meth:`murder_pending`): a connection closed here has no event left
+        to handle in the round being dispatched."""
         spare = max(8, self.worker_connections // 20)
         while self.nr_conns > self.worker_connections - spare and self.keepalived_conns:
             conn = self.keepalived_conns.popleft()
@@ -476,6 +482,8 @@ class RelayWorker(ThreadWorker):
         )
 
     def _on_readable(self, conn, _sock):
+        if conn not in self.reading:  # dropped (shed) earlier in the same round of events
+            return
         try:
             if self._receive(conn):
                 self._check(conn, registered=True)
@@ -605,6 +613,8 @@ class RelayWorker(ThreadWorker):
             self._linger(conn)
 
     def _on_writable(self, conn, _sock) -> None:
+        if conn not in self.closing:  # closed earlier in the same round of events
+            return
         out = conn.sock
         try:
             before = len(out.pending)
@@ -640,6 +650,8 @@ class RelayWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering, conn))
 
     def _on_lingering(self, conn, _sock) -> None:
+        if conn not in self.closing:
+            return
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):

@@ -133,7 +133,11 @@ def is_allowed(address: IPAddress, allowed: Iterable[Network] = ()) -> bool:
 
 # Path segments that look like a secret: a Telegram bot's token (``/file/bot<id>:<token>/…``, the link
 # a bot hands over for a voice note), or a long run of letters and digits (a key, a JWT, a signature).
-_SECRET_SEGMENT = re.compile(r"bot\d+:[\w-]+|(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{32,}")
+_SECRET_SEGMENT = re.compile(
+    r"bot\d+(?::|%3[Aa])[\w-]+"  # Telegram, the colon as it is or percent-encoded
+    r"|[\w-]{10,}\.[\w-]{10,}\.[\w-]{10,}"  # a JWT: three long base64url parts
+    r"|(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{32,}"  # a key: a long run of letters and digits
+)
 
 
 def secret_segment(segment: str) -> bool:

@@ -21,7 +21,6 @@ import logging
 import threading
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy.exc import IntegrityError
 
@@ -662,7 +661,7 @@ class CloneWorker:
         if not url or job.audio_url_sealed is not None:
             return {}
         kept = urlguard.redact(url)
-        if kept == url:
+        if kept == url.split("#", 1)[0]:  # nothing lost but a fragment, which is never sent
             return {}
         return {"request": {**job.request, "audio_url": kept}, "audio_url_sealed": self.vault.seal_text(url) or ""}
 
@@ -680,9 +679,11 @@ class CloneWorker:
         if delay is None:
             settled = DELIVERED if delivery.delivered else GIVEN_UP
             url = job.callback_url or ""
-            kept = urlguard.redact(url)  # its signed query is not needed any more, but for a re-send:
-            parts = urlsplit(url)
-            sealed = (self.vault.seal_text(url) or "") if parts.query or "@" in parts.netloc else None
+            # Its signed query or secret-looking path is not needed any more, but for a re-send: the
+            # whole URL is sealed whenever the kept one lost anything but a fragment, which is never
+            # sent (a Make hook's key is its path).
+            kept = urlguard.redact(url)
+            sealed = (self.vault.seal_text(url) or "") if kept != url.split("#", 1)[0] else None
             log.log(
                 logging.INFO if delivery.delivered else logging.WARNING,
                 f"callback {settled.replace('_', ' ')}",

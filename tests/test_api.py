@@ -162,12 +162,18 @@ def test_wrong_method_is_a_json_405(client):
         ("POST", "/v1/voice-clones/", "Drop the trailing slash: /v1/voice-clones."),
         ("GET", "/v1/voices/", "Drop the trailing slash: /v1/voices."),
         ("POST", "/v1/voice-clones/v1/voice-clones", "holds /v1/ twice"),
+        ("POST", "/v1/v1/voice-clones", "holds /v1/ twice"),  # a relay URL pasted ending in /v1
     ],
 )
 def test_common_address_mistakes_are_named_in_the_404(client, method, path, says):
     response = client.open(path, method=method, headers={"Authorization": f"Bearer {RELAY_KEY}"})
     assert_error_shape(response, 404, "not_found")
     assert says in response.json["error_message"]
+
+
+def test_no_trailing_slash_hint_where_dropping_it_leads_to_a_405(client):
+    response = client.get("/v1/voice-clones/", headers={"Authorization": f"Bearer {RELAY_KEY}"})
+    assert response.status_code == 404 and "trailing slash" not in response.json["error_message"]
 
 
 def test_an_unexpected_exception_is_a_json_500(make_app, settings, monkeypatch):

@@ -462,6 +462,27 @@ def test_the_callback_can_be_sent_again_from_the_job_page(console, audio_host, r
     assert "Callback re-send asked" in page
 
 
+def test_a_callback_whose_key_is_its_path_is_sent_again_to_the_whole_address(console, audio_host, receiver):
+    # A Make webhook's key is its path (hook.eu1.make.com/<32 letters and digits>): masked once the
+    # callback settled, sealed whole, and a re-send goes to the whole address, not the masked one.
+    seen: list[str] = []
+    key = "k7x2m9q4w1e8r5t3y6u0i2o9p4a7s1d8"
+    receiver.expect_request(f"/{key}", method="POST").respond_with_handler(
+        lambda request: seen.append(request.path) or Response("", status=200)
+    )
+    url = serve_file(audio_host, "wav_pcm16_mono.wav", "/voice.wav")
+    body = {"audio_url": url, "name": "Make hook", "callback_url": receiver.url_for(f"/{key}")}
+    job_id = requests.post(f"{console.base}/v1/voice-clones", json=body, headers=HEADERS, timeout=30).json()["job_id"]
+    status = f"{console.base}/v1/voice-clones/{job_id}"
+    wait_until(lambda: requests.get(status, headers=HEADERS, timeout=10).json()["callback_status"] == "delivered")
+    stored = console.app.extensions["relay.runtime"].store.get(job_id)
+    assert key not in stored.callback_url and stored.callback_sealed
+    page = console.post(f"/console/clones/{job_id}/resend-callback", {})
+    assert page.status_code == 200 and "will be sent again" in page.text
+    wait_until(lambda: len(seen) == 2)
+    assert seen == [f"/{key}", f"/{key}"]
+
+
 def test_a_callback_whose_query_was_not_kept_is_not_sent_again_without_it(make_app, job_settings, audio_host, receiver):
     # No RELAY_SECRET_KEY: the relay cannot keep the URL's token once the callback settled.
     receiver.expect_request("/hook", method="POST").respond_with_data("")

@@ -152,6 +152,15 @@ def test_an_unresolvable_name_is_a_download_failure():
             "https://api.telegram.org/file/…/voice/file_7.oga",
         ),
         ("https://x.example/eyJhbGciOiJIUzI1NiJ9eyJzdWIiOiIxMjM0NTY3ODkwIn0/v.mp3", "https://x.example/…/v.mp3"),
+        (
+            "https://x.example/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV/v",
+            "https://x.example/…/v",
+        ),
+        (
+            "https://api.telegram.org/file/bot77123%3AAAHsEcReT-kQ9xZ/voice/f.oga",
+            "https://api.telegram.org/file/…/voice/f.oga",
+        ),
+        ("https://hook.eu1.make.com/abcdefghij0123456789klmnopqrstuv", "https://hook.eu1.make.com/…"),
         ("https://x.example/my_interview_recording_2024_final_take3.m4a", None),
         ("https://x.example/recordings/2024/interview-with-the-whole-team-final.wav", None),
     ],

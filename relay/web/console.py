@@ -64,8 +64,9 @@ NOTICES = {
     "resent": "The callback will be sent again now; its attempts appear in the timeline.",
     "resend_refused": "Not sent again: the job has no callback URL, has not ended, or a delivery is running.",
     "resend_query_lost": (
-        "Not sent again: the callback URL had a query string (a token or signature) that the relay does not keep "
-        "once a callback is settled unless RELAY_SECRET_KEY is set (or it was sealed with a key it no longer has)."
+        "Not sent again: the callback URL had a query string or a secret-looking path (a token, a signature, a "
+        "webhook's key) that the relay does not keep once a callback is settled unless RELAY_SECRET_KEY is set "
+        "(or it was sealed with a key it no longer has)."
     ),
     "signed_out": "You are signed out.",
 }
@@ -427,9 +428,9 @@ def _curl(job: Job) -> tuple[str, bool]:
         if not url:
             continue
         whole = _runtime().vault.open_text(sealed) if sealed else None
-        if whole is None and sealed is not None:  # it had a query the relay did not keep
+        if whole is None and sealed is not None:  # it had a query, or a secret path, the relay did not keep
             lost = True
-            body[field] = url + "?…"
+            body[field] = url if "…" in url else url + "?…"
         else:
             body[field] = _masked_url(whole or url)
     lines = [
