@@ -6,6 +6,7 @@ budget of 2; no in-process workers, so every clone stays queued and every wait l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -229,6 +230,53 @@ def test_a_thousand_clients_that_neither_read_nor_close_cannot_stop_the_relay_ac
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_making_room_near_the_limit_never_kills_the_worker(serve):
+    """Near worker_connections the oldest idle kept-alive connections are closed; when those same
+    connections send a request in the same round of events, the worker must not trip over a socket
+    it already closed (it died: every request it served was cut)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip("this test needs 1400 open files (ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    base = serve(RELAY_LOG_LEVEL="WARNING")
+    host, port = base.removeprefix("http://").split(":")
+    request = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+    idle, new = [], []
+    try:
+        for _ in range(948):  # just under worker_connections less its spare (1000 - 50)
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(request)
+            idle.append(sock)
+        for sock in idle:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        for burst in range(4):  # (a race: one burst tripped the old code about one time in three)
+            arrivals = []
+            for sock in idle[60 * burst : 60 * (burst + 1)]:  # the oldest ask again while new clients arrive
+                with contextlib.suppress(OSError):  # closed to make room already
+                    sock.sendall(request)
+                late = socket.socket()
+                late.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    late.connect((host, int(port)))
+                arrivals.append(late)
+            time.sleep(0.5)
+            for late in arrivals:
+                late.setblocking(True)
+                late.settimeout(10)
+                late.sendall(request)
+                assert late.recv(65536).startswith(b"HTTP/1.1 200")
+            new += arrivals
+        assert requests.get(base + "/healthz", timeout=5).json()["ok"] is True
+    finally:
+        for sock in idle + new:
+            sock.close()
+    process = serve.processes[-1]
+    process.terminate()
+    output = process.communicate(timeout=40)[0].decode(errors="replace")
+    assert "Traceback" not in output and output.count("Booting worker") == 1, output[-3000:]
 
 
 def test_a_thousand_unfinished_requests_cannot_stop_the_relay_accepting(serve):
