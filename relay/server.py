@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import re
+import resource
 import selectors
 import socket
 import struct
@@ -71,6 +72,8 @@ ARRIVAL_SHARE = 0.75
 KEPT_PER_ANSWER = 4 * 1024 * 1024
 KEPT_BYTES = 64 * 1024 * 1024
 LINGER = 2.0  # after the last answer, how long a closing connection's late bytes are read and dropped
+ACCEPT_PAUSE = 0.5  # out of file descriptors: how long the worker leaves new connections in the kernel's queue
+FILES_WANTED = 65536  # the soft open-file limit a worker raises itself to (up to the hard limit)
 
 
 def request_state(buffer: bytes, body_limit: int, upload_limit: int, chunks: Chunks | None = None) -> str:
@@ -220,9 +223,13 @@ def _malformed() -> RelayError:
 
 
 def _disk_full(err: OSError) -> RelayError:
+    where = (
+        "as it has no file left to open (too many connections and uploads at once)"
+        if err.errno in (errno.EMFILE, errno.ENFILE)
+        else f"on its temporary disk ({err.strerror or err})"
+    )
     return UploadStorageFull(
-        f"The relay could not keep the file on its temporary disk ({err.strerror or err}). Retry in a few "
-        "seconds, or send a link (audio_url) instead.",
+        f"The relay could not keep the file {where}. Retry in a few seconds, or send a link (audio_url) instead.",
         retry_after=10,
     )
 
@@ -346,6 +353,37 @@ class RelayWorker(ThreadWorker):
         self._kept_lock = threading.Lock()
         self.closing: dict[object, float] = {}  # connections finishing an answer, then closing: their deadlines
         self.arrival_limit = max(16, int((self.cfg.worker_connections - self.cfg.threads) * ARRIVAL_SHARE))
+
+    def init_process(self):
+        """Raise the soft open-file limit to the hard one (1024 is a common soft limit, for systemd
+        services and containers): every connection and every upload being received takes a file."""
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            wanted = FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, FILES_WANTED)
+            if soft != resource.RLIM_INFINITY and soft < wanted:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass  # as it was: the worker still pauses accepting when files run out
+        self._accept_paused_until = 0.0
+        super().init_process()
+
+    def accept(self, listener):
+        """gthread's accept, except that running out of file descriptors pauses accepting for a
+        moment (the kernel keeps new connections waiting) instead of raising out of the event loop,
+        which ended the worker and every request it served."""
+        try:
+            super().accept(listener)
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.log.warning("out of file descriptors (%s): accepting paused for %g s", err.strerror, ACCEPT_PAUSE)
+            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+            self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled):
+        if enabled and time.monotonic() < getattr(self, "_accept_paused_until", 0.0):
+            return  # the loop asks again at its next round
+        super().set_accept_enabled(enabled)
 
     def handle_exit(self, sig, frame):
         """SIGTERM: requests waiting for a clone answer now (202 + ``status_url``) instead of being

@@ -15,13 +15,14 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from relay.api import BUSY_WARNING
 
-from .conftest import AUDIO_HOST, JOBS_SECRET_KEY, RELAY_KEY, TOKEN
+from .conftest import AUDIO_HOST, JOBS_SECRET_KEY, RELAY_KEY, TOKEN, wait_until
 from .test_serve import free_port, relay_command
 
 HEADERS = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
@@ -480,6 +481,57 @@ def test_slow_uploads_hold_no_thread_and_whole_ones_are_served(serve):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_and_never_kills_the_worker(serve):
+    """Every slow upload holds a socket and its spool file. With a low open-file limit (the worker
+    cannot raise it here: soft and hard are both 256), accept() ran out of descriptors and raised
+    out of the event loop: the worker died, and every request it served with it."""
+
+    def few_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    base = serve(preexec=few_files, RELAY_LOG_LEVEL="WARNING")
+    held = []
+    try:
+        # Uploads take two files each (a socket and a spool file; past the limit the spool is refused
+        # 503), then stalled requests take the last ones: the next accept() finds none.
+        held += [slow_upload(base, length=200_000) for _ in range(130)]
+        held += [slow_client(base) for _ in range(80)]
+        time.sleep(1)
+    finally:
+        for sock in held:
+            sock.close()
+    # Once the files are free again, the same worker answers.
+    answer = wait_until(lambda: _healthz(base), timeout=15)
+    assert answer["ok"] is True
+    process = serve.processes[-1]
+    process.terminate()
+    output = process.communicate(timeout=40)[0].decode(errors="replace")
+    assert "out of file descriptors" in output
+    assert "Traceback" not in output and output.count("Booting worker") == 1, output[-3000:]
+
+
+def test_a_worker_raises_its_open_file_limit_to_the_hard_one(serve):
+    """1024 open files is a common soft limit (systemd services, containers): the worker takes what
+    the hard limit allows (up to 65536), as every connection and upload being received holds one."""
+
+    def soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    serve(preexec=soft_limit)
+    master = serve.processes[-1].pid
+    (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    limits = Path(f"/proc/{worker}/limits").read_text()
+    soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
+    assert (soft, hard) == ("4096", "4096")
+
+
+def _healthz(base: str):
+    try:
+        return requests.get(base + "/healthz", timeout=2).json()
+    except requests.RequestException:
+        return None
 
 
 def test_a_large_upload_is_refused_at_once_when_it_cannot_be_taken(serve):
