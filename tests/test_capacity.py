@@ -138,6 +138,15 @@ def test_slow_clients_and_waiters_past_the_budget_leave_health_checks_answered(s
             sock.close()
 
 
+def enough_files_for_a_thousand_connections() -> None:
+    """This process opens about 1,050 sockets: raise its open-file limit to 1,400, or skip."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip("this test needs 1400 open files (ulimit -n)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+
+
 def test_clients_that_never_read_large_answers_hold_no_thread(serve):
     """Pipelined requests for a 70 KB answer, never read: the kernel takes a little of each answer,
     the relay keeps the rest for its event loop to send, and the threads serve everyone else."""
@@ -213,11 +222,7 @@ def test_closing_connections_do_not_hold_up_the_event_loop(serve):
 def test_a_thousand_clients_that_neither_read_nor_close_cannot_stop_the_relay_accepting(serve):
     """Whole requests answered, their connections then idle (kept alive) or still being answered: near
     worker_connections (1000) the oldest of those are closed, so new requests are accepted."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 1400:
-        if hard != resource.RLIM_INFINITY and hard < 1400:
-            pytest.skip("this test needs 1400 open files (ulimit -n)")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    enough_files_for_a_thousand_connections()
     base = serve(RELAY_LOG_LEVEL="WARNING")
     host, port = base.removeprefix("http://").split(":")
     idle = []
@@ -237,11 +242,7 @@ def test_making_room_near_the_limit_never_kills_the_worker(serve):
     """Near worker_connections the oldest idle kept-alive connections are closed; when those same
     connections send a request in the same round of events, the worker must not trip over a socket
     it already closed (it died: every request it served was cut)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 1400:
-        if hard != resource.RLIM_INFINITY and hard < 1400:
-            pytest.skip("this test needs 1400 open files (ulimit -n)")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    enough_files_for_a_thousand_connections()
     base = serve(RELAY_LOG_LEVEL="WARNING")
     host, port = base.removeprefix("http://").split(":")
     request = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
@@ -283,11 +284,7 @@ def test_making_room_near_the_limit_never_kills_the_worker(serve):
 def test_a_thousand_unfinished_requests_cannot_stop_the_relay_accepting(serve):
     """Past 3/4 of gunicorn's worker_connections (1000), the oldest unfinished request is answered
     408, so whole requests are still accepted (at 1000 gthread stops accepting at all)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 1400:
-        if hard != resource.RLIM_INFINITY and hard < 1400:
-            pytest.skip("this test needs 1400 open files (ulimit -n)")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    enough_files_for_a_thousand_connections()
     # Warnings only: hundreds of 408 access lines would fill the output pipe this test does not read.
     base = serve(RELAY_LOG_LEVEL="WARNING")
     stalled = []
