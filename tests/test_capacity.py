@@ -150,7 +150,7 @@ def enough_files_for_a_thousand_connections() -> None:
 def test_clients_that_never_read_large_answers_hold_no_thread(serve):
     """Pipelined requests for a 70 KB answer, never read: the kernel takes a little of each answer,
     the relay keeps the rest for its event loop to send, and the threads serve everyone else."""
-    base = serve(RELAY_LOG_LEVEL="WARNING")  # no access lines: they would fill the output pipe
+    base = serve(RELAY_LOG_LEVEL="WARNING")  # no access lines: nobody reads them
     host, port = base.removeprefix("http://").split(":")
     hogs = []
     try:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import threading
+import time
 
-from relay.logs import JsonFormatter
+import requests
 
-from .conftest import RELAY_KEY, TOKEN, clone, serve_file
+from relay.logs import DetachedStream, JsonFormatter
+
+from .conftest import RELAY_KEY, TOKEN, clone, serve_file, wait_until
+from .processes import stop
+from .test_serve import free_port, relay_command
 
 
 def test_a_clone_logs_one_line_without_secrets(make_app, settings, audio_host, useapi, caplog):
@@ -45,3 +53,76 @@ def test_a_secret_in_a_links_path_is_not_logged_answered_or_kept(make_app, job_s
     lines = "\n".join(formatter.format(r) for r in caplog.records if r.name.startswith("relay"))
     for where in (lines, json.dumps(response.json), json.dumps(job.request), json.dumps(job.answer)):
         assert "AAHsEcReT" not in where
+
+
+def test_a_stdout_nobody_reads_costs_log_lines_never_a_request(tmp_path):
+    """A full stdout pipe (a log collector that stalled) must not stop the relay answering: lines
+    wait in a bounded queue of their own, and past it they are dropped and counted."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "RELAY_API_KEY": RELAY_KEY,
+        "RELAY_INPROCESS_WORKERS": "0",
+        "WEB_CONCURRENCY": "1",
+        "RELAY_LOG_LEVEL": "INFO",  # an access line per request: the pipe fills after a few hundred
+        "RELAY_DATA_DIR": str(tmp_path / "data"),
+    }
+    env.pop("DATABASE_URL", None)
+    process = subprocess.Popen(relay_command("serve"), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(line.decode() for line in process.stdout), daemon=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(base + "/healthz"), timeout=30)
+        with requests.Session() as session:
+            for n in range(1500):  # ~400 bytes of access line each: 600 kB against a 64 kB pipe
+                assert session.get(f"{base}/healthz?n={n}", timeout=10).status_code == 200
+        # Once the pipe is read again, the waiting lines come out.
+        reader.start()
+        wait_until(lambda: sum('"relay.access"' in line for line in list(seen)) >= 1500, timeout=20)
+    finally:
+        stop(process)
+        if reader.ident is not None:
+            reader.join(10)
+        process.stdout.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_lines_past_the_waiting_bound_are_dropped_and_counted():
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    handler = DetachedStream(stream)
+    handler.MAX_WAITING = 5
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("relay.test-detached")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        started = time.monotonic()
+        for n in range(60):  # 20 kB each: the pipe (64 kB) takes three, the writer then waits on it
+            logger.warning("line %d %s", n, "x" * 20_000)
+        assert time.monotonic() - started < 5  # logging never waited for the pipe
+        received = bytearray()
+        with open(read_end, "rb") as pipe:
+            reader = threading.Thread(target=lambda: received.extend(pipe.read()), daemon=True)
+            reader.start()
+            handler.flush()
+            stream.close()
+            reader.join(10)
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in received.decode().splitlines()]
+    written = [line for line in lines if line["msg"].startswith("line ")]
+    dropped = [line for line in lines if "dropped_lines" in line]
+    assert dropped and all(line["level"] == "warning" for line in dropped)
+    assert len(written) + sum(line["dropped_lines"] for line in dropped) == 60  # each line written or counted
+    assert len(written) < 60
+    assert written[0]["msg"].startswith("line 0 ")  # the oldest lines are kept, in order
+    assert [int(line["msg"].split()[1]) for line in written] == sorted(int(line["msg"].split()[1]) for line in written)
