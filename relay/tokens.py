@@ -72,6 +72,14 @@ class TokenVault:
     def open(self, job_id: str, kind: str, sealed: str | None) -> str | None:
         """The token a worker should use for the job, or raise :class:`TokenUnavailable`."""
         if kind == SERVER:
+            if not self.settings.useapi_token:
+                # Accepted by a process that has USEAPI_TOKEN, picked up by one that has none (a
+                # Render worker service whose variables were set apart from the web service's).
+                raise TokenUnavailable(
+                    "This job was accepted with the relay's own useapi token (USEAPI_TOKEN), but the worker "
+                    "process that picked it up has no USEAPI_TOKEN: the operator must set the same USEAPI_TOKEN "
+                    f"on every process, the worker's included (on Render: the worker service too). {RESUBMIT}"
+                )
             return self.settings.useapi_token
         if kind == SEALED and sealed and self._fernet is not None:
             token = self.open_text(sealed)

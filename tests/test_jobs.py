@@ -35,6 +35,7 @@ from .conftest import (
     HEADERS,
     JOBS_SECRET_KEY,
     JOBS_WEBHOOK_SECRET,
+    RELAY_KEY,
     TOKEN,
     audio_bytes,
     post,
@@ -959,3 +960,25 @@ def test_the_readmes_receiver_recipe_verifies_every_kind_of_secret(secret):
     }
     key = secret if secret.startswith("whsec_") else "whsec_" + base64.b64encode(secret.encode()).decode()
     assert Webhook(key).verify(body, headers) == {"ok": True}
+
+
+def test_a_worker_without_the_relays_token_ends_its_jobs_clearly_and_uploads_nothing(
+    make_app, job_settings, fake, audio_host
+):
+    """Render keeps each service's variables apart: a web service with USEAPI_TOKEN accepts a clone
+    with the relay's token, and a worker service without it picks the job up. Before, the worker sent
+    "Authorization: Bearer None" to useapi and blamed the token."""
+    web = make_app(job_settings.replace(useapi_token=TOKEN), workers=0)
+    response = web.test_client().post(
+        "/v1/voice-clones",
+        json={"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "x", "wait_seconds": 0},
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},  # no X-Useapi-Token: the relay's own
+    )
+    assert response.status_code == 202, response.json
+    worker = make_app(job_settings.replace(useapi_token=None), workers=1)
+    store = worker.extensions["relay.runtime"].store
+    job = wait_until(lambda: (j := store.get(response.json["job_id"])).terminal and j)
+    assert job.answer["error_code"] == "token_unavailable"
+    assert "has no USEAPI_TOKEN" in job.answer["error_message"]
+    assert "Submit the clone again" in job.answer["error_message"]  # nothing was sent
+    assert fake.upload_count() == 0
