@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             # Only a process that answers HTTP needs the rules for serving (a key beside a server token).
             settings.check_serving()
+        elif args.command == "worker" and (problem := settings.unshared_database("worker process")):
+            raise SettingsError(problem)
     except SettingsError as err:
         print(f"relay: configuration error: {err}", file=sys.stderr)
         return 2

@@ -171,7 +171,27 @@ class Settings:
                 "USEAPI_TOKEN is set but RELAY_API_KEY is not: anyone could spend your useapi "
                 "credits through this relay. Set RELAY_API_KEY to a long random secret."
             )
+        if self.inprocess_workers == 0 and (problem := self.unshared_database("web process")):
+            raise SettingsError(problem)
         return self
+
+    def unshared_database(self, what: str) -> str | None:
+        """On Heroku or Render (``DYNO`` or ``RENDER`` set), a process that relies on another process for
+        its jobs cannot use SQLite: each dyno or instance has a disk of its own, so the web process and
+        the worker would never see each other's jobs. The problem in one line, or None."""
+        if self.database_url or not (os.environ.get("DYNO") or os.environ.get("RENDER")):
+            return None
+        host = "Heroku" if os.environ.get("DYNO") else "Render"
+        fix = (
+            "heroku addons:create heroku-postgresql"
+            if host == "Heroku"
+            else "wire the Blueprint's database in with fromDatabase"
+        )
+        return (
+            f"DATABASE_URL is not set, and on {host} each {what} has a disk of its own: the web process and "
+            f"the worker would keep jobs in separate SQLite files and never share one. Attach PostgreSQL ({fix}), "
+            "or run one web process with RELAY_INPROCESS_WORKERS and no worker"
+        )
 
     def gunicorn_workers(self) -> int:
         """``WEB_CONCURRENCY``, else 1 on SQLite (writers share one lock best in one process), 2 on PostgreSQL."""

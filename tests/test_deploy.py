@@ -17,8 +17,8 @@ import pytest
 import requests
 import yaml
 
-from relay import db
-from relay.settings import _SPECS
+from relay import create_app, db
+from relay.settings import _SPECS, Settings, SettingsError
 
 from .conftest import AUDIO, AUDIO_HOST, RELAY_KEY, TOKEN, serve_file
 from .fake_useapi import FakeUseapi
@@ -498,3 +498,23 @@ def test_procfile_processes_survive_sigterm_mid_job_and_finish_it_once(audio_hos
     assert '"job_id"' in logs and "req-procfile" in logs
     for secret in (RELAY_KEY, TOKEN, secret_key, webhook_secret, "sig-s3cr3t"):
         assert secret not in logs
+
+
+def test_a_worker_dyno_without_a_shared_database_refuses_to_start(tmp_path):
+    """On Heroku each dyno has its own disk: without DATABASE_URL the worker and the web process
+    would keep jobs in separate SQLite files, and every clone would wait an hour for a worker that runs."""
+    env = {"DYNO": "worker.1", "DATABASE_URL": "", "RELAY_DATA_DIR": str(tmp_path / "data")}
+    result = run_relay("worker", env=env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "DATABASE_URL is not set" in result.stderr and "heroku addons:create heroku-postgresql" in result.stderr
+
+
+def test_a_render_web_service_that_leaves_jobs_to_a_worker_needs_a_shared_database(monkeypatch, tmp_path):
+    monkeypatch.setenv("RENDER", "true")
+    monkeypatch.delenv("DYNO", raising=False)
+    with pytest.raises(SettingsError, match="on Render each web process has a disk of its own"):
+        create_app(Settings(data_dir=str(tmp_path / "a"), inprocess_workers=0))
+    # One web service that works its own jobs needs no other process: SQLite is its choice to make.
+    app = create_app(Settings(data_dir=str(tmp_path / "b")), workers=0)
+    app.extensions["relay.runtime"].close()
