@@ -229,6 +229,8 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     leader = runtime.store.active_by_name(name_key) if exclusive and key is None else None
     job_id = uuid.uuid4().hex
     existing = runtime.store.get_by_key(key) if key and upload is not None else None
+    if existing is not None and existing.request_hash == request_hash and _retire(existing, key):
+        existing = None
     if upload is not None and existing is None:  # a repeat needs no second copy of the file
         stored_request["upload_id"] = bodies.store(runtime, upload, job_id, account).id
     token_kind, sealed, fingerprint = runtime.vault.seal(job_id, given_token)
@@ -269,12 +271,15 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         job, created = create(leader)
         if not created and job.matched == "name":  # another request took the name since we looked
             job, created = create(job)
+        elif not created and job.request_hash == request_hash and _retire(job, key):
+            job, created = create(leader)
     if not created:
         runtime.vault.forget(job_id)
         if stored_request.get("upload_id"):  # the job that holds this key has its own copy
             uploads.delete_upload(runtime.engine, stored_request["upload_id"])
         if job.request_hash != request_hash:
             raise IdempotencyKeyReused()
+        g.replayed = job
     elif job.lease_owner is None:  # not claimed at once (the reserved worker, if any, took an older job)
         runtime.notifier.work_arrived()
     g.log["job_id"] = job.id
@@ -454,6 +459,10 @@ def _job_answer(job, note: str | None = None):
     answer["request_id"] = g.request_id
     if note:
         answer["warnings"] = [*answer["warnings"], note]
+    if g.get("replayed") is not None and g.replayed.id == job.id:
+        answer["warnings"] = [*answer["warnings"], _replay_note(job)]
+    if g.get("retired") is not None and g.retired.id != job.id:
+        answer["warnings"] = [*answer["warnings"], _retry_note(g.retired)]
     if g.get("not_waited") and not job.terminal:
         answer["warnings"] = [*answer["warnings"], g.not_waited]
     if answer["status"] == "queued":
@@ -462,7 +471,35 @@ def _job_answer(job, note: str | None = None):
         except SQLAlchemyError as err:  # a courtesy: the job's answer matters more
             log.warning("queue position of job %s not read (%s)", job.id, type(err).__name__)
     g.answer = answer
-    return _answer(answers.http_status_for_job(job), answer)
+    response = _answer(answers.http_status_for_job(job), answer)
+    if g.get("replayed") is not None and g.replayed.id == job.id:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _retire(job, key: str | None) -> bool:
+    """A repeat of a request whose job failed before anything reached useapi (a host that was down,
+    a file not shared yet): the key is taken from that job and the request runs again, instead of
+    getting the stored failure back for as long as the job is kept."""
+    if key is None or not job.failed_before_upload or not _runtime().store.retire_key(job.id, key):
+        return False
+    g.retired = job
+    return True
+
+
+def _replay_note(job) -> str:
+    return (
+        f"This Idempotency-Key was first sent at {job.created_at.isoformat(timespec='seconds')}Z: this is "
+        f"job {job.id}'s answer, and nothing was done again."
+    )
+
+
+def _retry_note(job) -> str:
+    code = (job.answer or {}).get("error_code") or "an error"
+    return (
+        f"This Idempotency-Key's earlier job {job.id} failed ({code}) before anything reached useapi.net: "
+        "this request started a new job."
+    )
 
 
 def _idempotency_key(account: str | None) -> str | None:

@@ -93,6 +93,16 @@ class Job:
     def terminal(self) -> bool:
         return self.phase in TERMINAL
 
+    @property
+    def failed_before_upload(self) -> bool:
+        """Failed before a whole upload body went out: useapi made nothing, so trying again is safe."""
+        return (
+            self.phase == FAILED
+            and self.body_sent_at is None
+            and self.cloned_voice_item_id is None
+            and self.item_id is None
+        )
+
     @classmethod
     def from_row(cls, row: Any) -> Job:
         return cls.from_values(dict(row._mapping))
@@ -709,6 +719,25 @@ class JobStore:
     def get_by_key(self, key: str) -> Job | None:
         """The job of a stored (account-scoped, see :func:`relay.db.scoped_key`) idempotency key."""
         return self._get(_BY_KEY, key)
+
+    def retire_key(self, job_id: str, key: str) -> bool:
+        """Take ``key`` from a job that failed before its upload went out (see
+        :attr:`Job.failed_before_upload`), so a new request with it starts afresh; True when this
+        call took it (a concurrent request may have)."""
+        with self.engine.begin() as conn:
+            retired = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.idempotency_key == key,
+                    jobs.c.phase == FAILED,
+                    jobs.c.body_sent_at.is_(None),
+                    jobs.c.cloned_voice_item_id.is_(None),
+                    jobs.c.item_id.is_(None),
+                )
+                .values(idempotency_key=None)
+            )
+        return retired.rowcount == 1
 
     # --- leases ---------------------------------------------------------------------------
 

@@ -982,3 +982,38 @@ def test_a_worker_without_the_relays_token_ends_its_jobs_clearly_and_uploads_not
     assert "has no USEAPI_TOKEN" in job.answer["error_message"]
     assert "Submit the clone again" in job.answer["error_message"]  # nothing was sent
     assert fake.upload_count() == 0
+
+
+def test_a_key_whose_job_failed_before_any_upload_runs_again_when_repeated(make_app, job_settings, fake, audio_host):
+    """A Make blueprint keys each Drive file: after a failure that reached useapi with nothing (the
+    host was down, the file not shared yet), running the scenario again must try again, not get the
+    stored failure back for as long as the job is kept."""
+    client = make_app(job_settings).test_client()
+    url = audio_host.url_for("/later.wav")  # not served yet: the host answers 404
+    body = {"audio_url": url, "name": "Later", "wait_seconds": 20}
+    first = post(client, body, {"Idempotency-Key": "drive-file-1"})
+    assert first.json["error_code"] == "download_failed", first.json
+    serve_file(audio_host, "wav_pcm16_mono.wav", path="/later.wav")
+    second = post(client, body, {"Idempotency-Key": "drive-file-1"})
+    assert second.json["status"] == "ready" and second.json["job_id"] != first.json["job_id"], second.json
+    assert any(f"earlier job {first.json['job_id']} failed (download_failed)" in w for w in second.json["warnings"])
+    assert "Idempotent-Replayed" not in second.headers
+    # A repeat now gets the new job's answer, marked as a replay: the voice is made once.
+    third = post(client, body, {"Idempotency-Key": "drive-file-1"})
+    assert third.json["job_id"] == second.json["job_id"] and third.headers["Idempotent-Replayed"] == "true"
+    assert any("nothing was done again" in w for w in third.json["warnings"])
+    assert fake.upload_count() == 1
+
+
+def test_a_key_whose_upload_went_out_keeps_its_answer(make_app, job_settings, fake, audio_host):
+    """useapi refused the whole upload: repeating the same request with the same key gets the same
+    refusal back (and pays for nothing more); only a failure before the upload is tried again."""
+    fake.refusals = [(400, {})] * 2  # useapi's own refusal, after the whole body
+    fake.refusal_body = {"error": "Voice sample rejected", "code": 400}
+    client = make_app(job_settings).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Refused", "wait_seconds": 20}
+    first = post(client, body, {"Idempotency-Key": "refused-1"})
+    assert first.json["error_code"] == "upstream_rejected", first.json
+    again = post(client, body, {"Idempotency-Key": "refused-1"})
+    assert again.json["job_id"] == first.json["job_id"] and again.headers["Idempotent-Replayed"] == "true"
+    assert len(fake.uploads) == 1  # sent once, refused once
