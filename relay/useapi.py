@@ -196,8 +196,11 @@ class Useapi:
                 upstream_status=response.status_code,
                 maybe_created=True,
             )
+        # Ready only on useapi's own word: a 200 whose result is anything but true (false, a string)
+        # leaves it to the voice's status, read by the polls that follow.
+        sure = response.status_code == 200 and payload.get("result", True) is True
         return UploadResult(
-            status="ready" if response.status_code == 200 else "processing",
+            status="ready" if sure else "processing",
             upstream_status=response.status_code,
             cloned_voice_item_id=voice_id,
             item_id=item_id,
@@ -396,7 +399,10 @@ def _error_for(
         return UpstreamPaymentRequired(
             f"useapi.net needs an active subscription ({said}). Renew it at useapi.net.", upstream_status=status
         )
-    if status == 429:
+    if status == 429 and (readable or not complete):
+        # useapi's own 429, or any 429 before the whole body went out: nothing was made, so it is
+        # sent again after the wait. A 429 page from a layer in front after the whole body proves
+        # nothing: it is reconciled below, as a 5xx would be.
         return UpstreamRateLimited(
             f"useapi.net is rate limiting this account ({said}). Wait and try again.",
             upstream_status=status,

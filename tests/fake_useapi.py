@@ -55,6 +55,7 @@ class FakeUseapi:
         # knobs a test turns
         self.upload_delay = 0.0  # seconds the upload is held before answering
         self.ready_after_polls = 0  # 0: ready at once (200); n: 202, then ready after n polls
+        self.unsure_200 = False  # … but answered 200 {"result": false, …} instead of 202
         self.list_ready_only = True  # TemPolor lists a voice only once it is ready
         self.refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next uploads
         self.refusals_for: dict[str, list[tuple[int, dict]]] = {}  # the same, per user_id
@@ -153,8 +154,8 @@ class FakeUseapi:
             if (lost := plan.get("answer", self.upload_answer)) is not None:
                 status, text, kind = lost
                 return Response(text, status=status, content_type=kind)
-            if ready:
-                return _json({"result": True, "itemId": item_id, "clonedVoiceItemId": voice_id}, 200)
+            if ready or self.unsure_200:
+                return _json({"result": ready, "itemId": item_id, "clonedVoiceItemId": voice_id}, 200)
             return _json(
                 {"itemId": item_id, "clonedVoiceItemId": voice_id, "message": "still processing after 120 seconds"},
                 202,

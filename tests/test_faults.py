@@ -128,6 +128,7 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         (503, '{"error": "Service Unavailable", "code": 503}', "application/json"),
         # two ids that name different voices: neither is sure
         (200, '{"itemId": "zzz", "clonedVoiceItemId": "user:12345-tempolor:67890-voice:other"}', "application/json"),
+        (429, "<html>rate limited</html>", "text/html"),  # not useapi's own 429: a layer in front, after the body
     ],
     ids=[
         "html-200",
@@ -142,6 +143,7 @@ def test_an_upload_reset_after_its_whole_body_is_reconciled_not_resent(make_app,
         "useapi-own-500",
         "useapi-own-503-without-retry-after",
         "ids-that-disagree",
+        "proxy-429-html",
     ],
 )
 def test_an_unreadable_upload_answer_is_never_success_and_never_resent(
@@ -152,6 +154,16 @@ def test_an_unreadable_upload_answer_is_never_success_and_never_resent(
     answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Odd"})
     assert fake.upload_count() == 1
     assert answer["status"] == "ready" and answer["cloned_voice_item_id"] in fake.voices  # found, adopted
+
+
+def test_a_200_whose_result_is_false_is_not_ready_until_the_voice_says_so(make_app, job_settings, fake, audio_host):
+    fake.unsure_200, fake.ready_after_polls = True, 2  # 200 {"result": false, ids}: still cloning
+    client = make_app(job_settings).test_client()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Unsure"})
+    assert answer["status"] == "ready", answer
+    (voice,) = fake.voices.values()
+    assert voice["polls_left"] == 0  # ready because the voice's own status said so, after two looks
+    assert fake.upload_count() == 1
 
 
 def test_an_unreadable_answer_with_no_voice_is_upload_unconfirmed_not_success(make_app, lossy, fake, audio_host):
