@@ -543,13 +543,16 @@ def list_voices():
 
 @bp.get("/v1/voices/<voice_id>")
 def get_voice(voice_id: str):
+    # Until useapi answered, this request knows nothing of the voice: a failed look answers status
+    # null, never "failed" (the success shape's word for a failed clone).
+    g.status_unknown = True
     authenticate()
     voices.check_id(voice_id)
     with _lookup() as client:
         record = client.get_voice(voice_id)
     if record is None:
         raise VoiceNotFound(cloned_voice_item_id=voice_id, upstream_status=404)
-    item = voices.flatten({"clonedVoiceItemId": voice_id, **record})
+    item = voices.flatten({**record, "clonedVoiceItemId": voice_id})  # the id asked for, not a null in the record
     return jsonify(ok=True, **item, request_id=g.request_id)
 
 

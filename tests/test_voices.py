@@ -160,6 +160,27 @@ def test_get_one_voice_round_trips_the_id(client, useapi, voice_id):
     assert useapi.log[0][0].path == f"{LIST}{voice_id}"
 
 
+def test_a_voice_read_keeps_the_asked_id_when_the_record_holds_none(client, useapi):
+    voice_id = ODD_IDS[0]
+    useapi.expect_request(f"{LIST}{voice_id}").respond_with_json(
+        {"status": 30, "name": "Mine", "itemId": voice_id.rsplit(":", 1)[1], "clonedVoiceItemId": None}
+    )
+    response = client.get(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert (response.status_code, response.json["cloned_voice_item_id"]) == (200, voice_id), response.json
+    assert response.json["user_id"] == "67890"
+
+
+def test_a_voice_read_that_fails_says_nothing_of_the_voices_status(client, useapi):
+    """A poller that carries on past errors must not read a useapi hiccup as a failed clone."""
+    voice_id = ODD_IDS[0]
+    useapi.expect_request(f"{LIST}{voice_id}").respond_with_json(
+        {"error": "Too many requests", "code": 429}, status=429
+    )
+    response = client.get(f"/v1/voices/{voice_id}", headers=AUTH)
+    assert (response.status_code, response.json["error_code"]) == (429, "upstream_rate_limited")
+    assert response.json["status"] is None
+
+
 def test_an_unknown_voice_is_404(client, useapi):
     voice_id = ODD_IDS[0]
     useapi.expect_request(f"{LIST}{voice_id}").respond_with_json(
