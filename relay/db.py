@@ -395,7 +395,34 @@ def connect(url: str, connections: int = 30) -> Engine:
 
         return engine
     kept = min(10, connections)
-    return create_engine(url, pool_pre_ping=True, pool_size=kept, max_overflow=connections - kept, hide_parameters=True)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=kept,
+        max_overflow=connections - kept,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+        hide_parameters=True,
+        connect_args=PG_BOUNDS,
+    )
+
+
+# Every wait on PostgreSQL has an end, well inside a host router's 30 s: a connection that cannot be
+# made, a peer gone without a word (keepalives; unacknowledged writes: tcp_user_timeout), a statement
+# that runs or waits for a lock too long (cancelled by the server: SQLSTATE 57014 / 55P03, answered
+# 503 database_unavailable), a pooled connection none is free of. `relay migrate` lifts the statement
+# bounds for its own transaction (an index on a large table may take longer).
+POOL_TIMEOUT_SECONDS = 10
+STATEMENT_TIMEOUT_MS = 15_000
+LOCK_TIMEOUT_MS = 5_000
+PG_BOUNDS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
+}
 
 
 def reader(engine: Engine) -> Connection:
@@ -420,6 +447,8 @@ def migrate(engine: Engine) -> int:
     """Apply every pending migration; return the schema version now in place."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
+            conn.execute(text("SET LOCAL lock_timeout = 0"))  # another process migrating: wait for it
             conn.execute(text("SELECT pg_advisory_xact_lock(724390117)"))
         metadata.create_all(conn, tables=[schema_migrations])
         applied = set(conn.scalars(select(schema_migrations.c.version)))

@@ -603,7 +603,44 @@ def test_a_database_that_stops_answering_is_503_database_unavailable(make_app, j
     assert logged and not any(record.exc_info for record in logged)  # one line per request, no traceback
 
 
+def test_a_table_locked_for_long_is_503_database_unavailable_within_seconds(make_app, job_settings):
+    """Every wait has an end: a request that waits for a lock another session holds (a long
+    migration, an operator's LOCK TABLE) is answered 503 within the relay's lock bound, well inside a
+    host router's 30 s, instead of hanging for as long as the lock is held."""
+    if not job_settings.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's lock_timeout")
+    app = make_app(job_settings, workers=0)
+    client = app.test_client()
+    job_id = post(client, {"audio_url": "https://example.com/a.wav", "name": "Locked", "wait_seconds": 0}).json[
+        "job_id"
+    ]
+    holder = sqlalchemy.create_engine(db.database_url(job_settings.database_url, ""))
+    locked, done = threading.Event(), threading.Event()
+
+    def hold():  # another session holds the lock for 20 s at most
+        with holder.connect() as conn:
+            conn.exec_driver_sql("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            done.wait(20)
+            conn.rollback()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        started = time.monotonic()
+        status = client.get(f"/v1/voice-clones/{job_id}", headers=HEADERS)
+        waited = time.monotonic() - started
+    finally:
+        done.set()
+        thread.join(30)
+        holder.dispose()
+    assert (status.status_code, status.json["error_code"]) == (503, "database_unavailable"), status.json
+    assert waited < db.LOCK_TIMEOUT_MS / 1000 + 5
+
+
 def test_a_database_that_cannot_take_writes_is_unavailable_not_a_bug(tmp_path):
+
     # A read-only (or full) SQLite file: the database cannot be used just now; retry later, no bug.
     path = tmp_path / "ro.db"
     engine = sqlalchemy.create_engine(f"sqlite:///{path}")
