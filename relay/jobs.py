@@ -773,7 +773,7 @@ class JobStore:
             row = self._claim_pg(conn, params, claim.account_limit)
         else:
             row = conn.execute(_claim_statement(bool(claim.account_limit)), params).first()
-        if row is not None and row.account_key and row.phase not in TERMINAL:
+        if row is not None and row.account_key:  # a callback delivery takes its turn too
             self._touch_account(conn, row.account_key, last_claimed_at=now)
         return row
 

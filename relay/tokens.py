@@ -69,10 +69,11 @@ class TokenVault:
             self._memory[job_id] = token
         return MEMORY, None, fingerprint(token)
 
-    def open(self, job_id: str, kind: str, sealed: str | None) -> str | None:
-        """The token a worker should use for the job, or raise :class:`TokenUnavailable`."""
+    def open(self, job_id: str, kind: str, sealed: str | None, needed: bool = True) -> str | None:
+        """The token a worker should use for the job, or raise :class:`TokenUnavailable`.
+        ``needed``: False for a dry run, which may go without one."""
         if kind == SERVER:
-            if not self.settings.useapi_token:
+            if not self.settings.useapi_token and needed:
                 # Accepted by a process that has USEAPI_TOKEN, picked up by one that has none (a
                 # Render worker service whose variables were set apart from the web service's).
                 raise TokenUnavailable(

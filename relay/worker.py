@@ -183,7 +183,7 @@ class CloneWorker:
         """The job's useapi token; without it, an error whose advice fits what was sent: "submit
         again" only when no voice exists or may exist."""
         try:
-            return self.vault.open(job.id, job.token_kind, job.token_sealed)
+            return self.vault.open(job.id, job.token_kind, job.token_sealed, needed=not job.dry_run)
         except TokenUnavailable as err:
             doubt = self._voice_doubt(job)
             if doubt is None:

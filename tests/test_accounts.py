@@ -10,6 +10,7 @@ import pytest
 
 from relay.db import utcnow
 
+from . import servers
 from .conftest import AUDIO_HOST, HEADERS, JOBS_SECRET_KEY, PG_URL, post, serve_file, wait_until
 from .processes import stop
 
@@ -109,6 +110,34 @@ def test_one_accounts_backlog_does_not_starve_another(make_app, job_settings, fa
     a_left = sum(1 for job_id in a_ids if not store.get(job_id).terminal)
     assert a_left > 10  # B really went before most of A's backlog
     wait_for_all(store, a_ids, timeout=40)
+
+
+def test_one_accounts_hanging_webhook_does_not_hold_up_another_accounts_clones(
+    make_app, job_settings, fake, audio_host
+):
+    """Callback deliveries take turns with other accounts' work: before, claiming one never moved
+    its account back in line, so B's clone waited until all of A's retries against a hanging
+    receiver were given up."""
+    settings = job_settings.replace(
+        inprocess_workers=2, callback_timeout=1.0, callback_schedule=(0.2,) * 6, callback_first_delay_seconds=0
+    )
+    app = make_app(settings)
+    client = app.test_client()
+    store = app.extensions["relay.runtime"].store
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    with servers.RawServer(lambda conn, stop: stop.wait(30)) as receiver:  # takes the request, never answers
+        body = {"audio_url": url, "user_id": "A", "wait_seconds": 0, "callback_url": receiver.url("/hook")}
+        a_ids = [post(client, {**body, "name": f"a{n}"}).json["job_id"] for n in range(8)]
+        wait_for_all(store, a_ids, timeout=20)
+        wait_until(lambda: receiver.connections >= 4)  # A's deliveries are under way
+        first = submit(client, url, "B", "b1")
+        wait_until(lambda: store.get(first).terminal, timeout=20)
+        started = utcnow()
+        second = submit(client, url, "B", "b2")
+        job = wait_until(lambda: (j := store.get(second)).terminal and j, timeout=40)
+        waited = (job.completed_at - started).total_seconds()
+        assert waited < 5, f"B's second clone waited {waited:.1f} s behind A's webhook retries"
+        assert any(store.get(a).callback_status == "pending" for a in a_ids)  # A's retries still go on
 
 
 def test_a_429_backs_off_that_account_only(make_app, job_settings, fake, audio_host):
