@@ -525,19 +525,16 @@ def list_voices():
     authenticate()
     query = _load_query(_voice_query_schema)
     with _lookup() as client:
-        found, complete = voices.list_all(client, query["user_id"], settings().max_list_pages)
+        found, stopped = voices.list_all(client, query["user_id"], settings().max_list_pages)
     found = voices.filtered(found, query["name"], query["name_contains"], query["status"])
-    warnings = (
-        []
-        if complete
-        else [
-            f"The listing stopped before its end ({settings().max_list_pages} pages, RELAY_MAX_LIST_PAGES; "
-            "the time of one look-up, RELAY_LOOKUP_TIMEOUT; or useapi.net announced more pages without a way "
-            "to them); more voices may exist."
-        ]
-    )
+    warnings = [] if stopped is None else [f"The listing stopped before its end: {stopped}. More voices may exist."]
     return jsonify(
-        ok=True, count=len(found), voices=found, complete=complete, warnings=warnings, request_id=g.request_id
+        ok=True,
+        count=len(found),
+        voices=found,
+        complete=stopped is None,
+        warnings=warnings,
+        request_id=g.request_id,
     )
 
 

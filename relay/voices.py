@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import deadline
-from .errors import InvalidVoiceId, UpstreamError, UpstreamTimeout
+from .errors import InvalidVoiceId, UpstreamError, UpstreamInvalidAnswer, UpstreamTimeout
 from .useapi import VOICE_ID as _VOICE_ID
 from .useapi import Useapi, is_status
 
@@ -53,13 +53,31 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[dict[str, Any]], bool]:
-    """Every voice of the account, walking useapi's cursor pages; ``(voices, complete)``.
+class Listing(NamedTuple):
+    """What a walk of the account's voices read: ``voices``, and ``stopped``: None when the listing
+    was read to its end, else why it stopped short (so "not found" is never certain then)."""
 
-    ``complete`` is False when ``max_pages`` was reached with more pages left, a cursor repeated or
-    missing while more pages are announced, or
-    the walk's time ran out after its first page: the whole walk has the total time of one look-up
-    (``RELAY_CONNECT_TIMEOUT`` + ``RELAY_READ_TIMEOUT``), not one per page, and keeps what it read.
+    voices: list[dict[str, Any]]
+    stopped: str | None
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped is None
+
+
+MAX_VOICES = 5000  # kept from one walk: TemPolor keeps at most 50 voices an account; far more is not a listing
+CUT_BY_TIME = "the time of one look-up (RELAY_LOOKUP_TIMEOUT) ran out"
+CUT_BY_CURSOR = "useapi.net announced more pages without a way to them (a cursor missing or repeated)"
+
+
+def list_all(client: Useapi, user_id: str | None, max_pages: int) -> Listing:
+    """Every voice of the account, walking useapi's cursor pages.
+
+    It stops short (``stopped`` says why) when ``max_pages`` was reached with more pages left, a
+    cursor repeated or went missing while more pages are announced, more than :data:`MAX_VOICES`
+    came (memory stays bounded whatever useapi sends), or the walk's time ran out after its first
+    page: the whole walk has the total time of one look-up (``RELAY_CONNECT_TIMEOUT`` +
+    ``RELAY_READ_TIMEOUT``), not one per page, and keeps what it read.
     """
     voices: list[dict[str, Any]] = []
     cursor: str | None = None
@@ -68,26 +86,26 @@ def list_all(client: Useapi, user_id: str | None, max_pages: int) -> tuple[list[
     with deadline.bounded(client.settings.connect_timeout + client.settings.read_timeout) as walk:
         for read in range(max_pages):
             if read and walk.remaining() <= 0:
-                return voices, False
+                return Listing(voices, CUT_BY_TIME)
             try:
                 page = client.list_voices(user_id, cursor)
             except UpstreamError:
                 if read and walk.remaining() <= _LATE:  # a later page ran into the walk's end
-                    return voices, False
+                    return Listing(voices, CUT_BY_TIME)
                 raise
             for record in page["records"]:
                 if record["clonedVoiceItemId"] not in listed:
+                    if len(voices) >= MAX_VOICES:
+                        return Listing(voices, f"useapi.net listed more than {MAX_VOICES} voices")
                     listed.add(record["clonedVoiceItemId"])
                     voices.append(flatten(record))
             cursor = page["cursor"]
             if not page["hasNext"]:
-                return voices, True
-            if not cursor:  # more pages announced, and no way to them: never "that was all"
-                return voices, False
-            if cursor in seen:
-                return voices, False
+                return Listing(voices, None)
+            if not cursor or cursor in seen:  # more pages announced, and no way to them: never "that was all"
+                return Listing(voices, CUT_BY_CURSOR)
             seen.add(cursor)
-    return voices, False
+    return Listing(voices, f"it has more than {max_pages} pages (RELAY_MAX_LIST_PAGES)")
 
 
 def filtered(
@@ -107,14 +125,18 @@ def filtered(
 
 def find_existing(client: Useapi, user_id: str | None, name: str, max_pages: int) -> dict[str, Any] | None:
     """The newest voice named ``name`` that has not failed (ready first), or ``None``."""
-    voices, complete = list_all(client, user_id, max_pages)
+    voices, stopped = list_all(client, user_id, max_pages)
     matches = [v for v in filtered(voices, name=name) if v["status"] != "failed"]
-    if not matches and not complete:  # not in what was read: it may be in what was not
-        err = UpstreamTimeout(
-            f"useapi.net's voice listing could not be read to its end (RELAY_MAX_LIST_PAGES pages, the time of "
-            "one look-up, or useapi.net announced more pages without a way to them), so the relay cannot tell "
-            f"whether a voice named {name!r} exists and did not clone. "
-            "Try again later, or send if_exists: create."
+    if not matches and stopped is not None:  # not in what was read: it may be in what was not
+        said = (
+            f"useapi.net's voice listing could not be read to its end ({stopped}), so the relay cannot tell "
+            f"whether a voice named {name!r} exists and did not clone."
+        )
+        # Only a walk that ran out of time may go better later; a broken listing answers the same again.
+        err = (
+            UpstreamTimeout(f"{said} Try again later, or send if_exists: create.")
+            if stopped == CUT_BY_TIME
+            else UpstreamInvalidAnswer(f"{said} Send if_exists: create to clone without looking.")
         )
         err.listing_cut_short = True  # type: ignore[attr-defined]
         raise err

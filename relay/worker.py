@@ -422,7 +422,7 @@ class CloneWorker:
         last = now > window_end  # past the window: one last look (a claim may come late), then say so
         try:
             with Useapi(self.settings, token or "") as client:
-                found, _complete = voices.list_all(client, request.user_id, self.settings.max_list_pages)
+                found, stopped = voices.list_all(client, request.user_id, self.settings.max_list_pages)
         except (UpstreamUnauthorized, UpstreamPaymentRequired) as err:
             raise self._with_doubt(job, err) from None
         except UpstreamError as err:
@@ -438,7 +438,6 @@ class CloneWorker:
             for voice in found
             if voice["created_at"]
             and voice["created_at"] >= since
-            and voice["status"] != "failed"
             and (not voice["name"] or voice["name"].strip().casefold() == wanted)
             and not self.store.voice_taken(voice["cloned_voice_item_id"], job.id)
         ]
@@ -455,19 +454,22 @@ class CloneWorker:
                 later = min(now + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
                 self._save(job, release=True, next_run_at=later)
             return
-        self._event(job, "reconcile", f"no new voice among {len(found)} on the account yet")
+        if stopped is None:
+            self._event(job, "reconcile", f"no new voice among {len(found)} on the account yet")
+        else:
+            self._event(job, "reconcile", f"no new voice among the {len(found)} read; the listing stopped: {stopped}")
         if last:
-            raise self._unconfirmed(job, request)
+            raise self._unconfirmed(job, request, stopped)
         # useapi may list the voice only once it is ready: look again, less and less often.
         later = min(now + timedelta(seconds=self.policy.poll_delay(job.attempts)), window_end)
         self._save(job, release=True, next_run_at=later)
 
-    def _unconfirmed(self, job: Job, request: pipeline.CloneRequest) -> UploadUnconfirmed:
+    def _unconfirmed(self, job: Job, request: pipeline.CloneRequest, cut: str | None = None) -> UploadUnconfirmed:
         looked = any(  # a listing was read at least once (the first "reconcile" only says why it looks)
             event.kind == "reconcile" and not (event.detail or "").startswith("answer lost")
             for event in events.for_job(self.store.engine, job.id)
         ) or any(detail.startswith("no new voice") for _kind, detail in self._pending_events("reconcile"))
-        return UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds, looked))
+        return UploadUnconfirmed(_unconfirmed_message(request, self.settings.ready_timeout_seconds, looked, cut))
 
     def _note_failed_look(self, job: Job, err: UpstreamError) -> None:
         self._event(job, "lookup_failed", f"{err.error_code}: {err.message}"[:300])
@@ -553,7 +555,7 @@ class CloneWorker:
             with Useapi(self.settings, token or "") as client:
                 record = client.get_voice(voice_id)
                 if record is None:
-                    listed, _ = voices.list_all(client, job.request.get("user_id"), self.settings.max_list_pages)
+                    listed = voices.list_all(client, job.request.get("user_id"), self.settings.max_list_pages).voices
                     record = next(
                         (
                             {"status": v["upstream_status_code"]}
@@ -815,12 +817,18 @@ def _warn(answer: dict, note: str) -> None:
         answer["warnings"] = [*answer.get("warnings", []), note]
 
 
-def _unconfirmed_message(request: pipeline.CloneRequest, window: float, looked: bool = True) -> str:
-    seen = (
-        f"no new voice named {request.name!r} appeared on the account within {window:g} s"
-        if looked
-        else f"the account's voice listing could not be read within {window:g} s to look for it"
-    )
+def _unconfirmed_message(
+    request: pipeline.CloneRequest, window: float, looked: bool = True, cut: str | None = None
+) -> str:
+    if cut is not None:  # "none appeared" would claim more than was seen
+        seen = (
+            f"the account's voice listing could not be read to its end ({cut}); no new voice named "
+            f"{request.name!r} appeared in what was read within {window:g} s"
+        )
+    elif looked:
+        seen = f"no new voice named {request.name!r} appeared on the account within {window:g} s"
+    else:
+        seen = f"the account's voice listing could not be read within {window:g} s to look for it"
     return (
         f"useapi.net received the whole recording, but its answer was lost and {seen}. A voice may still "
         f"exist and may have been charged: check GET /v1/voices?name={request.name} before you send this "

@@ -56,6 +56,7 @@ class FakeUseapi:
         self.upload_delay = 0.0  # seconds the upload is held before answering
         self.ready_after_polls = 0  # 0: ready at once (200); n: 202, then ready after n polls
         self.unsure_200 = False  # … but answered 200 {"result": false, …} instead of 202
+        self.clones_fail = False  # each clone fails at once (status 40)
         self.list_ready_only = True  # TemPolor lists a voice only once it is ready
         self.refusals: list[tuple[int, dict]] = []  # (status, headers) answered to the next uploads
         self.refusals_for: dict[str, list[tuple[int, dict]]] = {}  # the same, per user_id
@@ -142,7 +143,7 @@ class FakeUseapi:
                 self.voices[voice_id] = {
                     "itemId": item_id,
                     "name": "" if self.unnamed else request.args.get("name", ""),
-                    "status": 30 if ready else 0,
+                    "status": 40 if self.clones_fail else 30 if ready else 0,
                     "polls_left": self.ready_after_polls if self.ready_after_seconds is None else 10**9,
                     "ready_at": time.time() + (self.ready_after_seconds or 0),
                     "createTime": int(time.time() * 1000),

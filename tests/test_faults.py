@@ -166,6 +166,19 @@ def test_a_200_whose_result_is_false_is_not_ready_until_the_voice_says_so(make_a
     assert fake.upload_count() == 1
 
 
+def test_a_lost_answer_whose_voice_failed_ends_clone_failed_at_once(make_app, lossy, fake, audio_host):
+    """The one new voice of the job's name failed at useapi: that is the clone's outcome, known at
+    once, not a wait of the whole window that ends saying no voice appeared."""
+    fake.upload_answer = (502, "<html>bad gateway</html>", "text/html")
+    fake.clones_fail, fake.list_ready_only = True, False
+    client = make_app(lossy.replace(ready_timeout_seconds=30)).test_client()
+    started = time.monotonic()
+    answer = clone_and_wait(client, {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Broken"})
+    assert answer["error_code"] == "clone_failed", answer
+    assert answer["cloned_voice_item_id"] in fake.voices and time.monotonic() - started < 15
+    assert fake.upload_count() == 1
+
+
 def test_an_unreadable_answer_with_no_voice_is_upload_unconfirmed_not_success(make_app, lossy, fake, audio_host):
     fake.upload_answer = (200, "{}", "application/json")
     fake.ready_after_seconds = 3600

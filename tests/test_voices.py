@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from relay import voices
+
 from .conftest import RELAY_KEY, TOKEN, clone, serve_file
 
 LIST = "/v1/tempolor/music/cloned-voices/"
@@ -94,9 +96,28 @@ def test_if_exists_never_takes_a_listing_cut_short_for_no_such_voice(make_app, s
     serve_pages(useapi, [[record("a", "A")], [record("b", "B")], [record("m", "My voice")]])
     url = serve_file(audio_host, "wav_pcm16_mono.wav")
     response = clone(client, {"audio_url": url, "name": "My voice", "user_id": "67890", "if_exists": "reuse"})
-    assert (response.status_code, response.json["error_code"]) == (504, "upstream_timeout")
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer")
     assert "cannot tell whether a voice named 'My voice' exists" in response.json["error_message"]
+    assert "more than 2 pages (RELAY_MAX_LIST_PAGES)" in response.json["error_message"]
     assert all(entry[0].method == "GET" for entry in useapi.log) and audio_host.log == []
+
+
+def test_if_exists_against_a_looping_listing_says_so_and_not_that_time_ran_out(client, useapi, audio_host):
+    useapi.expect_request(LIST).respond_with_json({"records": [record("a", "A")], "hasNext": True, "cursor": "same"})
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(client, {"audio_url": url, "name": "My voice", "if_exists": "reuse"})
+    assert (response.status_code, response.json["error_code"]) == (502, "upstream_invalid_answer"), response.json
+    assert "a cursor missing or repeated" in response.json["error_message"]
+    assert "Try again later" not in response.json["error_message"] and audio_host.log == []
+
+
+def test_a_walk_keeps_a_bounded_number_of_voices_whatever_useapi_sends(client, useapi, monkeypatch):
+    monkeypatch.setattr(voices, "MAX_VOICES", 3)  # 5000 in production: 100 times the largest plan's voices
+    pages = [[record("a", "A"), record("b", "B")], [record("c", "C"), record("d", "D")], [record("e", "E")]]
+    serve_pages(useapi, pages)
+    body = client.get("/v1/voices?user_id=67890", headers=AUTH).json
+    assert (body["complete"], body["count"]) == (False, 3)
+    assert "more than 3 voices" in body["warnings"][0]
 
 
 @pytest.mark.parametrize(("second", "count"), [("b", 2), ("a", 1)], ids=["new-voice", "same-page-again"])
