@@ -20,6 +20,9 @@ def blank(request_id: str, **known: Any) -> dict[str, Any]:
     return answer
 
 
+RETRY_AFTER = "_retry_after"  # a failed job's wait in seconds, sent as the Retry-After header
+
+
 def failure(err: RelayError, answer: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """``(http_status, answer)`` for ``err``, keeping what ``answer`` already knew."""
     answer = {**answer, **{k: v for k, v in err.fields.items() if k in ANSWER_FIELDS}}

@@ -471,7 +471,8 @@ def _job_answer(job, note: str | None = None):
         except SQLAlchemyError as err:  # a courtesy: the job's answer matters more
             log.warning("queue position of job %s not read (%s)", job.id, type(err).__name__)
     g.answer = answer
-    response = _answer(answers.http_status_for_job(job), answer)
+    retry_after = (job.answer or {}).get(answers.RETRY_AFTER) if job.terminal else None
+    response = _answer(answers.http_status_for_job(job), answer, retry_after)
     if g.get("replayed") is not None and g.replayed.id == job.id:
         response.headers["Idempotent-Replayed"] = "true"
     return response

@@ -34,7 +34,7 @@ NEXT_STEPS: dict[str, str] = {
     "upstream_unauthorized": "useapi.net refused the token: fix the token.",
     "upstream_payment_required": "useapi.net subscription needed.",
     "upstream_rejected": 'useapi.net refused the request (400/404/other 4xx, e.g. "Empty file received"); its message is quoted.',
-    "upstream_rate_limited": "Wait (`Retry-After`) and retry.",
+    "upstream_rate_limited": "Wait (`Retry-After`) and retry. A clone's answer (and its status reads) carries the `Retry-After` useapi sent.",
     "upstream_unavailable": "useapi.net failed (5xx) or could not be reached, also after the relay's own retries.",
     "upstream_timeout": "useapi.net did not answer a look-up (voice list or voice) within its deadline, repeatedly. Nothing was uploaded twice; retry later.",
     "upstream_invalid_answer": 'useapi.net answered, but not in its documented shape (an HTML page with status 200, `{}`, a list without `records`, an upload answer without `clonedVoiceItemId`). Never read as "no voices" or as success. After an upload, the relay first looks for the voice it may have made; this code ends a job only when a look-up itself keeps getting such answers.',

@@ -618,6 +618,8 @@ class CloneWorker:
 
     def _fail(self, job: Job, err: RelayError, answer: dict) -> None:
         http_status, answer = answers.failure(err, answer)
+        if err.retry_after:  # useapi's wait, for the answer's Retry-After header (kept out of the body)
+            answer[answers.RETRY_AFTER] = max(1, round(err.retry_after))
         log.info("job failed", extra={"fields": {"job_id": job.id, "error_code": err.error_code}})
         self._end(job, FAILED, http_status, answer)
 

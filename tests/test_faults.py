@@ -327,6 +327,20 @@ def test_a_503_refusal_is_retried_after_its_retry_after(make_app, job_settings, 
     assert fake.uploads[1]["started"] - fake.uploads[0]["at"] >= 1.9  # not the 0.05 s retry base
 
 
+def test_a_clone_that_ends_rate_limited_passes_on_useapis_retry_after(make_app, job_settings, fake, audio_host):
+    """Make and Zapier back off on a 429 only as long as they are told: the job's answer carries
+    useapi's Retry-After, as the relay's own look-ups do."""
+    fake.refusals = [(429, {"Retry-After": "1"})] * 3  # every attempt (RELAY_MAX_ATTEMPTS = 3)
+    client = make_app(job_settings).test_client()
+    body = {"audio_url": serve_file(audio_host, "wav_pcm16_mono.wav"), "name": "Busy", "wait_seconds": 20}
+    response = post(client, body)
+    assert (response.status_code, response.json["error_code"]) == (429, "upstream_rate_limited"), response.json
+    assert response.headers["Retry-After"] == "1"
+    assert "_retry_after" not in response.json
+    status = client.get(f"/v1/voice-clones/{response.json['job_id']}", headers=HEADERS)
+    assert status.headers["Retry-After"] == "1" and status.status_code == 200
+
+
 # --- strict parsing of lists and look-ups -------------------------------------------------------
 
 GARBAGE_LISTS = [
