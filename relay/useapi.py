@@ -213,19 +213,22 @@ class Useapi:
         response = self._call("GET", VOICES_PATH, params=params, what="the voice listing")
         page = _json(response)
         records, has_next, next_cursor = page.get("records"), page.get("hasNext"), page.get("cursor")
+        readable = [r for r in records if _is_record(r)] if isinstance(records, list) else []
         if (
             not isinstance(records, list)
-            or not all(
-                isinstance(r, dict)
-                and _is_voice_id(r.get("clonedVoiceItemId"))
-                and (r.get("status") is None or is_status(r["status"]))
-                for r in records
-            )
+            or (records and not readable)  # nothing on the page reads as a voice: not a listing
             or not isinstance(has_next, bool)
             or not (next_cursor is None or isinstance(next_cursor, (str, int)))
         ):
             raise _invalid(response, "the voice listing", "{records: [...], hasNext, cursor}")
-        return {"records": records, "hasNext": has_next, "cursor": _text(next_cursor) or None}
+        # A record without a voice id or with an odd status is skipped, not the whole account: the
+        # walk then says the listing is not complete, so "no such voice" is never certain.
+        return {
+            "records": readable,
+            "hasNext": has_next,
+            "cursor": _text(next_cursor) or None,
+            "unreadable": len(records) - len(readable),
+        }
 
     def get_voice(self, cloned_voice_item_id: str) -> dict[str, Any] | None:
         """``GET …/cloned-voices/<id>``; ``None`` when useapi has no such voice (404)."""
@@ -509,6 +512,14 @@ def is_status(value: Any) -> bool:
     if isinstance(value, str):
         return value.isascii() and value.isdigit() and len(value) <= 9
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9
+
+
+def _is_record(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and _is_voice_id(record.get("clonedVoiceItemId"))
+        and (record.get("status") is None or is_status(record["status"]))
+    )
 
 
 def _is_voice_id(value: Any) -> bool:

@@ -83,6 +83,7 @@ def list_all(client: Useapi, user_id: str | None, max_pages: int) -> Listing:
     cursor: str | None = None
     seen: set[str] = set()
     listed: set[str] = set()  # a page repeated (useapi sent a cursor again) lists no voice twice
+    unreadable = 0
     with deadline.bounded(client.settings.connect_timeout + client.settings.read_timeout) as walk:
         for read in range(max_pages):
             if read and walk.remaining() <= 0:
@@ -99,8 +100,11 @@ def list_all(client: Useapi, user_id: str | None, max_pages: int) -> Listing:
                         return Listing(voices, f"useapi.net listed more than {MAX_VOICES} voices")
                     listed.add(record["clonedVoiceItemId"])
                     voices.append(flatten(record))
+            unreadable += page["unreadable"]
             cursor = page["cursor"]
             if not page["hasNext"]:
+                if unreadable:
+                    return Listing(voices, f"useapi.net listed {unreadable} record(s) without a voice id or status")
                 return Listing(voices, None)
             if not cursor or cursor in seen:  # more pages announced, and no way to them: never "that was all"
                 return Listing(voices, CUT_BY_CURSOR)

@@ -111,6 +111,18 @@ def test_if_exists_against_a_looping_listing_says_so_and_not_that_time_ran_out(c
     assert "Try again later" not in response.json["error_message"] and audio_host.log == []
 
 
+def test_one_unreadable_record_does_not_make_the_whole_account_unreadable(client, useapi, audio_host):
+    broken = {**record("x", "Old"), "clonedVoiceItemId": None}  # useapi's model: "all fields are optional"
+    serve_pages(useapi, [[record("a", "Alpha"), broken, record("m", "My voice")]])
+    body = client.get("/v1/voices?user_id=67890", headers=AUTH).json
+    assert (body["ok"], body["count"], body["complete"]) == (True, 2, False), body
+    assert "1 record(s) without a voice id or status" in body["warnings"][0]
+    # The voice asked for is on the page: if_exists still finds it, and nothing is uploaded.
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    response = clone(client, {"audio_url": url, "name": "My voice", "user_id": "67890", "if_exists": "reuse"})
+    assert response.json["cloned_voice_item_id"].endswith("-voice:m") and audio_host.log == [], response.json
+
+
 def test_a_walk_keeps_a_bounded_number_of_voices_whatever_useapi_sends(client, useapi, monkeypatch):
     monkeypatch.setattr(voices, "MAX_VOICES", 3)  # 5000 in production: 100 times the largest plan's voices
     pages = [[record("a", "A"), record("b", "B")], [record("c", "C"), record("d", "D")], [record("e", "E")]]
