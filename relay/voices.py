@@ -149,7 +149,10 @@ def find_existing(client: Useapi, user_id: str | None, name: str, max_pages: int
 
 
 def iso_from_ms(value: Any) -> str | None:
-    """Milliseconds since the epoch as ISO 8601 UTC (``2024-05-24T15:43:45Z``), or ``None``."""
+    """Milliseconds since the epoch (a number, or its digits as text) as ISO 8601 UTC
+    (``2024-05-24T15:43:45Z``), or ``None``."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 15:
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         return None
     try:

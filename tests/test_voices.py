@@ -111,6 +111,13 @@ def test_if_exists_against_a_looping_listing_says_so_and_not_that_time_ran_out(c
     assert "Try again later" not in response.json["error_message"] and audio_host.log == []
 
 
+def test_times_written_as_digits_are_read_as_numbers_are(client, useapi):
+    # is_status takes a status written as digits; the times beside it are read the same way.
+    serve_pages(useapi, [[{**record("a", "Alpha"), "createTime": "1716565425000", "updateTime": "x"}]])
+    (voice,) = client.get("/v1/voices?user_id=67890", headers=AUTH).json["voices"]
+    assert (voice["created_at"], voice["updated_at"]) == ("2024-05-24T15:43:45Z", None)
+
+
 def test_one_unreadable_record_does_not_make_the_whole_account_unreadable(client, useapi, audio_host):
     broken = {**record("x", "Old"), "clonedVoiceItemId": None}  # useapi's model: "all fields are optional"
     serve_pages(useapi, [[record("a", "Alpha"), broken, record("m", "My voice")]])
