@@ -226,8 +226,13 @@ def _looking():
 
 def _useapi_job(now):
     """A job that counts against its account's limit (useapi's maxJobs): worked on by a worker
-    now, or accepted by useapi (202) and still cloning there."""
-    return or_(and_(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL)), jobs.c.phase == UPLOADED)
+    now, or one useapi is making: accepted (202) and still cloning, or whose whole body went out
+    and whose answer was lost (waiting to be found in the listing)."""
+    return or_(
+        and_(jobs.c.lease_expires_at > now, jobs.c.phase.not_in(TERMINAL)),
+        jobs.c.phase == UPLOADED,
+        and_(jobs.c.phase == UPLOADING, jobs.c.body_sent_at.is_not(None)),
+    )
 
 
 def _queue_expired():

@@ -52,6 +52,29 @@ def test_clones_useapi_is_still_making_count_against_the_accounts_limit(make_app
     assert first.completed_at <= second.upload_started_at  # not while useapi was still making the first
 
 
+def test_a_clone_whose_answer_was_lost_counts_against_the_limit_while_useapi_makes_it(
+    make_app, job_settings, fake, audio_host
+):
+    # The first upload's answer is lost (a proxy's 502 after the whole body): its voice is being made
+    # at useapi all the same, so with a limit of 1 the second upload waits until it is found.
+    fake.upload_plans = [{"answer": (502, "<html>bad gateway</html>", "text/html")}]
+    fake.ready_after_seconds = 1.5
+    settings = job_settings.replace(
+        account_concurrency=1, inprocess_workers=3, reconcile_grace_seconds=0.05, poll_interval_seconds=0.2
+    )
+    app = make_app(settings)
+    client = app.test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    first = submit(client, url, "A", "lost")
+    wait_until(lambda: len(fake.uploads) == 1)
+    second = submit(client, url, "A", "next")
+    store = app.extensions["relay.runtime"].store
+    wait_for_all(store, [first, second], timeout=30)
+    assert store.get(first).phase == "ready" and store.get(second).phase == "ready"
+    (made,) = [voice for voice in fake.voices.values() if voice["name"] == "lost"]
+    assert fake.uploads[1]["started"] >= made["ready_at"] - 0.05  # not while useapi was still making it
+
+
 def test_a_poll_claimed_after_its_window_looks_once_more_before_failing(make_app, job_settings, fake, audio_host):
     # A backlog can hold a poll past its window: the voice may be ready by then, so look before failing.
     fake.ready_after_polls = 1
