@@ -14,7 +14,8 @@ def direct_download(url: str) -> tuple[str, str | None]:
     """Return ``(url_to_fetch, note)``; ``note`` says what was rewritten, or is ``None``.
 
     - ``https://drive.google.com/file/d/<id>/view?...`` and ``.../open?id=<id>`` become
-      ``https://drive.google.com/uc?export=download&id=<id>``;
+      ``https://drive.google.com/uc?export=download&id=<id>`` (with its ``resourcekey``, if any); a
+      direct ``uc?export=download`` link is left as it is;
     - Dropbox links with ``dl=0`` (or none) get ``dl=1``.
     """
     try:
@@ -24,8 +25,11 @@ def direct_download(url: str) -> tuple[str, str | None]:
         return url, None
     if host in _DRIVE_HOSTS:
         file_id = _drive_file_id(parts.path, parts.query)
-        if file_id:
-            direct = f"https://drive.google.com/uc?export=download&id={file_id}"
+        given = dict(parse_qsl(parts.query))
+        if file_id and not (parts.path == "/uc" and given.get("export") == "download"):  # a direct link stays
+            # A file shared before 2017 needs its resource key to be read by anyone new to it.
+            kept = [(key, given[key]) for key in ("resourcekey", "confirm") if given.get(key)]
+            direct = f"https://drive.google.com/uc?{urlencode([('export', 'download'), ('id', file_id), *kept])}"
             if direct != url:
                 return direct, "Google Drive share link rewritten to its direct-download form."
     if host in _DROPBOX_HOSTS:

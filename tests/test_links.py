@@ -16,6 +16,11 @@ DRIVE = "https://drive.google.com/uc?export=download&id=1AbC_d-EfG"
         ("https://drive.google.com/file/d/1AbC_d-EfG/view", DRIVE),
         ("https://drive.google.com/open?id=1AbC_d-EfG", DRIVE),
         ("https://drive.google.com/uc?id=1AbC_d-EfG", DRIVE),
+        (  # a file shared before 2017 needs its resource key
+            "https://drive.google.com/file/d/1AbC_d-EfG/view?usp=sharing&resourcekey=0-XyZ",
+            DRIVE + "&resourcekey=0-XyZ",
+        ),
+        ("https://drive.google.com/open?id=1AbC_d-EfG&resourcekey=0-XyZ", DRIVE + "&resourcekey=0-XyZ"),
         ("https://www.dropbox.com/s/abc123/voice.m4a?dl=0", "https://www.dropbox.com/s/abc123/voice.m4a?dl=1"),
         (
             "https://www.dropbox.com/scl/fi/x/voice.wav?rlkey=k&dl=0",
@@ -34,6 +39,7 @@ def test_share_links_become_direct_downloads(given, expected):
     "given",
     [
         DRIVE,
+        "https://drive.google.com/uc?export=download&id=1AbC_d-EfG&resourcekey=0-XyZ&confirm=t",
         "https://www.dropbox.com/s/abc123/voice.m4a?dl=1",
         "https://www.dropbox.com/s/abc123/voice.m4a?raw=1",
         "https://example.com/file/d/123/view",
