@@ -222,6 +222,34 @@ def _malformed() -> RelayError:
     )
 
 
+def _parse_refusal(exc: BaseException) -> RelayError | None:
+    """The relay's answer to a request gunicorn's parser refused, or None for gunicorn's own."""
+    errors = http.errors
+    if isinstance(exc, errors.LimitRequestLine):
+        return InvalidRequest(
+            f"The request line is too long ({exc}): the URL with its query string may be at most 4094 bytes. "
+            "Send long fields (metadata, a long name) in a JSON or multipart body instead of the query string."
+        )
+    if isinstance(exc, errors.LimitRequestHeaders):
+        return InvalidRequest(
+            f"The request's headers are too large ({exc}): each may be at most 8190 bytes, and 100 of them in "
+            "all. Check what the tool maps into headers (an Idempotency-Key is at most 255 characters)."
+        )
+    parse_errors = (
+        errors.InvalidRequestLine,
+        errors.InvalidRequestMethod,
+        errors.InvalidHTTPVersion,
+        errors.InvalidHeader,
+        errors.InvalidHeaderName,
+        errors.ObsoleteFolding,
+        errors.InvalidChunkSize,
+        errors.ChunkMissingTerminator,
+    )
+    if isinstance(exc, parse_errors):
+        return InvalidRequest(f"The request is not well-formed HTTP/1.1 ({type(exc).__name__}: {exc}).")
+    return None
+
+
 def _disk_full(err: OSError) -> RelayError:
     where = (
         "as it has no file left to open (too many connections and uploads at once)"
@@ -709,6 +737,22 @@ class RelayWorker(ThreadWorker):
             conn.sock.drop()
         self.nr_conns -= 1
         conn.close()
+
+    def handle_error(self, req, client, addr, exc):
+        """A request gunicorn's parser refused (a request line or headers over its limits, broken
+        HTTP) is answered in the relay's JSON shape with ``invalid_request``, saying what to change,
+        instead of gunicorn's HTML page; anything else is gunicorn's to answer."""
+        refusal = _parse_refusal(exc)
+        if refusal is None:
+            return super().handle_error(req, client, addr, exc)
+        request_id = uuid.uuid4().hex
+        self.log.info("refused a request gunicorn could not parse: %s", type(exc).__name__)
+        _log_refusal(None, refusal, request_id)
+        try:
+            client.sendall(error_response(refusal, request_id))
+        except OSError:
+            pass
+        return None
 
     def handle_request(self, req, conn):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -62,6 +63,26 @@ def test_relay_serve_answers_a_dry_run_over_http(served, audio_host):
     )
     assert response.status_code == 200
     assert response.json()["audio_format"] == "mp3"
+
+
+def test_requests_gunicorn_cannot_parse_get_the_relays_json_answer(served):
+    """A raw-body clone whose metadata, URL-encoded, passes gunicorn's 4094-byte request line (a
+    4 KB object of non-ASCII text does), or a header over its limit: the answer is the relay's one
+    JSON shape with an error_code and the way out, not gunicorn's HTML page."""
+    metadata = json.dumps({"customer": "Ж" * 1500})
+    long_line = requests.post(
+        served + "/v1/voice-clones",
+        params={"name": "x", "metadata": metadata},
+        data=b"RIFF",
+        headers={"Authorization": f"Bearer {RELAY_KEY}", "Content-Type": "audio/wav"},
+        timeout=10,
+    )
+    assert long_line.headers["Content-Type"] == "application/json", long_line.text[:200]
+    assert (long_line.status_code, long_line.json()["error_code"]) == (400, "invalid_request")
+    assert "query string" in long_line.json()["error_message"] and long_line.json()["ok"] is False
+    big_header = requests.get(served + "/healthz", headers={"Idempotency-Key": "k" * 9000}, timeout=10)
+    assert (big_header.status_code, big_header.json()["error_code"]) == (400, "invalid_request")
+    assert "headers are too large" in big_header.json()["error_message"]
 
 
 def test_relay_serve_says_it_listens_only_once_it_does(tmp_path):
