@@ -359,6 +359,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
             print(f"relay: configuration error: {err}", file=sys.stderr)
             return 2
 
+    if (taken := _port_taken(host, port)) is not None:
+        print(f"relay: {taken}", file=sys.stderr)
+        return 2
+
     class Server(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -383,6 +387,29 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     Server().run()
     return 0
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """One line when another program already listens on ``host:port`` (gunicorn would retry for 5 s
+    and say "Can't connect"); None when the address is free."""
+    import errno
+    import socket
+
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                return None  # gunicorn says what else is wrong
+            return (
+                f"{host}:{port} is already in use by another program: stop it, or pick another port "
+                f"(PORT={port + 1} relay serve, or relay serve --port {port + 1})"
+            )
+    return None
 
 
 def _where(settings: Settings) -> str:

@@ -164,6 +164,18 @@ def test_openapi_to_a_folder_that_does_not_exist_is_one_line(tmp_path):
     assert result.returncode == 2 and "cannot write" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_relay_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    with socket.socket() as other:  # another program already listens there (a dev server on 8000)
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        port = other.getsockname()[1]
+        env = {**os.environ, "PORT": str(port), "RELAY_DATA_DIR": str(tmp_path)}
+        env.pop("USEAPI_TOKEN", None)
+        result = subprocess.run(relay_command("serve"), env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"127.0.0.1:{port} is already in use" in result.stderr and f"--port {port + 1}" in result.stderr
+
+
 def test_relay_serve_on_port_0_says_which_port_it_got(tmp_path):
     env = {**os.environ, "PORT": "0", "RELAY_DATA_DIR": str(tmp_path)}
     env.pop("USEAPI_TOKEN", None)
