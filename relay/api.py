@@ -565,7 +565,14 @@ def delete_voice(voice_id: str):
 
 def authenticate() -> None:
     """Require the relay key when one is configured (constant-time comparison)."""
-    if not settings().accepts_key(request.headers.get("X-Relay-Key", ""), request.headers.get("Authorization", "")):
+    relay_key, authorization = request.headers.get("X-Relay-Key", ""), request.headers.get("Authorization", "")
+    if not settings().accepts_key(relay_key, authorization):
+        given = authorization[7:].strip() if authorization[:7].lower() == "bearer " else relay_key.strip()
+        if given.startswith("YOUR_") and given.isupper():  # a shipped blueprint's placeholder, left in
+            raise Unauthorized(
+                f"The relay key is still the placeholder {given[:40]!r} of a shipped blueprint or workflow: put the "
+                "relay's RELAY_API_KEY there (in every module that calls the relay: a Make blueprint has two)."
+            )
         raise Unauthorized()
     check_token(request.headers.get("X-Useapi-Token", "").strip() or None)
 

@@ -48,6 +48,17 @@ def test_relay_key_by_bearer_or_header(client, headers, status):
     assert response.json["error_code"] == ("unauthorized" if status == 401 else "invalid_request")
 
 
+def test_a_blueprints_relay_key_placeholder_left_in_is_named(client):
+    """Make's blueprint has the key in two modules; the second (the status re-read) is easy to miss."""
+    for headers in ({"Authorization": "Bearer YOUR_RELAY_API_KEY"}, {"X-Relay-Key": "YOUR_RELAY_API_KEY"}):
+        response = client.get("/v1/voice-clones/" + "0" * 32, headers=headers)
+        assert (response.status_code, response.json["error_code"]) == (401, "unauthorized")
+        assert "still the placeholder 'YOUR_RELAY_API_KEY'" in response.json["error_message"]
+        assert "a Make blueprint has two" in response.json["error_message"]
+    wrong = client.get("/v1/voice-clones/" + "0" * 32, headers={"Authorization": "Bearer nope"})
+    assert "placeholder" not in wrong.json["error_message"]
+
+
 def test_without_a_key_configured_the_relay_is_open(make_app, settings, audio_host):
     client = make_app(settings.replace(relay_api_key=None)).test_client()
     response = clone(client, {"audio_url": "http://127.0.0.1/x.wav", "name": "x"}, key=None)

@@ -37,6 +37,7 @@ from .conftest import (
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 JOB_ID = "0" * 32
+ROOT = Path(__file__).resolve().parent.parent
 # Every console URL, with a method a client would use on it.
 CONSOLE_URLS = [
     ("GET", "/console"),
@@ -139,6 +140,13 @@ def test_the_start_page_is_html_for_browsers_and_json_for_api_clients(web):
     assert "Make" in page.text and "Zapier" in page.text and "n8n" in page.text
     assert RELAY_KEY not in page.text and TOKEN not in page.text
     assert "waits up to 20 s" in page.text  # this relay's RELAY_MAX_WAIT_SECONDS, not Make's 280
+    # Every connector file the guide names exists, each path a newcomer needs is named, and the second
+    # module holding the blueprint's key placeholder is named as the blueprint names it.
+    named = set(re.findall(r"<code>((?:make|zapier|n8n)/[\w/.-]+\.json)</code>", page.text))
+    assert all((ROOT / "connector_spec" / path).is_file() for path in named), named
+    assert {"make/blueprints/drive-file-to-cloned-voice.json", "n8n/clone-voice-from-binary.json"} <= named
+    blueprint = (ROOT / "connector_spec/make/blueprints/drive-folder-to-cloned-voice.json").read_text()
+    assert '"name": "Read the clone job again' in blueprint and "<em>Read the clone job again</em>" in page.text
     for accept in ("*/*", "application/json", None):
         answer = requests.get(base + "/", headers={"Accept": accept} if accept else {}, timeout=10)
         assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/json"
