@@ -99,6 +99,10 @@ def test_the_voice_list_iterates_flat_voices():
     folder = MAKE / "modules" / "listVoices"
     communication = json.loads((folder / "listVoices.communication.iml.json").read_text())
     assert communication["response"]["iterate"] == "{{body.voices}}"
+    # A listing not read to its end is an error, never zero bundles: "no such voice" would not be
+    # certain, and a find-then-clone scenario would pay for a voice that exists.
+    assert communication["response"]["valid"]["condition"] == "{{body.complete}}"
+    assert communication["response"]["valid"]["message"].startswith("listing_incomplete:")
     interface = json.loads((folder / "listVoices.interface.iml.json").read_text())
     assert [field["name"] for field in interface] == list(VoiceSchema().fields)
 
