@@ -276,7 +276,7 @@ def build_spec() -> dict[str, Any]:
                             },
                         ),
                     },
-                    **_errors(401, 404),
+                    **_errors(401, 404, 503),
                 },
             }
         },
@@ -291,7 +291,7 @@ def build_spec() -> dict[str, Any]:
                 "parameters": [token_header, {"in": "query", "schema": VoiceQuerySchema}],
                 "responses": {
                     "200": {"description": "The voices.", "content": _json("VoiceList", "voice_list")},
-                    **_errors(400, 401, 402, 429, 502, 504),
+                    **_errors(400, 401, 402, 422, 429, 502, 504),
                 },
             }
         },
@@ -305,7 +305,7 @@ def build_spec() -> dict[str, Any]:
                 "parameters": [token_header, voice_id],
                 "responses": {
                     "200": {"description": "The voice.", "content": _json("VoiceAnswer", "voice")},
-                    **_errors(400, 401, 404, 429, 502, 504),
+                    **_errors(400, 401, 402, 404, 422, 429, 502, 504),
                 },
             },
             "delete": {
@@ -315,7 +315,7 @@ def build_spec() -> dict[str, Any]:
                 "parameters": [token_header, voice_id],
                 "responses": {
                     "200": {"description": "Deleted, or already gone.", "content": _json("DeleteAnswer", "deleted")},
-                    **_errors(400, 401, 429, 502, 504),
+                    **_errors(400, 401, 402, 422, 429, 502, 504),
                 },
             },
         },

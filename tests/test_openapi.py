@@ -15,7 +15,7 @@ from referencing.jsonschema import DRAFT202012
 from relay.openapi import EXAMPLES, build_spec
 from relay.schemas import ANSWER_FIELDS
 
-from .conftest import RELAY_KEY, clone, serve_file
+from .conftest import RELAY_KEY, TOKEN, clone, serve_file
 
 COMMITTED = Path(__file__).parent.parent / "connector_spec" / "openapi.yaml"
 SPEC_URI = "urn:relay:openapi"
@@ -99,3 +99,23 @@ def test_real_answers_fit_the_documented_schema(client, audio_host):
         client.post("/v1/voice-clones", data="{", headers={"Authorization": f"Bearer {RELAY_KEY}"}),
     ):
         check(response.json, "Answer")
+
+
+def test_the_statuses_the_voice_routes_really_answer_are_documented(client, useapi):
+    """useapi refusing a look (its own 400) is 422 upstream_rejected on every voice route: a client
+    generated from the document (Postman, n8n's import) needs a model for it."""
+    voice_id = "user:12345-tempolor:67890-voice:abcdef123456789"
+    refusal = {"error": "clonedVoiceItemId has incorrect format", "code": 400}
+    useapi.expect_request("/v1/tempolor/music/cloned-voices/").respond_with_json(refusal, status=400)
+    useapi.expect_request(f"/v1/tempolor/music/cloned-voices/{voice_id}").respond_with_json(refusal, status=400)
+    headers = {"Authorization": f"Bearer {RELAY_KEY}", "X-Useapi-Token": TOKEN}
+    paths = generated()["paths"]
+    for method, path, documented in (
+        ("get", "/v1/voices", paths["/v1/voices"]["get"]),
+        ("get", f"/v1/voices/{voice_id}", paths["/v1/voices/{cloned_voice_item_id}"]["get"]),
+        ("delete", f"/v1/voices/{voice_id}", paths["/v1/voices/{cloned_voice_item_id}"]["delete"]),
+    ):
+        answer = client.open(path, method=method.upper(), headers=headers)
+        assert (answer.status_code, answer.json["error_code"]) == (422, "upstream_rejected"), (path, answer.json)
+        assert "422" in documented["responses"], (method, path)
+    assert "503" in paths["/v1/voice-clones/{job_id}"]["get"]["responses"]  # database_unavailable
