@@ -616,6 +616,10 @@ class JobStore:
         # Told the id of a job whose step just ended (its releasing write committed): the runtime
         # wakes this process's requests waiting for it at once, before the step's loose ends.
         self.on_change: Callable[[str], None] | None = None
+        # Whether another process's old heartbeat may be taken as that process gone (its memory
+        # tokens lost): not after this process's own heartbeats stalled or its clock jumped (a
+        # database outage ages every heartbeat alike). Set by the worker pool.
+        self.trusts_heartbeats: Callable[[], bool] = lambda: True
 
     # --- creating and reading -------------------------------------------------------------
 
@@ -798,7 +802,8 @@ class JobStore:
             "now": now,
             "account_limit": account_limit,
             "holder": holder or "",
-            "alive_after": now - timedelta(seconds=HOLDER_STALE_SECONDS),
+            # Not trusted: every process with a heartbeat row counts as alive (a stopped one removed its row).
+            "alive_after": now - timedelta(seconds=HOLDER_STALE_SECONDS) if self.trusts_heartbeats() else _EPOCH,
             "queue_cutoff": now - timedelta(seconds=queue_timeout),
         }
 
@@ -944,6 +949,8 @@ class JobStore:
         settled = or_(jobs.c.callback_status.is_(None), jobs.c.callback_status.in_((DELIVERED, GIVEN_UP)))
         done = and_(jobs.c.phase.in_(TERMINAL), settled, jobs.c.completed_at < older_than)
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # a day's jobs at once may take longer than a request's bound
+                conn.exec_driver_sql("SET LOCAL statement_timeout = '300s'")
             conn.execute(delete(job_events).where(job_events.c.job_id.in_(select(jobs.c.id).where(done))))
             gone = conn.execute(delete(jobs).where(done)).rowcount
             conn.execute(delete(heartbeats).where(heartbeats.c.seen_at < older_than))

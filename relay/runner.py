@@ -22,10 +22,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from .jobs import CHANGE_CHANNEL, WORK_CHANNEL, Claim, Contended, Job, JobStore
+from .jobs import CHANGE_CHANNEL, HOLDER_STALE_SECONDS, WORK_CHANNEL, Claim, Contended, Job, JobStore
 from .settings import Settings
 
 log = logging.getLogger("relay.worker")
+CLOCK_JUMP_SECONDS = 5  # the wall clock moved this much more (or less) than time did between heartbeats
 
 
 class LeaseLost(Exception):
@@ -290,10 +291,15 @@ class Pool:
         self._hourly = hourly
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._healthy_since: float | None = None  # heartbeats without a gap since (monotonic)
+        self._last_beat: tuple[float, float] | None = None  # the last heartbeat: (monotonic, wall clock)
+        store.trusts_heartbeats = self._trusts_heartbeats
 
     def start(self) -> Pool:
         # Alive before the first job is accepted, so no other process takes this one's jobs for orphans.
         self.store.heartbeat(self.id)
+        self._healthy_since = time.monotonic()
+        self._last_beat = (self._healthy_since, time.time())
         for worker_id, handler in self.handlers.items():
             thread = threading.Thread(
                 target=self._loop, args=(worker_id, handler), daemon=True, name=f"relay-{worker_id}"
@@ -450,13 +456,33 @@ class Pool:
             log.warning("could not tell whether work is due", exc_info=True)
             return default
 
+    def _trusts_heartbeats(self) -> bool:
+        """Other processes' heartbeats say who is gone only once this process's own have gone on
+        without a gap, on a steady clock, for as long as a heartbeat takes to go stale."""
+        since = self._healthy_since
+        return since is not None and time.monotonic() - since >= HOLDER_STALE_SECONDS
+
+    def _beat(self) -> None:
+        try:
+            self.store.heartbeat(self.id)
+        except Exception:
+            log.exception("heartbeat failed")
+            self._healthy_since = None  # the database is away: nobody's heartbeat can be trusted
+            return
+        mono, wall = time.monotonic(), time.time()
+        if self._last_beat is not None:
+            gap = mono - self._last_beat[0]
+            jumped = abs((wall - self._last_beat[1]) - gap) > CLOCK_JUMP_SECONDS
+            if jumped or gap >= HOLDER_STALE_SECONDS:  # a jump, or a heartbeat held up: others' look old
+                self._healthy_since = mono
+        if self._healthy_since is None:
+            self._healthy_since = mono
+        self._last_beat = (mono, wall)
+
     def _housekeeping(self) -> None:
         last_hourly = 0.0
         while not self._stop.is_set():
-            try:
-                self.store.heartbeat(self.id)
-            except Exception:
-                log.exception("heartbeat failed")
+            self._beat()
             if self._hourly is not None and time.monotonic() - last_hourly > 3600:
                 last_hourly = time.monotonic()  # once an hour, also when it fails (it logs what failed)
                 try:

@@ -348,6 +348,37 @@ def test_a_job_whose_memory_token_was_lost_fails_clearly(make_app, job_settings,
     assert job.answer["error_code"] == "token_unavailable"
 
 
+def test_a_process_just_back_from_a_database_outage_does_not_take_live_processes_jobs(make_app, job_settings):
+    """During an outage no process can heartbeat, so when the database returns every process looks
+    gone to every other. A process whose own heartbeats have not run 30 s without a gap must not take
+    another's jobs whose token is in that one's memory (they would all end token_unavailable)."""
+    app = make_app(job_settings.replace(secret_key=None), workers=1)
+    runtime = app.extensions["relay.runtime"]
+    store, engine = runtime.store, runtime.engine
+    other = "another-process-0001"  # alive, but its heartbeat could not be written for a minute
+    with engine.begin() as conn:
+        conn.execute(db.heartbeats.insert().values(worker_id=other, seen_at=db.utcnow() - timedelta(seconds=60)))
+    job_id = "f" * 32
+    store.create(
+        job_id,
+        request={"audio_url": "https://example.com/a.wav", "name": "Held"},
+        token_kind="memory",
+        token_holder=other,
+        account_key="A",
+    )
+    runtime.pool._beat()  # a heartbeat after the outage: the first one in over 30 s
+    runtime.pool._last_beat = (time.monotonic() - 45, time.time() - 45)
+    runtime.pool._beat()
+    runtime.notifier.work_arrived(everyone=True)
+    time.sleep(1.5)
+    assert store.get(job_id).phase == "received" and store.get(job_id).lease_owner is None
+    # Once its own heartbeats ran 30 s without a gap, a stale heartbeat means a process gone.
+    runtime.pool._healthy_since = time.monotonic() - 31
+    runtime.notifier.work_arrived(everyone=True)
+    job = wait_until(lambda: (j := store.get(job_id)).terminal and j)
+    assert job.answer["error_code"] == "token_unavailable"
+
+
 def test_a_token_lost_after_useapi_accepted_the_upload_never_says_submit_again(
     make_app, job_settings, fake, audio_host
 ):
