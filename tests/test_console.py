@@ -632,6 +632,7 @@ def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web
     assert "Show voices" in client.get("/console/voices").text  # no server token: ask for one
     listed = client.post("/console/voices", {"action": "list", "token": TOKEN})
     assert "Keep me?" in listed.text and voice in listed.text
+    assert 'id="voices-incomplete"' not in listed.text  # the whole listing was read: no "stopped" hint
     confirm = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN})
     assert "Delete permanently" in confirm.text and voice in fake.voices  # asked, not yet done
     done = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN, "confirm": "yes"})
@@ -639,6 +640,12 @@ def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web
     assert TOKEN not in "".join(client.http.cookies.values())
     wrong = client.post("/console/voices", {"action": "list", "token": "wrong-token-123456"})
     assert "upstream_unauthorized" in wrong.text
+
+
+def test_the_voices_page_says_why_a_listing_stopped_short(console, fake):
+    fake.list_answer = (200, '{"records": [], "hasNext": true, "cursor": ""}', "application/json")
+    listed = console.post("/console/voices", {"action": "list", "token": TOKEN})
+    assert 'id="voices-incomplete"' in listed.text and "a cursor missing or repeated" in listed.text
 
 
 @pytest.mark.parametrize("pasted", [TOKEN + "\u2019", "\u200b" + TOKEN, TOKEN[:8] + "\r\n" + TOKEN[8:]])

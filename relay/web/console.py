@@ -508,8 +508,8 @@ def voices_page():
         if token and (request.method == "GET" or request.form.get("action") in ("list", "delete")):
             try:
                 with Useapi(_settings(), token) as client:
-                    found, complete = voices.list_all(client, user_id, _settings().max_list_pages)
-                listed = {"voices": found, "complete": complete}
+                    found, stopped = voices.list_all(client, user_id, _settings().max_list_pages)
+                listed = {"voices": found, "complete": stopped is None, "stopped": stopped}
             except RelayError as err:
                 error = error or _error_view(err)
     return render_template(
