@@ -269,10 +269,10 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         job, created = existing, False
     else:
         job, created = create(leader)
+        if not created and job.matched == "key" and job.request_hash == request_hash and _retire(job, key):
+            job, created = create(leader)
         if not created and job.matched == "name":  # another request took the name since we looked
             job, created = create(job)
-        elif not created and job.request_hash == request_hash and _retire(job, key):
-            job, created = create(leader)
     if not created:
         runtime.vault.forget(job_id)
         if stored_request.get("upload_id"):  # the job that holds this key has its own copy
@@ -461,7 +461,7 @@ def _job_answer(job, note: str | None = None):
         answer["warnings"] = [*answer["warnings"], note]
     if g.get("replayed") is not None and g.replayed.id == job.id:
         answer["warnings"] = [*answer["warnings"], _replay_note(job)]
-    if g.get("retired") is not None and g.retired.id != job.id:
+    elif g.get("retired") is not None and g.retired.id != job.id:  # (a concurrent repeat's new job: a replay)
         answer["warnings"] = [*answer["warnings"], _retry_note(g.retired)]
     if g.get("not_waited") and not job.terminal:
         answer["warnings"] = [*answer["warnings"], g.not_waited]

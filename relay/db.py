@@ -395,15 +395,30 @@ def connect(url: str, connections: int = 30) -> Engine:
 
         return engine
     kept = min(10, connections)
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=kept,
         max_overflow=connections - kept,
         pool_timeout=POOL_TIMEOUT_SECONDS,
         hide_parameters=True,
-        connect_args=PG_BOUNDS,
+        connect_args=PG_CONNECT,
     )
+    event.listen(engine, "connect", _pg_bounds)
+    return engine
+
+
+def _pg_bounds(dbapi_connection, _record) -> None:
+    """The statement and lock bounds, set once per connection. With SET rather than a startup
+    ``options`` parameter, which connection poolers (PgBouncer, Neon's) refuse outright."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            cursor.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 # Every wait on PostgreSQL has an end, well inside a host router's 30 s: a connection that cannot be
@@ -414,14 +429,13 @@ def connect(url: str, connections: int = 30) -> Engine:
 POOL_TIMEOUT_SECONDS = 10
 STATEMENT_TIMEOUT_MS = 15_000
 LOCK_TIMEOUT_MS = 5_000
-PG_BOUNDS = {
+PG_CONNECT = {  # libpq's own: nothing a pooler in between sees
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
     "tcp_user_timeout": 20_000,
-    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
 }
 
 

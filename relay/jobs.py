@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError
 
-from .db import accounts, heartbeats, job_events, jobs, reader, utcnow
+from .db import PG_CONNECT, accounts, heartbeats, job_events, jobs, reader, utcnow
 
 log = logging.getLogger("relay.jobs")
 
@@ -95,9 +95,12 @@ class Job:
 
     @property
     def failed_before_upload(self) -> bool:
-        """Failed before a whole upload body went out: useapi made nothing, so trying again is safe."""
+        """Failed before a whole upload body went out: useapi made nothing, so trying again is safe.
+        Not a job that followed another's clone of its name: it took that job's outcome (an upload
+        in doubt included), and made no upload to judge by."""
         return (
             self.phase == FAILED
+            and self.follows is None
             and self.body_sent_at is None
             and self.cloned_voice_item_id is None
             and self.item_id is None
@@ -406,7 +409,7 @@ class _Announcer:
         import psycopg
 
         url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        return psycopg.connect(url, autocommit=True, **PG_CONNECT)  # a silent peer is noticed, as on the pool's
 
     def _send(self, conn, batch: list[tuple[str, str]]):
         """Send ``batch`` in one transaction on ``conn`` (opened if None); the connection to use next."""
@@ -740,6 +743,7 @@ class JobStore:
                     jobs.c.id == job_id,
                     jobs.c.idempotency_key == key,
                     jobs.c.phase == FAILED,
+                    jobs.c.follows.is_(None),
                     jobs.c.body_sent_at.is_(None),
                     jobs.c.cloned_voice_item_id.is_(None),
                     jobs.c.item_id.is_(None),

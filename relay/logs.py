@@ -93,13 +93,13 @@ class DetachedStream(logging.Handler):
                 self._dropped, self._writing = 0, True
             if dropped:
                 lines.append(self._dropped_line(dropped))
-            text = "\n".join(lines) + "\n"
             try:
-                try:
-                    self.stream.write(text)
-                except UnicodeEncodeError:  # a stdout that is not UTF-8: escaped, not lost
-                    self.stream.write(text.encode("ascii", "backslashreplace").decode("ascii"))
-                self.stream.flush()
+                for text in _pieces(lines):
+                    try:
+                        self.stream.write(text)
+                    except UnicodeEncodeError:  # a stdout that is not UTF-8: escaped, not lost
+                        self.stream.write(text.encode("ascii", "backslashreplace").decode("ascii"))
+                    self.stream.flush()
             except (OSError, ValueError):  # stdout closed: nothing can be said about it
                 pass
             finally:
@@ -131,6 +131,25 @@ class DetachedStream(logging.Handler):
                 if left <= 0:
                     return
                 self._changed.wait(left)
+
+
+ATOMIC_BYTES = 4096  # a pipe takes a write this size whole (PIPE_BUF): gunicorn's processes share stdout
+
+
+def _pieces(lines: list[str]):
+    """``lines`` as texts of whole lines, each at most :data:`ATOMIC_BYTES` when encoded (a longer
+    line goes alone): one write each, so lines from the processes sharing stdout never interleave."""
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode("utf-8", "replace")) + 1
+        if piece and size + length > ATOMIC_BYTES:
+            yield "\n".join(piece) + "\n"
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield "\n".join(piece) + "\n"
 
 
 def configure(level: str) -> None:

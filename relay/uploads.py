@@ -46,6 +46,7 @@ def save(engine: Engine, source: BinaryIO, size: int, job_id: str, limit: int, a
         if engine.dialect.name == "postgresql":  # the capacity check and the insert, one at a time
             # Others' files may be being stored (a few seconds each): wait longer than for a row lock.
             conn.exec_driver_sql("SET LOCAL lock_timeout = '20s'")
+            conn.exec_driver_sql("SET LOCAL statement_timeout = '25s'")  # or the statement bound cuts the wait first
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(724390118)")
         stored = conn.scalar(select(func.coalesce(func.sum(uploads.c.size), 0))) or 0
         if stored + size > limit:

@@ -227,3 +227,33 @@ def forwards_to(address: tuple[str, int], cut: threading.Event):
                     (upstream if source is conn else conn).sendall(data)
 
     return behave
+
+
+def pooler_in_front_of(address: tuple[str, int]):
+    """A forwarder to PostgreSQL that, like PgBouncer and Neon's pooler, refuses a client whose
+    startup packet carries the ``options`` parameter (FATAL 08P01), and forwards any other."""
+
+    def behave(conn, stop):
+        with socket.create_connection(address, timeout=5) as upstream:
+            first, starting = conn.received, 2  # an SSLRequest may come before the startup packet
+            while not stop.is_set():
+                if first is not None:
+                    readable, data = [conn], first
+                    first = None
+                else:
+                    readable, _, _ = select.select([conn, upstream], [], [], 0.05)
+                    data = b""
+                for source in readable:
+                    data = data or source.recv(65536)
+                    if not data:
+                        return
+                    if source is conn and starting:
+                        starting -= 1
+                        if b"options\x00" in data:
+                            said = b"SFATAL\x00C08P01\x00Munsupported startup parameter: options\x00\x00"
+                            conn.sendall(b"E" + struct.pack("!I", len(said) + 4) + said)
+                            return
+                    (upstream if source is conn else conn).sendall(data)
+                    data = b""
+
+    return behave

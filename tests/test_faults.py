@@ -630,6 +630,22 @@ def test_a_database_that_stops_answering_is_503_database_unavailable(make_app, j
     assert logged and not any(record.exc_info for record in logged)  # one line per request, no traceback
 
 
+def test_a_connection_pooler_in_front_of_postgresql_is_served(make_app, job_settings):
+    """PgBouncer (transaction mode) and Neon's pooler refuse a startup 'options' parameter: the
+    relay's statement and lock bounds are set after connecting, so it works behind them."""
+    if not job_settings.database_url.startswith("postgresql"):
+        pytest.skip("a pooler stands between the relay and PostgreSQL")
+    target = sqlalchemy.make_url(job_settings.database_url)
+    with servers.RawServer(servers.pooler_in_front_of((target.host, target.port or 5432)), host="127.0.0.1") as pooler:
+        url = target.set(host=pooler.host, port=pooler.port).render_as_string(hide_password=False)
+        app = make_app(job_settings.replace(database_url=url), workers=0)
+        client = app.test_client()
+        created = post(client, {"audio_url": "https://example.com/a.wav", "name": "Pooled", "wait_seconds": 0})
+        assert created.status_code == 202, created.json
+        with app.extensions["relay.runtime"].engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == f"{db.LOCK_TIMEOUT_MS // 1000}s"
+
+
 def test_a_table_locked_for_long_is_503_database_unavailable_within_seconds(make_app, job_settings):
     """Every wait has an end: a request that waits for a lock another session holds (a long
     migration, an operator's LOCK TABLE) is answered 503 within the relay's lock bound, well inside a
@@ -871,6 +887,25 @@ def test_a_request_waiting_for_a_clone_of_the_same_name_keeps_its_own_callback_a
         assert final["job_id"] == started[row - 1]["job_id"]
     assert len({by_path[f"/run/{row}"]["cloned_voice_item_id"] for row in (1, 2, 3)}) == 1
     assert [by_path[f"/run/{row}"]["reused"] for row in (1, 2, 3)] == [False, True, True]
+
+
+def test_a_key_whose_job_took_another_jobs_doubtful_failure_is_never_retried(make_app, lossy, fake, audio_host):
+    """B (keyed, if_exists=reuse) waits for A, which makes the same name's voice. A's answer is lost
+    and the voice does not show: A ends upload_unconfirmed, and B with it. B uploaded nothing itself,
+    but the voice may exist: a repeat of B's key gets B's answer, never a second upload."""
+    fake.upload_answer = (502, "<html>bad gateway</html>", "text/html")  # the voice is made, the answer lost
+    fake.ready_after_seconds = 3600  # … and it is never listed within the window
+    client = make_app(lossy.replace(ready_timeout_seconds=2)).test_client()
+    url = serve_file(audio_host, "wav_pcm16_mono.wav")
+    body = {"audio_url": url, "name": "Shared", "if_exists": "reuse", "wait_seconds": 0}
+    post(client, body)
+    keyed = post(client, body, {"Idempotency-Key": "drive-file-9"}).json
+    assert "waits for it" in " ".join(keyed["warnings"]), keyed
+    ended = wait_until(lambda: _ended(client, keyed), timeout=30)
+    assert ended["error_code"] == "upload_unconfirmed", ended
+    again = post(client, body, {"Idempotency-Key": "drive-file-9"})
+    assert again.json["job_id"] == keyed["job_id"] and again.headers["Idempotent-Replayed"] == "true"
+    assert len(fake.uploads) == 1
 
 
 def _ended(client, answer: dict):

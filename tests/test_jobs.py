@@ -1036,6 +1036,20 @@ def test_a_key_whose_job_failed_before_any_upload_runs_again_when_repeated(make_
     assert fake.upload_count() == 1
 
 
+def test_a_retried_key_that_meets_a_running_clone_of_its_name_waits_for_it(make_app, job_settings, fake, audio_host):
+    client = make_app(job_settings).test_client()
+    body = {"audio_url": audio_host.url_for("/gone.wav"), "name": "Same", "if_exists": "reuse", "wait_seconds": 20}
+    failed = post(client, body, {"Idempotency-Key": "row-7"})
+    assert failed.json["error_code"] == "download_failed", failed.json
+    fake.upload_delay = 2.0
+    url = serve_file(audio_host, "wav_pcm16_mono.wav", path="/gone.wav")
+    running = post(client, {**body, "wait_seconds": 0}).json  # another clone of the name, under way
+    retried = post(client, {**body, "wait_seconds": 0}, {"Idempotency-Key": "row-7"})
+    assert retried.status_code == 202 and retried.json["job_id"] not in (failed.json["job_id"], running["job_id"])
+    assert any("waits for it" in w for w in retried.json["warnings"]), retried.json
+    assert url and fake.upload_count() <= 1
+
+
 def test_a_key_whose_upload_went_out_keeps_its_answer(make_app, job_settings, fake, audio_host):
     """useapi refused the whole upload: repeating the same request with the same key gets the same
     refusal back (and pays for nothing more); only a failure before the upload is tried again."""

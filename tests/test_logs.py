@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import requests
 
@@ -126,3 +128,40 @@ def test_lines_past_the_waiting_bound_are_dropped_and_counted():
     assert len(written) < 60
     assert written[0]["msg"].startswith("line 0 ")  # the oldest lines are kept, in order
     assert [int(line["msg"].split()[1]) for line in written] == sorted(int(line["msg"].split()[1]) for line in written)
+
+
+WRITER = """
+import logging, sys, time
+from relay.logs import DetachedStream, JsonFormatter
+handler = DetachedStream(sys.stdout)
+handler.setFormatter(JsonFormatter())
+log = logging.getLogger("relay.test-shared")
+log.addHandler(handler)
+log.propagate = False
+for n in range(3000):
+    log.warning("process %s line %d %s", sys.argv[1], n, "x" * 300)
+handler.FLUSH_SECONDS = 30
+handler.flush()
+"""
+
+
+def test_processes_sharing_stdout_never_splice_each_others_lines():
+    """gunicorn's processes share one stdout pipe: each write holds whole lines and at most what a
+    pipe takes at once, so a slow reader never gets half a line of one process inside another's."""
+    read_end, write_end = os.pipe()
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, name], stdout=write_end, cwd=Path(__file__).parent.parent)
+        for name in ("a", "b", "c")
+    ]
+    os.close(write_end)
+    received = bytearray()
+    with open(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1024):  # a slow collector: the writers' queues fill meanwhile
+            received += chunk
+            time.sleep(0.0005)
+    for writer in writers:
+        assert writer.wait(30) == 0
+    lines = received.decode().splitlines()
+    assert len(lines) == 9000
+    parsed = [json.loads(line) for line in lines]  # every line whole
+    assert {line["msg"].split()[1] for line in parsed} == {"a", "b", "c"}
