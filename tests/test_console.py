@@ -633,8 +633,10 @@ def test_voices_are_listed_and_deleted_with_a_token_typed_for_that_page_only(web
     listed = client.post("/console/voices", {"action": "list", "token": TOKEN})
     assert "Keep me?" in listed.text and voice in listed.text
     assert 'id="voices-incomplete"' not in listed.text  # the whole listing was read: no "stopped" hint
-    confirm = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN})
+    assert listed.text.count(TOKEN) == 1  # one form for the table: the typed token once, not once per row
+    confirm = client.post("/console/voices", {"action": "delete", "voice": f"{voice} Keep me?", "token": TOKEN})
     assert "Delete permanently" in confirm.text and voice in fake.voices  # asked, not yet done
+    assert "Keep me? — <code>" in confirm.text and f'name="voice_id" value="{voice}"' in confirm.text
     done = client.post("/console/voices", {"action": "delete", "voice_id": voice, "token": TOKEN, "confirm": "yes"})
     assert f"Deleted {voice}" in done.text and voice not in fake.voices
     assert TOKEN not in "".join(client.http.cookies.values())

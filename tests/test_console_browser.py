@@ -112,7 +112,17 @@ def sign_in(driver, base: str, key: str = RELAY_KEY) -> None:
     field = wait_for(driver, EC.element_to_be_clickable((By.ID, "key")))
     field.clear()
     field.send_keys(key)
-    driver.find_element(By.ID, "sign-in").click()
+    button = driver.find_element(By.ID, "sign-in")
+    button.click()
+    if key == RELAY_KEY:  # wait for the page the login leads to: a navigation before it lands would be undone
+        wait_for(
+            driver,
+            lambda d: (
+                "/console/login" not in d.current_url and d.execute_script("return document.readyState") == "complete"
+            ),
+        )
+    else:
+        wait_for(driver, EC.staleness_of(button))  # the refusal's page has replaced the form
 
 
 def sign_out(driver, base: str) -> None:
@@ -281,6 +291,7 @@ def test_the_voices_page_lists_and_deletes_after_confirmation(browser, relay):
     base = relay["base"]
     sign_in(browser, base)
     browser.get(base + "/console/voices")
+    wait_for(browser, EC.visibility_of_element_located((By.ID, "voices-account")))  # the voices page, listed
     cell = wait_for(browser, EC.visibility_of_element_located((By.XPATH, "//td[contains(., 'Narrator (ready)')]")))
     assert cell.is_displayed()
     screenshot(browser, "voices")

@@ -485,10 +485,12 @@ def voices_page():
     account = f"{user_id or 'default account'} · {'token' if typed else 'server token'} {fingerprint(token or '')}"
     listed, error, notice = None, None, None
     if request.method == "POST" and request.form.get("action") == "delete" and request.form.get("confirm") != "yes":
+        # From the table: "<id> <name>" (ids hold no space); from elsewhere: voice_id and voice_name.
+        picked_id, _, picked_name = (request.form.get("voice") or "").partition(" ")
         return render_template(
             "voice_delete.html",
-            voice_id=request.form.get("voice_id", ""),
-            voice_name=request.form.get("voice_name"),
+            voice_id=picked_id or request.form.get("voice_id", ""),
+            voice_name=picked_name or request.form.get("voice_name"),
             typed=typed,
             user_id=user_id,
             account=account,
