@@ -229,7 +229,8 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
     leader = runtime.store.active_by_name(name_key) if exclusive and key is None else None
     job_id = uuid.uuid4().hex
     existing = runtime.store.get_by_key(key) if key and upload is not None else None
-    if existing is not None and existing.request_hash == request_hash and _retire(existing, key):
+    if existing is not None and existing.request_hash == request_hash and existing.failed_before_upload:
+        _retire(existing, key)  # taken by this request or by a concurrent repeat: the insert below says whose
         existing = None
     if upload is not None and existing is None:  # a repeat needs no second copy of the file
         stored_request["upload_id"] = bodies.store(runtime, upload, job_id, account).id
@@ -269,7 +270,10 @@ def _create_voice_clone(body: dict, warnings: list[str], upload: bodies.Upload |
         job, created = existing, False
     else:
         job, created = create(leader)
-        if not created and job.matched == "key" and job.request_hash == request_hash and _retire(job, key):
+        if not created and job.matched == "key" and job.request_hash == request_hash and job.failed_before_upload:
+            # Taken from the failed job by this request, or by a concurrent repeat a moment ago: the
+            # insert either makes the job, or finds the one that repeat made (answered as a replay).
+            _retire(job, key)
             job, created = create(leader)
         if not created and job.matched == "name":  # another request took the name since we looked
             job, created = create(job)
@@ -482,7 +486,7 @@ def _retire(job, key: str | None) -> bool:
     """A repeat of a request whose job failed before anything reached useapi (a host that was down,
     a file not shared yet): the key is taken from that job and the request runs again, instead of
     getting the stored failure back for as long as the job is kept."""
-    if key is None or not job.failed_before_upload or not _runtime().store.retire_key(job.id, key):
+    if key is None or not _runtime().store.retire_key(job.id, key):
         return False
     g.retired = job
     return True
@@ -498,8 +502,8 @@ def _replay_note(job) -> str:
 def _retry_note(job) -> str:
     code = (job.answer or {}).get("error_code") or "an error"
     return (
-        f"This Idempotency-Key's earlier job {job.id} failed ({code}) before anything reached useapi.net: "
-        "this request started a new job."
+        f"This Idempotency-Key's earlier job {job.id} failed ({code}) before any upload went out, so nothing "
+        "was made or paid: this request started a new job."
     )
 
 

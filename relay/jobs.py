@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError
 
-from .db import PG_CONNECT, accounts, heartbeats, job_events, jobs, reader, utcnow
+from .db import PG_CONNECT, STATEMENT_TIMEOUT_MS, accounts, heartbeats, job_events, jobs, reader, utcnow
 
 log = logging.getLogger("relay.jobs")
 
@@ -96,11 +96,11 @@ class Job:
     @property
     def failed_before_upload(self) -> bool:
         """Failed before a whole upload body went out: useapi made nothing, so trying again is safe.
-        Not a job that followed another's clone of its name: it took that job's outcome (an upload
-        in doubt included), and made no upload to judge by."""
+        Not a job that ended as the job it waited for (a clone of its name) whose upload is in doubt:
+        it made no upload of its own to judge by, and that voice may exist."""
         return (
             self.phase == FAILED
-            and self.follows is None
+            and VOICE_IN_DOUBT not in (self.answer or {})
             and self.body_sent_at is None
             and self.cloned_voice_item_id is None
             and self.item_id is None
@@ -147,6 +147,8 @@ _DEFAULTS = {column.name: None for column in jobs.c} | {"dry_run": False}
 # of an index, and an exact "4,713th" is worth less than an answer whose cost does not grow with
 # the backlog (with 6,000 jobs waiting, the exact count took longer than the insert).
 QUEUE_COUNT_LIMIT = 100
+# In a failed job's answer (hidden): it ended as the job it waited for, whose upload is in doubt.
+VOICE_IN_DOUBT = "_voice_in_doubt_of"
 # A process whose heartbeat is older than this is gone: jobs pinned to its memory may be taken
 # (they then fail with token_unavailable instead of waiting forever).
 HOLDER_STALE_SECONDS = 30
@@ -409,7 +411,9 @@ class _Announcer:
         import psycopg
 
         url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return psycopg.connect(url, autocommit=True, **PG_CONNECT)  # a silent peer is noticed, as on the pool's
+        conn = psycopg.connect(url, autocommit=True, **PG_CONNECT)  # a silent peer is noticed, as on the pool's
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        return conn
 
     def _send(self, conn, batch: list[tuple[str, str]]):
         """Send ``batch`` in one transaction on ``conn`` (opened if None); the connection to use next."""
@@ -743,7 +747,6 @@ class JobStore:
                     jobs.c.id == job_id,
                     jobs.c.idempotency_key == key,
                     jobs.c.phase == FAILED,
-                    jobs.c.follows.is_(None),
                     jobs.c.body_sent_at.is_(None),
                     jobs.c.cloned_voice_item_id.is_(None),
                     jobs.c.item_id.is_(None),

@@ -137,8 +137,9 @@ ATOMIC_BYTES = 4096  # a pipe takes a write this size whole (PIPE_BUF): gunicorn
 
 
 def _pieces(lines: list[str]):
-    """``lines`` as texts of whole lines, each at most :data:`ATOMIC_BYTES` when encoded (a longer
-    line goes alone): one write each, so lines from the processes sharing stdout never interleave."""
+    """``lines`` as texts of whole lines, each at most :data:`ATOMIC_BYTES` when encoded: one write
+    each, which a pipe takes whole, so lines from the processes sharing stdout do not interleave. A
+    longer line (a traceback) goes alone, and the pipe may interleave it with another process's."""
     piece: list[str] = []
     size = 0
     for line in lines:

@@ -27,6 +27,7 @@ from .settings import Settings
 
 log = logging.getLogger("relay.worker")
 CLOCK_JUMP_SECONDS = 5  # the wall clock moved this much more (or less) than time did between heartbeats
+HEARTBEAT_SECONDS = 5
 
 
 class LeaseLost(Exception):
@@ -481,12 +482,21 @@ class Pool:
 
     def _housekeeping(self) -> None:
         last_hourly = 0.0
+        cleaning: threading.Thread | None = None
         while not self._stop.is_set():
             self._beat()
-            if self._hourly is not None and time.monotonic() - last_hourly > 3600:
+            idle = cleaning is None or not cleaning.is_alive()
+            if self._hourly is not None and idle and time.monotonic() - last_hourly > 3600:
                 last_hourly = time.monotonic()  # once an hour, also when it fails (it logs what failed)
-                try:
-                    self._hourly()
-                except Exception:
-                    log.exception("hourly clean-up failed")
-            self._stop.wait(5)
+                # In a thread of its own: a long clean-up must not stop the heartbeats (after 30 s
+                # without one, other processes would take this one for gone).
+                cleaning = threading.Thread(target=self._clean_up, name="relay-hourly", daemon=True)
+                cleaning.start()
+            self._stop.wait(HEARTBEAT_SECONDS)
+
+    def _clean_up(self) -> None:
+        assert self._hourly is not None
+        try:
+            self._hourly()
+        except Exception:
+            log.exception("hourly clean-up failed")

@@ -51,6 +51,7 @@ from .jobs import (
     RECEIVED,
     UPLOADED,
     UPLOADING,
+    VOICE_IN_DOUBT,
     Job,
     JobStore,
 )
@@ -811,7 +812,7 @@ def _outcome_of(leader: Job, job: Job, answer: dict) -> dict:
         "end with a ready voice: it ends as that job did, so that no second voice is paid for. Check that voice "
         "(cloned_voice_item_id, or GET /v1/voices?name=) before sending it again."
     )
-    return {**answer, **ended, "warnings": [*answer.get("warnings", []), note]}
+    return {**answer, **ended, VOICE_IN_DOUBT: leader.id, "warnings": [*answer.get("warnings", []), note]}
 
 
 def _warn(answer: dict, note: str) -> None:

@@ -611,6 +611,35 @@ def two_step_pool(settings, kind: type[JobStore], start: bool = True, workers: i
         store.engine.dispose()
 
 
+def test_a_long_hourly_clean_up_does_not_stop_the_heartbeats(job_settings, monkeypatch):
+    """The purge may take minutes on a large table: meanwhile the heartbeats go on, or after 30 s
+    other processes would take this live one for gone and end its memory-token jobs."""
+    from relay import runner
+    from relay.runner import Pool
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.2, raising=False)
+    store = store_for(job_settings)
+    db.migrate(store.engine)
+    cleaning, release = threading.Event(), threading.Event()
+
+    def hourly():
+        cleaning.set()
+        release.wait(20)
+
+    pool = Pool(store, job_settings, Notifier(), 1, lambda worker_id: TwoSteps(store, worker_id, []), hourly=hourly)
+    pool.start()
+    try:
+        assert cleaning.wait(10)
+        before = store.last_heartbeat()
+        wait_until(lambda: store.last_heartbeat() > before, timeout=5)  # it beats while the clean-up runs
+        assert not release.is_set()
+    finally:
+        release.set()
+        pool.stop(5)
+        store.announcer.close()
+        store.engine.dispose()
+
+
 def test_a_worker_claims_again_at_once_only_when_something_is_due(job_settings):
     # An idle poll far longer than the test: whatever happens soon happens because it was due.
     with two_step_pool(job_settings.replace(idle_poll_seconds=30), CountingStore) as (store, notifier, done, _):
@@ -1048,6 +1077,57 @@ def test_a_retried_key_that_meets_a_running_clone_of_its_name_waits_for_it(make_
     assert retried.status_code == 202 and retried.json["job_id"] not in (failed.json["job_id"], running["job_id"])
     assert any("waits for it" in w for w in retried.json["warnings"]), retried.json
     assert url and fake.upload_count() <= 1
+
+
+def test_a_follower_that_failed_before_its_own_upload_is_retried_too(make_app, job_settings, fake, audio_host):
+    """Two Drive files of one name, the folder not shared yet: the second waits for the first, then
+    makes the voice itself and fails as the first did. Both run again once the folder is shared."""
+    client = make_app(job_settings).test_client()
+    audio_host.expect_request("/late.wav").respond_with_handler(  # not shared yet: Drive's refusal, slowly
+        lambda _request: time.sleep(1) or Response("not shared", status=404)
+    )
+    body = {"audio_url": audio_host.url_for("/late.wav"), "name": "Twin", "if_exists": "reuse", "wait_seconds": 0}
+    first = post(client, body, {"Idempotency-Key": "file-1"}).json
+    second = post(client, body, {"Idempotency-Key": "file-2"}).json
+    assert any("waits for it" in w for w in second["warnings"]), second  # it follows the first
+    store = client.application.extensions["relay.runtime"].store
+    wait_until(lambda: store.get(first["job_id"]).terminal and store.get(second["job_id"]).terminal)
+    first, second = (store.get(answer["job_id"]) for answer in (first, second))
+    assert (first.answer["error_code"], second.answer["error_code"]) == ("download_failed", "download_failed")
+    assert second.follows == first.id  # it waited for the first, then made the voice itself and failed so
+    audio_host.clear()
+    serve_file(audio_host, "wav_pcm16_mono.wav", path="/late.wav")
+    body["wait_seconds"] = 20
+    first, second = first.answer, second.answer
+    again = [post(client, body, {"Idempotency-Key": key}).json for key in ("file-1", "file-2")]
+    assert [answer["status"] for answer in again] == ["ready", "ready"], again
+    assert {answer["job_id"] for answer in again}.isdisjoint({first["job_id"], second["job_id"]})
+    assert fake.upload_count() == 1  # the second reused the voice the first made
+
+
+def test_concurrent_repeats_of_a_retried_key_all_get_the_one_new_job(make_app, job_settings, fake, audio_host):
+    client_app = make_app(job_settings)
+    body = {"audio_url": audio_host.url_for("/soon.wav"), "name": "Crowd", "wait_seconds": 0}
+    failed = post(client_app.test_client(), {**body, "wait_seconds": 20}, {"Idempotency-Key": "row-1"}).json
+    assert failed["error_code"] == "download_failed", failed
+    serve_file(audio_host, "wav_pcm16_mono.wav", path="/soon.wav")
+    start, answers_seen = threading.Barrier(6), []
+
+    def repeat():
+        start.wait(10)
+        answers_seen.append(post(client_app.test_client(), body, {"Idempotency-Key": "row-1"}).json)
+
+    threads = [threading.Thread(target=repeat) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers_seen) == 6
+    assert len({answer["job_id"] for answer in answers_seen}) == 1, answers_seen  # one new job for all
+    assert answers_seen[0]["job_id"] != failed["job_id"] and not any(a["error_code"] for a in answers_seen)
+    store = client_app.extensions["relay.runtime"].store
+    wait_until(lambda: store.get(answers_seen[0]["job_id"]).terminal)
+    assert fake.upload_count() == 1
 
 
 def test_a_key_whose_upload_went_out_keeps_its_answer(make_app, job_settings, fake, audio_host):
