@@ -285,8 +285,39 @@ def unknown_wav_length(declared: int) -> bool:
     return declared in (0, 0xFFFFFFFF) or declared >= 0x7FFF0000
 
 
+# A recording's file holds a handful of structures (chunks, metadata blocks, boxes, tags); past
+# these counts it is damaged or made to stall a server: the metadata library builds an object for
+# each, in this process (millions of empty ones cost seconds of CPU and a gigabyte of memory).
+MAX_STRUCTURES = 256
+MAX_MP4_ATOMS = 10_000  # inside the index ('moov'): a long recording's tables are data, not atoms
+MAX_ID3_TAGS = 16
+
+
+def _too_many(what: str, limit: int, size: int) -> AudioCorrupt:
+    return AudioCorrupt(
+        f"The file holds more than {limit} {what}, where a recording holds a handful: it is damaged or was made "
+        "to stall a server. Export or record it again.",
+        audio_bytes=size,
+    )
+
+
+def _count_riff_chunks(handle, size: int) -> None:
+    offset, count = 12, 0
+    while offset + 8 <= size:
+        handle.seek(offset)
+        header = handle.read(8)
+        if len(header) < 8:
+            return
+        count += 1
+        if count > MAX_STRUCTURES:
+            raise _too_many("WAV chunks", MAX_STRUCTURES, size)
+        chunk_size = struct.unpack("<I", header[4:])[0]
+        offset += 8 + chunk_size + (chunk_size & 1)
+
+
 def _read_wav(path: str, size: int) -> AudioInfo:
     with open(path, "rb") as handle:
+        _count_riff_chunks(handle, size)
         handle.seek(12)
         data_declared = data_offset = None
         tag = None
@@ -346,7 +377,26 @@ def _read_wav(path: str, size: int) -> AudioInfo:
 # --- FLAC ----------------------------------------------------------------------------------
 
 
+def _count_flac_blocks(path: str, size: int) -> None:
+    with open(path, "rb") as handle:
+        offset = _id3v2_end(handle)
+        handle.seek(offset)
+        if handle.read(4) != b"fLaC":
+            return  # the reader below says what is wrong
+        offset += 4
+        for _ in range(MAX_STRUCTURES):
+            handle.seek(offset)
+            header = handle.read(4)
+            if len(header) < 4:
+                return
+            offset += 4 + int.from_bytes(header[1:4], "big")
+            if header[0] & 0x80:  # the last metadata block
+                return
+        raise _too_many("FLAC metadata blocks", MAX_STRUCTURES, size)
+
+
 def _read_flac(path: str, size: int) -> AudioInfo:
+    _count_flac_blocks(path, size)
     try:
         info = FLAC(path).info
     except (MutagenError, struct.error, ValueError) as err:
@@ -371,6 +421,7 @@ _MP4_CODEC_NAMES = {"mp4a.69": "MP3", "mp4a.6b": "MP3"}
 
 def _read_mp4(path: str, size: int) -> AudioInfo:
     boxes = _top_level_boxes(path, size)
+    _count_mp4_atoms(path, size)
     if b"moov" not in boxes:
         raise AudioCorrupt(
             "The MP4/M4A file has no 'moov' index: it is truncated or still being written. Upload the complete file.",
@@ -441,8 +492,44 @@ def _top_level_boxes(path: str, size: int) -> list[bytes]:
                     audio_bytes=size,
                 )
             names.append(name)
+            if len(names) > MAX_STRUCTURES:
+                raise _too_many("top-level MP4 boxes", MAX_STRUCTURES, size)
             offset += box_size
     return names
+
+
+# The boxes the metadata library reads the children of (with 'meta', after its 4-byte version).
+_MP4_CONTAINERS = {b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst", b"stbl", b"minf", b"moof", b"traf"}
+
+
+def _count_mp4_atoms(path: str, size: int) -> None:
+    """Count the atoms inside container boxes, as the metadata library would build them; refuse past
+    :data:`MAX_MP4_ATOMS`. Boxes that do not fit are left to the readers to judge."""
+    count = 0
+    with open(path, "rb") as handle:
+        pending = [(0, size, True)]  # (start, end, top level)
+        while pending:
+            start, end, top = pending.pop()
+            offset = start
+            while offset + 8 <= end:
+                handle.seek(offset)
+                header = handle.read(16)
+                box_size, name = struct.unpack(">I4s", header[:8])
+                head = 8
+                if box_size == 1 and len(header) >= 16:
+                    box_size, head = struct.unpack(">Q", header[8:16])[0], 16
+                elif box_size == 0:
+                    box_size = end - offset
+                if box_size < head or offset + box_size > end:
+                    break
+                if not top:
+                    count += 1
+                    if count > MAX_MP4_ATOMS:
+                        raise _too_many("atoms in the MP4 index", MAX_MP4_ATOMS, size)
+                if name in _MP4_CONTAINERS:
+                    skip = 4 if name == b"meta" else 0
+                    pending.append((offset + head + skip, offset + box_size, False))
+                offset += box_size
 
 
 # --- MP3 -----------------------------------------------------------------------------------
@@ -506,13 +593,18 @@ def _mpeg_frame(data, offset: int) -> _Frame | None:
 def _id3v2_end(handle) -> int:
     """Offset of the first byte after the ID3v2 tag(s) at the start of the file (0 if none)."""
     offset = 0
-    while True:  # some taggers write more than one tag
+    for _ in range(MAX_ID3_TAGS):  # some taggers write more than one tag; a chain of thousands is no recording
         handle.seek(offset)
         header = handle.read(10)
         if len(header) < 10 or header[:3] != b"ID3":
             return offset
         b = header[6:10]
-        offset += 10 + ((b[0] << 21) | (b[1] << 14) | (b[2] << 7) | b[3]) + (10 if header[5] & 0x10 else 0)
+        # Syncsafe (7 bits a byte), as the standard says; a tagger that wrote a plain integer sets a high bit.
+        length = (
+            int.from_bytes(b, "big") if any(x & 0x80 for x in b) else (b[0] << 21) | (b[1] << 14) | (b[2] << 7) | b[3]
+        )
+        offset += 10 + length + (10 if header[5] & 0x10 else 0)
+    return offset
 
 
 def _read_mp3(path: str, size: int) -> AudioInfo:

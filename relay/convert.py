@@ -780,8 +780,9 @@ def _open(source, demuxer: str):
 
 def _voiced_track(container, streams: list, job: dict) -> int:
     """Which of several audio tracks to clone from (its position among them): the one marked
-    default (else the first) unless it is silent; then the loudest. A screen recording's first
-    track may be silent desktop sound with the voice on the second."""
+    default (else the first) unless it is silent or 20 dB quieter than another; then the loudest.
+    A screen recording's first track may be silent desktop sound, or a microphone's hiss, with the
+    voice on the second."""
     import av
 
     meters = {stream.index: _Meter(job["max_seconds"]) for stream in streams}
@@ -796,9 +797,16 @@ def _voiced_track(container, streams: list, job: dict) -> int:
         raise _Problem("corrupt", _short(err)) from None
     marked = [n for n, stream in enumerate(streams) if stream.disposition & av.stream.Disposition.default]
     chosen = marked[0] if marked else 0
-    if meters[streams[chosen].index].peak >= job["silence_peak"]:
+    loudest = max(range(len(streams)), key=lambda n: meters[streams[n].index].rms())
+    kept = meters[streams[chosen].index]
+    # The marked track unless it is silent, or far quieter than another (20 dB: a microphone's hiss
+    # on the desktop track of a screen recording, the voice on the other).
+    if kept.peak >= job["silence_peak"] and kept.rms() >= meters[streams[loudest].index].rms() * _MUCH_QUIETER:
         return chosen
-    return max(range(len(streams)), key=lambda n: meters[streams[n].index].rms())
+    return loudest
+
+
+_MUCH_QUIETER = 0.1  # an RMS ratio: 20 dB
 
 
 def _short(err: BaseException) -> str:

@@ -233,3 +233,95 @@ def test_storage_error_page_says_the_link_expired(tmp_path):
 )
 def test_content_type_names_its_format(hint, fmt):
     assert audio.format_for_content_type(hint) == fmt
+
+
+# --- structures made to stall the process that reads them (bounded before the metadata library) ----
+
+
+def _with_empty_wav_chunks(data: bytes, count: int) -> bytes:
+    junk = b"junk" + (0).to_bytes(4, "little")
+    body = data[:12] + junk * count + data[12:]
+    return body[:4] + (len(body) - 8).to_bytes(4, "little") + body[8:]
+
+
+def _with_flac_padding(data: bytes, count: int) -> bytes:
+    assert data[:4] == b"fLaC"
+    offset, blocks = 4, []
+    while True:  # the file's own blocks, the last flag cleared
+        header = data[offset : offset + 4]
+        length = int.from_bytes(header[1:4], "big")
+        blocks.append(bytes([header[0] & 0x7F]) + data[offset + 1 : offset + 4 + length])
+        offset += 4 + length
+        if header[0] & 0x80:
+            break
+    padding = [bytes([1]) + (0).to_bytes(3, "big")] * count
+    padding[-1] = bytes([0x81]) + (0).to_bytes(3, "big")  # the last one
+    return b"fLaC" + b"".join(blocks) + b"".join(padding) + data[offset:]
+
+
+def _mp4_boxes(data: bytes) -> list[tuple[bytes, bytes]]:
+    boxes, offset = [], 0
+    while offset < len(data):
+        size, name = int.from_bytes(data[offset : offset + 4], "big"), data[offset + 4 : offset + 8]
+        boxes.append((name, data[offset : offset + size]))
+        offset += size
+    return boxes
+
+
+def _with_atoms_in_moov(data: bytes, count: int) -> bytes:
+    """An empty-atom 'udta' appended inside 'moov' (placed after 'mdat' so no offset moves)."""
+    out = []
+    for name, box in _mp4_boxes(data):
+        if name == b"moov":
+            udta_body = b"\x00\x00\x00\x08free" * count
+            udta = (8 + len(udta_body)).to_bytes(4, "big") + b"udta" + udta_body
+            box = (len(box) + len(udta)).to_bytes(4, "big") + box[4:] + udta
+        out.append((name, box))
+    out.sort(key=lambda item: item[0] == b"moov")  # the index last: the audio's offsets stay right
+    return b"".join(box for _, box in out)
+
+
+@pytest.mark.parametrize(
+    ("source", "build", "says"),
+    [
+        ("wav_pcm16_mono.wav", lambda data: _with_empty_wav_chunks(data, 300), "WAV chunks"),
+        ("flac_mono.flac", lambda data: _with_flac_padding(data, 300), "FLAC metadata blocks"),
+        ("m4a_aac.m4a", lambda data: data + b"\x00\x00\x00\x08free" * 300, "top-level MP4 boxes"),
+        ("m4a_aac.m4a", lambda data: _with_atoms_in_moov(data, 10_001), "atoms in the MP4 index"),
+    ],
+    ids=["wav-chunks", "flac-blocks", "mp4-boxes", "mp4-atoms"],
+)
+def test_a_file_of_countless_empty_structures_is_refused_before_the_metadata_library_reads_it(
+    tmp_path, source, build, says
+):
+    """Millions of empty chunks, blocks or atoms made mutagen build an object for each in the web
+    process (14-40 s of CPU, 1-1.7 GB each, in review). A recording holds a handful: past a count
+    the file is refused, whatever the count that follows."""
+    path = tmp_path / source
+    path.write_bytes(build((AUDIO / source).read_bytes()))
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(path))
+    assert caught.value.error_code == "audio_corrupt" and says in caught.value.message
+
+
+@pytest.mark.parametrize("source", ["wav_pcm16_mono.wav", "flac_mono.flac", "m4a_aac.m4a"])
+def test_a_few_extra_structures_are_read_as_before(tmp_path, source):
+    build = {
+        "wav_pcm16_mono.wav": lambda data: _with_empty_wav_chunks(data, 20),
+        "flac_mono.flac": lambda data: _with_flac_padding(data, 20),
+        "m4a_aac.m4a": lambda data: _with_atoms_in_moov(data, 200),
+    }[source]
+    path = tmp_path / source
+    path.write_bytes(build((AUDIO / source).read_bytes()))
+    assert audio.probe(str(path)).duration_seconds > 1.9
+
+
+def test_an_id3_tag_whose_size_is_a_plain_integer_is_skipped(tmp_path):
+    """A tagger that wrote the size as a plain integer (a high bit set in a size byte): ffmpeg and
+    mutagen read such a file; it was refused as not_audio."""
+    size = 0x028000  # bytes 00 02 80 00: not syncsafe (read so, 49152 bytes: short of the audio by 112 KiB)
+    tag = b"ID3\x03\x00\x00" + size.to_bytes(4, "big") + b"\x00" * size
+    path = tmp_path / "plain-size.mp3"
+    path.write_bytes(tag + (AUDIO / "mp3_cbr_bare.mp3").read_bytes())
+    info = audio.probe(str(path))
+    assert info.format == "mp3" and 2.0 < info.duration_seconds < 2.1

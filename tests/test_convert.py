@@ -129,6 +129,46 @@ def test_of_several_audio_tracks_the_voice_is_sent_alone_and_the_answer_says_whi
     assert any("audio track 2 of 2 kept" in warning for warning in result.warnings)
 
 
+def _two_track_mkv(path, first_amplitude: float, second_amplitude: float) -> None:
+    """A Matroska file with two FLAC audio tracks of 3 s at 16 kHz, none marked default (so the first
+    counts as it): a noise floor and a tone, made with PyAV (ffmpeg's libraries)."""
+    import numpy
+
+    rate, seconds = 16000, 3
+    rng = numpy.random.default_rng(7)
+    samples = {
+        0: rng.normal(0, first_amplitude, rate * seconds),
+        1: second_amplitude * numpy.sin(2 * numpy.pi * 220 * numpy.arange(rate * seconds) / rate),
+    }
+    with av.open(str(path), "w", format="matroska") as out:
+        streams = [out.add_stream("flac", rate=rate, layout="mono") for _ in range(2)]
+        pcm = {n: (numpy.clip(samples[n], -1, 1) * 32767).astype(numpy.int16) for n in samples}
+        for start in range(0, rate * seconds, 1024):
+            for n, stream in enumerate(streams):
+                frame = av.AudioFrame.from_ndarray(
+                    pcm[n][start : start + 1024].reshape(1, -1), format="s16", layout="mono"
+                )
+                frame.sample_rate, frame.pts = rate, start
+                out.mux(stream.encode(frame))
+        for stream in streams:
+            out.mux(stream.encode(None))
+
+
+def test_a_default_track_of_hiss_gives_way_to_the_voice_track(prepared, tmp_path):
+    """An OBS-style recording: track 1 (the default one) holds a microphone's hiss at about -50 dBFS,
+    track 2 the voice. Before, the hiss was cloned (it is not silent) and the voice dropped."""
+    _two_track_mkv(tmp_path / "obs.mkv", first_amplitude=0.003, second_amplitude=0.5)
+    result = prepared("obs.mkv", folder=tmp_path)
+    assert any("audio track 2 of 2 kept" in warning for warning in result.warnings), result.warnings
+    assert result.levels.peak_dbfs > -10
+
+
+def test_a_default_track_near_the_loudest_is_kept(prepared, tmp_path):
+    _two_track_mkv(tmp_path / "close.mkv", first_amplitude=0.2, second_amplitude=0.5)  # within 20 dB
+    result = prepared("close.mkv", folder=tmp_path)
+    assert any("audio track 1 of 2 kept" in warning for warning in result.warnings), result.warnings
+
+
 @pytest.mark.parametrize(
     ("name", "says"),
     [
