@@ -194,11 +194,13 @@ def prepare(
                     source_format=source,
                 )
             missing = info.duration_seconds - result.get("seconds", info.duration_seconds)
-            if kind == "flac" and missing > max(1.0, 0.05 * info.duration_seconds):  # the decoder found less
+            if kind in ("flac", "m4a") and missing > max(1.0, 0.05 * info.duration_seconds):  # over 1 s and 5 %
+                # The decoder found less than the header claims (a cut file whose audio box runs "to the
+                # end"): the answer would claim the header's length, and useapi would get the rest only.
                 raise AudioCorrupt(
-                    f"The FLAC file is truncated: its header says {info.duration_seconds:.1f} s, and only "
+                    f"The {kind.upper()} file is truncated: its header says {info.duration_seconds:.1f} s, and only "
                     f"{result['seconds']:.1f} s of audio is there. Upload the complete file.",
-                    **info.as_fields(),
+                    **{**info.as_fields(), "audio_duration_seconds": round(result["seconds"], 2)},
                 )
             if kind == "m4a" and result.get("channels") and result["channels"] != info.channels:
                 # MP4 muxers write 2 channels in the track's header whatever the stream holds.

@@ -154,6 +154,30 @@ def _two_track_mkv(path, first_amplitude: float, second_amplitude: float) -> Non
             out.mux(stream.encode(None))
 
 
+def test_a_cut_m4a_whose_audio_runs_to_the_end_is_truncated_not_its_header_length(prepared, tmp_path):
+    """An M4A with its index first, cut short, its audio box's size 0 ("to the end of the file"): the
+    header's 2 s was answered ready while useapi got 0.5 s (in review: 11.3 s claimed, 5.6 s sent)."""
+    whole = tmp_path / "faststart.m4a"
+    with av.open(str(AUDIO / "m4a_aac.m4a")) as source:
+        stream = source.streams.audio[0]
+        with av.open(str(whole), "w", format="ipod", options={"movflags": "faststart"}) as out:
+            copy = out.add_stream_from_template(stream)
+            for packet in source.demux(stream):
+                if packet.dts is not None:
+                    packet.stream = copy
+                    out.mux(packet)
+    data = bytearray(whole.read_bytes())
+    mdat = data.index(b"mdat") - 4
+    assert data.index(b"moov") < mdat  # the index first, the audio last
+    cut = data[: mdat + 8 + (len(data) - mdat - 8) // 4]
+    cut[mdat : mdat + 4] = (0).to_bytes(4, "big")  # "to the end of the file"
+    (tmp_path / "cut.m4a").write_bytes(bytes(cut))
+    with pytest.raises(RelayError) as caught:
+        prepared("cut.m4a", folder=tmp_path)
+    assert caught.value.error_code == "audio_corrupt" and "M4A file is truncated" in caught.value.message
+    assert caught.value.fields["audio_duration_seconds"] < 1  # what is there, not what the header claims
+
+
 def test_a_default_track_of_hiss_gives_way_to_the_voice_track(prepared, tmp_path):
     """An OBS-style recording: track 1 (the default one) holds a microphone's hiss at about -50 dBFS,
     track 2 the voice. Before, the hiss was cloned (it is not silent) and the voice dropped."""
