@@ -16,9 +16,8 @@ import struct
 from dataclasses import dataclass
 
 from mutagen import MutagenError
-from mutagen.flac import FLAC
-from mutagen.mp4 import MP4
-from mutagen.wave import WAVE
+from mutagen.mp4 import Atoms, MP4Info, MP4NoTrackError
+from mutagen.mp4._atom import AtomError
 
 from .errors import AudioCorrupt, AudioTooLong, AudioTooShort, NotAudio, UnsupportedAudioFormat
 
@@ -312,6 +311,8 @@ def _count_riff_chunks(handle, size: int) -> None:
         if count > MAX_STRUCTURES:
             raise _too_many("WAV chunks", MAX_STRUCTURES, size)
         chunk_size = struct.unpack("<I", header[4:])[0]
+        if header[:4] == b"data" and unknown_wav_length(chunk_size):
+            return  # the samples run to the end: nothing after them to count
         offset += 8 + chunk_size + (chunk_size & 1)
 
 
@@ -355,52 +356,69 @@ def _read_wav(path: str, size: int) -> AudioInfo:
             f"only {available} arrived. Upload the complete file.",
             audio_bytes=size,
         )
-    try:
-        info = WAVE(path).info
-    except (MutagenError, struct.error, ValueError) as err:
-        # A recorder killed before it wrote its sizes leaves a RIFF size of 0 too, which the library
-        # refuses: the 'fmt ' chunk says all there is to know, and the data runs to the end.
-        if unknown and fmt is not None and all(fmt[:2]) and fmt[3]:
-            channels, rate, byte_rate, block_align, _bits = fmt
-            length = (available // block_align) / rate
-            return AudioInfo("wav", "audio/wav", length, rate, channels, byte_rate * 8, size)
+    if fmt is None or not all(fmt[:2]) or not fmt[3]:
         raise AudioCorrupt(
-            f"The WAV file's header cannot be read ({err}): it is damaged. Export or download it again.",
+            "The WAV file's 'fmt ' chunk cannot be read (no channels, sample rate or block size): it is damaged. "
+            "Export or download it again.",
             audio_bytes=size,
-        ) from None
-    length = info.length
-    if unknown and info.sample_rate and info.channels and info.bits_per_sample:
-        length = available / (info.sample_rate * info.channels * info.bits_per_sample / 8)
-    return AudioInfo("wav", "audio/wav", length, info.sample_rate, info.channels, info.bitrate, size)
+        )
+    # Measured from the chunks read above (the metadata library would also parse an 'id3 ' chunk's
+    # tags, whose cost a crafted file can make minutes). A recorder killed before it wrote its sizes
+    # leaves them 0 (or all ones): the data then runs to the end of the file.
+    channels, rate, byte_rate, block_align, _bits = fmt
+    data_bytes = available if unknown else data_declared
+    length = (data_bytes // block_align) / rate
+    return AudioInfo("wav", "audio/wav", length, rate, channels, byte_rate * 8, size)
 
 
 # --- FLAC ----------------------------------------------------------------------------------
 
 
-def _count_flac_blocks(path: str, size: int) -> None:
+def _count_flac_blocks(path: str, size: int) -> bytes | None:
+    """Walk the metadata blocks (refused past :data:`MAX_STRUCTURES`); the STREAMINFO block's data
+    (the first block), or None when there is none."""
+    streaminfo = None
     with open(path, "rb") as handle:
         offset = _id3v2_end(handle)
         handle.seek(offset)
         if handle.read(4) != b"fLaC":
-            return  # the reader below says what is wrong
+            return None
         offset += 4
-        for _ in range(MAX_STRUCTURES):
+        for number in range(MAX_STRUCTURES):
             handle.seek(offset)
             header = handle.read(4)
             if len(header) < 4:
-                return
-            offset += 4 + int.from_bytes(header[1:4], "big")
+                return streaminfo
+            length = int.from_bytes(header[1:4], "big")
+            if offset + 4 + length > size:
+                raise AudioCorrupt(
+                    "The FLAC file is truncated: a metadata block runs past the end of the file. Upload the "
+                    "complete file.",
+                    audio_bytes=size,
+                )
+            if number == 0 and header[0] & 0x7F == 0:
+                streaminfo = handle.read(min(length, 34))
+            offset += 4 + length
             if header[0] & 0x80:  # the last metadata block
-                return
+                return streaminfo
         raise _too_many("FLAC metadata blocks", MAX_STRUCTURES, size)
 
 
 def _read_flac(path: str, size: int) -> AudioInfo:
-    _count_flac_blocks(path, size)
-    try:
-        info = FLAC(path).info
-    except (MutagenError, struct.error, ValueError) as err:
-        raise AudioCorrupt(f"The FLAC file cannot be read (truncated or damaged): {err}.", audio_bytes=size) from None
+    streaminfo = _count_flac_blocks(path, size)
+    if streaminfo is None or len(streaminfo) < 18:
+        raise AudioCorrupt(
+            "The FLAC file cannot be read (truncated or damaged): its STREAMINFO block is missing.", audio_bytes=size
+        )
+    # Read directly (the metadata library would parse every comment and picture: a crafted 16 MiB
+    # comment block cost seconds): sample rate (20 bits), channels (3), bits (5), samples (36).
+    packed = int.from_bytes(streaminfo[10:18], "big")
+    rate, channels, total = packed >> 44, ((packed >> 41) & 0x7) + 1, packed & ((1 << 36) - 1)
+    if not rate:
+        raise AudioCorrupt(
+            "The FLAC file cannot be read (truncated or damaged): its sample rate is 0.", audio_bytes=size
+        )
+    info = _FlacInfo(total / rate, rate, channels, total)
     if not info.total_samples and info.sample_rate:
         # An encoder writing to a pipe cannot go back to fill in the length: useapi.net may take such
         # a file for empty. Re-encoded (losslessly) with its length when conversion is on.
@@ -409,7 +427,16 @@ def _read_flac(path: str, size: int) -> AudioInfo:
             "for empty. Export it to a file again, or send it with convert=auto: the relay rewrites it losslessly.",
             audio_bytes=size,
         )
-    return AudioInfo("flac", "audio/flac", info.length, info.sample_rate, info.channels, info.bitrate, size)
+    bitrate = int(size * 8 / info.length) if info.length else 0
+    return AudioInfo("flac", "audio/flac", info.length, info.sample_rate, info.channels, bitrate, size)
+
+
+@dataclass(frozen=True)
+class _FlacInfo:
+    length: float
+    sample_rate: int
+    channels: int
+    total_samples: int
 
 
 # --- MP4 / M4A -----------------------------------------------------------------------------
@@ -421,7 +448,6 @@ _MP4_CODEC_NAMES = {"mp4a.69": "MP3", "mp4a.6b": "MP3"}
 
 def _read_mp4(path: str, size: int) -> AudioInfo:
     boxes = _top_level_boxes(path, size)
-    _count_mp4_atoms(path, size)
     if b"moov" not in boxes:
         raise AudioCorrupt(
             "The MP4/M4A file has no 'moov' index: it is truncated or still being written. Upload the complete file.",
@@ -433,9 +459,10 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
             f"not read. Convert it to {ACCEPTED} first (with convert=auto the relay does).",
             audio_bytes=size,
         )
+    _count_mp4_atoms(path, size)
     try:
-        info = MP4(path).info
-    except (MutagenError, struct.error, ValueError) as err:
+        info = _mp4_info(path)
+    except (MutagenError, AtomError, struct.error, ValueError) as err:
         raise AudioCorrupt(f"The MP4/M4A file cannot be read: {err}.", audio_bytes=size) from None
     if not info.sample_rate:
         raise NotAudio("The MP4 file has no audio track (video only). Send the audio itself.", audio_bytes=size)
@@ -457,6 +484,19 @@ def _read_mp4(path: str, size: int) -> AudioInfo:
             audio_bytes=size,
         )
     return AudioInfo("m4a", "audio/mp4", info.length, info.sample_rate, info.channels, info.bitrate, size)
+
+
+def _mp4_info(path: str) -> MP4Info:
+    """The stream's info alone: the metadata library's tags and chapters are never parsed (a crafted
+    tag item of millions of empty atoms cost seconds and a gigabyte)."""
+    info = MP4Info()
+    with open(path, "rb") as handle:
+        atoms = Atoms(handle)
+        try:
+            info.load(atoms, handle)
+        except MP4NoTrackError:
+            pass  # no audio track: sample_rate stays 0
+    return info
 
 
 def _box_name(name: bytes) -> bool:
@@ -492,6 +532,8 @@ def _top_level_boxes(path: str, size: int) -> list[bytes]:
                     audio_bytes=size,
                 )
             names.append(name)
+            if name == b"moof":  # fragmented: the converter (in its limited process) reads the rest
+                return names
             if len(names) > MAX_STRUCTURES:
                 raise _too_many("top-level MP4 boxes", MAX_STRUCTURES, size)
             offset += box_size
@@ -499,7 +541,7 @@ def _top_level_boxes(path: str, size: int) -> list[bytes]:
 
 
 # The boxes the metadata library reads the children of (with 'meta', after its 4-byte version).
-_MP4_CONTAINERS = {b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst", b"stbl", b"minf", b"moof", b"traf"}
+_MP4_CONTAINERS = {b"moov", b"udta", b"trak", b"mdia", b"meta", b"ilst", b"stbl", b"minf"}
 
 
 def _count_mp4_atoms(path: str, size: int) -> None:
@@ -526,6 +568,8 @@ def _count_mp4_atoms(path: str, size: int) -> None:
                     count += 1
                     if count > MAX_MP4_ATOMS:
                         raise _too_many("atoms in the MP4 index", MAX_MP4_ATOMS, size)
+                if top and name == b"moof":  # fragments are the converter's
+                    break
                 if name in _MP4_CONTAINERS:
                     skip = 4 if name == b"meta" else 0
                     pending.append((offset + head + skip, offset + box_size, False))

@@ -782,7 +782,7 @@ def _open(source, demuxer: str):
 
 def _voiced_track(container, streams: list, job: dict) -> int:
     """Which of several audio tracks to clone from (its position among them): the one marked
-    default (else the first) unless it is silent or 20 dB quieter than another; then the loudest.
+    default (else the first) unless it is silent, or a hiss 20 dB quieter than another; then the loudest.
     A screen recording's first track may be silent desktop sound, or a microphone's hiss, with the
     voice on the second."""
     import av
@@ -801,14 +801,17 @@ def _voiced_track(container, streams: list, job: dict) -> int:
     chosen = marked[0] if marked else 0
     loudest = max(range(len(streams)), key=lambda n: meters[streams[n].index].rms())
     kept = meters[streams[chosen].index]
-    # The marked track unless it is silent, or far quieter than another (20 dB: a microphone's hiss
-    # on the desktop track of a screen recording, the voice on the other).
-    if kept.peak >= job["silence_peak"] and kept.rms() >= meters[streams[loudest].index].rms() * _MUCH_QUIETER:
+    # The marked track unless it is silent, or only a hiss (its peak under -40 dBFS) 20 dB quieter
+    # than another: a microphone's noise floor on one track of a screen recording, the voice on the
+    # other. Quiet speech beside loud music peaks far higher, and is kept.
+    hiss = kept.peak < _HISS_PEAK and kept.rms() < meters[streams[loudest].index].rms() * _MUCH_QUIETER
+    if kept.peak >= job["silence_peak"] and not hiss:
         return chosen
     return loudest
 
 
 _MUCH_QUIETER = 0.1  # an RMS ratio: 20 dB
+_HISS_PEAK = 0.01  # -40 dBFS
 
 
 def _short(err: BaseException) -> str:

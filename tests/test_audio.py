@@ -325,3 +325,68 @@ def test_an_id3_tag_whose_size_is_a_plain_integer_is_skipped(tmp_path):
     path.write_bytes(tag + (AUDIO / "mp3_cbr_bare.mp3").read_bytes())
     info = audio.probe(str(path))
     assert info.format == "mp3" and 2.0 < info.duration_seconds < 2.1
+
+
+def test_a_recorder_killed_before_writing_sizes_may_begin_with_silence(tmp_path):
+    """RIFF and data sizes 0, and the samples start with digital silence: zeros must not be counted
+    as empty chunks (the data runs to the end of the file)."""
+    data = (AUDIO / "wav_pcm16_mono.wav").read_bytes()
+    start = data.index(b"data")
+    body = data[: start + 4] + b"\x00\x00\x00\x00" + b"\x00" * 8000 + data[start + 8 :]
+    path = tmp_path / "killed.wav"
+    path.write_bytes(body[:4] + b"\x00\x00\x00\x00" + body[8:])
+    info = audio.probe(str(path))
+    assert info.format == "wav" and 2.2 < info.duration_seconds < 2.3  # 2 s, and the 0.25 s of silence
+
+
+def test_a_wav_or_flac_with_damaged_tags_is_measured_from_its_audio(tmp_path):
+    """The length comes from the 'fmt '/'data' chunks and from STREAMINFO, never from a parse of the
+    tags (a crafted tag made that parse take minutes): a file with damaged tags still plays, and is read."""
+    wav = (AUDIO / "wav_pcm16_mono.wav").read_bytes()
+    tag = b"ID3\x04\x00\x00\x00\x00\x02\x00" + b"\xff" * 256  # an ID3 tag of garbage frames
+    chunk = b"id3 " + len(tag).to_bytes(4, "little") + tag
+    body = wav + chunk
+    (tmp_path / "tagged.wav").write_bytes(body[:4] + (len(body) - 8).to_bytes(4, "little") + body[8:])
+    assert audio.probe(str(tmp_path / "tagged.wav")).duration_seconds == pytest.approx(2.0, abs=0.01)
+    flac = bytearray((AUDIO / "flac_mono.flac").read_bytes())
+    offset = 4
+    while True:  # damage the Vorbis comment block's contents, not its size
+        header = flac[offset : offset + 4]
+        length = int.from_bytes(header[1:4], "big")
+        if header[0] & 0x7F == 4:
+            flac[offset + 4 : offset + 4 + length] = b"\xff" * length
+        offset += 4 + length
+        if header[0] & 0x80:
+            break
+    (tmp_path / "tagged.flac").write_bytes(bytes(flac))
+    assert audio.probe(str(tmp_path / "tagged.flac")).duration_seconds == pytest.approx(2.0, abs=0.01)
+
+
+def test_a_fragmented_m4a_of_many_fragments_goes_to_the_converter_not_refused(tmp_path):
+    """A browser's or OBS's fragmented M4A holds two boxes per fragment: hundreds of them is a
+    recording of a few minutes, sent to the converter, not a file made to stall the server."""
+    import av
+
+    path = tmp_path / "fragments.m4a"
+    with av.open(str(AUDIO / "m4a_aac.m4a")) as source:
+        stream = source.streams.audio[0]
+        packets = [packet for packet in source.demux(stream) if packet.dts is not None]
+        times = [(packet.pts, packet.dts) for packet in packets]
+        step = packets[-1].dts - packets[0].dts + packets[-1].duration  # each round after the last, dts rising
+        options = {"movflags": "frag_keyframe+empty_moov", "frag_duration": "40000"}
+        with av.open(str(path), "w", format="mp4", options=options) as out:
+            copy = out.add_stream_from_template(stream)
+            for round_ in range(4):  # 8 s in fragments of a frame or two: a few hundred boxes
+                for packet, (pts, dts) in zip(packets, times, strict=True):
+                    packet.stream, packet.pts, packet.dts = copy, pts + step * round_, dts + step * round_
+                    out.mux(packet)
+    boxes = audio._top_level_boxes(str(path), path.stat().st_size)
+    assert boxes.count(b"moof") == 1  # the walk stops at the first fragment: it is the converter's
+    with open(path, "rb") as handle:
+        assert handle.read().count(b"moof") > audio.MAX_STRUCTURES // 2
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(path))
+    assert caught.value.error_code == "unsupported_audio_format" and "fragmented" in caught.value.message
+    with pytest.raises(RelayError) as caught:
+        audio.probe(str(path))
+    assert caught.value.error_code == "unsupported_audio_format" and "fragmented" in caught.value.message

@@ -129,17 +129,20 @@ def test_of_several_audio_tracks_the_voice_is_sent_alone_and_the_answer_says_whi
     assert any("audio track 2 of 2 kept" in warning for warning in result.warnings)
 
 
-def _two_track_mkv(path, first_amplitude: float, second_amplitude: float) -> None:
+def _two_track_mkv(path, first_amplitude: float, second_amplitude: float, first_bursts: bool = False) -> None:
     """A Matroska file with two FLAC audio tracks of 3 s at 16 kHz, none marked default (so the first
     counts as it): a noise floor and a tone, made with PyAV (ffmpeg's libraries)."""
     import numpy
 
     rate, seconds = 16000, 3
     rng = numpy.random.default_rng(7)
+    tone = numpy.sin(2 * numpy.pi * 220 * numpy.arange(rate * seconds) / rate)
     samples = {
         0: rng.normal(0, first_amplitude, rate * seconds),
-        1: second_amplitude * numpy.sin(2 * numpy.pi * 220 * numpy.arange(rate * seconds) / rate),
+        1: second_amplitude * tone,
     }
+    if first_bursts:  # speech-like: loud syllables 5 % of the time, quiet between them
+        samples[0] = first_amplitude * tone * (numpy.arange(rate * seconds) % rate < rate // 20)
     with av.open(str(path), "w", format="matroska") as out:
         streams = [out.add_stream("flac", rate=rate, layout="mono") for _ in range(2)]
         pcm = {n: (numpy.clip(samples[n], -1, 1) * 32767).astype(numpy.int16) for n in samples}
@@ -181,10 +184,18 @@ def test_a_cut_m4a_whose_audio_runs_to_the_end_is_truncated_not_its_header_lengt
 def test_a_default_track_of_hiss_gives_way_to_the_voice_track(prepared, tmp_path):
     """An OBS-style recording: track 1 (the default one) holds a microphone's hiss at about -50 dBFS,
     track 2 the voice. Before, the hiss was cloned (it is not silent) and the voice dropped."""
-    _two_track_mkv(tmp_path / "obs.mkv", first_amplitude=0.003, second_amplitude=0.5)
+    _two_track_mkv(tmp_path / "obs.mkv", first_amplitude=0.0015, second_amplitude=0.5)  # hiss peaks near -44 dBFS
     result = prepared("obs.mkv", folder=tmp_path)
     assert any("audio track 2 of 2 kept" in warning for warning in result.warnings), result.warnings
     assert result.levels.peak_dbfs > -10
+
+
+def test_quiet_speech_on_the_default_track_is_kept_beside_loud_music(prepared, tmp_path):
+    """Speech peaking at -12 dBFS but 20 dB under loud music in RMS (syllables between pauses): the
+    voice, not the music, is cloned."""
+    _two_track_mkv(tmp_path / "talk.mkv", first_amplitude=0.25, second_amplitude=0.9, first_bursts=True)
+    result = prepared("talk.mkv", folder=tmp_path)
+    assert any("audio track 1 of 2 kept" in warning for warning in result.warnings), result.warnings
 
 
 def test_a_default_track_near_the_loudest_is_kept(prepared, tmp_path):
