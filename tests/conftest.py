@@ -195,6 +195,16 @@ def post(client, body: dict, headers=None):
     return client.post("/v1/voice-clones", json=body, headers={**HEADERS, **(headers or {})})
 
 
+def in_threads(target, count: int, args=lambda n: (), timeout: float = 30.0) -> None:
+    """Run ``target(*args(n))`` in ``count`` threads at once; return once all ended (each joined
+    within ``timeout``)."""
+    threads = [threading.Thread(target=target, args=args(n)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -37,6 +37,7 @@ from .conftest import (
     RELAY_KEY,
     TOKEN,
     audio_bytes,
+    in_threads,
     over_http,
     post,
     serve_file,
@@ -838,11 +839,7 @@ def test_concurrent_reuse_requests_for_one_name_make_one_voice(make_app, job_set
     def one(if_exists: str) -> None:
         answers.append(post(client, {"audio_url": url, "name": "Shared", "if_exists": if_exists}).json)
 
-    threads = [threading.Thread(target=one, args=("reuse" if n % 2 else "fail",)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    in_threads(one, 8, args=lambda n: ("reuse" if n % 2 else "fail",))
     assert len(answers) == 8
     assert fake.upload_count() == 1
     assert len({a["job_id"] for a in answers}) == 8  # each request has a job of its own (callback, metadata)

@@ -38,6 +38,7 @@ from .conftest import (
     RELAY_KEY,
     TOKEN,
     audio_bytes,
+    in_threads,
     post,
     serve_file,
     wait_until,
@@ -175,11 +176,7 @@ def test_twenty_concurrent_identical_requests_make_one_job_and_one_upload(make_a
         response = post(app.test_client(), {"audio_url": url, "name": "Once"}, {"Idempotency-Key": "order-42"})
         results.append((response.status_code, response.json))
 
-    threads = [threading.Thread(target=send) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    in_threads(send, 20)
     assert len(results) == 20
     assert {body["job_id"] for _, body in results} != {None}
     assert len({body["job_id"] for _, body in results}) == 1
@@ -515,11 +512,7 @@ def test_two_claims_never_get_the_same_job(job_settings, fake):
             with lock:
                 claimed.append(job.id)
 
-    threads = [threading.Thread(target=grab, args=(f"w{n}",)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    in_threads(grab, 6, args=lambda n: (f"w{n}",))
     store.engine.dispose()
     assert sorted(claimed) == [f"{n:032x}" for n in range(30)]
 
@@ -1117,11 +1110,7 @@ def test_concurrent_repeats_of_a_retried_key_all_get_the_one_new_job(make_app, j
         start.wait(10)
         answers_seen.append(post(client_app.test_client(), body, {"Idempotency-Key": "row-1"}).json)
 
-    threads = [threading.Thread(target=repeat) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    in_threads(repeat, 6)
     assert len(answers_seen) == 6
     assert len({answer["job_id"] for answer in answers_seen}) == 1, answers_seen  # one new job for all
     assert answers_seen[0]["job_id"] != failed["job_id"] and not any(a["error_code"] for a in answers_seen)
