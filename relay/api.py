@@ -463,7 +463,8 @@ def _job_answer(job, note: str | None = None):
     answer["request_id"] = g.request_id
     if note:
         answer["warnings"] = [*answer["warnings"], note]
-    if g.get("replayed") is not None and g.replayed.id == job.id:
+    replayed = g.get("replayed") is not None and g.replayed.id == job.id
+    if replayed:
         answer["warnings"] = [*answer["warnings"], _replay_note(job)]
     elif g.get("retired") is not None and g.retired.id != job.id:  # (a concurrent repeat's new job: a replay)
         answer["warnings"] = [*answer["warnings"], _retry_note(g.retired)]
@@ -477,19 +478,17 @@ def _job_answer(job, note: str | None = None):
     g.answer = answer
     retry_after = (job.answer or {}).get(answers.RETRY_AFTER) if job.terminal else None
     response = _answer(answers.http_status_for_job(job), answer, retry_after)
-    if g.get("replayed") is not None and g.replayed.id == job.id:
+    if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
-def _retire(job, key: str | None) -> bool:
-    """A repeat of a request whose job failed before anything reached useapi (a host that was down,
-    a file not shared yet): the key is taken from that job and the request runs again, instead of
+def _retire(job, key: str | None) -> None:
+    """A repeat of a request whose job failed before any upload went out (a host that was down, a
+    file not shared yet): the key is taken from that job so the request runs again, instead of
     getting the stored failure back for as long as the job is kept."""
-    if key is None or not _runtime().store.retire_key(job.id, key):
-        return False
-    g.retired = job
-    return True
+    if key is not None and _runtime().store.retire_key(job.id, key):
+        g.retired = job
 
 
 def _replay_note(job) -> str:

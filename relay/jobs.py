@@ -737,20 +737,13 @@ class JobStore:
         return self._get(_BY_KEY, key)
 
     def retire_key(self, job_id: str, key: str) -> bool:
-        """Take ``key`` from a job that failed before its upload went out (see
-        :attr:`Job.failed_before_upload`), so a new request with it starts afresh; True when this
-        call took it (a concurrent request may have)."""
+        """Take ``key`` from a failed job the caller judged by :attr:`Job.failed_before_upload` (a
+        failed job changes no more), so a new request with it starts afresh; True when this call
+        took it (a concurrent request may have)."""
         with self.engine.begin() as conn:
             retired = conn.execute(
                 update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.idempotency_key == key,
-                    jobs.c.phase == FAILED,
-                    jobs.c.body_sent_at.is_(None),
-                    jobs.c.cloned_voice_item_id.is_(None),
-                    jobs.c.item_id.is_(None),
-                )
+                .where(jobs.c.id == job_id, jobs.c.idempotency_key == key, jobs.c.phase == FAILED)
                 .values(idempotency_key=None)
             )
         return retired.rowcount == 1
