@@ -300,35 +300,22 @@ def _too_many(what: str, limit: int, size: int) -> AudioCorrupt:
     )
 
 
-def _count_riff_chunks(handle, size: int) -> None:
-    offset, count = 12, 0
-    while offset + 8 <= size:
-        handle.seek(offset)
-        header = handle.read(8)
-        if len(header) < 8:
-            return
-        count += 1
-        if count > MAX_STRUCTURES:
-            raise _too_many("WAV chunks", MAX_STRUCTURES, size)
-        chunk_size = struct.unpack("<I", header[4:])[0]
-        if header[:4] == b"data" and unknown_wav_length(chunk_size):
-            return  # the samples run to the end: nothing after them to count
-        offset += 8 + chunk_size + (chunk_size & 1)
-
-
 def _read_wav(path: str, size: int) -> AudioInfo:
     with open(path, "rb") as handle:
-        _count_riff_chunks(handle, size)
         handle.seek(12)
         data_declared = data_offset = None
         tag = None
         fmt = None  # (channels, sample rate, byte rate, block align, bits) from the 'fmt ' chunk
-        while True:
+        chunks = 0
+        while True:  # every chunk, those after the data too: each is counted
             header = handle.read(8)
             if len(header) < 8:
                 break
+            chunks += 1
+            if chunks > MAX_STRUCTURES:
+                raise _too_many("WAV chunks", MAX_STRUCTURES, size)
             chunk_id, chunk_size = header[:4], struct.unpack("<I", header[4:])[0]
-            if chunk_id == b"fmt ":
+            if chunk_id == b"fmt " and data_offset is None:
                 fields = handle.read(min(chunk_size, 26))
                 handle.seek(-len(fields), os.SEEK_CUR)
                 tag = struct.unpack("<H", fields[:2])[0] if len(fields) >= 2 else 0
@@ -336,9 +323,10 @@ def _read_wav(path: str, size: int) -> AudioInfo:
                     fmt = struct.unpack("<HIIHH", fields[2:16])
                 if tag == 0xFFFE and len(fields) >= 26:  # EXTENSIBLE: the sub-format GUID's first two bytes
                     tag = struct.unpack("<H", fields[24:26])[0]
-            if chunk_id == b"data":
+            if chunk_id == b"data" and data_offset is None:
                 data_declared, data_offset = chunk_size, handle.tell()
-                break
+                if unknown_wav_length(chunk_size):
+                    break  # the samples run to the end: nothing after them
             handle.seek(chunk_size + (chunk_size & 1), os.SEEK_CUR)
     if tag is None or data_offset is None:
         raise AudioCorrupt("The WAV file has no 'fmt ' or 'data' chunk: it is truncated or damaged.", audio_bytes=size)
@@ -418,8 +406,7 @@ def _read_flac(path: str, size: int) -> AudioInfo:
         raise AudioCorrupt(
             "The FLAC file cannot be read (truncated or damaged): its sample rate is 0.", audio_bytes=size
         )
-    info = _FlacInfo(total / rate, rate, channels, total)
-    if not info.total_samples and info.sample_rate:
+    if not total:
         # An encoder writing to a pipe cannot go back to fill in the length: useapi.net may take such
         # a file for empty. Re-encoded (losslessly) with its length when conversion is on.
         raise UnsupportedAudioFormat(
@@ -427,16 +414,8 @@ def _read_flac(path: str, size: int) -> AudioInfo:
             "for empty. Export it to a file again, or send it with convert=auto: the relay rewrites it losslessly.",
             audio_bytes=size,
         )
-    bitrate = int(size * 8 / info.length) if info.length else 0
-    return AudioInfo("flac", "audio/flac", info.length, info.sample_rate, info.channels, bitrate, size)
-
-
-@dataclass(frozen=True)
-class _FlacInfo:
-    length: float
-    sample_rate: int
-    channels: int
-    total_samples: int
+    length = total / rate
+    return AudioInfo("flac", "audio/flac", length, rate, channels, int(size * 8 / length), size)
 
 
 # --- MP4 / M4A -----------------------------------------------------------------------------
