@@ -25,7 +25,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "ts": _timestamp(record.created, record.msecs),
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -34,10 +34,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str, ensure_ascii=False)
-
-
-def _timestamp(created: float, msecs: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z"
 
 
 class DetachedStream(logging.Handler):
@@ -107,18 +103,18 @@ class DetachedStream(logging.Handler):
                     self._writing = False
                     self._changed.notify_all()
 
-    @staticmethod
-    def _dropped_line(count: int) -> str:
-        now = time.time()
-        return json.dumps(
+    def _dropped_line(self, count: int) -> str:
+        """The warning for ``count`` dropped lines, formatted as any line is."""
+        record = logging.makeLogRecord(
             {
-                "ts": _timestamp(now, (now % 1) * 1000),
-                "level": "warning",
-                "logger": "relay.logs",
+                "name": "relay.logs",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
                 "msg": f"{count} log lines were dropped: stdout was not being read (a slow or stuck log collector)",
-                "dropped_lines": count,
+                "fields": {"dropped_lines": count},
             }
         )
+        return self.format(record)
 
     def flush(self) -> None:
         """Wait until the waiting lines are written, at most ``FLUSH_SECONDS``."""
